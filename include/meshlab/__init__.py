@@ -1,0 +1,1 @@
+"""meshlab: a simulated Kubernetes + Istio cluster for rehearsing and testing mesh migrations."""

@@ -1,0 +1,5 @@
+import sys
+
+from meshlab.cli import main
+
+sys.exit(main())

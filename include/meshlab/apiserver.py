@@ -1,0 +1,270 @@
+"""The Kubernetes API subset of one simulated cluster, on aiohttp.
+
+Discovery (`/api`, `/apis`, group versions), CRUD on the resources in `resources.py`, watch streams,
+`dryRun=All`, server-side `Table` printing for kubectl, and `Status` errors for everything that goes wrong.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+from aiohttp import web
+
+from meshlab import resources as r
+from meshlab.errors import ApiError
+from meshlab.store import Store
+from meshlab.tables import table
+
+log = logging.getLogger(__name__)
+
+VERSION_INFO = {
+    "major": "1", "minor": "32", "gitVersion": "v1.32.0-meshlab", "gitCommit": "meshlab",
+    "gitTreeState": "clean", "buildDate": "2026-01-01T00:00:00Z", "goVersion": "go1.23",
+    "compiler": "gc", "platform": "linux/amd64",
+}
+
+
+@dataclass
+class Target:
+    """What a resource URL names."""
+
+    resource: r.Resource
+    version: str
+    namespace: str | None
+    name: str | None
+    subresource: str | None
+
+
+def _resource_list(group: str, version: str) -> dict[str, Any]:
+    entries = []
+    for res in r.in_group_version(group, version):
+        entries.append({
+            "name": res.plural, "singularName": res.singular, "namespaced": res.namespaced, "kind": res.kind,
+            "verbs": r.VERBS, "shortNames": list(res.short_names), "categories": list(res.categories),
+        })
+        if res.has_status:
+            entries.append({"name": f"{res.plural}/status", "singularName": "", "namespaced": res.namespaced,
+                            "kind": res.kind, "verbs": ["get", "patch", "update"]})
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": f"{group}/{version}" if group else version,
+            "resources": entries}
+
+
+def _api_group(group: str, versions: list[str]) -> dict[str, Any]:
+    gvs = [{"groupVersion": f"{group}/{v}", "version": v} for v in versions]
+    return {"name": group, "versions": gvs, "preferredVersion": gvs[0]}
+
+
+def _gv_path(res: r.Resource, version: str) -> str:
+    return f"apis/{res.group}/{version}" if res.group else f"api/{version}"
+
+
+def openapi_v3_root() -> dict[str, Any]:
+    """The OpenAPI v3 index kubectl reads to learn that PATCH takes `fieldValidation` (server-side validation)."""
+    paths = {}
+    for res in r.ALL:
+        for version in res.versions:
+            gv = _gv_path(res, version)
+            paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash=meshlab"}
+    return {"paths": paths}
+
+
+def openapi_v3_group_version(gv: str) -> dict[str, Any]:
+    """A minimal OpenAPI v3 document for one group version: the item paths and their PATCH parameters."""
+    paths: dict[str, Any] = {}
+    for res in r.ALL:
+        for version in res.versions:
+            if _gv_path(res, version) != gv:
+                continue
+            scope = "/namespaces/{namespace}" if res.namespaced else ""
+            gvk = {"group": res.group, "version": version, "kind": res.kind}
+            paths[f"/{gv}{scope}/{res.plural}/{{name}}"] = {"patch": {
+                "x-kubernetes-group-version-kind": gvk,
+                "x-kubernetes-action": "patch",
+                "parameters": [{"name": p, "in": "query", "schema": {"type": "string", "uniqueItems": True}}
+                               for p in ("dryRun", "fieldManager", "fieldValidation", "force")],
+                "responses": {"200": {"description": "OK"}},
+            }}
+    if not paths:
+        raise ApiError(404, "the server could not find the requested resource")
+    return {"openapi": "3.0.0", "info": {"title": "meshlab", "version": "v1.32.0"}, "paths": paths,
+            "components": {"schemas": {}}}
+
+
+def parse_path(path: str) -> Target | dict[str, Any]:
+    """Resolve a URL path to a resource target, or to a discovery document."""
+    parts = [p for p in path.split("/") if p]
+    if parts == ["api"]:
+        return {"kind": "APIVersions", "versions": ["v1"],
+                "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
+    if parts == ["apis"]:
+        return {"kind": "APIGroupList", "apiVersion": "v1",
+                "groups": [_api_group(g, vs) for g, vs in r.groups().items()]}
+    if parts[:1] == ["api"] and len(parts) >= 2:
+        group, version, rest = "", parts[1], parts[2:]
+    elif parts[:1] == ["apis"] and len(parts) >= 2:
+        group = parts[1]
+        versions = r.groups().get(group)
+        if versions is None:
+            raise ApiError(404, "the server could not find the requested resource")
+        if len(parts) == 2:
+            return _api_group(group, versions)
+        version, rest = parts[2], parts[3:]
+    else:
+        raise ApiError(404, "the server could not find the requested resource")
+    if group == "" and version != "v1" or (group and version not in r.groups()[group]):
+        raise ApiError(404, "the server could not find the requested resource")
+    if not rest:
+        return _resource_list(group, version)
+    namespace = None
+    if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
+        namespace, rest = rest[1], rest[2:]
+    res = r.lookup(group, version, rest[0])
+    if res is None or len(rest) > 3 or (namespace is not None and not res.namespaced):
+        raise ApiError(404, "the server could not find the requested resource")
+    name = rest[1] if len(rest) > 1 else None
+    sub = rest[2] if len(rest) > 2 else None
+    if sub is not None and (sub != "status" or not res.has_status):
+        raise ApiError(404, "the server could not find the requested resource")
+    return Target(res, version, namespace, name, sub)
+
+
+async def _read_body(request: web.Request) -> Any:
+    raw = await request.read()
+    if not raw:
+        raise ApiError(400, "the request body is empty")
+    ctype = request.content_type or ""
+    try:
+        if "yaml" in ctype:
+            return yaml.safe_load(raw)
+        return json.loads(raw)
+    except (ValueError, yaml.YAMLError) as exc:
+        raise ApiError(400, f"the request body could not be decoded: {exc}") from None
+
+
+def _with_version(obj: dict[str, Any], target: Target) -> dict[str, Any]:
+    obj["apiVersion"] = target.resource.api_version(target.version)
+    return obj
+
+
+class ApiServer:
+    """HTTP front of one `Store`."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.app = web.Application(client_max_size=8 * 1024 * 1024)
+        self.app.router.add_route("*", "/{tail:.*}", self.handle)
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        try:
+            return await self._dispatch(request)
+        except ApiError as exc:
+            return web.json_response(exc.status(), status=exc.code)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the lab must answer a Status, never die, on any bad request
+            log.exception("internal error on %s %s", request.method, request.path)
+            return web.json_response(ApiError(500, f"internal error: {exc}").status(), status=500)
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        path = request.path
+        if path in ("/healthz", "/readyz", "/livez"):
+            return web.Response(text="ok")
+        if path == "/version":
+            return web.json_response(VERSION_INFO)
+        if path == "/openapi/v3":
+            return web.json_response(openapi_v3_root())
+        if path.startswith("/openapi/v3/"):
+            return web.json_response(openapi_v3_group_version(path.removeprefix("/openapi/v3/")))
+        if path.startswith("/openapi"):
+            raise ApiError(404, "the server could not find the requested resource")
+        target = parse_path(path)
+        if isinstance(target, dict):
+            if request.method != "GET":
+                raise ApiError(405, f"method {request.method} is not allowed here", reason="MethodNotAllowed")
+            return web.json_response(target)
+        return await self._serve(request, target)
+
+    async def _serve(self, request: web.Request, t: Target) -> web.StreamResponse:
+        q = request.query
+        dry_run = q.get("dryRun") == "All"
+        store, method = self.store, request.method
+        if t.name is None:
+            if method == "GET" and q.get("watch") in ("true", "1"):
+                return await self._watch(request, t)
+            if method == "GET":
+                items = store.list(t.resource, t.namespace, q.get("labelSelector"), q.get("fieldSelector"))
+                if "as=Table" in request.headers.get("Accept", ""):
+                    return web.json_response(table(t.resource, items, store.resource_version))
+                return web.json_response({
+                    "kind": f"{t.resource.kind}List", "apiVersion": t.resource.api_version(t.version),
+                    "metadata": {"resourceVersion": store.resource_version},
+                    "items": [_with_version(o, t) for o in items],
+                })
+            if method == "POST":
+                created = store.create(t.resource, t.namespace, await _read_body(request), dry_run=dry_run)
+                return web.json_response(_with_version(created, t), status=201)
+            raise ApiError(405, f"method {method} is not allowed on a collection", reason="MethodNotAllowed")
+        if method == "GET":
+            obj = store.get(t.resource, t.namespace, t.name)
+            if "as=Table" in request.headers.get("Accept", ""):
+                return web.json_response(table(t.resource, [obj], store.resource_version))
+            return web.json_response(_with_version(obj, t))
+        if method == "PUT":
+            obj = store.replace(t.resource, t.namespace, t.name, await _read_body(request),
+                                subresource=t.subresource, dry_run=dry_run)
+            return web.json_response(_with_version(obj, t))
+        if method == "PATCH":
+            obj = store.patch(t.resource, t.namespace, t.name, request.content_type, await _read_body(request),
+                              subresource=t.subresource, dry_run=dry_run)
+            return web.json_response(_with_version(obj, t))
+        if method == "DELETE":
+            gone = store.delete(t.resource, t.namespace, t.name, dry_run=dry_run)
+            return web.json_response({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+                "details": {"name": t.name, "group": t.resource.group, "kind": t.resource.plural,
+                            "uid": gone["metadata"].get("uid")},
+            })
+        raise ApiError(405, f"method {method} is not allowed", reason="MethodNotAllowed")
+
+    async def _watch(self, request: web.Request, t: Target) -> web.StreamResponse:
+        q = request.query
+        watcher, first = self.store.watch(t.resource, t.namespace, q.get("labelSelector"), q.get("fieldSelector"),
+                                          q.get("resourceVersion"))
+        try:
+            timeout = float(q.get("timeoutSeconds", 1800))
+        except ValueError:
+            self.store.unwatch(watcher)
+            raise ApiError(400, "timeoutSeconds must be a number") from None
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await response.prepare(request)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        try:
+            for event in first:
+                await self._send(response, event.type, event.obj, t)
+            if q.get("sendInitialEvents") == "true":  # WatchList: mark the end of the initial state
+                await self._send(response, "BOOKMARK", {
+                    "kind": t.resource.kind, "metadata": {
+                        "resourceVersion": self.store.resource_version,
+                        "annotations": {"k8s.io/initial-events-end": "true"}}}, t)
+            while (left := deadline - loop.time()) > 0:
+                try:
+                    event = await asyncio.wait_for(watcher.queue.get(), timeout=left)
+                except TimeoutError:
+                    break
+                await self._send(response, event.type, event.obj, t)
+        except (ConnectionResetError, asyncio.CancelledError):
+            pass
+        finally:
+            self.store.unwatch(watcher)
+        return response
+
+    @staticmethod
+    async def _send(response: web.StreamResponse, kind: str, obj: dict[str, Any], t: Target) -> None:
+        line = json.dumps({"type": kind, "object": _with_version(dict(obj), t)}) + "\n"
+        await response.write(line.encode())

@@ -1,0 +1,232 @@
+"""The lab: clusters built from a topology, ticked forward in real time.
+
+Each tick: every cluster's controller reconciles deployments and pods, the mesh computes the request
+flow from what is running and which policies apply, and the telemetry counters advance.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from meshlab import resources as r
+from meshlab.controller import MI, Behaviour, Controller, Timing
+from meshlab.injection import excluded_ports
+from meshlab.mesh import Flows, Workload, WorkloadKey, compute_flows, effective_mode
+from meshlab.store import Store
+from meshlab.telemetry import Telemetry
+from meshlab.topology import Service, Topology, TopologyError, format_errors
+
+# Fault knobs the admin endpoint may change at run time.
+KNOBS = ("replicas", "ingress_rps", "latency_ms", "error_rate", "app_memory_mi", "sidecar_memory_mi", "legacy",
+         "bypass_ports", "calls")
+
+
+@dataclass
+class ClusterSim:
+    name: str
+    store: Store
+    controller: Controller
+
+
+def deployment_manifest(svc: Service) -> dict[str, Any]:
+    request = svc.memory_request_mi or svc.memory_limit_mi / 2
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": {"app": svc.name}},
+        "spec": {
+            "replicas": svc.replicas,
+            "selector": {"matchLabels": {"app": svc.name}},
+            "template": {
+                "metadata": {"labels": {"app": svc.name, "version": "v1"}},
+                "spec": {"containers": [{
+                    "name": svc.name,
+                    "image": f"registry.meshlab.local/{svc.name}:1.0",
+                    "ports": [{"containerPort": svc.port, "name": "http", "protocol": "TCP"}],
+                    "resources": {
+                        "requests": {"cpu": f"{max(svc.cpu_limit_m // 2, 1)}m", "memory": f"{int(request)}Mi"},
+                        "limits": {"cpu": f"{svc.cpu_limit_m}m", "memory": f"{int(svc.memory_limit_mi)}Mi"},
+                    },
+                }]},
+            },
+        },
+    }
+
+
+def service_manifest(svc: Service, index: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": {"app": svc.name}},
+        "spec": {"selector": {"app": svc.name}, "type": "ClusterIP",
+                 "clusterIP": f"10.96.{index // 250}.{index % 250 + 1}",
+                 "ports": [{"name": "http", "port": svc.port, "targetPort": svc.port, "protocol": "TCP"}]},
+    }
+
+
+class Lab:
+    def __init__(self, topology: Topology, timing: Timing | None = None) -> None:
+        self.topology = topology
+        self.timing = timing or Timing()
+        self.knobs: dict[WorkloadKey, Service] = {
+            (s.cluster or "", s.namespace, s.name): s.model_copy(deep=True) for s in topology.services
+        }
+        self.clusters: dict[str, ClusterSim] = {}
+        for cluster in topology.clusters:
+            store = Store(cluster.name)
+            controller = Controller(store, self._behaviour_lookup(cluster.name), topology.mesh.revisions, self.timing)
+            self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller)
+        self.telemetry = Telemetry()
+        self.flows = Flows({}, [])
+        self._last_tick: float | None = None
+        self._bootstrap()
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def _bootstrap(self) -> None:
+        root = self.topology.mesh.root_namespace
+        for cluster in self.topology.clusters:
+            store = self.clusters[cluster.name].store
+            wanted = {root: {}, "default": {}}
+            for ns in cluster.namespaces:
+                wanted[ns.name] = ns.labels
+            for svc in self.topology.services:
+                if svc.cluster == cluster.name and svc.kind == "deployment":
+                    wanted.setdefault(svc.namespace, {})
+            for ns, labels in wanted.items():
+                store.create(r.NAMESPACES, None, {"metadata": {"name": ns, "labels": dict(labels)}})
+            istiod = Service(name="istiod", namespace=root, replicas=1, memory_limit_mi=2048, app_memory_mi=300)
+            store.create(r.DEPLOYMENTS, root, deployment_manifest(istiod))
+        for i, svc in enumerate(self.topology.services):
+            if svc.kind == "deployment":
+                store = self.clusters[svc.cluster or ""].store
+                store.create(r.DEPLOYMENTS, svc.namespace, deployment_manifest(svc))
+                store.create(r.SERVICES, svc.namespace, service_manifest(svc, i))
+        for pa in self.topology.peer_authentications:
+            spec: dict[str, Any] = {"mtls": {"mode": pa.mode}}
+            if pa.selector:
+                spec["selector"] = {"matchLabels": pa.selector}
+            self.clusters[pa.cluster or ""].store.create(r.PEER_AUTHENTICATIONS, pa.namespace, {
+                "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                "metadata": {"name": pa.name, "namespace": pa.namespace}, "spec": spec})
+        now = time.monotonic()
+        for sim in self.clusters.values():
+            sim.controller.settle(now)
+        self.tick(now)
+
+    def _behaviour_lookup(self, cluster: str):
+        def lookup(namespace: str, deployment: str) -> Behaviour:
+            svc = self.knobs.get((cluster, namespace, deployment))
+            if svc is None:
+                return Behaviour(sidecar_memory_mi=self.topology.mesh.sidecar_memory_mi)
+            return Behaviour(app_memory_mi=svc.app_memory_mi, sidecar_memory_mi=self._sidecar_memory(svc),
+                             legacy=svc.legacy)
+        return lookup
+
+    def _sidecar_memory(self, svc: Service) -> float:
+        return self.topology.mesh.sidecar_memory_mi if svc.sidecar_memory_mi is None else svc.sidecar_memory_mi
+
+    # ---- time ----------------------------------------------------------------------------------
+    def tick(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        dt = 0.0 if self._last_tick is None else max(0.0, now - self._last_tick)
+        self._last_tick = now
+        for sim in self.clusters.values():
+            sim.controller.reconcile(now)
+        self.flows = compute_flows({key: self.workload(key) for key in self.knobs})
+        if dt:
+            self.telemetry.advance(self.flows, dt)
+
+    # ---- the mesh's view of a workload -----------------------------------------------------------
+    def workload(self, key: WorkloadKey) -> Workload:
+        svc = self.knobs[key]
+        cluster, ns, name = key
+        latency = self.topology.mesh.sidecar_latency_ms
+        if svc.kind == "external":
+            return Workload(key, svc, True, 1.0 if svc.gateway else 0.0, lambda port: "PERMISSIVE",
+                            sidecar_latency_ms=latency)
+        sim = self.clusters[cluster]
+        dep = sim.store.peek(r.DEPLOYMENTS, ns, name)
+        pods = sim.controller.pods_of(dep) if dep else []
+        ready = [p for p in pods if sim.controller._ready(p)]
+        proxied = [p for p in ready if svc.gateway or _has_proxy(p)]
+        sample = (proxied or ready or [None])[0]
+        labels = (sample["metadata"].get("labels") or {}) if sample else \
+            ((dep or {}).get("spec", {}).get("template", {}).get("metadata", {}).get("labels") or {})
+        annotations = (sample["metadata"].get("annotations") or {}) if sample else {}
+        root = self.topology.mesh.root_namespace
+        modes: dict[int, str] = {}
+
+        def mode_for_port(port: int) -> str:
+            if port not in modes:
+                modes[port] = effective_mode(sim.store, root, ns, labels, port)
+            return modes[port]
+
+        return Workload(
+            key, svc, bool(ready), len(proxied) / len(ready) if ready else 0.0, mode_for_port,
+            inbound_bypass=set(svc.bypass_ports) | excluded_ports(annotations, "Inbound"),
+            outbound_excluded=excluded_ports(annotations, "Outbound"),
+            sidecar_latency_ms=latency,
+        )
+
+    def memory_of(self, cluster: str):
+        lookup = self._behaviour_lookup(cluster)
+
+        def usage(pod: dict[str, Any]) -> dict[str, float]:
+            dep = pod["metadata"]["name"].rsplit("-", 2)[0]
+            b = lookup(pod["metadata"]["namespace"], dep)
+            result = {}
+            for c in pod["spec"].get("containers", []):
+                result[c["name"]] = (b.sidecar_memory_mi if c["name"] == "istio-proxy" else b.app_memory_mi) * MI
+            return result
+        return usage
+
+    def metric_sources(self):
+        return [(name, sim.store, self.memory_of(name)) for name, sim in self.clusters.items()]
+
+    # ---- admin ---------------------------------------------------------------------------------
+    def set_knobs(self, key: WorkloadKey, changes: dict[str, Any]) -> Service:
+        """Change fault knobs of one service; validated like the topology, all or nothing."""
+        if key not in self.knobs:
+            raise KeyError("/".join(key))
+        unknown = sorted(set(changes) - set(KNOBS))
+        if unknown:
+            raise TopologyError(f"admin: {'/'.join(key)}: cannot change {', '.join(unknown)} "
+                                f"(changeable: {', '.join(KNOBS)})")
+        current = self.knobs[key]
+        data = {**current.model_dump(), **changes}
+        try:
+            updated = Service.model_validate(data)
+        except ValidationError as exc:
+            raise TopologyError(format_errors(f"admin: {'/'.join(key)}", exc)) from None
+        for i, call in enumerate(updated.calls):
+            target = self.topology.resolve(call.service, updated)
+            if target is None:
+                raise TopologyError(f"admin: {'/'.join(key)}: calls[{i}].service: unknown service {call.service!r}")
+            call.service = "/".join(target)
+        self.knobs[key] = updated
+        if "replicas" in changes and updated.kind == "deployment":  # as `kubectl scale` would
+            store = self.clusters[key[0]].store
+            if store.peek(r.DEPLOYMENTS, key[1], key[2]) is not None:
+                store.patch(r.DEPLOYMENTS, key[1], key[2], "application/merge-patch+json",
+                            {"spec": {"replicas": updated.replicas}})
+        return updated
+
+    def describe(self, key: WorkloadKey) -> dict[str, Any]:
+        w = self.workload(key)
+        f = self.flows.workloads.get(key)
+        svc = self.knobs[key]
+        return {
+            "cluster": key[0], "namespace": key[1], "name": key[2], "kind": svc.kind,
+            "available": w.available, "sidecar_fraction": round(w.sidecar_fraction, 3),
+            "mtls_mode": w.mode_for_port(svc.port) if svc.kind == "deployment" else None,
+            "requests_per_second": round(f.reached, 3) if f else 0.0,
+            "success_rate": round(f.ok, 4) if f else None,
+            "latency_ms": round(f.latency_ms, 2) if f else None,
+            "knobs": {k: getattr(svc, k) if k != "calls" else [c.model_dump() for c in svc.calls] for k in KNOBS},
+        }
+
+
+def _has_proxy(pod: dict[str, Any]) -> bool:
+    return any(c["name"] == "istio-proxy" for c in pod["spec"].get("containers", []))

@@ -1,0 +1,149 @@
+"""Serving the lab: one API port per cluster, one port for `/metrics` and `/admin`, all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshlab.apiserver import ApiServer
+from meshlab.lab import Lab
+from meshlab.topology import TopologyError
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"  # the lab, its admin endpoint included, never listens beyond loopback
+
+
+class _Collector:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+
+    def collect(self):
+        yield from self.lab.telemetry.families(self.lab.metric_sources())
+
+
+def admin_app(lab: Lab) -> web.Application:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector(lab))
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = generate_latest(registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def services(request: web.Request) -> web.Response:
+        return web.json_response([lab.describe(key) for key in lab.knobs])
+
+    def _key(request: web.Request) -> tuple[str, str, str]:
+        key = (request.match_info["cluster"], request.match_info["namespace"], request.match_info["name"])
+        if key not in lab.knobs:
+            raise web.HTTPNotFound(text=json.dumps({"error": f"unknown service {'/'.join(key)}"}),
+                                   content_type="application/json")
+        return key
+
+    async def service(request: web.Request) -> web.Response:
+        return web.json_response(lab.describe(_key(request)))
+
+    async def change(request: web.Request) -> web.Response:
+        key = _key(request)
+        try:
+            changes = await request.json()
+        except ValueError:
+            return web.json_response({"error": "the body must be a JSON object of knobs"}, status=400)
+        if not isinstance(changes, dict):
+            return web.json_response({"error": "the body must be a JSON object of knobs"}, status=400)
+        try:
+            lab.set_knobs(key, changes)
+        except TopologyError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        lab.tick()
+        return web.json_response(lab.describe(key))
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", lambda request: web.Response(text="ok"))
+    app.router.add_get("/admin/services", services)
+    app.router.add_get("/admin/services/{cluster}/{namespace}/{name}", service)
+    app.router.add_patch("/admin/services/{cluster}/{namespace}/{name}", change)
+    return app
+
+
+def _bind(port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((HOST, port))
+    return sock
+
+
+def kubeconfig(cluster: str, server: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Config", "current-context": cluster, "preferences": {},
+        "clusters": [{"name": cluster, "cluster": {"server": server}}],
+        "users": [{"name": f"{cluster}-admin", "user": {"token": "meshlab"}}],
+        "contexts": [{"name": cluster, "context": {"cluster": cluster, "user": f"{cluster}-admin",
+                                                   "namespace": "default"}}],
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | None, metrics_port: int = 0,
+                api_ports: dict[str, int] | None = None, tick_seconds: float = 0.5,
+                stop: asyncio.Event | None = None) -> None:
+    """Run until `stop` is set (or forever), writing kubeconfigs and the state file once listening."""
+    runners: list[web.AppRunner] = []
+    state: dict[str, Any] = {"pid": os.getpid(), "clusters": {}}
+    try:
+        for name, sim in lab.clusters.items():
+            runner = web.AppRunner(ApiServer(sim.store).app, access_log=None)
+            await runner.setup()
+            sock = _bind((api_ports or {}).get(name, 0))
+            await web.SockSite(runner, sock).start()
+            runners.append(runner)
+            url = f"http://{HOST}:{sock.getsockname()[1]}"
+            state["clusters"][name] = {"server": url}
+            if kubeconfig_dir is not None:
+                kubeconfig_dir.mkdir(parents=True, exist_ok=True)
+                path = kubeconfig_dir / f"{name}.kubeconfig"
+                _write_atomic(path, yaml.safe_dump(kubeconfig(name, url), sort_keys=False))
+                state["clusters"][name]["kubeconfig"] = str(path.resolve())
+        runner = web.AppRunner(admin_app(lab), access_log=None)
+        await runner.setup()
+        sock = _bind(metrics_port)
+        await web.SockSite(runner, sock).start()
+        runners.append(runner)
+        base = f"http://{HOST}:{sock.getsockname()[1]}"
+        state.update(metrics=f"{base}/metrics", admin=f"{base}/admin", metrics_port=sock.getsockname()[1])
+        if state_file is not None:
+            _write_atomic(state_file, json.dumps(state, indent=2))
+        print(json.dumps(state), flush=True)
+        await _tick_forever(lab, tick_seconds, stop or asyncio.Event())
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+async def _tick_forever(lab: Lab, tick_seconds: float, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        started = time.monotonic()
+        try:
+            lab.tick(started)
+        except Exception:  # a bug in one tick must not take the lab down mid-rehearsal
+            log.exception("tick failed")
+        spent = time.monotonic() - started
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=max(0.01, tick_seconds - spent))

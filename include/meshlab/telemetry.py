@@ -1,0 +1,225 @@
+"""Telemetry in the names and labels Prometheus sees on a real cluster.
+
+- the application's own metrics (exist before and after injection): `http_requests_total`,
+  `http_request_duration_seconds`;
+- Istio standard metrics, only where a proxy handled the traffic: `istio_requests_total`,
+  `istio_request_duration_milliseconds`, `istio_tcp_connections_opened_total` / `_closed_total`;
+- cAdvisor `container_memory_working_set_bytes`; kube-state-metrics pod restarts, termination and
+  waiting reasons, readiness, deployment replicas.
+
+Counters grow by rate x elapsed time every tick, so a 10-30 s `rate()` window has data. Latencies are
+spread log-normally around the simulated value so `histogram_quantile` gives a believable p50/p99.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from meshlab import resources as r
+from meshlab.injection import parse_quantity
+from meshlab.mesh import EdgeFlow, Flows, Workload
+
+ISTIO_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
+APP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+SIGMA = 0.35  # log-normal spread: p99 is about 2.3 x the median
+
+ISTIO_LABELS = (
+    "cluster", "reporter", "source_workload", "source_workload_namespace", "source_principal", "source_app",
+    "source_cluster", "destination_workload", "destination_workload_namespace", "destination_principal",
+    "destination_app", "destination_service", "destination_service_name", "destination_service_namespace",
+    "destination_cluster", "request_protocol", "response_code", "response_flags", "connection_security_policy",
+)
+TCP_LABELS = tuple(label for label in ISTIO_LABELS if label not in ("request_protocol", "response_code"))
+APP_LABELS = ("cluster", "namespace", "app", "code")
+APP_HIST_LABELS = ("cluster", "namespace", "app")
+
+
+def _cdf(bounds: tuple[float, ...], median: float) -> list[float]:
+    """Fraction of observations at or below each bound, for a log-normal with this median."""
+    if median <= 0:
+        return [1.0] * len(bounds)
+    return [0.5 * (1 + math.erf(math.log(b / median) / (SIGMA * math.sqrt(2)))) for b in bounds]
+
+
+class Histogram:
+    __slots__ = ("buckets", "sum", "count")
+
+    def __init__(self, n: int) -> None:
+        self.buckets = [0.0] * n
+        self.sum = 0.0
+        self.count = 0.0
+
+    def observe(self, bounds: tuple[float, ...], cdf: list[float], amount: float, value: float) -> None:
+        for i, fraction in enumerate(cdf):
+            self.buckets[i] += amount * fraction
+        self.count += amount
+        self.sum += amount * value * math.exp(SIGMA**2 / 2)  # mean of the log-normal
+
+
+def _principal(w: Workload) -> str:
+    return f"spiffe://cluster.local/ns/{w.key[1]}/sa/{w.key[2]}"
+
+
+class Telemetry:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], float] = defaultdict(float)
+        self.durations: dict[tuple[str, ...], Histogram] = {}
+        self.tcp_opened: dict[tuple[str, ...], float] = defaultdict(float)
+        self.app_requests: dict[tuple[str, ...], float] = defaultdict(float)
+        self.app_durations: dict[tuple[str, ...], Histogram] = {}
+
+    # ---- accumulation, once per tick -----------------------------------------------------------
+    def advance(self, flows: Flows, dt: float) -> None:
+        for key, f in flows.workloads.items():
+            if f.reached <= 0 or key in flows.gateways:
+                continue
+            cluster, ns, app = key
+            amount = f.reached * dt
+            fail = 1 - f.ok
+            for code, share in (("200", f.ok), ("500", min(f.own_error, fail)), ("503", max(0.0, fail - f.own_error))):
+                if share > 1e-12:
+                    self.app_requests[(cluster, ns, app, code)] += amount * share
+            hist = self.app_durations.setdefault((cluster, ns, app), Histogram(len(APP_BUCKETS_S)))
+            hist.observe(APP_BUCKETS_S, _cdf(APP_BUCKETS_S, f.latency_ms / 1000), amount, f.latency_ms / 1000)
+        for edge in flows.edges:
+            self._edge(edge, flows, dt)
+
+    def _edge(self, e: EdgeFlow, flows: Flows, dt: float) -> None:
+        dest_flow = flows.workloads[e.dest.key]
+        server_latency = dest_flow.latency_ms + e.dest.sidecar_latency_ms
+        if e.mtls:
+            self._report("destination", e, e.source, e.mtls, "mutual_tls", dest_flow.ok, server_latency, dt)
+            self._report("source", e, e.source, e.mtls, "unknown", dest_flow.ok, e.latency_ms, dt)
+        if e.plaintext:
+            self._report("destination", e, None, e.plaintext, "none", dest_flow.ok, server_latency, dt)
+        if e.to_unproxied * e.client_proxied:
+            self._report("source", e, e.source, e.to_unproxied * e.client_proxied, "unknown", dest_flow.ok,
+                         e.latency_ms, dt)
+        if e.unavailable * e.client_proxied:
+            self._report("source", e, e.source, e.unavailable * e.client_proxied, "unknown", 0.0, 1.0, dt, flags="UH")
+
+    def _report(self, reporter: str, e: EdgeFlow, source: Workload | None, rate: float, security: str,
+                ok: float, latency_ms: float, dt: float, flags: str = "-") -> None:
+        dest, amount = e.dest, rate * dt
+        cluster = dest.key[0] if reporter == "destination" else (source.key[0] if source else dest.key[0])
+        src_name, src_ns, src_principal, src_cluster = ("unknown",) * 4
+        if source is not None and (reporter == "source" or security == "mutual_tls"):
+            src_name, src_ns, src_principal, src_cluster = (source.key[2], source.key[1], _principal(source),
+                                                            source.key[0])
+        dest_host = f"{dest.key[2]}.{dest.key[1]}.svc.cluster.local"
+        base = (cluster, reporter, src_name, src_ns, src_principal, src_name, src_cluster, dest.key[2], dest.key[1],
+                _principal(dest), dest.key[2], dest_host, dest.key[2], dest.key[1], dest.key[0])
+        if e.protocol == "tcp":
+            self.tcp_opened[(*base, flags, security)] += amount
+            return
+        own = 0.0 if flags == "UH" else min(dest.service.error_rate, 1 - ok)
+        for code, share in (("200", ok), ("500", own), ("503", max(0.0, 1 - ok - own))):
+            if share <= 1e-12:
+                continue
+            labels = (*base, "http", code, flags if code == "503" else "-", security)
+            self.requests[labels] += amount * share
+            hist = self.durations.get(labels)
+            if hist is None:
+                hist = self.durations[labels] = Histogram(len(ISTIO_BUCKETS_MS))
+            hist.observe(ISTIO_BUCKETS_MS, _cdf(ISTIO_BUCKETS_MS, latency_ms), amount * share, latency_ms)
+
+    # ---- exposition ----------------------------------------------------------------------------
+    def families(self, clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
+        yield from self._istio_families()
+        yield from self._app_families()
+        yield from _cluster_families(clusters)
+
+    def _istio_families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("istio_requests", "Requests handled by Istio proxies.", labels=ISTIO_LABELS)
+        for labels, value in self.requests.items():
+            requests.add_metric(labels, value)
+        yield requests
+        durations = HistogramMetricFamily("istio_request_duration_milliseconds", "Request duration seen by proxies.",
+                                          labels=ISTIO_LABELS)
+        for labels, h in self.durations.items():
+            durations.add_metric(labels, _buckets(ISTIO_BUCKETS_MS, h), h.sum)
+        yield durations
+        opened = CounterMetricFamily("istio_tcp_connections_opened", "TCP connections opened.", labels=TCP_LABELS)
+        closed = CounterMetricFamily("istio_tcp_connections_closed", "TCP connections closed.", labels=TCP_LABELS)
+        for labels, value in self.tcp_opened.items():
+            opened.add_metric(labels, value)
+            closed.add_metric(labels, value)
+        yield opened
+        yield closed
+
+    def _app_families(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("http_requests", "Requests served, by the application itself.",
+                                       labels=APP_LABELS)
+        for labels, value in self.app_requests.items():
+            requests.add_metric(labels, value)
+        yield requests
+        durations = HistogramMetricFamily("http_request_duration_seconds", "Request duration, by the application.",
+                                          labels=APP_HIST_LABELS)
+        for labels, h in self.app_durations.items():
+            durations.add_metric(labels, _buckets(APP_BUCKETS_S, h), h.sum)
+        yield durations
+
+
+def _buckets(bounds: tuple[float, ...], h: Histogram) -> list[tuple[str, float]]:
+    result = [(_le(b), v) for b, v in zip(bounds, h.buckets, strict=True)]
+    result.append(("+Inf", h.count))
+    return result
+
+
+def _le(bound: float) -> str:
+    return str(int(bound)) if float(bound).is_integer() else str(bound)
+
+
+def _cluster_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
+    """cAdvisor and kube-state-metrics series, read off each cluster's pods and deployments."""
+    memory = GaugeMetricFamily("container_memory_working_set_bytes", "Working set (cAdvisor).",
+                               labels=("cluster", "namespace", "pod", "container"))
+    restarts = CounterMetricFamily("kube_pod_container_status_restarts", "Container restarts (kube-state-metrics).",
+                                   labels=("cluster", "namespace", "pod", "container"))
+    terminated = GaugeMetricFamily("kube_pod_container_status_last_terminated_reason",
+                                   "Last termination reason (kube-state-metrics).",
+                                   labels=("cluster", "namespace", "pod", "container", "reason"))
+    waiting = GaugeMetricFamily("kube_pod_container_status_waiting_reason", "Waiting reason (kube-state-metrics).",
+                                labels=("cluster", "namespace", "pod", "container", "reason"))
+    ready = GaugeMetricFamily("kube_pod_container_status_ready", "Container readiness (kube-state-metrics).",
+                              labels=("cluster", "namespace", "pod", "container"))
+    limits = GaugeMetricFamily("kube_pod_container_resource_limits", "Container limits (kube-state-metrics).",
+                               labels=("cluster", "namespace", "pod", "container", "resource", "unit"))
+    dep_metrics = {name: GaugeMetricFamily(f"kube_deployment_{name}", f"Deployment {name} (kube-state-metrics).",
+                                           labels=("cluster", "namespace", "deployment"))
+                   for name in ("spec_replicas", "status_replicas", "status_replicas_available",
+                                "status_replicas_updated", "status_replicas_unavailable")}
+    for cluster, store, memory_of in clusters:
+        for pod in store.items(r.PODS):
+            meta = pod["metadata"]
+            ns, name = meta["namespace"], meta["name"]
+            usage = memory_of(pod)
+            specs = {c["name"]: c for c in pod["spec"].get("containers", [])}
+            for st in pod.get("status", {}).get("containerStatuses", []):
+                c = st["name"]
+                labels = (cluster, ns, name, c)
+                restarts.add_metric(labels, st.get("restartCount", 0))
+                ready.add_metric(labels, 1.0 if st.get("ready") else 0.0)
+                if "running" in st.get("state", {}):
+                    memory.add_metric(labels, usage.get(c, 0.0))
+                if reason := st.get("lastState", {}).get("terminated", {}).get("reason"):
+                    terminated.add_metric((*labels, reason), 1.0)
+                if reason := st.get("state", {}).get("waiting", {}).get("reason"):
+                    waiting.add_metric((*labels, reason), 1.0)
+                limit = parse_quantity(((specs.get(c, {}).get("resources") or {}).get("limits") or {}).get("memory"))
+                if limit is not None:
+                    limits.add_metric((*labels, "memory", "byte"), limit)
+        for dep in store.items(r.DEPLOYMENTS):
+            labels = (cluster, dep["metadata"]["namespace"], dep["metadata"]["name"])
+            st = dep.get("status", {})
+            dep_metrics["spec_replicas"].add_metric(labels, dep["spec"].get("replicas", 1))
+            dep_metrics["status_replicas"].add_metric(labels, st.get("replicas", 0))
+            dep_metrics["status_replicas_available"].add_metric(labels, st.get("availableReplicas", 0))
+            dep_metrics["status_replicas_updated"].add_metric(labels, st.get("updatedReplicas", 0))
+            dep_metrics["status_replicas_unavailable"].add_metric(labels, st.get("unavailableReplicas", 0))
+    yield from (memory, restarts, terminated, waiting, ready, limits, *dep_metrics.values())

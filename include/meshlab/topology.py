@@ -1,0 +1,219 @@
+"""The topology file: which clusters, namespaces and services the lab simulates.
+
+A topology is YAML validated with pydantic, so a mistake is reported with the file, the field path
+and the problem (``seed.yaml: services[3].calls[0].service: unknown service 'x'``).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# RFC 1123 label (namespaces, services, clusters) as Kubernetes checks it.
+DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class TopologyError(ValueError):
+    """A topology that cannot be used; the message names the file, the field and the problem."""
+
+
+def _dns_label(value: str) -> str:
+    if len(value) > 63 or not DNS_LABEL.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid RFC 1123 label (lower case alphanumerics and '-', "
+            "starting and ending alphanumeric, at most 63 characters)"
+        )
+    return value
+
+
+DnsLabel = Annotated[str, Field(min_length=1)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Mesh(Strict):
+    """Mesh-wide behaviour of the simulated Istio."""
+
+    root_namespace: DnsLabel = "istio-system"
+    sidecar_memory_mi: float = Field(60, ge=0, description="Memory an injected istio-proxy uses.")
+    sidecar_latency_ms: float = Field(0.5, ge=0, description="Latency each proxy on a hop adds.")
+    revisions: list[str] = Field(default_factory=lambda: ["default"])
+
+
+class Call(Strict):
+    """One outbound dependency: each request served makes `per_request` calls to `service`."""
+
+    service: str = Field(description="'name', 'namespace/name' or 'cluster/namespace/name'.")
+    per_request: float = Field(1.0, gt=0)
+    port: Port = 8080
+    protocol: Literal["http", "tcp"] = "http"
+
+
+class Service(Strict):
+    """A workload: a Deployment with a Service, or a caller outside Kubernetes (`external`)."""
+
+    name: DnsLabel
+    cluster: str | None = None
+    namespace: DnsLabel = "default"
+    kind: Literal["deployment", "external"] = "deployment"
+    criticality: Literal["critical", "high", "medium", "low"] = "medium"
+    replicas: int = Field(2, ge=0)
+    port: Port = 8080
+    # Resources of the application container.
+    memory_limit_mi: float = Field(512, gt=0)
+    memory_request_mi: float | None = Field(None, gt=0)
+    app_memory_mi: float = Field(200, ge=0)
+    cpu_limit_m: int = Field(500, gt=0)
+    # Behaviour and fault knobs (also changeable at run time through the admin endpoint).
+    ingress_rps: float = Field(0, ge=0, description="Plaintext requests per second from outside the mesh.")
+    latency_ms: float = Field(5, ge=0)
+    error_rate: float = Field(0, ge=0, le=1)
+    sidecar_memory_mi: float | None = Field(None, ge=0, description="Overrides mesh.sidecar_memory_mi.")
+    legacy: bool = Field(False, description="Cannot take a sidecar: with one, the app crash-loops.")
+    gateway: bool = Field(False, description="An Envoy of its own (ingress gateway): always mTLS-capable.")
+    bypass_ports: list[Port] = Field(default_factory=list, description="Inbound ports that skip the sidecar.")
+    calls: list[Call] = Field(default_factory=list)
+
+    _check_name = field_validator("name", "namespace")(_dns_label)
+
+
+class Namespace(Strict):
+    name: DnsLabel
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    _check_name = field_validator("name")(_dns_label)
+
+
+class Cluster(Strict):
+    name: DnsLabel
+    namespaces: list[Namespace] = Field(default_factory=list)
+
+    _check_name = field_validator("name")(_dns_label)
+
+
+class PolicySpec(Strict):
+    """A PeerAuthentication to create at start (the seed's mesh-wide STRICT, for instance)."""
+
+    cluster: str | None = None
+    namespace: DnsLabel
+    name: DnsLabel
+    mode: Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"] = "PERMISSIVE"
+    selector: dict[str, str] | None = None
+
+
+class Topology(Strict):
+    name: str = "meshlab"
+    mesh: Mesh = Field(default_factory=Mesh)
+    clusters: list[Cluster] = Field(min_length=1)
+    services: list[Service] = Field(default_factory=list)
+    peer_authentications: list[PolicySpec] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _references(self) -> Topology:
+        cluster_names = [c.name for c in self.clusters]
+        _no_duplicates(cluster_names, "clusters", "cluster")
+        default_cluster = cluster_names[0]
+        seen: set[tuple[str, str, str]] = set()
+        for i, svc in enumerate(self.services):
+            svc.cluster = svc.cluster or default_cluster
+            if svc.cluster not in cluster_names:
+                raise ValueError(f"services[{i}].cluster: unknown cluster {svc.cluster!r}")
+            key = (svc.cluster, svc.namespace, svc.name)
+            if key in seen:
+                raise ValueError(f"services[{i}]: duplicate service {'/'.join(key)}")
+            seen.add(key)
+        for i, svc in enumerate(self.services):
+            for j, call in enumerate(svc.calls):
+                target = self.resolve(call.service, svc)
+                if target is None:
+                    raise ValueError(f"services[{i}].calls[{j}].service: unknown service {call.service!r}")
+                call.service = "/".join(target)
+        for i, pa in enumerate(self.peer_authentications):
+            pa.cluster = pa.cluster or default_cluster
+            if pa.cluster not in cluster_names:
+                raise ValueError(f"peer_authentications[{i}].cluster: unknown cluster {pa.cluster!r}")
+        cycle = _find_cycle(self.services)
+        if cycle:
+            raise ValueError(f"services: calls form a cycle: {' -> '.join(cycle)}")
+        return self
+
+    def resolve(self, ref: str, caller: Service) -> tuple[str, str, str] | None:
+        """Resolve 'name', 'namespace/name' or 'cluster/namespace/name' relative to a caller."""
+        parts = ref.split("/")
+        if len(parts) == 1:
+            key = (caller.cluster or "", caller.namespace, parts[0])
+        elif len(parts) == 2:
+            key = (caller.cluster or "", parts[0], parts[1])
+        elif len(parts) == 3:
+            key = (parts[0], parts[1], parts[2])
+        else:
+            return None
+        known = {(s.cluster, s.namespace, s.name) for s in self.services}
+        return key if key in known else None
+
+
+def _no_duplicates(names: list[str], field: str, what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{field}: duplicate {what} {dupes[0]!r}")
+
+
+def _find_cycle(services: list[Service]) -> list[str] | None:
+    graph = {f"{s.cluster}/{s.namespace}/{s.name}": [c.service for c in s.calls] for s in services}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in graph.get(node, []):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for node in graph:
+        if node not in state and (found := visit(node)):
+            return found
+    return None
+
+
+def format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}")
+    return "\n".join(lines)
+
+
+def parse_topology(data: object, source: str = "<topology>") -> Topology:
+    if not isinstance(data, dict):
+        raise TopologyError(f"{source}: the topology must be a mapping, got {type(data).__name__}")
+    try:
+        return Topology.model_validate(data)
+    except ValidationError as exc:
+        raise TopologyError(format_errors(source, exc)) from None
+
+
+def load_topology(path: str | Path) -> Topology:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise TopologyError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise TopologyError(f"{path}: not valid YAML: {exc}") from None
+    return parse_topology(data, str(path))
