@@ -51,6 +51,7 @@ class PodRuntime:
     restarts: dict[str, int] = field(default_factory=dict)
     last_reason: dict[str, tuple[str, int, str]] = field(default_factory=dict)
     crashed_container: str | None = None
+    doomed: bool = False
 
 
 def template_hash(template: dict[str, Any]) -> str:
@@ -238,11 +239,12 @@ class Controller:
         behaviour = self.behaviour(meta["namespace"], dep_name)
         containers = pod["spec"].get("containers", [])
         if now >= rt.start_at:
+            failing = self._failing_container(pod, behaviour)
+            rt.doomed = failing is not None  # a container that cannot run never passes its readiness probe
             if rt.running_since is None:
                 rt.running_since = now
                 rt.crashed_container = None
             elif now - rt.running_since >= self.timing.crash_after_seconds:
-                failing = self._failing_container(pod, behaviour)
                 if failing:
                     name, reason, code = failing
                     rt.restarts[name] = rt.restarts.get(name, 0) + 1
@@ -289,9 +291,9 @@ class Controller:
             if c["name"] in rt.last_reason:
                 reason, code, at = rt.last_reason[c["name"]]
                 st["lastState"] = {"terminated": {"reason": reason, "exitCode": code, "finishedAt": at}}
-            st["ready"] = running
+            st["ready"] = running and not rt.doomed
             statuses.append(st)
-        ready = "True" if running else "False"
+        ready = "True" if running and not rt.doomed else "False"
         return {
             "phase": "Running" if running or rt.crashed_container else "Pending",
             "podIP": old.get("podIP") or _pod_ip(pod["metadata"]["uid"]),

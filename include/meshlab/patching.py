@@ -56,7 +56,7 @@ def json_patch(target: dict[str, Any], operations: Any) -> dict[str, Any]:
         raise ApiError(400, "json patch must be a list of operations")
     try:
         return jsonpatch.apply_patch(target, operations)
-    except jsonpatch.JsonPatchConflict as exc:
+    except (jsonpatch.JsonPatchConflict, jsonpatch.JsonPatchTestFailed) as exc:
         raise ApiError(422, f"the server rejected our request due to an error in our request: {exc}") from None
     except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, TypeError, KeyError) as exc:
         raise ApiError(400, f"invalid json patch: {exc}") from None

@@ -1,0 +1,41 @@
+# meshwave: `make demo` and `make test` are the two commands the README documents.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PIP_VERSION := 25.3
+
+.PHONY: setup prometheus test lint unit lab-up help
+
+help:
+	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
+	@echo "make test    lint and run every test (starts and stops the lab and Prometheus itself)"
+	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
+
+setup: $(STAMP) prometheus
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check pip==$(PIP_VERSION)
+	$(BIN)/python -m pip install -q -r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(BIN)/python -m pip install -q --no-deps -e .
+	touch $@
+
+# The Prometheus server from the distribution's package (tests start their own instance of it).
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing prometheus (Debian package)"; \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
+	@prometheus --version 2>&1 | head -1
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/pytest
+
+lab-up: setup
+	$(BIN)/meshlab serve --topology include/lab/small.yaml --kubeconfig-dir .meshlab --metrics-port 9464
