@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from meshlab.process import ROOT, LabProcess, PrometheusProcess
+from meshlab.process import ROOT, LabProcess
 
 SMALL = ROOT / "include" / "lab" / "small.yaml"
 SEED = ROOT / "include" / "lab" / "seed.yaml"

@@ -244,15 +244,14 @@ class Controller:
             if rt.running_since is None:
                 rt.running_since = now
                 rt.crashed_container = None
-            elif now - rt.running_since >= self.timing.crash_after_seconds:
-                if failing:
-                    name, reason, code = failing
-                    rt.restarts[name] = rt.restarts.get(name, 0) + 1
-                    rt.last_reason[name] = (reason, code, now_rfc3339())
-                    rt.crashed_container = name
-                    rt.running_since = None
-                    backoff = self.timing.backoff_base_seconds * 2 ** (rt.restarts[name] - 1)
-                    rt.start_at = now + min(backoff, self.timing.backoff_max_seconds)
+            elif now - rt.running_since >= self.timing.crash_after_seconds and failing:
+                name, reason, code = failing
+                rt.restarts[name] = rt.restarts.get(name, 0) + 1
+                rt.last_reason[name] = (reason, code, now_rfc3339())
+                rt.crashed_container = name
+                rt.running_since = None
+                backoff = self.timing.backoff_base_seconds * 2 ** (rt.restarts[name] - 1)
+                rt.start_at = now + min(backoff, self.timing.backoff_max_seconds)
         self.store.set_status(r.PODS, meta["namespace"], meta["name"], self._pod_status(pod, rt, now, containers))
 
     def _failing_container(self, pod: dict[str, Any], b: Behaviour) -> tuple[str, str, int] | None:
