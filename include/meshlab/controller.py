@@ -278,8 +278,13 @@ class Controller:
         running = rt.running_since is not None
         statuses = []
         for c in containers:
-            st: dict[str, Any] = {"name": c["name"], "image": c.get("image", ""), "restartCount":
-                                  rt.restarts.get(c["name"], 0), "started": running}
+            image = c.get("image", "")
+            st: dict[str, Any] = {
+                "name": c["name"], "image": image, "started": running,
+                "imageID": f"{image}@sha256:{hashlib.sha256(image.encode()).hexdigest()}",
+                "containerID": f"containerd://{hashlib.sha256((pod['metadata']['uid'] + c['name']).encode()).hexdigest()}",
+                "restartCount": rt.restarts.get(c["name"], 0),
+            }
             if running:
                 st["state"] = {"running": {"startedAt": _started_at(old, c["name"])}}
             elif rt.crashed_container:

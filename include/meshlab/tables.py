@@ -46,8 +46,10 @@ def _service_row(svc: dict[str, Any]) -> list[Any]:
             ports or "<none>", _age(svc)]
 
 
-def _string(name: str) -> dict[str, Any]:
-    return {"name": name, "type": "string", "format": "", "description": name, "priority": 0}
+def _column(name: str) -> dict[str, Any]:
+    # kubectl prefixes the kind ("deployment.apps/auth") on the column whose format is "name".
+    return {"name": name, "type": "string", "format": "name" if name == "Name" else "", "description": name,
+            "priority": 0}
 
 
 COLUMNS: dict[r.Resource, tuple[list[str], Any]] = {
@@ -68,7 +70,7 @@ def table(res: r.Resource, objects: list[dict[str, Any]], resource_version: str)
         "kind": "Table",
         "apiVersion": "meta.k8s.io/v1",
         "metadata": {"resourceVersion": resource_version},
-        "columnDefinitions": [_string(n) for n in names],
+        "columnDefinitions": [_column(n) for n in names],
         "rows": [
             {
                 "cells": row(obj),
