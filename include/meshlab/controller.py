@@ -282,7 +282,7 @@ class Controller:
             st: dict[str, Any] = {
                 "name": c["name"], "image": image, "started": running,
                 "imageID": f"{image}@sha256:{hashlib.sha256(image.encode()).hexdigest()}",
-                "containerID": f"containerd://{hashlib.sha256((pod['metadata']['uid'] + c['name']).encode()).hexdigest()}",
+                "containerID": "containerd://" + hashlib.sha256((pod["metadata"]["uid"] + c["name"]).encode()).hexdigest(),
                 "restartCount": rt.restarts.get(c["name"], 0),
             }
             if running:

@@ -80,7 +80,8 @@ def test_admin_endpoint_validates_fault_knobs(small_lab: LabProcess) -> None:
 
 def test_watch_streams_events_and_ends_at_its_timeout(lab: LabProcess) -> None:
     server = lab.state["clusters"]["lab"]["server"]
-    url = f"{server}/apis/apps/v1/namespaces/shop/deployments?watch=true&timeoutSeconds=1&fieldSelector=metadata.name%3Dauth"
+    query = "watch=true&timeoutSeconds=1&fieldSelector=metadata.name%3Dauth"
+    url = f"{server}/apis/apps/v1/namespaces/shop/deployments?{query}"
     with urllib.request.urlopen(url, timeout=10) as resp:
         events = [json.loads(line) for line in resp.read().splitlines()]
     assert events[0]["type"] == "ADDED" and events[0]["object"]["metadata"]["name"] == "auth"
