@@ -281,8 +281,8 @@ class Controller:
             image = c.get("image", "")
             st: dict[str, Any] = {
                 "name": c["name"], "image": image, "started": running,
-                "imageID": f"{image}@sha256:{hashlib.sha256(image.encode()).hexdigest()}",
-                "containerID": "containerd://" + hashlib.sha256((pod["metadata"]["uid"] + c["name"]).encode()).hexdigest(),
+                "imageID": f"{image}@sha256:{_digest(image)}",
+                "containerID": f"containerd://{_digest(pod['metadata']['uid'] + c['name'])}",
                 "restartCount": rt.restarts.get(c["name"], 0),
             }
             if running:
@@ -322,6 +322,10 @@ def _started_at(old_status: dict[str, Any], name: str) -> str:
         if st["name"] == name and running:
             return running["startedAt"]
     return now_rfc3339()
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _pod_ip(uid: str) -> str:
