@@ -98,13 +98,22 @@ class Controller:
         self.revisions = revisions
         self.timing = timing or Timing()
         self.runtime: dict[str, PodRuntime] = {}
+        self._index: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        self._index_version = ""
         self._progress: dict[tuple[str, str], tuple[float, tuple[str, int, int]]] = {}
 
     # ---- deployments ---------------------------------------------------------------------------
     def pods_of(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
-        ns, name = dep["metadata"]["namespace"], dep["metadata"]["name"]
-        return [p for p in self.store.items(r.PODS, ns) if (owner_name(p) or "").rsplit("-", 1)[0] == name
-                and p["metadata"].get("labels", {}).get("pod-template-hash")]
+        """The deployment's pods, from an index rebuilt whenever the store has changed."""
+        if self._index_version != self.store.resource_version:
+            self._index.clear()
+            for pod in self.store.items(r.PODS):
+                owner = owner_name(pod)
+                if owner and pod["metadata"].get("labels", {}).get("pod-template-hash"):
+                    key = (pod["metadata"]["namespace"], owner.rsplit("-", 1)[0])
+                    self._index.setdefault(key, []).append(pod)
+            self._index_version = self.store.resource_version
+        return list(self._index.get((dep["metadata"]["namespace"], dep["metadata"]["name"]), []))
 
     def reconcile(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
@@ -139,7 +148,7 @@ class Controller:
         current = template_hash(spec["template"])
         pods = self.pods_of(dep)
         new = [p for p in pods if p["metadata"]["labels"]["pod-template-hash"] == current]
-        old = [p for p in pods if p not in new]
+        old = [p for p in pods if p["metadata"]["labels"]["pod-template-hash"] != current]
         surge, unavailable = rolling_limits(spec)
         if len(new) < replicas and len(new) + len(old) < replicas + surge:
             self._create_pod(dep, current, now)
