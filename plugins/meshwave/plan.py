@@ -1,0 +1,248 @@
+"""The migration plan: which services move onto the mesh, in which waves, gated by which checks.
+
+A plan is YAML validated with pydantic at DAG parse time from the local file only (no network, no
+database). A mistake is reported with the file, the field path and the problem, e.g.
+``include/plans/demo.yaml: waves[0].services[2].namespace: 'Shop' is not a valid RFC 1123 label``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+CONN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used; the message names the file, the field and the problem."""
+
+
+def rfc1123_label(value: str) -> str:
+    if not isinstance(value, str) or len(value) > 63 or not RFC1123_LABEL.match(value):
+        raise ValueError(f"{value!r} is not a valid RFC 1123 label (lower case letters, digits and '-', "
+                         "starting and ending with a letter or digit, at most 63 characters)")
+    return value
+
+
+def _conn_id(value: str) -> str:
+    if not CONN_ID.match(value):
+        raise ValueError(f"{value!r} is not a valid Airflow connection id (letters, digits, '_', '.', '-')")
+    return value
+
+
+def _cron(value: str | None) -> str | None:
+    from croniter import croniter  # a dependency of Airflow itself
+
+    if value is not None and not croniter.is_valid(value):
+        raise ValueError(f"{value!r} is not a valid cron expression")
+    return value
+
+
+Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ClusterConfig(Strict):
+    """Where a cluster's Kubernetes API and Prometheus are: Airflow connection ids, never URLs in the plan."""
+
+    kubernetes_conn_id: str
+    prometheus_conn_id: str
+    root_namespace: str = "istio-system"
+
+    _conn = field_validator("kubernetes_conn_id", "prometheus_conn_id")(_conn_id)
+    _root = field_validator("root_namespace")(rfc1123_label)
+
+
+class Thresholds(Strict):
+    max_success_drop: float = Field(0.02, ge=0, le=1, description="Absolute drop of the success rate allowed.")
+    max_p99_increase_ms: float = Field(250, ge=0)
+    max_p99_ratio: float = Field(2.0, ge=1)
+    max_restarts: int = Field(0, ge=0)
+    min_inbound_ratio: float = Field(0.5, ge=0, le=1, description="After STRICT, inbound rate kept at least this.")
+    sidecar_memory_limit_mi: float | None = Field(None, gt=0)
+
+
+class Sidecar(Strict):
+    """Sidecar sizing: `expected_memory_mi` drives the headroom preflight; the rest become pod annotations."""
+
+    expected_memory_mi: float = Field(128, gt=0)
+    cpu: str | None = None
+    memory: str | None = None
+    cpu_limit: str | None = None
+    memory_limit: str | None = None
+
+    @property
+    def annotations(self) -> dict[str, str]:
+        keys = {"cpu": "proxyCPU", "memory": "proxyMemory", "cpu_limit": "proxyCPULimit",
+                "memory_limit": "proxyMemoryLimit"}
+        return {f"sidecar.istio.io/{k}": getattr(self, f) for f, k in keys.items() if getattr(self, f)}
+
+
+class Settings(Strict):
+    """Knobs every service inherits from `defaults` unless it sets its own."""
+
+    injection: Literal["workload", "namespace"] = "workload"
+    soak_seconds: Seconds = 300
+    poke_interval_seconds: Seconds = 30
+    query_window_seconds: Annotated[int, Field(ge=10, le=3600)] = 60
+    rollout_timeout_seconds: Seconds = 600
+    verify_seconds: Seconds = 120
+    strict_gate_timeout_seconds: Seconds = 600
+    breaches_to_fail: Annotated[int, Field(ge=1, le=100)] = 3
+    min_requests: Annotated[int, Field(ge=0)] = 10
+    on_no_data: Literal["hold", "rollback"] = "hold"
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+    sidecar: Sidecar = Field(default_factory=Sidecar)
+
+
+class Defaults(Settings):
+    batch_size: Annotated[int, Field(ge=1, le=500)] = 5
+    max_failures: Annotated[int, Field(ge=1)] = 2
+    schedule: str | None = None
+
+    _schedule = field_validator("schedule")(_cron)
+
+
+_OVERRIDABLE = tuple(Settings.model_fields)
+
+
+class ServicePlan(Strict):
+    cluster: str
+    namespace: str
+    workload: str
+    criticality: Literal["critical", "high", "medium", "low"] = "medium"
+    strict: bool = True
+    exclude_inbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
+    exclude_outbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
+    # Per-service overrides of the defaults (None: inherit).
+    injection: Literal["workload", "namespace"] | None = None
+    soak_seconds: Seconds | None = None
+    poke_interval_seconds: Seconds | None = None
+    query_window_seconds: Annotated[int, Field(ge=10, le=3600)] | None = None
+    rollout_timeout_seconds: Seconds | None = None
+    verify_seconds: Seconds | None = None
+    strict_gate_timeout_seconds: Seconds | None = None
+    breaches_to_fail: Annotated[int, Field(ge=1, le=100)] | None = None
+    min_requests: Annotated[int, Field(ge=0)] | None = None
+    on_no_data: Literal["hold", "rollback"] | None = None
+    thresholds: Thresholds | None = None
+    sidecar: Sidecar | None = None
+
+    _names = field_validator("cluster", "namespace", "workload")(rfc1123_label)
+
+    @property
+    def key(self) -> str:
+        return f"{self.cluster}/{self.namespace}/{self.workload}"
+
+    def settings(self, defaults: Settings) -> Settings:
+        """The effective settings: the service's own values over the plan's defaults."""
+        own = {f: getattr(self, f) for f in _OVERRIDABLE if getattr(self, f) is not None}
+        return Settings(**{**{f: getattr(defaults, f) for f in _OVERRIDABLE}, **own})
+
+
+class Wave(Strict):
+    name: str
+    description: str = ""
+    schedule: str | None = None
+    services: list[ServicePlan] = Field(min_length=1)
+
+    _name = field_validator("name")(rfc1123_label)
+    _schedule = field_validator("schedule")(_cron)
+
+
+class Plan(Strict):
+    migration: str
+    description: str = ""
+    clusters: dict[str, ClusterConfig] = Field(min_length=1)
+    defaults: Defaults = Field(default_factory=Defaults)
+    waves: list[Wave] = Field(min_length=1)
+
+    _migration = field_validator("migration")(rfc1123_label)
+
+    @field_validator("clusters")
+    @classmethod
+    def _cluster_names(cls, clusters: dict[str, ClusterConfig]) -> dict[str, ClusterConfig]:
+        for name in clusters:
+            try:
+                rfc1123_label(name)
+            except ValueError as exc:
+                raise ValueError(f"cluster name: {exc}") from None
+        return clusters
+
+    @model_validator(mode="after")
+    def _references(self) -> Plan:
+        seen: dict[str, str] = {}
+        waves: set[str] = set()
+        for w, wave in enumerate(self.waves):
+            if wave.name in waves:
+                raise ValueError(f"waves[{w}].name: duplicate wave {wave.name!r}")
+            waves.add(wave.name)
+            for s, svc in enumerate(wave.services):
+                where = f"waves[{w}].services[{s}]"
+                if svc.cluster not in self.clusters:
+                    raise ValueError(f"{where}.cluster: unknown cluster {svc.cluster!r} "
+                                     f"(the plan's clusters: {', '.join(sorted(self.clusters))})")
+                if svc.key in seen:
+                    raise ValueError(f"{where}: {svc.key} is already planned at {seen[svc.key]}")
+                seen[svc.key] = where
+        return self
+
+    def dag_id(self, wave: Wave) -> str:
+        return f"meshwave_{self.migration}_{wave.name}".replace("-", "_")
+
+    def wave(self, name: str) -> Wave:
+        for wave in self.waves:
+            if wave.name == name:
+                return wave
+        raise KeyError(name)
+
+
+def group_ids(wave: Wave) -> dict[str, str]:
+    """A readable, unique task-group id per service: the workload, qualified only when ambiguous."""
+    counts: dict[str, int] = {}
+    for svc in wave.services:
+        counts[svc.workload] = counts.get(svc.workload, 0) + 1
+    ids = {}
+    for svc in wave.services:
+        plain = svc.workload if counts[svc.workload] == 1 else f"{svc.cluster}__{svc.namespace}__{svc.workload}"
+        ids[svc.key] = plain.replace("-", "_")
+    return ids
+
+
+def format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".")
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc + ': ' if loc else ''}{msg}")
+    return "\n".join(lines)
+
+
+def parse_plan(data: object, source: str = "<plan>") -> Plan:
+    if not isinstance(data, dict):
+        raise PlanError(f"{source}: a plan must be a mapping, got {type(data).__name__}")
+    try:
+        return Plan.model_validate(data)
+    except ValidationError as exc:
+        raise PlanError(format_errors(source, exc)) from None
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise PlanError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path}: not valid YAML: {exc}") from None
+    return parse_plan(data, str(path))
