@@ -643,8 +643,8 @@ HEADER = """\
 #     and use 380-450Mi, sidecar_memory_mi per service is 150-300, so they are OOMKilled once injected (the
 #     lab charges the sidecar against the pod's limit unless sidecar.istio.io/proxyMemoryLimit gives it its
 #     own). {fits} of the {deployments} deployments have room for their sidecar (smaller apps, or 1Gi pods).
-#   - "Envoy proxy added 35-50ms per hop", "deep call chains (up to 8 hops)": mesh.sidecar_latency_ms 40
-#     (the lab adds it once per proxy on a hop: a hop with a sidecar at both ends costs 80ms), and the longest
+#   - "Envoy proxy added 35-50ms per hop", "deep call chains (up to 8 hops)": mesh.sidecar_latency_ms 20
+#     (the lab adds it once per proxy on a hop: a hop with a sidecar at both ends costs 40ms), and the longest
 #     chain from an ingress gateway is {longest} hops, for instance
 #       {chain}
 #   - problem services: email-service (Python 2.7, legacy), legacy-reporting (hardcoded IPs, legacy),
@@ -665,7 +665,7 @@ def generate() -> str:
     chain = longest_chain(fleet)
     head = {
         "name": "seed",
-        "mesh": {"root_namespace": ROOT_NAMESPACE, "sidecar_memory_mi": 200, "sidecar_latency_ms": 40},
+        "mesh": {"root_namespace": ROOT_NAMESPACE, "sidecar_memory_mi": 200, "sidecar_latency_ms": 20},
         "clusters": [
             {"name": cluster, "namespaces": [
                 {"name": ns, "labels": {"istio-injection": "disabled"}} if ns == "monitoring" else {"name": ns}

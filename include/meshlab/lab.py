@@ -159,6 +159,8 @@ class Lab:
         modes: dict[int, str] = {}
 
         def mode_for_port(port: int) -> str:
+            if svc.gateway:  # PeerAuthentication does not govern a gateway's own listeners
+                return "PERMISSIVE"
             if port not in modes:
                 modes[port] = effective_mode(sim.store, root, ns, labels, port)
             return modes[port]

@@ -148,7 +148,7 @@ def compute_flows(workloads: dict[WorkloadKey, Workload]) -> Flows:
             if callee is None:
                 continue
             edge = _edge(w, callee, call.port, call.protocol, flows[callee.key])
-            ok *= _edge_success(edge, callee, flows[callee.key]) ** call.per_request
+            ok *= _calls_succeed(_edge_success(edge, callee, flows[callee.key]), call.per_request)
             latency += call.per_request * edge.latency_ms
         f.ok, f.own_error, f.latency_ms = ok, w.service.error_rate, latency
     # Callers first: how much traffic each edge carries, and how much of it reaches the application.
@@ -197,6 +197,13 @@ def _split(edge: EdgeFlow, rate: float) -> None:
         edge.reset = plaintext_into_proxy
     else:
         edge.plaintext = plaintext_into_proxy
+
+
+def _calls_succeed(success: float, per_request: float) -> float:
+    """Chance that all calls of one request succeed: `per_request` 2.5 is 2 calls plus a third half the time."""
+    whole = int(per_request)
+    extra = per_request - whole
+    return success**whole * (1 - extra * (1 - success))
 
 
 def _edge_success(edge: EdgeFlow, callee: Workload, callee_flow: WorkloadFlow) -> float:

@@ -236,3 +236,17 @@ def test_admin_knobs_are_validated_all_or_nothing(lab: Lab) -> None:
     with pytest.raises(TopologyError, match="unknown service 'nope'"):
         lab.set_knobs(key, {"calls": [{"service": "nope"}]})
     assert lab.knobs[key].latency_ms == 6 and lab.knobs[key].error_rate == 0.5
+
+
+def test_a_rarely_called_failing_callee_costs_only_its_share(lab: Lab) -> None:
+    # api-gateway calls payment on half of its requests: a dead payment fails about half, not all.
+    lab.set_knobs(("lab", "shop", "payment"), {"error_rate": 1.0})
+    lab.tick()
+    assert success(lab, "api-gateway") == pytest.approx(0.5)
+
+
+def test_gateways_are_not_governed_by_peer_authentication(lab: Lab, clock: Clock) -> None:
+    apply_pa(lab, "istio-system", "default", "STRICT")
+    clock.run(1)
+    gateway = lab.flows.workloads[("lab", "istio-system", "istio-ingressgateway")]
+    assert gateway.reached == pytest.approx(20) and gateway.ok == 1.0

@@ -84,7 +84,7 @@ def test_187_deployments_about_800_pods_over_three_clusters(seed: Topology) -> N
 
 def test_mesh_settings_are_the_seeds(seed: Topology) -> None:
     assert seed.mesh.sidecar_memory_mi == 200
-    assert seed.mesh.sidecar_latency_ms == 40
+    assert seed.mesh.sidecar_latency_ms == 20, "per proxy: 40 ms for a hop with a sidecar at each end (seed: 35-50)"
     assert seed.mesh.root_namespace == "istio-system"
 
 
