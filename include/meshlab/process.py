@@ -5,6 +5,7 @@ Used by the tests, the demo and the benchmarks: nothing assumes a service that i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -43,15 +44,19 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 10) -> None:
-    if proc is None or proc.poll() is not None:
+def _stop(proc: subprocess.Popen[bytes] | None, timeout: float = 15) -> None:
+    """Stop a child started in its own session, and everything it started (Airflow forks workers)."""
+    if proc is None:
         return
-    proc.send_signal(signal.SIGTERM)
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 class LabProcess:
@@ -78,7 +83,7 @@ class LabProcess:
                "--kubeconfig-dir", str(self.workdir / "kube"), "--state-file", str(state_file),
                "--metrics-port", str(self.metrics_port), *self.extra_args]
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while not state_file.exists():
             if self.proc.poll() is not None:
@@ -158,7 +163,7 @@ class PrometheusProcess:
                f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1d",
                "--web.enable-lifecycle", "--log.level=warn"]
         with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ})
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -187,6 +192,143 @@ class PrometheusProcess:
         _stop(self.proc)
 
     def __enter__(self) -> PrometheusProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class AirflowProcess:
+    """`airflow standalone` (scheduler, dag-processor, triggerer, api-server; SQLite, LocalExecutor) on a free
+    loopback port, with this project's dags/ and plugins/, connections from the environment, and a small REST
+    client for triggering runs and reading their outcome."""
+
+    def __init__(self, home: Path, connections: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
+                 port: int | None = None) -> None:
+        self.home = Path(home)
+        self.connections = connections
+        self.extra_env = env or {}
+        self.port = port or free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._token: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / "standalone.log"
+
+    def environment(self) -> dict[str, str]:
+        venv_bin = str(Path(sys.executable).parent)
+        env = {
+            **os.environ,
+            "PATH": f"{venv_bin}:{os.environ.get('PATH', '')}",
+            "AIRFLOW_HOME": str(self.home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "10",
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
+            "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+            **{f"AIRFLOW_CONN_{cid.upper()}": json.dumps(c) for cid, c in self.connections.items()},
+            **self.extra_env,
+        }
+        return env
+
+    def start(self, timeout: float = 180) -> AirflowProcess:
+        self.home.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "airflow", "standalone"], stdout=log,
+                                         stderr=subprocess.STDOUT, env=self.environment(), cwd=self.home,
+                                         start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ProcessError(f"airflow standalone exited with {self.proc.returncode}:\n{_tail(self.log_path)}")
+            health = self._health()
+            if health and all(health.get(c, {}).get("status") == "healthy"
+                              for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
+                return self
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ProcessError(f"airflow not healthy in {timeout}s ({health}):\n{_tail(self.log_path)}")
+            time.sleep(1)
+
+    def _health(self) -> dict[str, Any] | None:
+        try:
+            with urllib.request.urlopen(f"{self.url}/api/v2/monitor/health", timeout=5) as resp:
+                return json.loads(resp.read())
+        except (urllib.error.URLError, ConnectionError, TimeoutError, ValueError):
+            return None
+
+    @property
+    def password(self) -> str:
+        generated = self.home / "simple_auth_manager_passwords.json.generated"
+        return json.loads(generated.read_text())["admin"]
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        if self._token is None:
+            req = urllib.request.Request(f"{self.url}/auth/token", method="POST",
+                                         data=json.dumps({"username": "admin", "password": self.password}).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                self._token = json.loads(resp.read())["access_token"]
+        req = urllib.request.Request(f"{self.url}/api/v2{path}", method=method,
+                                     data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {self._token}"})
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return json.loads(resp.read() or b"null")
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return self.api("GET", f"/dags/{dag_id}")
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404 or time.monotonic() > deadline:
+                    errors = self.api("GET", "/importErrors")
+                    raise ProcessError(f"DAG {dag_id} not loaded ({exc.code}); import errors: {errors}") from None
+            time.sleep(2)
+
+    def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
+        run = self.api("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
+        return run["dag_run_id"]
+
+    def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
+        deadline = time.monotonic() + timeout
+        quoted = urllib.parse.quote(run_id, safe="")
+        while True:
+            state = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}")["state"]
+            if state in ("success", "failed"):
+                return state
+            if time.monotonic() > deadline:
+                raise ProcessError(f"run {dag_id}/{run_id} still {state} after {timeout}s")
+            time.sleep(2)
+
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+        quoted = urllib.parse.quote(run_id, safe="")
+        found = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
+        return {ti["task_id"]: ti for ti in found}
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+        quoted = urllib.parse.quote(run_id, safe="")
+        entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}")
+        return entry["value"]
+
+    def stop(self) -> None:
+        _stop(self.proc, timeout=20)
+
+    def __enter__(self) -> AirflowProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
