@@ -1,0 +1,791 @@
+"""The Kubernetes and Istio side of meshwave, on a kubernetes-client `ApiClient` (no Airflow imports).
+
+Airflow tasks build it from `KubernetesHook(conn_id).api_client`, tests from
+`kubernetes.config.new_client_from_config(config_file=...)`. Every write checks before it writes (a retried
+or cleared task is safe), returns a `Change` for the ledger, and honours `dry_run`. Every API failure is a
+`KubeError` naming the cluster, the verb, the object and the API's own Status message.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from decimal import Decimal
+from typing import Any, Literal
+
+import urllib3
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+from kubernetes.utils import parse_quantity
+
+from meshwave.changes import ApiRequest, Change, utc_now
+
+PROXY = "istio-proxy"
+INJECT_LABEL = "sidecar.istio.io/inject"
+NS_INJECT_LABEL = "istio-injection"
+REV_LABEL = "istio.io/rev"
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "meshwave"}
+SIDECAR_RESOURCES = {
+    "cpu": "sidecar.istio.io/proxyCPU",
+    "memory": "sidecar.istio.io/proxyMemory",
+    "cpu_limit": "sidecar.istio.io/proxyCPULimit",
+    "memory_limit": "sidecar.istio.io/proxyMemoryLimit",
+}
+EXCLUDE_INBOUND = "traffic.sidecar.istio.io/excludeInboundPorts"
+EXCLUDE_OUTBOUND = "traffic.sidecar.istio.io/excludeOutboundPorts"
+PA_GROUP, PA_VERSION, PA_PLURAL = "security.istio.io", "v1", "peerauthentications"
+SMP = "application/strategic-merge-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
+MTLS_MODES = ("STRICT", "PERMISSIVE")
+FAILING = ("OOMKilled", "Error", "CrashLoopBackOff")  # most specific first
+STARTING = ("ContainerCreating", "PodInitializing")
+# Labels the ReplicaSet and the injector add to a pod on top of its template.
+ADDED_POD_LABELS = frozenset({"pod-template-hash", "security.istio.io/tlsMode", "service.istio.io/canonical-name",
+                              "service.istio.io/canonical-revision", REV_LABEL})
+
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
+_LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+class KubeError(Exception):
+    """A Kubernetes call that failed; carries the cluster, verb, object and the API's Status."""
+
+    def __init__(self, message: str, *, cluster: str = "", verb: str = "", target: str = "", code: int = 0,
+                 reason: str = "", api_message: str = "") -> None:
+        super().__init__(message)
+        self.cluster, self.verb, self.target = cluster, verb, target
+        self.code, self.reason, self.api_message = code, reason, api_message
+
+
+class ClusterUnreachable(KubeError):
+    """Connection refused, timed out, TLS failure: the API server did not answer."""
+
+
+class NotFound(KubeError):
+    pass
+
+
+class WorkloadNotFound(NotFound):
+    pass
+
+
+class Conflict(KubeError):
+    """409: AlreadyExists on create, stale resourceVersion on update."""
+
+
+class AccessDenied(KubeError):
+    """401/403."""
+
+
+class Rejected(KubeError):
+    """400/415/422: the API refused the request itself (validation, patch type)."""
+
+
+class ServerError(KubeError):
+    """5xx, or an answer that is not what the API promises."""
+
+
+class InjectionBlocked(KubeError):
+    """A label that wins over ours (istio-injection=disabled on the namespace) would prevent injection."""
+
+
+_BY_CODE: dict[int, type[KubeError]] = {404: NotFound, 409: Conflict, 401: AccessDenied, 403: AccessDenied,
+                                        400: Rejected, 415: Rejected, 422: Rejected}
+
+
+def translate(exc: ApiException, cluster: str, verb: str, target: str, server: str = "") -> KubeError:
+    """An ApiException as a KubeError, with the Status message and reason parsed from the body."""
+    code = int(exc.status or 0)
+    if code == 0:  # the client's own transport failures (SSL, bad parameters) come as status 0
+        return ClusterUnreachable(f"cluster {cluster} ({server}): {verb} {target}: {exc.reason}",
+                                  cluster=cluster, verb=verb, target=target, reason=str(exc.reason))
+    status = _status_body(exc.body)
+    reason = str(status.get("reason") or exc.reason or "")
+    api_message = str(status.get("message") or exc.reason or "")
+    kind = _BY_CODE.get(code, ServerError if code >= 500 else KubeError)
+    if status.get("kind") != "Status" and code == 404:  # a proxy or a wrong URL, not "object not found"
+        kind = ServerError
+        api_message += f" (not a Kubernetes Status: is {server or 'the server'} an API server?)"
+    return kind(f"cluster {cluster}: {verb} {target}: {code} {reason}: {api_message}", cluster=cluster, verb=verb,
+                target=target, code=code, reason=reason, api_message=api_message)
+
+
+def _status_body(body: Any) -> dict[str, Any]:
+    if isinstance(body, bytes):
+        body = body.decode("utf-8", "replace")
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        return {"message": str(body)[:300]}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def unreachable_reason(exc: BaseException, timeout: tuple[float, float]) -> str:
+    cause = getattr(exc, "reason", None) or exc  # MaxRetryError wraps the last attempt's error
+    text = str(cause)
+    # NewConnectionError subclasses ConnectTimeoutError in urllib3 2: test for refusal first
+    if "refused" in text.lower():
+        return "connection refused"
+    if isinstance(cause, urllib3.exceptions.NewConnectionError):
+        return text.rsplit(": ", 1)[-1]
+    if isinstance(cause, urllib3.exceptions.ConnectTimeoutError):
+        return f"connect timed out after {timeout[0]:g}s"
+    if isinstance(cause, urllib3.exceptions.ReadTimeoutError):
+        return f"no answer within {timeout[1]:g}s"
+    return text
+
+
+# ---- validation -----------------------------------------------------------------------------------
+def validate_name(value: Any, field_name: str) -> str:
+    """An RFC 1123 label (namespace, workload), checked before any request is built."""
+    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL.match(value):
+        raise ValueError(f"{field_name} {value!r} is not a valid RFC 1123 label (lower case alphanumerics and '-', "
+                         "starting and ending with an alphanumeric, at most 63 characters)")
+    return value
+
+
+def validate_labels(labels: Any, field_name: str) -> dict[str, str]:
+    if not isinstance(labels, dict):
+        raise ValueError(f"{field_name} must be a mapping of label names to values")
+    for key, value in labels.items():
+        prefix, _, name = str(key).rpartition("/") if "/" in str(key) else ("", "", str(key))
+        key_ok = isinstance(key, str) and 0 < len(name) <= 63 and _LABEL_NAME.match(name) \
+            and (not prefix or (len(prefix) <= 253 and _LABEL_PREFIX.match(prefix)))
+        if not key_ok:
+            raise ValueError(f"{field_name}: {key!r} is not a valid label name")
+        if not isinstance(value, str) or len(value) > 63 or not _LABEL_NAME.match(value):
+            raise ValueError(f"{field_name}: value {value!r} of {key} is not a valid label value")
+    return dict(labels)
+
+
+def _quantity(value: Any, field_name: str) -> Decimal:
+    try:
+        return parse_quantity(value)
+    except (ValueError, TypeError):
+        raise ValueError(f"{field_name} {value!r} is not a Kubernetes quantity (e.g. 100m, 128Mi)") from None
+
+
+def _ports(ports: Iterable[int], field_name: str) -> str:
+    values = sorted({int(p) for p in ports})
+    bad = [p for p in values if not 0 < p < 65536]
+    if bad:
+        raise ValueError(f"{field_name}: ports out of range 1-65535: {bad}")
+    return ",".join(str(p) for p in values)
+
+
+# ---- observed state -------------------------------------------------------------------------------
+@dataclass
+class ContainerIssue:
+    container: str
+    reason: str  # OOMKilled / Error (last termination), CrashLoopBackOff, or another waiting reason
+    restarts: int = 0
+    waiting: str | None = None
+
+    @property
+    def failing(self) -> bool:
+        return self.reason in FAILING
+
+    def __str__(self) -> str:
+        extra = [self.waiting] if self.waiting and self.waiting != self.reason else []
+        extra += [f"{self.restarts} restarts"] if self.restarts else []
+        return f"{self.container}: {self.reason}" + (f" ({', '.join(extra)})" if extra else "")
+
+
+@dataclass
+class PodState:
+    name: str
+    current: bool  # created from the deployment's current pod template
+    ready: bool
+    has_proxy: bool
+    proxy_ready: bool
+    phase: str = ""
+    issues: list[ContainerIssue] = field(default_factory=list)
+
+    def failure(self) -> ContainerIssue | None:
+        failing = [i for i in self.issues if i.failing]
+        return min(failing, key=lambda i: FAILING.index(i.reason)) if failing else None
+
+
+@dataclass
+class WorkloadState:
+    cluster: str
+    namespace: str
+    name: str
+    replicas: int
+    generation: int = 0
+    observed_generation: int = 0
+    updated_replicas: int = 0
+    ready_replicas: int = 0
+    available_replicas: int = 0
+    status_replicas: int = 0
+    progressing_status: str | None = None
+    progressing_reason: str | None = None
+    template_labels: dict[str, str] = field(default_factory=dict)
+    template_annotations: dict[str, str] = field(default_factory=dict)
+    app_container: str | None = None
+    memory_limit_bytes: int | None = None
+    memory_request_bytes: int | None = None
+    pods: list[PodState] = field(default_factory=list)
+    resource_version: str | None = None
+
+    @property
+    def pods_total(self) -> int:
+        return len(self.pods)
+
+    @property
+    def pods_ready(self) -> int:
+        return sum(p.ready for p in self.pods)
+
+    @property
+    def pods_with_proxy(self) -> int:
+        return sum(p.has_proxy for p in self.pods)
+
+    @property
+    def proxies_ready(self) -> int:
+        return sum(p.proxy_ready for p in self.pods)
+
+    @property
+    def new_pods(self) -> list[PodState]:
+        return [p for p in self.pods if p.current]
+
+    @property
+    def old_pods(self) -> list[PodState]:
+        return [p for p in self.pods if not p.current]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "pods_total": self.pods_total, "pods_ready": self.pods_ready,
+                "pods_with_proxy": self.pods_with_proxy, "proxies_ready": self.proxies_ready}
+
+
+@dataclass
+class RolloutState:
+    status: Literal["done", "failed", "progressing"]
+    message: str
+    replicas: int = 0
+    updated: int = 0
+    available: int = 0
+    old_pods: int = 0
+    with_proxy: int = 0
+    proxies_ready: int = 0
+    pod: str | None = None
+    container: str | None = None
+    reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.status == "done"
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "failed"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RolloutState:
+        return cls(**data)
+
+
+def assess_rollout(w: WorkloadState, expect_proxy: bool | None = True) -> RolloutState:
+    """Done, failed (with the pod, container and reason) or progressing (with counts). Pure."""
+    counts = {"replicas": w.replicas, "updated": w.updated_replicas, "available": w.available_replicas,
+              "old_pods": len(w.old_pods), "with_proxy": w.pods_with_proxy, "proxies_ready": w.proxies_ready}
+    for pod in w.new_pods:
+        issue = pod.failure()
+        if issue:
+            return RolloutState("failed", f"pod {pod.name} of the new template: container {issue}", **counts,
+                                pod=pod.name, container=issue.container, reason=issue.reason)
+    if w.progressing_status == "False" and w.progressing_reason == "ProgressDeadlineExceeded":
+        return RolloutState("failed", "the deployment exceeded its progress deadline (ProgressDeadlineExceeded)",
+                            **counts, reason="ProgressDeadlineExceeded")
+    if expect_proxy is not None:
+        # Injection happens at pod creation: a new pod with the wrong sidecar state stays wrong.
+        wrong = next((p for p in w.new_pods if p.has_proxy != expect_proxy), None)
+        if wrong:
+            what = "has no istio-proxy (injection did not apply)" if expect_proxy else "still has an istio-proxy"
+            return RolloutState("failed", f"pod {wrong.name} of the new template {what}", **counts, pod=wrong.name,
+                                container=PROXY, reason="ProxyMissing" if expect_proxy else "ProxyPresent")
+    if w.observed_generation < w.generation:
+        return RolloutState("progressing", f"waiting for the deployment controller to observe generation "
+                                           f"{w.generation} (observed {w.observed_generation})", **counts)
+    complete = (w.updated_replicas == w.available_replicas == w.status_replicas == w.replicas == w.pods_total
+                and not w.old_pods)
+    proxies_ok = expect_proxy is not True or w.proxies_ready == w.pods_total
+    if complete and proxies_ok:
+        return RolloutState("done", f"{w.replicas}/{w.replicas} pods updated and available"
+                                    + (f", {w.proxies_ready} proxies ready" if expect_proxy else ""), **counts)
+    return RolloutState("progressing", f"{w.updated_replicas}/{w.replicas} updated, {w.available_replicas}/"
+                                       f"{w.replicas} available, {len(w.old_pods)} old pod(s) left, "
+                                       f"{w.proxies_ready}/{w.pods_total} proxies ready", **counts)
+
+
+def _meta(obj: dict[str, Any]) -> dict[str, Any]:
+    return obj.get("metadata") or {}
+
+
+def _bytes(value: Any) -> int | None:
+    try:
+        return int(parse_quantity(value)) if value is not None else None
+    except (ValueError, TypeError):
+        return None
+
+
+def _container_issue(st: dict[str, Any]) -> ContainerIssue | None:
+    state, last = st.get("state") or {}, st.get("lastState") or {}
+    waiting = (state.get("waiting") or {}).get("reason")
+    terminated = (state.get("terminated") or {}).get("reason") or (last.get("terminated") or {}).get("reason")
+    restarts = int(st.get("restartCount") or 0)
+    for reason in FAILING:
+        if reason in (terminated, waiting):
+            return ContainerIssue(st.get("name", "?"), reason, restarts, waiting)
+    if waiting and waiting not in STARTING:
+        return ContainerIssue(st.get("name", "?"), waiting, restarts, waiting)
+    return None
+
+
+def pod_state(pod: dict[str, Any], current: bool) -> PodState:
+    spec, status = pod.get("spec") or {}, pod.get("status") or {}
+    statuses = (status.get("containerStatuses") or []) + (status.get("initContainerStatuses") or [])
+    containers = (spec.get("containers") or []) + (spec.get("initContainers") or [])  # native sidecars too
+    issues = [i for i in map(_container_issue, statuses) if i]
+    return PodState(
+        name=_meta(pod).get("name", "?"), current=current,
+        ready=any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []),
+        has_proxy=any(c.get("name") == PROXY for c in containers),
+        proxy_ready=any(s.get("name") == PROXY and s.get("ready") for s in statuses),
+        phase=status.get("phase", ""), issues=issues)
+
+
+def matches_template(pod: dict[str, Any], template: dict[str, Any]) -> bool:
+    """Whether a pod was created from this pod template (the lab serves no ReplicaSets to ask).
+
+    Labels must be equal apart from those the ReplicaSet and the injector add; template annotations must be
+    on the pod (admission controllers add others); container images must match.
+    """
+    tmeta, pmeta = template.get("metadata") or {}, _meta(pod)
+    tlabels, plabels = tmeta.get("labels") or {}, pmeta.get("labels") or {}
+    if {k: v for k, v in plabels.items() if k in tlabels or k not in ADDED_POD_LABELS} != tlabels:
+        return False
+    annotations = pmeta.get("annotations") or {}
+    if any(annotations.get(k) != v for k, v in (tmeta.get("annotations") or {}).items()):
+        return False
+    images = {c.get("name"): c.get("image") for c in (pod.get("spec") or {}).get("containers") or []}
+    return all(images.get(c.get("name")) == c.get("image") for c in (template.get("spec") or {}).get("containers", []))
+
+
+def _current_pods(pods: list[dict[str, Any]], template: dict[str, Any]) -> set[str]:
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for pod in pods:
+        key = (_meta(pod).get("labels") or {}).get("pod-template-hash") or _meta(pod).get("name", "")
+        groups.setdefault(key, []).append(pod)
+    matching = [g for g in groups.values() if matches_template(g[0], template)]
+    if not matching:
+        return set()
+    newest = max(matching, key=lambda g: max(_meta(p).get("creationTimestamp") or "" for p in g))
+    return {_meta(p).get("name", "") for p in newest}
+
+
+def workload_state(cluster: str, deployment: dict[str, Any], pods: list[dict[str, Any]]) -> WorkloadState:
+    """A WorkloadState from the API's deployment and pod objects (JSON dicts). Pure."""
+    meta, spec, status = _meta(deployment), deployment.get("spec") or {}, deployment.get("status") or {}
+    template = spec.get("template") or {}
+    tmeta = template.get("metadata") or {}
+    app = next((c for c in (template.get("spec") or {}).get("containers") or [] if c.get("name") != PROXY), {})
+    resources = app.get("resources") or {}
+    progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {})
+    current = _current_pods(pods, template)
+    return WorkloadState(
+        cluster=cluster, namespace=meta.get("namespace", ""), name=meta.get("name", ""),
+        replicas=int(spec.get("replicas", 1)), generation=int(meta.get("generation") or 0),
+        observed_generation=int(status.get("observedGeneration") or 0),
+        updated_replicas=int(status.get("updatedReplicas") or 0), ready_replicas=int(status.get("readyReplicas") or 0),
+        available_replicas=int(status.get("availableReplicas") or 0), status_replicas=int(status.get("replicas") or 0),
+        progressing_status=progressing.get("status"), progressing_reason=progressing.get("reason"),
+        template_labels=dict(tmeta.get("labels") or {}), template_annotations=dict(tmeta.get("annotations") or {}),
+        app_container=app.get("name"), memory_limit_bytes=_bytes((resources.get("limits") or {}).get("memory")),
+        memory_request_bytes=_bytes((resources.get("requests") or {}).get("memory")),
+        pods=[pod_state(p, _meta(p).get("name") in current) for p in pods],
+        resource_version=meta.get("resourceVersion"))
+
+
+def injection_applies(ns_labels: dict[str, str], pod_labels: dict[str, str]) -> bool:
+    """Istio's decision for a new pod: either label saying no wins; `istio-injection` beats `istio.io/rev`."""
+    pod_flag, ns_flag = pod_labels.get(INJECT_LABEL), ns_labels.get(NS_INJECT_LABEL)
+    if pod_flag == "false" or ns_flag == "disabled":
+        return False
+    return ns_flag == "enabled" or REV_LABEL in ns_labels or pod_flag == "true" or REV_LABEL in pod_labels
+
+
+def _oldest(policies: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Istio's tie-break: creation time, then name."""
+    return min(policies, key=lambda p: (_meta(p).get("creationTimestamp") or "", _meta(p).get("name", "")),
+               default=None)
+
+
+def _selectorless(policy: dict[str, Any]) -> bool:
+    """Namespace- or mesh-level, as Istio decides: no selector or an empty matchLabels."""
+    return not ((policy.get("spec") or {}).get("selector") or {}).get("matchLabels")
+
+
+def _mode(policy: dict[str, Any]) -> str:
+    return ((policy.get("spec") or {}).get("mtls") or {}).get("mode") or "UNSET"
+
+
+def label_selector(selector: dict[str, Any]) -> str:
+    parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
+    for expr in selector.get("matchExpressions") or []:
+        key, op, values = expr["key"], expr["operator"], ",".join(expr.get("values") or [])
+        parts.append({"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": key,
+                      "DoesNotExist": f"!{key}"}[op])
+    return ",".join(parts)
+
+
+def policy_name(workload: str) -> str:
+    return f"meshwave-{workload}"
+
+
+# ---- the cluster ----------------------------------------------------------------------------------
+class MeshKube:
+    """One cluster, through a kubernetes-client ApiClient."""
+
+    def __init__(self, api_client: client.ApiClient, cluster: str, root_namespace: str = "istio-system",
+                 dry_run: bool = False, *, connect_timeout: float = 3.0, read_timeout: float = 15.0) -> None:
+        self.cluster = cluster
+        self.root_namespace = validate_name(root_namespace, "root_namespace")
+        self.dry_run = dry_run
+        self.server = getattr(api_client.configuration, "host", "")
+        self.timeout = (connect_timeout, read_timeout)
+        self.core = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.api_client = api_client
+
+    # ---- transport ---------------------------------------------------------------------------------
+    def _call(self, verb: str, target: str, fn: Callable[..., Any], *args: Any,
+              timeout: tuple[float, float] | None = None, **kwargs: Any) -> dict[str, Any]:
+        timeout = timeout or self.timeout
+        try:
+            resp = fn(*args, _preload_content=False, _request_timeout=timeout, **kwargs)
+            data = resp.data
+        except ApiException as exc:
+            raise translate(exc, self.cluster, verb, target, self.server) from None
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise ClusterUnreachable(f"cluster {self.cluster} ({self.server}): {unreachable_reason(exc, timeout)}",
+                                     cluster=self.cluster, verb=verb, target=target) from None
+        try:
+            return json.loads(data) if data else {}
+        except ValueError:
+            raise ServerError(f"cluster {self.cluster}: {verb} {target}: the answer is not JSON: {data[:200]!r}",
+                              cluster=self.cluster, verb=verb, target=target) from None
+
+    def _send(self, change: Change, call: Callable[[], dict[str, Any]]) -> Change:
+        """Perform the change's request, or in dry run describe it and write nothing."""
+        assert change.request is not None
+        if self.dry_run:
+            change.dry_run = True
+            change.reason = f"dry run: would {change.request.describe()}; {change.reason}"
+            return change
+        obj = call()
+        change.applied = True
+        change.resource_version = _meta(obj).get("resourceVersion")
+        change.timestamp = utc_now()
+        return change
+
+    def _noop(self, action: str, target: str, state: Any, reason: str) -> Change:
+        return Change(self.cluster, action, target, before=state, after=state, reason=reason,
+                      dry_run=self.dry_run)
+
+    # ---- reads -------------------------------------------------------------------------------------
+    def ping(self) -> str:
+        """The server's version; fails fast with ClusterUnreachable."""
+        # kubectl's path; VersionApi.get_code asks for "/version/", which the lab does not serve
+        info = self._call("GET", "/version", self.api_client.call_api, "/version", "GET", auth_settings=["BearerToken"],
+                          header_params={"Accept": "application/json"}, _return_http_data_only=True,
+                          timeout=(self.timeout[0], 5.0))
+        return str(info.get("gitVersion") or "unknown")
+
+    def namespace(self, ns: str) -> dict[str, Any]:
+        validate_name(ns, "namespace")
+        return self._call("GET", f"namespace {ns}", self.core.read_namespace, ns)
+
+    def _deployment(self, ns: str, name: str) -> dict[str, Any]:
+        validate_name(ns, "namespace")
+        validate_name(name, "workload")
+        try:
+            return self._call("GET", f"deployment {ns}/{name}", self.apps.read_namespaced_deployment, name, ns)
+        except NotFound as exc:
+            raise WorkloadNotFound(f"cluster {self.cluster}: deployment {ns}/{name} not found ({exc.api_message})",
+                                   cluster=self.cluster, verb="GET", target=f"deployment {ns}/{name}", code=404,
+                                   reason=exc.reason, api_message=exc.api_message) from None
+
+    def _pods_of(self, deployment: dict[str, Any]) -> list[dict[str, Any]]:
+        meta = _meta(deployment)
+        ns, name = meta["namespace"], meta["name"]
+        selector = label_selector((deployment.get("spec") or {}).get("selector") or {})
+        found = self._call("LIST", f"pods {ns} ({selector})", self.core.list_namespaced_pod, ns,
+                           label_selector=selector).get("items", [])
+        return [p for p in found if _owned_by(p, name)]
+
+    def workload(self, ns: str, name: str) -> WorkloadState:
+        deployment = self._deployment(ns, name)
+        return workload_state(self.cluster, deployment, self._pods_of(deployment))
+
+    def rollout(self, ns: str, name: str, expect_proxy: bool | None = True) -> RolloutState:
+        return assess_rollout(self.workload(ns, name), expect_proxy)
+
+    def _deployment_names(self, ns: str) -> list[str]:
+        items = self._call("LIST", f"deployments {ns}", self.apps.list_namespaced_deployment, ns).get("items", [])
+        return sorted(_meta(d).get("name", "") for d in items)
+
+    def _policies(self, ns: str) -> list[dict[str, Any]]:
+        return self._call("LIST", f"peerauthentications {ns}", self.custom.list_namespaced_custom_object,
+                          PA_GROUP, PA_VERSION, ns, PA_PLURAL).get("items", [])
+
+    def mesh_wide_mtls(self) -> str | None:
+        """Mode of the mesh-wide policy (root namespace, no selector, oldest wins); no mode means PERMISSIVE."""
+        policy = _oldest([p for p in self._policies(self.root_namespace) if _selectorless(p)])
+        if policy is None:
+            return None
+        mode = _mode(policy)
+        return "PERMISSIVE" if mode == "UNSET" else mode
+
+    def namespace_mtls(self, ns: str) -> str | None:
+        """Mode of the namespace-wide policy (no selector, oldest wins); UNSET means it inherits the mesh's."""
+        validate_name(ns, "namespace")
+        policy = _oldest([p for p in self._policies(ns) if _selectorless(p)])
+        return _mode(policy) if policy else None
+
+    def _get_policy(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._call("GET", f"peerauthentication {ns}/{name}", self.custom.get_namespaced_custom_object,
+                              PA_GROUP, PA_VERSION, ns, PA_PLURAL, name)
+        except NotFound:
+            return None
+
+    def current_mtls(self, ns: str, workload: str) -> str | None:
+        """Mode of meshwave's own policy for the workload, None when there is none."""
+        validate_name(ns, "namespace")
+        validate_name(workload, "workload")
+        policy = self._get_policy(ns, policy_name(workload))
+        return _mode(policy) if policy else None
+
+    # ---- pod template writes -----------------------------------------------------------------------
+    def _patch_template(self, w: WorkloadState, action: str, reason: str, *, labels: dict[str, Any] | None = None,
+                        annotations: dict[str, Any] | None = None) -> Change:
+        meta: dict[str, Any] = {}
+        before: dict[str, Any] = {}
+        if labels:
+            meta["labels"] = labels
+            before.update({k: w.template_labels.get(k) for k in labels})
+        if annotations:
+            meta["annotations"] = annotations
+            before.update({k: w.template_annotations.get(k) for k in annotations})
+        body = {"spec": {"template": {"metadata": meta}}}
+        target = f"deployment {w.namespace}/{w.name}"
+        request = ApiRequest("PATCH", f"/apis/apps/v1/namespaces/{w.namespace}/deployments/{w.name}", SMP, body)
+        change = Change(self.cluster, action, target, before, {**(labels or {}), **(annotations or {})}, request,
+                        reason=reason)
+        call = functools.partial(self._call, "PATCH", target, self.apps.patch_namespaced_deployment, w.name,
+                                 w.namespace, body, _content_type=SMP)
+        return self._send(change, call)
+
+    def _restart(self, w: WorkloadState, reason: str) -> Change:
+        """What `kubectl rollout restart` sends: a strategic merge patch of the restartedAt annotation."""
+        return self._patch_template(w, "restart", reason, annotations={RESTARTED_AT: utc_now()})
+
+    def _restart_if_needed(self, w: WorkloadState, want_proxy: bool, done_reason: str) -> Change:
+        target = f"deployment {w.namespace}/{w.name}"
+        wrong = [p.name for p in w.pods if p.has_proxy != want_proxy]
+        state = {"pods": w.pods_total, "with_proxy": w.pods_with_proxy}
+        if not wrong:
+            return self._noop("restart", target, state, done_reason)
+        rollout = assess_rollout(w, expect_proxy=None)
+        lacking = "lack an istio-proxy" if want_proxy else "still have an istio-proxy"
+        if not rollout.done:
+            return self._noop("restart", target, state, f"{len(wrong)} pod(s) {lacking} but the rollout is "
+                                                        f"{rollout.status} ({rollout.message}): not restarting")
+        return self._restart(w, f"{len(wrong)}/{w.pods_total} pod(s) {lacking} and no rollout is in progress: "
+                                f"restarting once")
+
+    def ensure_sidecar_resources(self, ns: str, name: str, cpu: str | None = None, memory: str | None = None,
+                                 cpu_limit: str | None = None, memory_limit: str | None = None) -> Change:
+        """Pod template annotations sizing the sidecar (take effect when pods are recreated)."""
+        given = {"cpu": cpu, "memory": memory, "cpu_limit": cpu_limit, "memory_limit": memory_limit}
+        wanted = {SIDECAR_RESOURCES[k]: str(v) for k, v in given.items() if v is not None}
+        if not wanted:
+            raise ValueError("ensure_sidecar_resources: give at least one of cpu, memory, cpu_limit, memory_limit")
+        for key, value in given.items():
+            if value is not None:
+                _quantity(value, key)
+        w = self.workload(ns, name)
+        effective = {**w.template_annotations, **wanted}
+        for request, limit in (("cpu", "cpu_limit"), ("memory", "memory_limit")):
+            req, lim = effective.get(SIDECAR_RESOURCES[request]), effective.get(SIDECAR_RESOURCES[limit])
+            if req is not None and lim is not None and _quantity(req, request) > _quantity(lim, limit):
+                raise ValueError(f"sidecar {request} request {req} is above its limit {lim}: pods would be refused")
+        if all(w.template_annotations.get(k) == v for k, v in wanted.items()):
+            return self._noop("set-sidecar-resources", f"deployment {ns}/{name}", wanted, "already set")
+        return self._patch_template(w, "set-sidecar-resources", "sidecar resource annotations; the template change "
+                                    "recreates the pods", annotations=wanted)
+
+    def ensure_exclusions(self, ns: str, name: str, inbound_ports: Iterable[int] | None = None,
+                          outbound_ports: Iterable[int] | None = None) -> Change:
+        """Ports whose traffic bypasses Envoy; None leaves a direction alone, an empty list clears it."""
+        wanted: dict[str, str | None] = {}
+        for key, ports in ((EXCLUDE_INBOUND, inbound_ports), (EXCLUDE_OUTBOUND, outbound_ports)):
+            if ports is not None:
+                wanted[key] = _ports(ports, key) or None
+        if not wanted:
+            raise ValueError("ensure_exclusions: give inbound_ports and/or outbound_ports")
+        w = self.workload(ns, name)
+        if all(w.template_annotations.get(k) == v for k, v in wanted.items()):
+            return self._noop("set-exclusions", f"deployment {ns}/{name}", wanted, "already set")
+        return self._patch_template(w, "set-exclusions", "traffic exclusion annotations; the template change "
+                                    "recreates the pods", annotations=wanted)
+
+    # ---- injection ---------------------------------------------------------------------------------
+    def ensure_injected(self, ns: str, name: str, mode: Literal["workload", "namespace"]) -> list[Change]:
+        """Workload mode: pod template label inject=true. Namespace mode: label the namespace, then restart.
+
+        Writes nothing when every pod already has a proxy; restarts once when the labels are right but pods
+        lack proxies and no rollout is in progress; raises InjectionBlocked if the namespace disables injection.
+        """
+        if mode not in ("workload", "namespace"):
+            raise ValueError(f"mode must be 'workload' or 'namespace', not {mode!r}")
+        validate_name(ns, "namespace")
+        validate_name(name, "workload")
+        ns_labels = _meta(self.namespace(ns)).get("labels") or {}
+        if ns_labels.get(NS_INJECT_LABEL) == "disabled":
+            raise InjectionBlocked(
+                f"cluster {self.cluster}: namespace {ns} is labelled {NS_INJECT_LABEL}=disabled, which beats the pod "
+                f"label {INJECT_LABEL}=true: deployment {ns}/{name} would get no sidecar. Change the namespace label "
+                f"first (it affects every workload in {ns}).",
+                cluster=self.cluster, verb="PATCH", target=f"deployment {ns}/{name}")
+        w = self.workload(ns, name)
+        if mode == "workload":
+            return [self._inject_workload(w, ns_labels)]
+        return self._inject_namespace(w, ns_labels)
+
+    def _inject_workload(self, w: WorkloadState, ns_labels: dict[str, str]) -> Change:
+        label = w.template_labels.get(INJECT_LABEL)
+        if label != "true":
+            if w.pods_total == w.pods_with_proxy and injection_applies(ns_labels, w.template_labels):
+                return self._noop("label-workload", f"deployment {w.namespace}/{w.name}", {INJECT_LABEL: label},
+                                  "already injected (by the namespace label)")
+            return self._patch_template(w, "label-workload", f"pod template label {INJECT_LABEL}=true; the template "
+                                        "change rolls the pods", labels={INJECT_LABEL: "true"})
+        return self._restart_if_needed(w, True, "already injected")
+
+    def _inject_namespace(self, w: WorkloadState, ns_labels: dict[str, str]) -> list[Change]:
+        ns = w.namespace
+        current = ns_labels.get(NS_INJECT_LABEL)
+        if current == "enabled":
+            first = self._noop("label-namespace", f"namespace {ns}", {NS_INJECT_LABEL: current},
+                               f"already labelled {NS_INJECT_LABEL}=enabled")
+        else:
+            others = [d for d in self._deployment_names(ns) if d != w.name]
+            first = self._label_namespace(ns, current, others)
+        if w.template_labels.get(INJECT_LABEL) == "false":
+            # The pod label "false" (e.g. an earlier rollback) beats the namespace label: drop it.
+            return [first, self._patch_template(w, "label-workload", f"removed pod template label {INJECT_LABEL}="
+                                                "false so the namespace label applies; the template change rolls "
+                                                "the pods", labels={INJECT_LABEL: None})]
+        return [first, self._restart_if_needed(w, True, "already injected")]
+
+    def _label_namespace(self, ns: str, current: str | None, others: list[str]) -> Change:
+        body = {"metadata": {"labels": {NS_INJECT_LABEL: "enabled"}}}
+        shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
+        reason = (f"namespace {ns} labelled {NS_INJECT_LABEL}=enabled: EVERY workload in it gets a sidecar on its "
+                  f"next restart" + (f" (also {shown})" if others else ""))
+        change = Change(self.cluster, "label-namespace", f"namespace {ns}", {NS_INJECT_LABEL: current},
+                        {NS_INJECT_LABEL: "enabled"}, ApiRequest("PATCH", f"/api/v1/namespaces/{ns}", MERGE_PATCH,
+                                                                 body), reason=reason)
+        call = functools.partial(self._call, "PATCH", f"namespace {ns}", self.core.patch_namespace, ns, body,
+                                 _content_type=MERGE_PATCH)
+        return self._send(change, call)
+
+    def remove_injection(self, ns: str, name: str) -> list[Change]:
+        """Rollback: pod label sidecar.istio.io/inject=false (beats the namespace label) and new pods."""
+        w = self.workload(ns, name)
+        if w.template_labels.get(INJECT_LABEL) != "false":
+            return [self._patch_template(w, "remove-injection", f"pod template label {INJECT_LABEL}=false (beats the "
+                                         "namespace label); the template change rolls the pods",
+                                         labels={INJECT_LABEL: "false"})]
+        return [self._restart_if_needed(w, False, "injection already removed")]
+
+    # ---- mTLS --------------------------------------------------------------------------------------
+    def ensure_mtls(self, ns: str, workload: str, selector_labels: dict[str, str],
+                    mode: Literal["STRICT", "PERMISSIVE"]) -> Change:
+        """A workload-selector PeerAuthentication `meshwave-<workload>` in `mode`; never namespace/mesh-wide."""
+        validate_name(ns, "namespace")
+        validate_name(workload, "workload")
+        if mode not in MTLS_MODES:
+            raise ValueError(f"mode must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
+        if not selector_labels:
+            raise ValueError(f"ensure_mtls({ns}/{workload}, {mode}): selector_labels is empty; a policy without a "
+                             "selector is namespace- or mesh-wide, which meshwave never writes"
+                             + (" (STRICT would reject every caller without a sidecar)" if mode == "STRICT" else ""))
+        selector = validate_labels(selector_labels, "selector_labels")
+        if ns == self.root_namespace:
+            raise ValueError(f"Istio ignores selector policies in the root namespace {ns}")
+        retried: set[str] = set()
+        while True:
+            change = self._plan_mtls(ns, policy_name(workload), self._get_policy(ns, policy_name(workload)),
+                                     selector, mode)
+            if change.request is None:
+                return change
+            try:
+                return self._send(change, functools.partial(self._write_policy, ns, policy_name(workload), change))
+            except Conflict:
+                if change.request.verb in retried:  # someone else keeps writing it: give up, loudly
+                    raise
+                retried.add(change.request.verb)
+
+    def _plan_mtls(self, ns: str, name: str, current: dict[str, Any] | None, selector: dict[str, str],
+                   mode: str) -> Change:
+        target = f"peerauthentication {ns}/{name}"
+        after = {"mode": mode, "selector": selector}
+        if current is None:
+            body = {"apiVersion": f"{PA_GROUP}/{PA_VERSION}", "kind": "PeerAuthentication",
+                    "metadata": {"name": name, "namespace": ns, "labels": dict(MANAGED_BY)},
+                    "spec": {"selector": {"matchLabels": selector}, "mtls": {"mode": mode}}}
+            request = ApiRequest("POST", f"/apis/{PA_GROUP}/{PA_VERSION}/namespaces/{ns}/{PA_PLURAL}",
+                                 "application/json", body)
+            return Change(self.cluster, "set-mtls", target, None, after, request, reason=f"create {mode} policy")
+        spec = current.get("spec") or {}
+        old_selector = (spec.get("selector") or {}).get("matchLabels") or {}
+        before = {"mode": _mode(current), "selector": old_selector}
+        if before == after:
+            return self._noop("set-mtls", target, before, f"already {mode}")
+        match = {**selector, **{k: None for k in old_selector if k not in selector}}  # merge patch: null deletes
+        body = {"metadata": {"resourceVersion": _meta(current).get("resourceVersion"), "labels": dict(MANAGED_BY)},
+                "spec": {"selector": {"matchLabels": match}, "mtls": {"mode": mode}}}
+        request = ApiRequest("PATCH", f"/apis/{PA_GROUP}/{PA_VERSION}/namespaces/{ns}/{PA_PLURAL}/{name}",
+                             MERGE_PATCH, body)
+        return Change(self.cluster, "set-mtls", target, before, after, request,
+                      reason=f"{before['mode']} -> {mode}")
+
+    def _write_policy(self, ns: str, name: str, change: Change) -> dict[str, Any]:
+        assert change.request is not None
+        body = change.request.body
+        if change.request.verb == "POST":
+            return self._call("POST", change.target, self.custom.create_namespaced_custom_object, PA_GROUP,
+                              PA_VERSION, ns, PA_PLURAL, body)
+        return self._call("PATCH", change.target, self.custom.patch_namespaced_custom_object, PA_GROUP, PA_VERSION,
+                          ns, PA_PLURAL, name, body, _content_type=MERGE_PATCH)
+
+
+def _owned_by(pod: dict[str, Any], deployment: str) -> bool:
+    """The selector may match other deployments' pods: keep those whose ReplicaSet is this deployment's."""
+    owners = [o for o in _meta(pod).get("ownerReferences") or [] if o.get("kind") == "ReplicaSet"]
+    pod_hash = (_meta(pod).get("labels") or {}).get("pod-template-hash")
+    if not owners or not pod_hash:
+        return True
+    return any(o.get("name") == f"{deployment}-{pod_hash}" for o in owners)

@@ -1,0 +1,296 @@
+"""meshwave.kube against the lab (include/lab/small.yaml): injection, rollouts, rollback, mTLS, dry run, errors.
+
+The module lab is shared by tests that touch disjoint workloads and never label the shop namespace; namespace
+mode and the stopped lab get labs of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client, config
+
+from meshlab.process import LabProcess
+from meshwave.kube import (
+    PA_GROUP,
+    PA_PLURAL,
+    PA_VERSION,
+    ClusterUnreachable,
+    InjectionBlocked,
+    MeshKube,
+    NotFound,
+    Rejected,
+    RolloutState,
+    WorkloadNotFound,
+)
+from tests.conftest import SMALL, eventually
+
+pytestmark = pytest.mark.component
+
+MI = 2**20
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabProcess]:
+    with LabProcess(SMALL, tmp_path_factory.mktemp("lab")) as running:
+        yield running
+
+
+def api_client(lab: LabProcess) -> client.ApiClient:
+    return config.new_client_from_config(config_file=lab.kubeconfig())
+
+
+@pytest.fixture
+def kube(lab: LabProcess) -> MeshKube:
+    return MeshKube(api_client(lab), "lab")
+
+
+def settle(kube: MeshKube, ns: str, name: str, expect_proxy: bool | None, timeout: float = 30) -> RolloutState:
+    """Poll the rollout until it is done or failed."""
+    def finished() -> RolloutState | None:
+        verdict = kube.rollout(ns, name, expect_proxy)
+        return None if verdict.status == "progressing" else verdict
+    return eventually(finished, timeout=timeout, interval=0.25, what=f"rollout of {ns}/{name}")  # type: ignore[return-value]
+
+
+def raw_deployment(kube: MeshKube, ns: str, name: str) -> dict[str, Any]:
+    return json.loads(kube.apps.read_namespaced_deployment(name, ns, _preload_content=False).data)
+
+
+def test_hook_api_client_reads_the_workload(lab: LabProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    monkeypatch.setenv("AIRFLOW_CONN_K8S_LAB", json.dumps(
+        {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig()}}))
+    kube = MeshKube(KubernetesHook(conn_id="k8s_lab").api_client, "lab")
+    assert kube.ping() == "v1.32.0-meshlab"
+    user = kube.workload("shop", "user")
+    assert (user.replicas, user.app_container, user.memory_limit_bytes, user.memory_request_bytes) == (
+        2, "user", 512 * MI, 256 * MI)
+    assert (user.pods_total, user.pods_ready, user.pods_with_proxy) == (2, 2, 0)
+    assert user.generation == user.observed_generation and len(user.new_pods) == 2
+    assert user.template_labels == {"app": "user", "version": "v1"}
+
+
+def test_workload_mode_injects_and_a_second_run_changes_nothing(kube: MeshKube) -> None:
+    [change] = kube.ensure_injected("shop", "auth", "workload")
+    assert change.applied and change.action == "label-workload" and change.target == "deployment shop/auth"
+    assert change.request is not None and (change.request.verb, change.request.path, change.request.content_type) == (
+        "PATCH", "/apis/apps/v1/namespaces/shop/deployments/auth", "application/strategic-merge-patch+json")
+    assert change.request.body == {"spec": {"template": {"metadata": {"labels": {"sidecar.istio.io/inject": "true"}}}}}
+    assert (change.before, change.after) == ({"sidecar.istio.io/inject": None}, {"sidecar.istio.io/inject": "true"})
+    verdict = settle(kube, "shop", "auth", expect_proxy=True)
+    assert verdict.done, verdict
+    assert (verdict.with_proxy, verdict.proxies_ready) == (2, 2)
+    generation = raw_deployment(kube, "shop", "auth")["metadata"]["generation"]
+    again = kube.ensure_injected("shop", "auth", "workload")
+    assert not any(c.applied for c in again) and again[0].reason == "already injected"
+    assert raw_deployment(kube, "shop", "auth")["metadata"]["generation"] == generation
+
+
+def test_undersized_payment_fails_fast_then_rollback_removes_the_sidecars(kube: MeshKube) -> None:
+    started = time.monotonic()
+    assert kube.ensure_injected("shop", "payment", "workload")[0].applied
+    verdict = settle(kube, "shop", "payment", expect_proxy=True, timeout=20)
+    elapsed = time.monotonic() - started
+    assert verdict.failed and verdict.reason == "OOMKilled", verdict
+    assert verdict.pod and verdict.pod.startswith("payment-") and verdict.container == "payment"
+    assert elapsed < 15, f"OOM seen after {elapsed:.1f}s; the lab's progress deadline is 600s"
+    # A retried inject must not restart a rollout that has failed.
+    retry = kube.ensure_injected("shop", "payment", "workload")
+    assert not any(c.applied for c in retry) and "failed" in retry[0].reason
+
+    [rollback] = kube.remove_injection("shop", "payment")
+    assert rollback.applied and rollback.action == "remove-injection"
+    assert rollback.after == {"sidecar.istio.io/inject": "false"}
+    verdict = settle(kube, "shop", "payment", expect_proxy=False)
+    assert verdict.done, verdict
+    payment = kube.workload("shop", "payment")
+    assert payment.pods_total == 2 and payment.pods_with_proxy == 0 and payment.pods_ready == 2
+    again = kube.remove_injection("shop", "payment")
+    assert not any(c.applied for c in again) and again[0].reason == "injection already removed"
+
+
+def test_sidecar_resources_and_exclusions_are_idempotent(kube: MeshKube) -> None:
+    sized = kube.ensure_sidecar_resources("shop", "ledger", memory="64Mi", memory_limit="256Mi", cpu="50m")
+    assert sized.applied and sized.after == {"sidecar.istio.io/proxyCPU": "50m", "sidecar.istio.io/proxyMemory": "64Mi",
+                                             "sidecar.istio.io/proxyMemoryLimit": "256Mi"}
+    assert not kube.ensure_sidecar_resources("shop", "ledger", memory="64Mi", memory_limit="256Mi").applied
+    with pytest.raises(ValueError, match="above its limit"):
+        kube.ensure_sidecar_resources("shop", "ledger", memory="512Mi")
+    excluded = kube.ensure_exclusions("shop", "ledger", inbound_ports=[5432, 3306], outbound_ports=[3306])
+    assert excluded.applied
+    assert not kube.ensure_exclusions("shop", "ledger", inbound_ports=[3306, 5432]).applied
+    annotations = kube.workload("shop", "ledger").template_annotations
+    assert annotations["traffic.sidecar.istio.io/excludeInboundPorts"] == "3306,5432"
+    assert annotations["traffic.sidecar.istio.io/excludeOutboundPorts"] == "3306"
+    assert annotations["sidecar.istio.io/proxyMemoryLimit"] == "256Mi"
+    cleared = kube.ensure_exclusions("shop", "ledger", outbound_ports=[])
+    assert cleared.applied
+    assert "traffic.sidecar.istio.io/excludeOutboundPorts" not in kube.workload("shop", "ledger").template_annotations
+    assert settle(kube, "shop", "ledger", expect_proxy=False).done
+
+
+def test_mtls_strict_is_idempotent_then_permissive(kube: MeshKube) -> None:
+    assert kube.current_mtls("shop", "auth") is None
+    created = kube.ensure_mtls("shop", "auth", {"app": "auth"}, "STRICT")
+    assert created.applied and created.request is not None and created.request.verb == "POST"
+    policy = kube.custom.get_namespaced_custom_object(PA_GROUP, PA_VERSION, "shop", PA_PLURAL, "meshwave-auth")
+    assert policy["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "meshwave"}
+    assert policy["spec"] == {"selector": {"matchLabels": {"app": "auth"}}, "mtls": {"mode": "STRICT"}}
+    assert kube.current_mtls("shop", "auth") == "STRICT"
+    again = kube.ensure_mtls("shop", "auth", {"app": "auth"}, "STRICT")
+    assert not again.applied and again.reason == "already STRICT"
+    back = kube.ensure_mtls("shop", "auth", {"app": "auth"}, "PERMISSIVE")
+    assert back.applied and back.before == {"mode": "STRICT", "selector": {"app": "auth"}}
+    assert back.request is not None and back.request.content_type == "application/merge-patch+json"
+    assert kube.current_mtls("shop", "auth") == "PERMISSIVE"
+
+
+def test_strict_without_a_selector_is_refused_and_writes_nothing(kube: MeshKube) -> None:
+    with pytest.raises(ValueError, match="selector_labels is empty"):
+        kube.ensure_mtls("shop", "user", {}, "STRICT")
+    assert kube.current_mtls("shop", "user") is None
+    assert kube.namespace_mtls("shop") is None
+
+
+def test_mtls_conflicts_are_retried(kube: MeshKube, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = kube.ensure_mtls("shop", "ledger", {"app": "ledger"}, "PERMISSIVE")
+    stale = kube._get_policy("shop", "meshwave-ledger")
+    kube.custom.patch_namespaced_custom_object(PA_GROUP, PA_VERSION, "shop", PA_PLURAL, "meshwave-ledger",
+                                               {"metadata": {"annotations": {"touched": "by someone else"}}})
+    reads: list[str] = []
+    real_get = kube._get_policy
+
+    def stale_once(ns: str, name: str) -> dict[str, Any] | None:
+        reads.append(name)
+        return copy.deepcopy(stale) if len(reads) == 1 else real_get(ns, name)
+
+    monkeypatch.setattr(kube, "_get_policy", stale_once)
+    patched = kube.ensure_mtls("shop", "ledger", {"app": "ledger"}, "STRICT")  # 409 on the stale version, retried
+    assert first.applied and patched.applied and len(reads) == 2
+    assert kube.current_mtls("shop", "ledger") == "STRICT"
+
+    reads.clear()
+    monkeypatch.setattr(kube, "_get_policy", lambda ns, name: reads.append(name) or (
+        None if len(reads) == 1 else real_get(ns, name)))
+    adopted = kube.ensure_mtls("shop", "ledger", {"app": "ledger"}, "PERMISSIVE")  # 409 AlreadyExists on create
+    assert adopted.applied and adopted.request is not None and adopted.request.verb == "PATCH"
+    assert kube.current_mtls("shop", "ledger") == "PERMISSIVE"
+
+
+def versions(kube: MeshKube, workload: str) -> dict[str, Any]:
+    ns = json.loads(kube.core.read_namespace("shop", _preload_content=False).data)
+    policies = kube.custom.list_namespaced_custom_object(PA_GROUP, PA_VERSION, "shop", PA_PLURAL)["items"]
+    return {"namespace": ns["metadata"]["resourceVersion"],
+            "deployment": raw_deployment(kube, "shop", workload)["metadata"]["resourceVersion"],
+            "policies": sorted(p["metadata"]["name"] for p in policies)}
+
+
+def test_dry_run_writes_nothing(lab: LabProcess, kube: MeshKube) -> None:
+    before = versions(kube, "user")
+    dry = MeshKube(api_client(lab), "lab", dry_run=True)
+    changes = [*dry.ensure_injected("shop", "user", "workload"), *dry.ensure_injected("shop", "user", "namespace"),
+               *dry.remove_injection("shop", "user"), dry.ensure_sidecar_resources("shop", "user", memory="200Mi"),
+               dry.ensure_exclusions("shop", "user", inbound_ports=[9090]),
+               dry.ensure_mtls("shop", "user", {"app": "user"}, "STRICT")]
+    assert [c.action for c in changes] == ["label-workload", "label-namespace", "restart", "remove-injection",
+                                           "set-sidecar-resources", "set-exclusions", "set-mtls"]
+    for change in changes:
+        assert change.dry_run and not change.applied and change.request is not None, change
+        assert change.reason.startswith(f"dry run: would {change.request.verb} /"), change.reason
+    assert changes[1].request.body == {"metadata": {"labels": {"istio-injection": "enabled"}}}  # type: ignore[union-attr]
+    assert "EVERY workload" in changes[1].reason
+    restart = changes[2].request.body["spec"]["template"]["metadata"]["annotations"]  # type: ignore[union-attr]
+    assert list(restart) == ["kubectl.kubernetes.io/restartedAt"]
+    assert versions(kube, "user") == before
+
+
+def test_mesh_wide_and_namespace_mtls(kube: MeshKube) -> None:
+    def policy(ns: str, name: str, mode: str | None, selector: dict[str, str] | None = None) -> dict[str, Any]:
+        spec: dict[str, Any] = {"mtls": {"mode": mode}} if mode else {}
+        if selector:
+            spec["selector"] = {"matchLabels": selector}
+        return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                "metadata": {"name": name, "namespace": ns}, "spec": spec}
+
+    create = kube.custom.create_namespaced_custom_object
+    assert kube.mesh_wide_mtls() is None
+    create(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, policy("istio-system", "workload-only", "DISABLE",
+                                                                     {"app": "istiod"}))
+    assert kube.mesh_wide_mtls() is None  # a selector policy is not mesh-wide
+    create(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, policy("istio-system", "zz-default", "STRICT"))
+    time.sleep(1.1)  # creationTimestamp has second resolution
+    create(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, policy("istio-system", "aa-newer", "PERMISSIVE"))
+    try:
+        assert kube.mesh_wide_mtls() == "STRICT"  # the oldest wins, not the first by name
+    finally:
+        for name in ("workload-only", "zz-default", "aa-newer"):
+            kube.custom.delete_namespaced_custom_object(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, name)
+    kube.core.create_namespace({"metadata": {"name": "scratch"}})
+    create(PA_GROUP, PA_VERSION, "scratch", PA_PLURAL, policy("scratch", "default", None))
+    assert kube.namespace_mtls("scratch") == "UNSET"
+    assert kube.mesh_wide_mtls() is None
+
+
+def test_disabled_namespace_blocks_injection(kube: MeshKube) -> None:
+    kube.core.create_namespace({"metadata": {"name": "vault", "labels": {"istio-injection": "disabled"}}})
+    kube.apps.create_namespaced_deployment("vault", {
+        "metadata": {"name": "vault"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "vault"}}, "template": {
+            "metadata": {"labels": {"app": "vault"}}, "spec": {"containers": [{"name": "vault", "image": "v:1"}]}}}})
+    for mode in ("workload", "namespace"):
+        with pytest.raises(InjectionBlocked, match="namespace vault is labelled istio-injection=disabled"):
+            kube.ensure_injected("vault", "vault", mode)  # type: ignore[arg-type]
+    assert raw_deployment(kube, "vault", "vault")["metadata"]["generation"] == 1
+
+
+def test_missing_objects_and_api_errors_are_kube_errors(kube: MeshKube) -> None:
+    with pytest.raises(WorkloadNotFound, match=r"cluster lab: deployment shop/nope not found"):
+        kube.workload("shop", "nope")
+    with pytest.raises(WorkloadNotFound):
+        kube.rollout("shop", "nope")
+    with pytest.raises(NotFound, match='namespace nowhere.*namespaces "nowhere" not found'):
+        kube.ensure_injected("nowhere", "auth", "workload")
+    with pytest.raises(Rejected, match="415 UnsupportedMediaType: strategic merge patch format is not supported"):
+        kube._call("PATCH", "peerauthentication shop/meshwave-auth", kube.custom.patch_namespaced_custom_object,
+                   PA_GROUP, PA_VERSION, "shop", PA_PLURAL, "meshwave-auth", {"spec": {}},
+                   _content_type="application/strategic-merge-patch+json")
+
+
+def test_namespace_mode_labels_the_namespace_and_restarts(tmp_path: Path) -> None:
+    with LabProcess(SMALL, tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "lab")
+        label, restart = kube.ensure_injected("shop", "user", "namespace")
+        assert label.applied and label.action == "label-namespace" and label.after == {"istio-injection": "enabled"}
+        assert "EVERY workload" in label.reason and "auth" in label.reason and "payment" in label.reason
+        assert restart.applied and restart.action == "restart" and restart.request is not None
+        assert restart.request.content_type == "application/strategic-merge-patch+json"
+        assert settle(kube, "shop", "user", expect_proxy=True).done
+        assert kube.workload("shop", "auth").pods_with_proxy == 0  # the others wait for their next restart
+        assert not any(c.applied for c in kube.ensure_injected("shop", "user", "namespace"))
+
+        kube.remove_injection("shop", "user")  # the pod label "false" beats the namespace label
+        assert settle(kube, "shop", "user", expect_proxy=False).done
+        label, relabel = kube.ensure_injected("shop", "user", "namespace")  # a retry after the rollback
+        assert not label.applied and relabel.applied and relabel.after == {"sidecar.istio.io/inject": None}
+        assert settle(kube, "shop", "user", expect_proxy=True).done
+
+
+def test_a_stopped_cluster_is_unreachable_fast(tmp_path: Path) -> None:
+    with LabProcess(SMALL, tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "prod-eu-1")
+        assert kube.ping()
+    started = time.monotonic()
+    with pytest.raises(ClusterUnreachable, match=r"cluster prod-eu-1 \(http://127\.0\.0\.1:\d+\): connection refused"):
+        kube.ping()
+    with pytest.raises(ClusterUnreachable):
+        kube.workload("shop", "auth")
+    assert time.monotonic() - started < 5
