@@ -1,0 +1,280 @@
+"""Prometheus access for meshwave: instant queries, and the PromQL templates of include/promql/queries.yaml.
+
+No Airflow imports. Everything is synchronous (triggers call it through asyncio.to_thread) and fails fast:
+no retries inside (the deferrable sensor that calls it re-polls), a few seconds to connect, and an
+exception that says which URL failed and how. Template values are validated before they reach PromQL.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from string import Template
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import yaml
+from prometheus_api_client.prometheus_connect import PrometheusConnect
+from urllib3.exceptions import MaxRetryError
+from urllib3.util.retry import Retry
+
+QUERIES_PATH = Path(__file__).resolve().parents[2] / "include" / "promql" / "queries.yaml"
+QUERIES_ENV = "MESHWAVE_PROMQL_QUERIES"  # an operator's own copy of queries.yaml
+CONNECT_TIMEOUT = 3.0  # seconds: a dead or unreachable Prometheus must not hold a trigger for minutes
+
+RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+# Prometheus' own duration grammar (model.ParseDuration): units in this order, each at most once.
+DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
+DURATION_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
+PLACEHOLDERS = frozenset({"namespace", "workload", "window", "cluster"})
+SELECTOR = re.compile(r"\{[^{}]*\}")
+
+
+class PrometheusError(Exception):
+    """A query that could not be answered."""
+
+
+class PrometheusUnavailable(PrometheusError):
+    """Prometheus could not be reached or did not answer properly (refused, timeout, 5xx, not its API)."""
+
+
+class PrometheusQueryError(PrometheusError):
+    """Prometheus rejected the query itself (HTTP 400 bad_data, 422 execution error)."""
+
+
+# ---- values -----------------------------------------------------------------------------------------
+def encode_float(value: float | None) -> float | str | None:
+    """JSON has no NaN/Inf: write them as Prometheus does ("NaN", "+Inf", "-Inf")."""
+    if value is None or math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+
+
+def decode_float(value: float | str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One element of an instant vector. NaN and +-Inf are kept as floats; `finite` flags them."""
+
+    labels: dict[str, str]
+    value: float
+    timestamp: float | None = None
+    finite: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "finite", math.isfinite(self.value))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"labels": dict(self.labels), "value": encode_float(self.value), "timestamp": self.timestamp,
+                "finite": self.finite}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
+        return cls(dict(data["labels"]), float(data["value"]), data.get("timestamp"))
+
+
+class Source(Protocol):
+    """What the checks need from Prometheus (PrometheusSource, or a fake in tests)."""
+
+    cluster: str | None
+
+    def instant(self, query: str) -> list[Sample]: ...
+
+
+# ---- the client ---------------------------------------------------------------------------------------
+class _HTTPStatus(Exception):
+    def __init__(self, status: int, error_type: str, error: str) -> None:
+        super().__init__(status, error_type, error)
+        self.status, self.error_type, self.error = status, error_type, error
+
+
+def _check_status(response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+    """Response hook: PrometheusConnect folds every non-200 into one exception type; keep the status apart."""
+    if response.status_code == 200:
+        return response
+    try:
+        body = response.json()
+        error_type, error = str(body.get("errorType", "")), str(body.get("error", ""))
+    except ValueError:
+        error_type, error = "", response.text[:300].strip()
+    raise _HTTPStatus(response.status_code, error_type, error)
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _cause(exc: requests.RequestException) -> str:
+    """The useful end of a requests/urllib3 error chain, e.g. '[Errno 111] Connection refused'."""
+    inner: Any = exc.args[0] if exc.args else exc
+    if isinstance(inner, MaxRetryError) and inner.reason is not None:
+        inner = inner.reason
+    text = str(inner)
+    return text.split(": ", 1)[-1] if "Failed to establish" in text else text
+
+
+class PrometheusSource:
+    """Instant queries against one Prometheus, on prometheus-api-client's PrometheusConnect.
+
+    `cluster`: the `cluster` label value the checks add to every selector (None: no cluster matcher).
+    """
+
+    def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 10,
+                 cluster: str | None = None) -> None:
+        if timeout <= 0:
+            raise ValueError(f"timeout: must be positive, got {timeout!r}")
+        self.url = url.rstrip("/")
+        self.cluster = validate_label("cluster", cluster) if cluster is not None else None
+        self.timeout = float(timeout)
+        self.connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
+        session = requests.Session()
+        session.hooks["response"].append(_check_status)
+        # The library's default retries 3 times with back-off, on connection errors and 5xx: none here.
+        # read=False re-raises a read timeout as itself (else urllib3 wraps it and requests calls it a
+        # connection error).
+        retry = Retry(total=0, read=False, redirect=0)
+        self._client = PrometheusConnect(url=self.url, headers=headers, retry=retry,
+                                         session=session, timeout=(self.connect_timeout, self.timeout))  # type: ignore[arg-type]
+
+    def __repr__(self) -> str:  # never the headers: they may carry a token
+        return f"PrometheusSource({_redact(self.url)!r}, cluster={self.cluster!r})"
+
+    def instant(self, query: str) -> list[Sample]:
+        """Run an instant query; a vector (or scalar) result as samples."""
+        where = _redact(self.url)
+        try:
+            # Prometheus' own evaluation timeout, so a heavy query ends there rather than in our read timeout.
+            result = self._client.custom_query(query, params={"timeout": f"{self.timeout:g}s"})
+        except _HTTPStatus as exc:
+            detail = f"{exc.error_type}: {exc.error}" if exc.error_type else exc.error
+            if exc.status in (400, 422):
+                raise PrometheusQueryError(f"Prometheus at {where} rejected the query (HTTP {exc.status} {detail}); "
+                                           f"query: {query}") from None
+            raise PrometheusUnavailable(f"Prometheus at {where} answered HTTP {exc.status}: {detail}") from None
+        except requests.ConnectTimeout:
+            raise PrometheusUnavailable(f"Prometheus at {where}: no connection within {self.connect_timeout:g}s "
+                                        "(connect timeout)") from None
+        except requests.Timeout:
+            raise PrometheusUnavailable(f"Prometheus at {where}: no answer within {self.timeout:g}s "
+                                        "(read timeout)") from None
+        except requests.ConnectionError as exc:
+            raise PrometheusUnavailable(f"Prometheus at {where}: cannot connect: {_cause(exc)}") from None
+        except requests.RequestException as exc:
+            raise PrometheusUnavailable(f"Prometheus at {where}: request failed: {_cause(exc)}") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PrometheusUnavailable(f"Prometheus at {where} did not answer with the query API's JSON: "
+                                        f"{type(exc).__name__}: {exc}") from None
+        return _samples(result, query, where)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> PrometheusSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _samples(result: Any, query: str, where: str) -> list[Sample]:
+    # custom_query returns data.result only: a list of {metric, value} for a vector, [ts, "v"] for a scalar.
+    if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
+        return [Sample({}, float(result[1]), float(result[0]))]
+    samples = []
+    for item in result or []:
+        if not isinstance(item, dict) or "value" not in item:
+            raise PrometheusQueryError(f"Prometheus at {where}: the query does not return an instant vector "
+                                       f"(a range vector?); query: {query}")
+        ts, value = item["value"]
+        samples.append(Sample(dict(item.get("metric", {})), float(value), float(ts)))
+    return samples
+
+
+# ---- validation -----------------------------------------------------------------------------------------
+def validate_label(name: str, value: object) -> str:
+    """An RFC 1123 label (namespace, workload, cluster), else ValueError naming the field."""
+    if not isinstance(value, str) or len(value) > 63 or not RFC1123_LABEL.match(value):
+        raise ValueError(f"{name}: {value!r} is not a valid RFC 1123 label (lower case letters, digits and '-', "
+                         "starting and ending with a letter or digit, at most 63 characters)")
+    return value
+
+
+def validate_window(value: object, name: str = "window") -> str:
+    """A Prometheus duration such as '30s', '5m', '1h30m' (an int is taken as seconds), else ValueError."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = f"{value}s"
+    if not isinstance(value, str) or not value or not DURATION.match(value) or window_seconds(value) <= 0:
+        raise ValueError(f"{name}: {value!r} is not a positive Prometheus duration such as '30s', '5m' or '1h30m'")
+    return value
+
+
+def window_seconds(window: str) -> float:
+    match = DURATION.match(window)
+    if not match:
+        raise ValueError(f"window: {window!r} is not a Prometheus duration")
+    return sum(int(n) * unit for n, unit in zip(match.groups(), DURATION_SECONDS, strict=True) if n)
+
+
+# ---- templates --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class QueryTemplate:
+    name: str
+    promql: str
+    unit: str
+    about: str
+    no_series: str
+
+    def render(self, *, namespace: str, workload: str, window: str | int, cluster: str | None = None) -> str:
+        values = {"namespace": validate_label("namespace", namespace), "workload": validate_label("workload", workload),
+                  "window": validate_window(window),
+                  "cluster": f', cluster="{validate_label("cluster", cluster)}"' if cluster is not None else ""}
+        return Template(self.promql).substitute(values)
+
+
+def queries_path() -> Path:
+    return Path(os.environ.get(QUERIES_ENV) or QUERIES_PATH)
+
+
+def load_queries(path: str | Path | None = None) -> dict[str, QueryTemplate]:
+    """The templates, checked: known placeholders only, and every selector ends with `$cluster}`."""
+    path = Path(path) if path is not None else queries_path()
+    return _load(path.resolve(), path.stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=8)
+def _load(path: Path, mtime_ns: int) -> dict[str, QueryTemplate]:  # mtime in the key: an edit is picked up
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("queries"), dict):
+        raise ValueError(f"{path}: expected a mapping with a 'queries' mapping")
+    templates = {}
+    for name, spec in data["queries"].items():
+        where = f"{path}: queries.{name}"
+        if not isinstance(spec, dict) or not isinstance(spec.get("promql"), str):
+            raise ValueError(f"{where}: needs a 'promql' string")
+        template = Template(spec["promql"])
+        if not template.is_valid() or set(template.get_identifiers()) - PLACEHOLDERS:
+            raise ValueError(f"{where}: placeholders must be among ${', $'.join(sorted(PLACEHOLDERS))}")
+        for selector in SELECTOR.findall(spec["promql"]):
+            if not selector.endswith("$cluster}"):
+                raise ValueError(f"{where}: selector {selector} must end with $cluster")
+        templates[name] = QueryTemplate(name, spec["promql"].strip(), str(spec.get("unit", "")),
+                                        str(spec.get("about", "")).strip(), str(spec.get("no_series", "")).strip())
+    return templates
+
+
+def render(name: str, *, namespace: str, workload: str, window: str | int, cluster: str | None = None,
+           path: str | Path | None = None) -> str:
+    """One query from queries.yaml with validated values; ValueError names a bad field or an unknown query."""
+    templates = load_queries(path)
+    if name not in templates:
+        raise ValueError(f"query: unknown query {name!r} (known: {', '.join(sorted(templates))})")
+    return templates[name].render(namespace=namespace, workload=workload, window=window, cluster=cluster)
