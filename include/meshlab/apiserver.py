@@ -174,7 +174,7 @@ class ApiServer:
         path = request.path
         if path in ("/healthz", "/readyz", "/livez"):
             return web.Response(text="ok")
-        if path == "/version":
+        if path in ("/version", "/version/"):
             return web.json_response(VERSION_INFO)
         if path == "/openapi/v3":
             return web.json_response(openapi_v3_root())

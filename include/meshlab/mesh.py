@@ -40,17 +40,20 @@ def _mode_of(policy: dict[str, Any] | None, port: int | None = None) -> str:
     return (spec.get("mtls") or {}).get("mode") or "UNSET"
 
 
+def _selector(policy: dict[str, Any]) -> dict[str, str]:
+    """matchLabels of a policy; empty (as Istio reads it) means namespace- or mesh-wide."""
+    return ((policy.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+
+
 def effective_mode(store: Store, root_namespace: str, namespace: str, pod_labels: dict[str, str],
                    port: int | None = None) -> str:
     """The mTLS mode a workload's proxy enforces on a port: STRICT, PERMISSIVE or DISABLE."""
     policies = list(store.items(r.PEER_AUTHENTICATIONS, namespace))
     workload = []
     if namespace != root_namespace:  # selector policies in the root namespace are ignored
-        workload = [p for p in policies if (p.get("spec") or {}).get("selector") is not None
-                    and matches_labels(((p.get("spec") or {}).get("selector") or {}).get("matchLabels"), pod_labels)]
-    namespace_wide = [p for p in policies if not (p.get("spec") or {}).get("selector")]
-    mesh_wide = [p for p in store.items(r.PEER_AUTHENTICATIONS, root_namespace) if not (p.get("spec") or {}).get(
-        "selector")]
+        workload = [p for p in policies if _selector(p) and matches_labels(_selector(p), pod_labels)]
+    namespace_wide = [p for p in policies if not _selector(p)]
+    mesh_wide = [p for p in store.items(r.PEER_AUTHENTICATIONS, root_namespace) if not _selector(p)]
     for mode in (_mode_of(_oldest(workload), port), _mode_of(_oldest(namespace_wide)),
                  _mode_of(_oldest(mesh_wide))):
         if mode != "UNSET":

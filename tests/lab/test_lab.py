@@ -250,3 +250,11 @@ def test_gateways_are_not_governed_by_peer_authentication(lab: Lab, clock: Clock
     clock.run(1)
     gateway = lab.flows.workloads[("lab", "istio-system", "istio-ingressgateway")]
     assert gateway.reached == pytest.approx(20) and gateway.ok == 1.0
+
+
+def test_an_empty_selector_is_namespace_or_mesh_wide(lab: Lab) -> None:
+    s = store(lab)
+    s.create(r.PEER_AUTHENTICATIONS, "istio-system", {"metadata": {"name": "default"},
+                                                       "spec": {"selector": {"matchLabels": {}},
+                                                                "mtls": {"mode": "STRICT"}}})
+    assert effective_mode(s, "istio-system", "shop", {"app": "auth"}) == "STRICT"

@@ -1,0 +1,69 @@
+"""From Airflow connection ids to clients: the provider's KubernetesHook, and a Prometheus source.
+
+Tasks fetch connections with `BaseHook.get_connection`, triggers with the async `aget_connection`
+(the triggerer must not block its loop); both then go through the same builders below.
+
+Connections:
+- Kubernetes: conn type `kubernetes`, extras as the provider documents them (`kube_config_path`,
+  `kube_config`, `in_cluster`, `cluster_context`).
+- Prometheus: conn type `http`, host `http://127.0.0.1:9090` (or host + port + schema); login/password
+  become basic auth; extra `{"headers": {...}}` is sent with every query; extra `{"cluster": "x"}`
+  restricts every selector to `cluster="x"` when one Prometheus serves several clusters.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from functools import cached_property
+from typing import Any
+
+from kubernetes import client as k8s_client
+
+from meshwave.kube import MeshKube
+from meshwave.prometheus import PrometheusSource
+
+
+def _kubernetes_hook_class() -> type:
+    from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+
+    class ConnectedKubernetesHook(KubernetesHook):
+        """The provider's hook on an already-fetched connection, with a client configuration of its own
+        (the kubernetes client's global default would be shared between clusters and threads)."""
+
+        def __init__(self, connection: Any) -> None:
+            super().__init__(conn_id=connection.conn_id, client_configuration=k8s_client.Configuration())
+            self._connection = connection
+
+        @cached_property
+        def conn_extras(self) -> dict[str, Any]:
+            return self._connection.extra_dejson
+
+    return ConnectedKubernetesHook
+
+
+def mesh_kube(connection: Any, cluster: str, root_namespace: str = "istio-system", dry_run: bool = False) -> MeshKube:
+    hook = _kubernetes_hook_class()(connection)
+    return MeshKube(hook.api_client, cluster, root_namespace=root_namespace, dry_run=dry_run)
+
+
+def prometheus_url(connection: Any) -> str:
+    host = (connection.host or "").rstrip("/")
+    if not host:
+        raise ValueError(f"connection {connection.conn_id}: no host: set it to the Prometheus URL")
+    base = host if "://" in host else f"{connection.schema or 'http'}://{host}"
+    if connection.port and not re.search(r":\d+$", base.split("://", 1)[1].split("/", 1)[0]):
+        scheme, rest = base.split("://", 1)
+        netloc, _, path = rest.partition("/")
+        base = f"{scheme}://{netloc}:{connection.port}" + (f"/{path}" if path else "")
+    return base
+
+
+def prometheus_source(connection: Any, timeout: float = 10) -> PrometheusSource:
+    extras = connection.extra_dejson or {}
+    headers = dict(extras.get("headers") or {})
+    if connection.login:
+        token = base64.b64encode(f"{connection.login}:{connection.password or ''}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    return PrometheusSource(prometheus_url(connection), headers=headers or None, timeout=timeout,
+                            cluster=extras.get("cluster"))

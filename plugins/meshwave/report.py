@@ -1,0 +1,71 @@
+"""The wave report: one row per service (outcome, reason, baseline vs after, step durations), built with pandas."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+OUTCOME_ORDER = ["strict", "permissive", "rolled_back", "blocked", "failed", "skipped", "planned"]
+COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "success_before",
+           "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
+
+
+def _value(values: dict[str, Any] | None, key: str) -> float | None:
+    value = (values or {}).get(key)
+    return round(float(value), 4) if isinstance(value, int | float) else None
+
+
+def report_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """One row per service, in plan order."""
+    rows = []
+    for r in records:
+        rows.append({
+            "service": r["service"],
+            "batch": r.get("batch"),
+            "outcome": r["outcome"],
+            "mtls": r.get("mtls") or "-",
+            "sidecar": "yes" if r.get("sidecar") else "no",
+            "reason": r.get("reason", ""),
+            "plaintext_callers": ", ".join(r.get("plaintext_callers") or []) or "-",
+            "success_before": _value(r.get("baseline"), "success_rate"),
+            "success_after": _value(r.get("after"), "success_rate"),
+            "p99_before_ms": _value(r.get("baseline"), "p99_ms"),
+            "p99_after_ms": _value(r.get("after"), "p99_ms"),
+            "changes": sum(1 for c in r.get("changes", []) if c.get("applied")),
+            "seconds": round(sum((r.get("steps") or {}).values()), 1),
+        })
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def summary(frame: pd.DataFrame) -> dict[str, int]:
+    counts = frame["outcome"].value_counts().to_dict() if not frame.empty else {}
+    return {k: int(counts.get(k, 0)) for k in OUTCOME_ORDER if counts.get(k)}
+
+
+def render(frame: pd.DataFrame) -> str:
+    """The table as it appears in the task log and `make demo`."""
+    shown = frame.drop(columns=["sidecar"]).fillna("-")
+    with pd.option_context("display.max_colwidth", 70, "display.width", 250):
+        table = shown.to_string(index=False)
+    counts = ", ".join(f"{n} {k}" for k, n in summary(frame).items())
+    return f"{table}\n\n{len(frame)} services: {counts}"
+
+
+def report_dir() -> Path:
+    default = Path(os.environ.get("AIRFLOW_HOME", ".")) / "meshwave-reports"
+    return Path(os.environ.get("MESHWAVE_REPORT_DIR", default))
+
+
+def save(frame: pd.DataFrame, records: list[dict[str, Any]], dag_id: str, run_id: str) -> Path:
+    """Write `<dag_id>/<run_id>.csv` (the table) and `.json` (everything seen, the ledger) under the report dir."""
+    safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+    folder = report_dir() / dag_id
+    folder.mkdir(parents=True, exist_ok=True)
+    base = folder / safe_run
+    frame.to_csv(base.with_suffix(".csv"), index=False)
+    base.with_suffix(".json").write_text(json.dumps(records, indent=2, default=str))
+    return base.with_suffix(".csv")
