@@ -380,6 +380,7 @@ def _p99_verdict(p99: _Reading, p50: _Reading, count: _Reading, baseline: Baseli
     if not _usable(current):
         return verdict(Outcome.NO_DATA, f"p99 is {_fmt(current)}")
     increase = current - base
+    increase = 0.0 if abs(increase) < 1e-6 else increase  # no "-0.0 ms" in a report
     ratio = current / base if base > 0 else math.inf
     values.update(increase_ms=increase, ratio=ratio)
     over_ms, over_ratio = increase > th.max_p99_increase_ms, ratio > th.max_p99_ratio

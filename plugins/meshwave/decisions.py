@@ -1,0 +1,156 @@
+"""The branch decisions of a service's task group and its final outcome, as pure functions.
+
+Inputs are what the group's tasks left behind: their XCom results (`results[step]`), their states
+(`states[step]`: success, failed, upstream_failed, skipped, or None when never run) and the error a
+failed step recorded (`errors[step]`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from meshwave.steps import Service
+
+RAN = ("success",)
+BROKEN = ("failed", "upstream_failed")
+
+# What the branches route to (task names inside the group). A branch never targets the final `outcome`
+# task directly (it would skip it when not chosen): the stopping routes are marker tasks.
+SOAK, ROLLBACK_AFTER_ROLLOUT, NOT_STARTED = "soak", "rollback_after_rollout", "not_started"
+STRICT_GATE, ROLLBACK_AFTER_SOAK, HOLD = "strict_gate", "rollback_after_soak", "hold_permissive"
+FLIP, STAY = "flip_strict", "stay_permissive"
+STRICT_DONE, BACK = "strict_done", "back_to_permissive"
+
+
+def after_rollout(results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
+    """(next step, why). Injection never attempted: nothing to undo. Rollout not done: roll back."""
+    if states.get("inject") != "success":
+        if states.get("preflight") != "success" or states.get("baseline") != "success":
+            return NOT_STARTED, "not started: preflight or baseline did not pass"
+        return ROLLBACK_AFTER_ROLLOUT, "injection failed part-way: undo whatever was applied"
+    rollout = results.get("wait_rollout") or {}
+    if states.get("wait_rollout") != "success":
+        return ROLLBACK_AFTER_ROLLOUT, "could not follow the rollout"
+    if rollout.get("status") == "done":
+        return SOAK, rollout.get("message", "rolled out")
+    return ROLLBACK_AFTER_ROLLOUT, f"rollout {rollout.get('status')}: {rollout.get('message')}"
+
+
+def after_soak(svc: Service, results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
+    soak = results.get("soak") or {}
+    status = soak.get("status") if states.get("soak") == "success" else "error"
+    reason = soak.get("reason") or "the soak did not report"
+    if status == "pass":
+        if svc.plan.strict:
+            return STRICT_GATE, f"soak passed: {reason}"
+        return HOLD, "soak passed; the plan keeps this service PERMISSIVE (strict: false)"
+    if status == "fail":
+        return ROLLBACK_AFTER_SOAK, f"soak failed: {reason}"
+    if svc.settings.on_no_data == "rollback":
+        return ROLLBACK_AFTER_SOAK, f"soak ended {status} and the plan says roll back: {reason}"
+    return HOLD, f"soak ended {status}; the plan says hold (sidecar kept, PERMISSIVE): {reason}"
+
+
+def after_strict_gate(results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
+    gate = results.get("strict_gate") or {}
+    if states.get("strict_gate") == "success" and gate.get("status") == "pass":
+        return FLIP, gate.get("reason", "no plaintext callers")
+    return STAY, f"STRICT gate {gate.get('status', 'error')}: {gate.get('reason', 'did not report')}"
+
+
+def after_strict(svc: Service, results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
+    if states.get("flip_strict") != "success":
+        return BACK, "the flip to STRICT did not complete: make sure it is PERMISSIVE"
+    verify = results.get("verify_strict") or {}
+    status = verify.get("status") if states.get("verify_strict") == "success" else "error"
+    if status == "pass":
+        return STRICT_DONE, verify.get("reason", "verified")
+    if status in ("fail", "inconclusive") or svc.settings.on_no_data == "rollback":
+        return BACK, f"after STRICT: {status}: {verify.get('reason')}"
+    return BACK, f"after STRICT the checks ended {status}: never leave STRICT unverified: {verify.get('reason')}"
+
+
+def _changes(results: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for r in results.values() if isinstance(r, dict) for c in r.get("changes", [])]
+
+
+def _verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
+    found = []
+    for step, r in results.items():
+        if isinstance(r, dict) and isinstance(r.get("result"), dict):
+            found += [{**v, "stage": step} for v in r["result"].get("verdicts", [])]
+    return found
+
+
+def _after_values(results: dict[str, Any]) -> dict[str, Any]:
+    """The last application values seen by the soak (the 'after' column of the report)."""
+    for v in (results.get("soak") or {}).get("result", {}).get("verdicts", []):
+        if v.get("check") == "app_success_rate":
+            return {"success_rate": (v.get("values") or {}).get("success_rate")}
+    return {}
+
+
+def outcome(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+            decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+    """The service's final state and why: strict, permissive, rolled_back, blocked, failed, skipped, planned."""
+    base = (results.get("baseline") or {}).get("baseline") or {}
+    record = {
+        "service": svc.plan.key, "cluster": svc.plan.cluster, "namespace": svc.plan.namespace,
+        "workload": svc.plan.workload, "criticality": svc.plan.criticality, "batch": svc.batch,
+        "baseline": {"success_rate": base.get("success_rate"), "p99_ms": base.get("p99_ms"),
+                     "request_rate": base.get("request_rate")},
+        "after": _after_values(results), "changes": _changes(results), "verdicts": _verdicts(results),
+        "plaintext_callers": (results.get("strict_gate") or {}).get("extra", {}).get("plaintext_callers", []),
+        "decisions": decisions, "errors": errors,
+        "steps": {k: v.get("seconds") or round(v.get("ended", 0) - v.get("started", 0), 1)
+                  for k, v in results.items() if isinstance(v, dict) and ("seconds" in v or "ended" in v)},
+    }
+    record.update(_final_state(svc, results, states, errors, decisions, dry_run))
+    return record
+
+
+def _final_state(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+                 decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+    def done(step: str) -> bool:
+        return states.get(step) == "success"
+
+    if states.get("preflight") in (None, "skipped", "upstream_failed"):
+        return {"outcome": "skipped", "mtls": None, "sidecar": False,
+                "reason": "not started: " + (errors.get("wave") or "the wave stopped before this batch")}
+    if dry_run:
+        return {"outcome": "planned", "mtls": None, "sidecar": False,
+                "reason": "dry run: the changes listed were logged, none applied"}
+    for step in ("preflight", "baseline"):
+        if states.get(step) in BROKEN:
+            return {"outcome": "blocked", "mtls": None, "sidecar": False,
+                    "reason": f"{step}: {errors.get(step, 'failed')}"}
+    if states.get("rollback_injection") in RAN or states.get("rollback_injection") in BROKEN:
+        undone = done("rollback_injection") and done("wait_rollback") and \
+            (results.get("wait_rollback") or {}).get("status") == "done"
+        why = decisions.get("after_rollout") if decisions.get("after_rollout_to") == ROLLBACK_AFTER_ROLLOUT else \
+            decisions.get("after_soak")
+        if not undone:
+            problem = errors.get("rollback_injection") or errors.get("wait_rollback") or \
+                (results.get("wait_rollback") or {}).get("message")
+            return {"outcome": "failed", "mtls": None, "sidecar": None,
+                    "reason": f"rollback did not complete ({problem}); it was rolled back because {why}"}
+        return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": False, "reason": why}
+    if states.get("back_to_permissive") in RAN or states.get("back_to_permissive") in BROKEN:
+        if not done("back_to_permissive"):
+            return {"outcome": "failed", "mtls": "STRICT?", "sidecar": True,
+                    "reason": f"could not go back to PERMISSIVE: {errors.get('back_to_permissive')}"}
+        recovery = results.get("verify_recovery") or {}
+        return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": True,
+                "reason": f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: "
+                          f"{recovery.get('status', 'unknown')}"}
+    if done("verify_strict"):
+        return {"outcome": "strict", "mtls": "STRICT", "sidecar": True, "reason": decisions.get("after_strict", "")}
+    if decisions.get("after_strict_gate_to") == STAY:
+        return {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True,
+                "reason": decisions.get("after_strict_gate", "")}
+    if decisions.get("after_soak_to") == HOLD:
+        return {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True,
+                "reason": decisions.get("after_soak", "")}
+    broken = [s for s, st in states.items() if st in BROKEN]
+    return {"outcome": "failed", "mtls": None, "sidecar": None,
+            "reason": "; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state"}

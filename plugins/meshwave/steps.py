@@ -1,0 +1,128 @@
+"""The steps of one service's migration, as plain functions of (service, clients) -> JSON-safe dicts.
+
+The Airflow wiring is in `service_group.py`; everything a step does and decides is here, so it reads,
+and tests, without Airflow. Every cluster change goes through `MeshKube`, which reads before it writes.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from meshwave.checks import Thresholds, measure_baseline
+from meshwave.kube import MeshKube
+from meshwave.plan import ClusterConfig, ServicePlan, Settings
+from meshwave.prometheus import PrometheusError, PrometheusSource, render
+
+MI = 2**20
+
+
+class Blocked(Exception):
+    """The service must not be migrated now; nothing was changed. The message says why, with numbers."""
+
+
+@dataclass(frozen=True)
+class Service:
+    """One service of a wave, with the plan settings it runs with (resolved at parse time, no I/O)."""
+
+    plan: ServicePlan
+    settings: Settings
+    cluster: ClusterConfig
+    batch: int
+
+    @property
+    def window(self) -> str:
+        return f"{self.settings.query_window_seconds}s"
+
+    def thresholds(self) -> dict[str, Any]:
+        own = self.settings.thresholds.model_dump()
+        return Thresholds(**own, min_requests=self.settings.min_requests).to_dict()
+
+    def gate_policy(self, on_no_data: str = "wait") -> dict[str, Any]:
+        """N breaches in a row confirm a failure; no data and errors wait for the deadline, then count."""
+        return {"breaches_to_fail": self.settings.breaches_to_fail,
+                "default": {"on_no_data": on_no_data, "on_error": "wait"}}
+
+
+def stamp(result: dict[str, Any], started: float) -> dict[str, Any]:
+    return {**result, "seconds": round(time.time() - started, 2)}
+
+
+def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> dict[str, Any]:
+    """The workload exists and has room for its sidecar, or the plan gives the sidecar a budget of its own."""
+    started = time.time()
+    p = svc.plan
+    w = kube.workload(p.namespace, p.workload)
+    sidecar = svc.settings.sidecar
+    result: dict[str, Any] = {"replicas": w.replicas, "app_container": w.app_container, "changes": []}
+    if sidecar.memory_limit:
+        result["headroom"] = f"the sidecar gets its own memory limit {sidecar.memory_limit} (plan)"
+    else:
+        result["headroom"] = _memory_headroom(svc, w.memory_limit_bytes, source)
+    if sidecar.annotations:
+        change = kube.ensure_sidecar_resources(p.namespace, p.workload, **_sidecar_kwargs(svc))
+        result["changes"].append(change.to_dict())
+    if p.exclude_inbound_ports or p.exclude_outbound_ports:
+        change = kube.ensure_exclusions(p.namespace, p.workload, p.exclude_inbound_ports or None,
+                                        p.exclude_outbound_ports or None)
+        result["changes"].append(change.to_dict())
+    return stamp(result, started)
+
+
+def _sidecar_kwargs(svc: Service) -> dict[str, str]:
+    s = svc.settings.sidecar
+    return {k: v for k, v in {"cpu": s.cpu, "memory": s.memory, "cpu_limit": s.cpu_limit,
+                              "memory_limit": s.memory_limit}.items() if v}
+
+
+def _memory_headroom(svc: Service, limit: int | None, source: PrometheusSource) -> str:
+    p, need = svc.plan, svc.settings.sidecar.expected_memory_mi
+    if limit is None:
+        return f"the app container has no memory limit: a {need:g}Mi sidecar fits"
+    query = render("app_memory_bytes", namespace=p.namespace, workload=p.workload, window=svc.window)
+    try:
+        samples = source.instant(query)
+    except PrometheusError as exc:
+        raise Blocked(f"cannot check memory headroom: {exc}") from None
+    usage = max((s.value for s in samples if s.finite), default=None)
+    if usage is None:
+        raise Blocked(f"no memory data for {p.namespace}/{p.workload} in Prometheus: cannot check that a "
+                      f"{need:g}Mi sidecar fits (query: {query})")
+    headroom = (limit - usage) / MI
+    numbers = f"limit {limit / MI:.0f}Mi, app uses up to {usage / MI:.0f}Mi, headroom {headroom:.0f}Mi"
+    if headroom < need:
+        raise Blocked(f"{numbers} < the sidecar's expected {need:g}Mi: the pod would be OOMKilled. Raise the "
+                      "memory limit, or give the sidecar a limit of its own in the plan (sidecar.memory_limit)")
+    return f"{numbers} >= the sidecar's expected {need:g}Mi"
+
+
+def baseline(svc: Service, source: PrometheusSource) -> dict[str, Any]:
+    started = time.time()
+    base = measure_baseline(source, svc.plan.namespace, svc.plan.workload, svc.window)
+    return stamp({"baseline": base.to_dict()}, started)
+
+
+def inject(svc: Service, kube: MeshKube) -> dict[str, Any]:
+    started = time.time()
+    changes = kube.ensure_injected(svc.plan.namespace, svc.plan.workload, svc.settings.injection)
+    return stamp({"changes": [c.to_dict() for c in changes]}, started)
+
+
+def set_mtls(svc: Service, kube: MeshKube, mode: str) -> dict[str, Any]:
+    started = time.time()
+    p = svc.plan
+    change = kube.ensure_mtls(p.namespace, p.workload, kube.selector(p.namespace, p.workload), mode)
+    return stamp({"changes": [change.to_dict()], "mode": mode}, started)
+
+
+def rollback_injection(svc: Service, kube: MeshKube) -> dict[str, Any]:
+    """Back to where it started: PERMISSIVE if meshwave set a policy, then no sidecar."""
+    started = time.time()
+    p = svc.plan
+    changes = []
+    if kube.current_mtls(p.namespace, p.workload) not in (None, "PERMISSIVE"):
+        changes.append(kube.ensure_mtls(p.namespace, p.workload, kube.selector(p.namespace, p.workload),
+                                        "PERMISSIVE"))
+    changes += kube.remove_injection(p.namespace, p.workload)
+    return stamp({"changes": [c.to_dict() for c in changes]}, started)

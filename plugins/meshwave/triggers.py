@@ -1,0 +1,124 @@
+"""Deferrable waits: the rollout of a workload, and Prometheus gates polled until they decide.
+
+Triggers run in the triggerer's event loop: blocking calls (the kubernetes client, prometheus-api-client)
+go through `asyncio.to_thread`, connections are fetched with the async API, and nothing here writes
+anything (a trigger may run twice). Every kwarg is JSON-safe so the trigger serializes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from airflow.sdk import BaseHook
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from meshwave import stages
+from meshwave.checks import BreachTracker, GatePolicy, GateStatus
+from meshwave.connections import mesh_kube, prometheus_source
+from meshwave.kube import KubeError
+
+NEVER = 10**9  # "passes_to_pass" while a soak has not ended: a gate may fail early, never pass early
+HISTORY_KEPT = 200  # polls' verdicts carried in the event, for the report (the newest)
+
+
+class RolloutTrigger(BaseTrigger):
+    """Polls a deployment until its rollout is done or failed (OOMKilled, CrashLoopBackOff...) or the deadline."""
+
+    def __init__(self, kubernetes_conn_id: str, cluster: str, namespace: str, workload: str, expect_proxy: bool,
+                 poke_interval: float, deadline: float) -> None:
+        super().__init__()
+        self.kubernetes_conn_id = kubernetes_conn_id
+        self.cluster = cluster
+        self.namespace = namespace
+        self.workload = workload
+        self.expect_proxy = expect_proxy
+        self.poke_interval = poke_interval
+        self.deadline = deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("meshwave.triggers.RolloutTrigger", {
+            "kubernetes_conn_id": self.kubernetes_conn_id, "cluster": self.cluster, "namespace": self.namespace,
+            "workload": self.workload, "expect_proxy": self.expect_proxy, "poke_interval": self.poke_interval,
+            "deadline": self.deadline})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        started = time.time()
+        connection = await BaseHook.aget_connection(self.kubernetes_conn_id)
+        kube = await asyncio.to_thread(mesh_kube, connection, self.cluster)
+        last_error = ""
+        while True:
+            try:
+                state = await asyncio.to_thread(kube.rollout, self.namespace, self.workload, self.expect_proxy)
+                if state.status != "progressing":
+                    yield TriggerEvent({"status": state.status, "message": state.message, "state": state.to_dict(),
+                                        "started": started, "ended": time.time()})
+                    return
+                last = state.message
+            except KubeError as exc:  # transient: keep polling until the deadline
+                last_error = str(exc)
+                last = f"error: {exc}"
+            if time.time() >= self.deadline:
+                yield TriggerEvent({"status": "timeout" if not last_error else "error",
+                                    "message": f"rollout not finished by the deadline: {last}",
+                                    "started": started, "ended": time.time()})
+                return
+            await asyncio.sleep(self.poke_interval)
+
+
+class GateTrigger(BaseTrigger):
+    """Evaluates one stage's Prometheus checks every poke until the gate decides.
+
+    - fails as soon as a breach is confirmed (N consecutive polls), even during the soak;
+    - passes only after `min_seconds` (the soak) and K consecutive all-pass polls;
+    - at `deadline` ends no_data / error / inconclusive, keeping those apart.
+    """
+
+    def __init__(self, prometheus_conn_id: str, stage: str, params: dict[str, Any], policy: dict[str, Any],
+                 poke_interval: float, started: float, min_seconds: float, passes_to_pass: int = 1,
+                 tracker: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        self.prometheus_conn_id = prometheus_conn_id
+        self.stage = stage
+        self.params = params
+        self.policy = policy
+        self.poke_interval = poke_interval
+        self.started = started
+        self.min_seconds = min_seconds
+        self.passes_to_pass = passes_to_pass
+        self.tracker = tracker
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("meshwave.triggers.GateTrigger", {
+            "prometheus_conn_id": self.prometheus_conn_id, "stage": self.stage, "params": self.params,
+            "policy": self.policy, "poke_interval": self.poke_interval, "started": self.started,
+            "min_seconds": self.min_seconds, "passes_to_pass": self.passes_to_pass, "tracker": self.tracker})
+
+    def _tracker(self, state: dict[str, Any] | None, soaking: bool) -> BreachTracker:
+        policy = {**self.policy, "passes_to_pass": NEVER if soaking else self.passes_to_pass}
+        if state is None:
+            return BreachTracker(GatePolicy.from_dict(policy))
+        return BreachTracker.from_dict({**state, "policy": policy})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        connection = await BaseHook.aget_connection(self.prometheus_conn_id)
+        source = await asyncio.to_thread(prometheus_source, connection)
+        state = self.tracker
+        while True:
+            now = time.time()
+            tracker = self._tracker(state, soaking=now < self.started + self.min_seconds)
+            poll = await asyncio.to_thread(stages.evaluate, self.stage, source, self.params)
+            result = tracker.feed(poll.verdicts, now)
+            state = tracker.to_dict()
+            if result.decided:
+                extra = {}
+                if result.status is GateStatus.PASS:
+                    extra = await asyncio.to_thread(stages.on_pass, self.stage, source, self.params)
+                yield TriggerEvent({
+                    "stage": self.stage, "status": result.status.value, "reason": result.reason,
+                    "polls": result.polls, "result": result.to_dict(), "extra": {**poll.extra, **extra},
+                    "history": state["history"][-HISTORY_KEPT:], "started": self.started, "ended": time.time()})
+                return
+            await asyncio.sleep(self.poke_interval)

@@ -1,0 +1,178 @@
+"""The wave DAG factory: one DAG per wave of a plan.
+
+    wave_preflight -> batch_1 (a task group per service) -> after_batch_1 (circuit breaker) -> batch_2 ...
+      -> report
+
+Parsing reads the plan file and nothing else (no network, no database).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, BaseHook, CronTriggerTimetable, Param, TaskGroup, TriggerRule, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from meshwave import report as reports
+from meshwave.connections import mesh_kube
+from meshwave.kube import KubeError
+from meshwave.plan import Plan, Wave, group_ids, load_plan
+from meshwave.service_group import service_group
+from meshwave.steps import Service
+
+ROOT = Path(__file__).resolve().parents[2]
+START = pendulum.datetime(2026, 1, 1, tz="UTC")
+FAILED = ("rolled_back", "failed")
+
+
+def plans_dir() -> Path:
+    return Path(os.environ.get("MESHWAVE_PLANS_DIR", ROOT / "include" / "plans"))
+
+
+def dry_run_param() -> Param:
+    return Param(False, type="boolean", title="Dry run",
+                 description="Log the exact patches and objects each step would apply; change nothing, wait for "
+                             "nothing.")
+
+
+def services_of(plan: Plan, wave: Wave) -> list[tuple[Service, str]]:
+    size = plan.defaults.batch_size
+    ids = group_ids(wave)
+    return [(Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], i // size + 1), ids[svc.key])
+            for i, svc in enumerate(wave.services)]
+
+
+def _doc(plan: Plan, wave: Wave, source: str) -> str:
+    d = plan.defaults
+    rows = "\n".join(f"| {s.key} | {s.criticality} | {'STRICT' if s.strict else 'PERMISSIVE'} |"
+                     for s in wave.services)
+    return (f"# {plan.migration}: {wave.name}\n\n{wave.description or plan.description}\n\n"
+            f"Plan: `{source}`. Batches of {d.batch_size}; the wave stops after {d.max_failures} rollbacks "
+            f"(the services not started are reported as skipped).\n\nEach service: preflight (sidecar memory "
+            "headroom) -> baseline -> inject -> rollout -> soak with checks against the baseline -> STRICT gate "
+            "(no plaintext caller) -> STRICT -> verify the service and its callers; a confirmed breach rolls back "
+            "(STRICT problems to PERMISSIVE, injection problems remove the sidecar).\n\n"
+            f"| service | criticality | target |\n|---|---|---|\n{rows}\n\n"
+            "Param `dry_run`: log what would change, change nothing. The report is in the `report` task's log.")
+
+
+def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
+    schedule = wave.schedule or plan.defaults.schedule
+    dag = DAG(
+        dag_id=plan.dag_id(wave),
+        schedule=CronTriggerTimetable(schedule, timezone="UTC") if schedule else None,
+        start_date=START, catchup=False, max_active_runs=1,
+        params={"dry_run": dry_run_param()},
+        doc_md=_doc(plan, wave, source),
+        tags=["meshwave", plan.migration, wave.name],
+        default_args={"owner": "meshwave"},
+    )
+    with dag:
+        services = services_of(plan, wave)
+        wave_preflight = _wave_preflight(plan, wave)
+        upstream: Any = wave_preflight
+        batches = sorted({svc.batch for svc, _ in services})
+        for batch in batches:
+            members = [(svc, gid) for svc, gid in services if svc.batch == batch]
+            with TaskGroup(f"batch_{batch}", tooltip=f"{len(members)} services in parallel") as group:
+                for svc, gid in members:
+                    service_group(svc, gid, wave_error_task="wave_preflight")
+            upstream >> group
+            if batch != batches[-1]:
+                breaker = _circuit_breaker(plan, services, batch)
+                group >> breaker
+                upstream = breaker
+            else:
+                upstream = group
+        upstream >> _report(plan, services)
+    return dag
+
+
+def _outcome_task(gid: str, batch: int) -> str:
+    return f"batch_{batch}.{gid}.outcome"
+
+
+def _records(context: dict[str, Any], services: list[tuple[Service, str]], up_to: int | None = None) -> list[dict]:
+    ti = context["ti"]
+    found = []
+    for svc, gid in services:
+        if up_to is None or svc.batch <= up_to:
+            record = ti.xcom_pull(task_ids=_outcome_task(gid, svc.batch), key="record")
+            found.append(record or {"service": svc.plan.key, "batch": svc.batch, "outcome": "failed",
+                                    "reason": "no outcome recorded"})
+    return found
+
+
+def _wave_preflight(plan: Plan, wave: Wave):
+    @task(task_id="wave_preflight", retries=2)
+    def wave_preflight(**context: Any) -> dict[str, Any]:
+        """Clusters answer, every service exists, and no mesh-wide STRICT policy (the seed's mistake #1)."""
+        checked: dict[str, Any] = {}
+        try:
+            for name in sorted({s.cluster for s in wave.services}):
+                cfg = plan.clusters[name]
+                kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace)
+                version = kube.ping()
+                mode = kube.mesh_wide_mtls()
+                if mode == "STRICT":
+                    raise AirflowFailException(
+                        f"cluster {name}: a mesh-wide PeerAuthentication in {cfg.root_namespace} is STRICT: every "
+                        "workload without a sidecar is cut off. Set it to PERMISSIVE before migrating (STRICT goes "
+                        "per workload, after validation)")
+                for svc in (s for s in wave.services if s.cluster == name):
+                    kube.workload(svc.namespace, svc.workload)
+                checked[name] = {"version": version, "mesh_wide_mtls": mode}
+        except (AirflowFailException, KubeError) as exc:
+            context["ti"].xcom_push(key="error", value=f"wave preflight: {exc}")
+            if isinstance(exc, KubeError) and getattr(exc, "code", None) not in (404,):
+                raise
+            raise AirflowFailException(str(exc)) from None
+        return checked
+
+    return wave_preflight()
+
+
+def _circuit_breaker(plan: Plan, services: list[tuple[Service, str]], batch: int):
+    @task(task_id=f"after_batch_{batch}", trigger_rule=TriggerRule.ALL_DONE)
+    def breaker(**context: Any) -> dict[str, Any]:
+        if context["ti"].xcom_pull(task_ids="wave_preflight", key="error"):
+            raise AirflowSkipException("the wave preflight failed: no batch starts")
+        failed = [r["service"] for r in _records(context, services, up_to=batch) if r["outcome"] in FAILED]
+        limit = plan.defaults.max_failures
+        if len(failed) >= limit:
+            raise AirflowSkipException(f"circuit breaker: {len(failed)} rollbacks/failures ({', '.join(failed)}) "
+                                       f">= max_failures {limit}: the remaining batches are skipped")
+        return {"failed": failed, "limit": limit}
+
+    return breaker()
+
+
+def _report(plan: Plan, services: list[tuple[Service, str]]):
+    @task(task_id="report", trigger_rule=TriggerRule.ALL_DONE)
+    def report(**context: Any) -> dict[str, Any]:
+        records = _records(context, services)
+        frame = reports.report_frame(records)
+        path = reports.save(frame, records, context["dag"].dag_id, context["run_id"])
+        print(reports.render(frame))
+        print(f"report saved to {path}")
+        counts = reports.summary(frame)
+        failed = [r for r in records if r["outcome"] in FAILED]
+        preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error")
+        if preflight_error:
+            raise AirflowFailException(preflight_error)
+        if len(failed) >= plan.defaults.max_failures or any(r["outcome"] == "failed" for r in records):
+            raise AirflowFailException(f"wave over its failure budget or with services in an unknown state: {counts}")
+        return {"counts": counts, "report": str(path)}
+
+    return report()
+
+
+def wave_dags(plan_file: str) -> dict[str, DAG]:
+    """All wave DAGs of one plan file (relative to the plans directory), keyed by dag_id."""
+    path = plans_dir() / plan_file
+    plan = load_plan(path)
+    source = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    return {plan.dag_id(w): wave_dag(plan, w, source) for w in plan.waves}
