@@ -1,0 +1,54 @@
+"""The end-to-end stack: the lab, a real Prometheus and `airflow standalone`, started once per session."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from kubernetes import client, config
+
+from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess
+
+HERE = Path(__file__).parent
+
+
+@dataclass
+class Stack:
+    lab: LabProcess
+    prometheus: PrometheusProcess
+    airflow: AirflowProcess
+
+    def k8s(self) -> tuple[client.CoreV1Api, client.AppsV1Api, client.CustomObjectsApi]:
+        api = config.new_client_from_config(config_file=self.lab.kubeconfig("lab"))
+        return client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+
+    def run(self, dag_id: str, conf: dict | None = None, timeout: float = 900) -> tuple[str, str]:
+        self.airflow.wait_for_dag(dag_id)
+        run_id = self.airflow.trigger(dag_id, conf)
+        return run_id, self.airflow.wait_for_run(dag_id, run_id, timeout)
+
+    def records(self, dag_id: str, run_id: str) -> dict[str, dict]:
+        """The outcome record of every service, by workload."""
+        found = {}
+        for task_id in self.airflow.task_instances(dag_id, run_id):
+            if task_id.endswith(".outcome"):
+                record = self.airflow.xcom(dag_id, run_id, task_id, key="record")
+                found[record["workload"]] = record
+        return found
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("e2e")
+    with LabProcess(HERE / "topology.yaml", work / "lab") as lab, \
+            PrometheusProcess([lab.metrics_target], work / "prometheus") as prom:
+        connections = {
+            "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
+            "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
+        }
+        env = {"MESHWAVE_PLANS_DIR": str(HERE / "plans"), "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
+               "MESHWAVE_REPORT_DIR": str(work / "reports")}
+        with AirflowProcess(work / "airflow", connections, env) as airflow:
+            yield Stack(lab, prom, airflow)
