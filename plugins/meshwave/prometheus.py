@@ -126,6 +126,8 @@ class PrometheusSource:
     """Instant queries against one Prometheus, on prometheus-api-client's PrometheusConnect.
 
     `cluster`: the `cluster` label value the checks add to every selector (None: no cluster matcher).
+    One instance per trigger: its requests.Session may hop threads between calls but is not meant for
+    concurrent calls.
     """
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 10,

@@ -145,6 +145,21 @@ def test_the_migration_of_auth_through_the_checks(stack, source: PrometheusSourc
         lab.admin("PATCH", "/services/lab/shop/auth", {"error_rate": 0.0})
 
 
+def test_an_undersized_pod_fails_on_restarts_and_oomkilled(stack, source: PrometheusSource, k8s) -> None:
+    base = c.Baseline(NS, "payment", WINDOW, success_rate=1.0, request_count=100.0, p50_ms=12.0, p99_ms=30.0)
+    restart(k8s, "payment")  # 400 Mi app + 150 Mi sidecar in a 512 Mi pod: OOMKilled, CrashLoopBackOff
+
+    def breaking() -> dict[str, c.Verdict] | None:
+        verdicts = {v.check: v for v in c.verify_after_injection(source, base, NS, "payment", WINDOW)}
+        return verdicts if verdicts["oom_killed"].outcome is c.Outcome.FAIL else None
+
+    verdicts: dict[str, c.Verdict] = eventually(breaking, timeout=40, interval=1,
+                                                what="payment OOMKilled and restarting")  # type: ignore[assignment]
+    assert verdicts["restarts"].outcome is c.Outcome.FAIL
+    assert any(name.startswith("payment-") and name.endswith("/payment") for name in verdicts["oom_killed"].values[
+        "oom_killed"]), verdicts["oom_killed"].values
+
+
 def test_a_stopped_prometheus_gives_error_verdicts_quickly(tmp_path: Path) -> None:
     prom = PrometheusProcess([], tmp_path / "prom").start()
     url = prom.url
