@@ -558,6 +558,9 @@ def verify_after_strict(source: Source, namespace: str, workload: str, callers: 
     for ns, wl in keys:
         success = reader.read("app_success_rate", namespace=ns, workload=wl)
         count = reader.read("app_request_count", namespace=ns, workload=wl)
+        if not count.error and not count.samples:  # no application metrics (a gateway): its proxy's view
+            success = reader.read("caller_outbound_success_rate", namespace=ns, workload=wl)
+            count = reader.read("caller_outbound_request_count", namespace=ns, workload=wl)
         verdicts.append(_success_verdict(f"caller_success_rate[{ns}/{wl}]", success, count,
                                          before.get(f"{ns}/{wl}", 1.0), None, th, reader.window, "before"))
     verdicts.append(_inbound_verdict(reader, inbound_before, th))

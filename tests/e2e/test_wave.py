@@ -1,30 +1,137 @@
-"""End to end: a real scheduler and triggerer run the wave DAGs against the lab and a real Prometheus."""
+"""End to end: a real scheduler and triggerer run the wave DAGs against the lab and a real Prometheus.
+
+The tests share one stack and run in order; the last one stops Prometheus.
+"""
 
 from __future__ import annotations
 
+import time
+import urllib.parse
+
 import pytest
 
+from tests.conftest import eventually
 from tests.e2e.conftest import Stack
 
 pytestmark = pytest.mark.e2e
 
+SHOP, BREAKER, HOLD = "meshwave_e2e_shop_main", "meshwave_e2e_breaker_main", "meshwave_e2e_hold_main"
+HEALTHY = ("frontend", "cart", "catalog", "pricing", "inventory")
+SUCCESS = ('sum(rate(http_requests_total{{namespace="{ns}", app="{app}", code!~"5.."}}[15s])) / '
+           'sum(rate(http_requests_total{{namespace="{ns}", app="{app}"}}[15s]))')
 
-def mode(stack: Stack, workload: str) -> str | None:
+
+def pa_mode(stack: Stack, ns: str, workload: str) -> str | None:
     custom = stack.k8s()[2]
-    try:
-        pa = custom.get_namespaced_custom_object("security.istio.io", "v1", "shop", "peerauthentications",
-                                                 f"meshwave-{workload}")
-    except Exception:
-        return None
-    return pa["spec"]["mtls"]["mode"]
+    items = custom.list_namespaced_custom_object("security.istio.io", "v1", ns, "peerauthentications")["items"]
+    found = [p for p in items if p["metadata"]["name"] == f"meshwave-{workload}"]
+    return found[0]["spec"]["mtls"]["mode"] if found else None
 
 
-def test_breaker_wave_stops_after_two_rollbacks(stack: Stack) -> None:
-    run_id, state = stack.run("meshwave_e2e_breaker_main", timeout=600)
-    records = stack.records("meshwave_e2e_breaker_main", run_id)
-    outcomes = {w: r["outcome"] for w, r in records.items()}
-    print(outcomes)
-    for w, r in records.items():
-        print(w, r["outcome"], r["reason"])
-    assert outcomes == {"alpha": "rolled_back", "beta": "rolled_back", "gamma": "skipped", "web": "skipped"}
-    assert state == "failed"
+def proxies(stack: Stack, ns: str, workload: str) -> list[bool]:
+    pods = stack.k8s()[0].list_namespaced_pod(ns, label_selector=f"app={workload}").items
+    return [any(c.name == "istio-proxy" for c in p.spec.containers) for p in pods]
+
+
+def success(stack: Stack, ns: str, app: str) -> float | None:
+    result = stack.prometheus.query(SUCCESS.format(ns=ns, app=app))
+    return float(result[0]["value"][1]) if result else None
+
+
+def patch_template(stack: Stack, ns: str, name: str, labels: dict | None = None, annotations: dict | None = None):
+    meta = {k: v for k, v in (("labels", labels), ("annotations", annotations)) if v}
+    stack.k8s()[1].patch_namespaced_deployment(name, ns, {"spec": {"template": {"metadata": meta}}})
+
+
+def test_circuit_breaker_stops_the_wave_after_two_rollbacks(stack: Stack) -> None:
+    run_id, state = stack.run(BREAKER, timeout=600)
+    records = stack.records(BREAKER, run_id)
+    assert {w: r["outcome"] for w, r in records.items()} == {
+        "alpha": "rolled_back", "beta": "rolled_back", "gamma": "skipped", "web": "skipped"}
+    assert "OOMKilled" in records["alpha"]["reason"]
+    assert state == "failed", "a wave over its failure budget fails its run"
+    assert not any(proxies(stack, "breaker", "gamma")), "the skipped services were not touched"
+
+
+def test_main_wave(stack: Stack) -> None:
+    # reporting (not in the wave) calls reviews; it gets its sidecar first, so it is an mTLS caller.
+    patch_template(stack, "shop", "reporting", labels={"sidecar.istio.io/inject": "true"})
+    eventually(lambda: proxies(stack, "shop", "reporting") == [True, True], timeout=60, what="reporting injected")
+
+    stack.airflow.wait_for_dag(SHOP)
+    run_id = stack.airflow.trigger(SHOP)
+    # Fault: once reviews is STRICT, reporting starts bypassing its sidecar for port 8080 (plaintext).
+    eventually(lambda: pa_mode(stack, "shop", "reviews") == "STRICT", timeout=600, interval=1,
+               what="reviews flipped to STRICT")
+    patch_template(stack, "shop", "reporting",
+                   annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "8080"})
+    threshold = 1 - 0.02
+    breach_seen = eventually(lambda: (s := success(stack, "shop", "reporting")) is not None and s < threshold
+                             and time.monotonic(), timeout=120, interval=0.5, what="the breach in Prometheus")
+    permissive = eventually(lambda: pa_mode(stack, "shop", "reviews") == "PERMISSIVE" and time.monotonic(),
+                            timeout=120, interval=0.5, what="reviews back to PERMISSIVE")
+    detection = permissive - breach_seen
+    print(f"breach visible in Prometheus -> PERMISSIVE applied: {detection:.1f}s")
+    assert detection <= 5 + 15, "within one poke interval plus 15 s"
+    eventually(lambda: success(stack, "shop", "reporting") == 1.0, timeout=90, what="reporting recovered")
+
+    state = stack.airflow.wait_for_run(SHOP, run_id, timeout=900)
+    records = stack.records(SHOP, run_id)
+    summary = {w: (r["outcome"], r["reason"]) for w, r in records.items()}
+    print(summary)
+    for workload in HEALTHY:
+        assert records[workload]["outcome"] == "strict", summary[workload]
+        assert pa_mode(stack, "shop", workload) == "STRICT"
+        assert all(proxies(stack, "shop", workload))
+    assert success(stack, "shop", "frontend") == 1.0, "the application success rate is unchanged"
+
+    assert records["payment"]["outcome"] == "rolled_back" and "OOMKilled" in records["payment"]["reason"]
+    assert proxies(stack, "shop", "payment") == [False, False] and pa_mode(stack, "shop", "payment") is None
+
+    assert records["ledger"]["outcome"] == "permissive"
+    assert any("unknown" in c for c in records["ledger"]["plaintext_callers"]), records["ledger"]
+    assert pa_mode(stack, "shop", "ledger") is None, "never STRICT"
+
+    assert records["reviews"]["outcome"] == "rolled_back" and records["reviews"]["mtls"] == "PERMISSIVE"
+    assert "caller_success_rate[shop/reporting]" in records["reviews"]["reason"]
+    assert state == "success", "two rollbacks stay within max_failures 3"
+
+
+def test_clearing_a_finished_group_changes_nothing_more(stack: Stack) -> None:
+    runs = stack.airflow.api("GET", f"/dags/{SHOP}/dagRuns?order_by=-start_date&limit=1")["dag_runs"]
+    run_id = runs[0]["dag_run_id"]
+    apps, custom = stack.k8s()[1], stack.k8s()[2]
+    before = (apps.read_namespaced_deployment("pricing", "shop").metadata.resource_version,
+              custom.get_namespaced_custom_object("security.istio.io", "v1", "shop", "peerauthentications",
+                                                  "meshwave-pricing")["metadata"]["resourceVersion"])
+    tasks = [t for t in stack.airflow.task_instances(SHOP, run_id) if t.startswith("batch_1.pricing.")]
+    stack.airflow.api("POST", f"/dags/{SHOP}/clearTaskInstances", {
+        "dag_run_id": run_id, "task_ids": tasks, "dry_run": False, "only_failed": False, "reset_dag_runs": True})
+    time.sleep(5)
+    assert stack.airflow.wait_for_run(SHOP, run_id, timeout=600) == "success"
+    quoted = urllib.parse.quote(run_id, safe="")
+    record = stack.airflow.api("GET", f"/dags/{SHOP}/dagRuns/{quoted}/taskInstances/batch_1.pricing.outcome/"
+                                      "xcomEntries/record")["value"]
+    assert record["outcome"] == "strict"
+    assert [c for c in record["changes"] if c["applied"]] == [], "nothing applied the second time"
+    after = (apps.read_namespaced_deployment("pricing", "shop").metadata.resource_version,
+             custom.get_namespaced_custom_object("security.istio.io", "v1", "shop", "peerauthentications",
+                                                 "meshwave-pricing")["metadata"]["resourceVersion"])
+    assert after == before
+
+
+def test_prometheus_down_during_the_soak_holds_and_never_flips(stack: Stack) -> None:
+    stack.airflow.wait_for_dag(HOLD)
+    run_id = stack.airflow.trigger(HOLD)
+
+    def soaking() -> bool:
+        ti = stack.airflow.task_instances(HOLD, run_id).get("batch_1.store.soak", {})
+        return ti.get("state") == "deferred"
+
+    eventually(soaking, timeout=300, interval=1, what="the soak deferred")
+    stack.prometheus.stop()
+    assert stack.airflow.wait_for_run(HOLD, run_id, timeout=600) == "success"
+    record = stack.records(HOLD, run_id)["store"]
+    assert record["outcome"] == "permissive", record
+    assert "error" in record["reason"] and "hold" in record["reason"]
+    assert pa_mode(stack, "hold", "store") is None, "no STRICT flip while Prometheus is down"

@@ -604,3 +604,16 @@ def test_gate_result_round_trip() -> None:
     result = poll(tracker, v("a", "fail", math.inf))
     back = c.GateResult.from_dict(json.loads(json.dumps(result.to_dict(), allow_nan=False)))
     assert back.status is c.GateStatus.FAIL and back.decided and back.verdicts[0].values["value"] == math.inf
+
+
+def test_after_strict_a_caller_without_application_metrics_is_judged_by_its_proxy() -> None:
+    gw = ("istio-system", "istio-ingressgateway")
+    src = FakeSource().set("istio_success_rate", 1.0).set("istio_inbound_request_rate", 40.0)
+    src.set("caller_outbound_success_rate", 1.0, *gw).set("caller_outbound_request_count", 300.0, *gw)
+    verdict = by_check(c.verify_after_strict(src, NS, WL, [gw], 40.0, WIN))[
+        "caller_success_rate[istio-system/istio-ingressgateway]"]
+    assert verdict.outcome is Outcome.PASS and 'reporter="source"' in verdict.query
+    src.set("caller_outbound_success_rate", 0.4, *gw)
+    verdict = by_check(c.verify_after_strict(src, NS, WL, [gw], 40.0, WIN))[
+        "caller_success_rate[istio-system/istio-ingressgateway]"]
+    assert verdict.outcome is Outcome.FAIL
