@@ -317,8 +317,12 @@ class AirflowProcess:
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
         quoted = urllib.parse.quote(run_id, safe="")
-        found = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=1000")["task_instances"]
-        return {ti["task_id"]: ti for ti in found}
+        found: dict[str, dict[str, Any]] = {}
+        while True:  # the API pages at 100 at most
+            page = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={len(found)}")
+            found.update({ti["task_id"]: ti for ti in page["task_instances"]})
+            if not page["task_instances"] or len(found) >= page["total_entries"]:
+                return found
 
     def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
         quoted = urllib.parse.quote(run_id, safe="")

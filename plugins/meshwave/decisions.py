@@ -55,6 +55,9 @@ def after_strict_gate(results: dict[str, Any], states: dict[str, str | None]) ->
     gate = results.get("strict_gate") or {}
     if states.get("strict_gate") == "success" and gate.get("status") == "pass":
         return FLIP, gate.get("reason", "no plaintext callers")
+    callers = (gate.get("extra") or {}).get("plaintext_callers") or []
+    if callers:
+        return STAY, f"plaintext callers still calling when the STRICT gate timed out: {'; '.join(callers)}"
     return STAY, f"STRICT gate {gate.get('status', 'error')}: {gate.get('reason', 'did not report')}"
 
 
@@ -84,10 +87,14 @@ def _verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _after_values(results: dict[str, Any]) -> dict[str, Any]:
     """The last application values seen by the soak (the 'after' column of the report)."""
+    found: dict[str, Any] = {}
     for v in (results.get("soak") or {}).get("result", {}).get("verdicts", []):
+        values = v.get("values") or {}
         if v.get("check") == "app_success_rate":
-            return {"success_rate": (v.get("values") or {}).get("success_rate")}
-    return {}
+            found["success_rate"] = values.get("success_rate")
+        elif v.get("check") == "app_latency_p99":
+            found["p99_ms"] = values.get("p99_ms")
+    return found
 
 
 def outcome(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
