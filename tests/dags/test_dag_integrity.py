@@ -1,0 +1,89 @@
+"""The DAG files parse without network or database, build what the plan says, and a bad plan stays local."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshwave.plan import load_plan
+from meshwave.wave import ROOT
+
+DAGS = ROOT / "dags"
+SEED_PLAN = ROOT / "include" / "plans" / "seed-fleet.yaml"
+GROUP_TASKS = 23
+
+
+@pytest.fixture(autouse=True)
+def airflow_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))
+    monkeypatch.setenv("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+
+def dagbag(folder: Path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(folder))
+
+
+def test_project_dags_parse_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_network(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"network call at parse time: {args}")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    bag = dagbag(DAGS)
+    assert bag.import_errors == {}
+    plan = load_plan(SEED_PLAN)
+    assert set(bag.dags) == {plan.dag_id(w) for w in plan.waves}
+    for wave in plan.waves:
+        dag = bag.dags[plan.dag_id(wave)]
+        assert dag.doc_md and wave.name in dag.doc_md
+        assert dag.params["dry_run"] is False
+        assert len(dag.tasks) == 2 + len(wave.services) * GROUP_TASKS + (-(-len(wave.services) // 3) - 1)
+        for svc in wave.services:
+            group = next(t for t in dag.tasks if t.task_id.endswith(f".{svc.workload.replace('-', '_')}.outcome"))
+            assert group.trigger_rule == "all_done"
+
+
+def test_a_group_is_wired_as_documented() -> None:
+    dag = dagbag(DAGS).dags["meshwave_seed_fleet_wave_1"]
+    prefix = "batch_1.admin_portal."
+    down = {t.task_id.removeprefix(prefix): sorted(d.removeprefix(prefix) for d in t.downstream_task_ids)
+            for t in dag.tasks if t.task_id.startswith(prefix)}
+    assert down["preflight"] == ["baseline"]
+    assert down["after_rollout"] == ["not_started", "rollback_after_rollout", "soak"]
+    assert down["after_soak"] == ["hold_permissive", "rollback_after_soak", "strict_gate"]
+    assert down["after_strict_gate"] == ["flip_strict", "stay_permissive"]
+    assert down["after_strict"] == ["back_to_permissive", "strict_done"]
+    assert down["rollback_injection"] == ["wait_rollback"]
+    sensors = [t for t in dag.tasks if t.task_id.startswith(prefix) and t.task_type.endswith("Sensor")]
+    assert {t.task_id.removeprefix(prefix) for t in sensors} == {
+        "wait_rollout", "soak", "strict_gate", "verify_strict", "verify_recovery", "wait_rollback"}
+
+
+def test_a_bad_plan_is_an_import_error_of_its_own_file_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    plans, dags = tmp_path / "plans", tmp_path / "dags"
+    plans.mkdir()
+    dags.mkdir()
+    good = yaml.safe_load(SEED_PLAN.read_text())
+    bad = yaml.safe_load(SEED_PLAN.read_text())
+    bad["migration"] = "broken"
+    bad["waves"][0]["services"][1]["namespace"] = "Edge"
+    (plans / "good.yaml").write_text(yaml.safe_dump(good))
+    (plans / "bad.yaml").write_text(yaml.safe_dump(bad))
+    for name in ("good", "bad"):
+        (dags / f"{name}.py").write_text(f'"""airflow dag factory"""\nfrom meshwave.wave import wave_dags\n'
+                                         f'globals().update(wave_dags("{name}.yaml"))\n')
+    monkeypatch.setenv("MESHWAVE_PLANS_DIR", str(plans))
+    bag = dagbag(dags)
+    message = f"{plans / 'bad.yaml'}: waves[0].services[1].namespace: 'Edge' is not a valid RFC 1123 label"
+    assert list(bag.import_errors) == [str(dags / "bad.py")]
+    assert message in bag.import_errors[str(dags / "bad.py")]
+    assert "meshwave_seed_fleet_wave_1" in bag.dags, "the good plan's DAGs still load"
+    cli = subprocess.run([sys.executable, "-m", "meshwave.cli", "plan", "validate", str(plans / "bad.yaml")],
+                         capture_output=True, text=True)
+    assert cli.returncode == 1 and message in cli.stderr
