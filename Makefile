@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: setup prometheus test lint unit lab-up help
+.PHONY: setup prometheus test lint unit lab-up help demo stop
 
 help:
 	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
@@ -39,3 +39,9 @@ test: setup lint
 
 lab-up: setup
 	$(BIN)/meshlab serve --topology include/lab/small.yaml --kubeconfig-dir .meshlab --metrics-port 9464
+
+demo: setup
+	$(BIN)/python include/demo/demo.py start
+
+stop:
+	@test -x $(BIN)/python && $(BIN)/python include/demo/demo.py stop || true

@@ -185,9 +185,9 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
         @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
         def outcome(**context: Any) -> dict[str, Any]:
             state = GroupState(context, prefix)
-            if wave_error_task:
-                if wave_error := context["ti"].xcom_pull(task_ids=wave_error_task, key="error"):
-                    state.errors["wave"] = wave_error
+            wave_error = context["ti"].xcom_pull(task_ids=wave_error_task, key="error") if wave_error_task else None
+            if wave_error:
+                state.errors["wave"] = wave_error
             record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions,
                                        bool(context["params"].get("dry_run")))
             context["ti"].xcom_push(key="record", value=record)
