@@ -120,6 +120,19 @@ def test_clearing_a_finished_group_changes_nothing_more(stack: Stack) -> None:
     assert after == before
 
 
+def test_dry_run_logs_the_changes_and_applies_none(stack: Stack) -> None:
+    apps = stack.k8s()[1]
+    before = apps.read_namespaced_deployment("store", "hold").metadata.resource_version
+    run_id, state = stack.run(HOLD, conf={"dry_run": True}, timeout=600)
+    record = stack.records(HOLD, run_id)["store"]
+    assert state == "success" and record["outcome"] == "planned", record
+    planned = [c for c in record["changes"] if c["dry_run"]]
+    assert planned and not any(c["applied"] for c in record["changes"])
+    assert any("sidecar.istio.io/inject" in str(c["request"]) for c in planned), planned
+    assert apps.read_namespaced_deployment("store", "hold").metadata.resource_version == before
+    assert pa_mode(stack, "hold", "store") is None
+
+
 def test_prometheus_down_during_the_soak_holds_and_never_flips(stack: Stack) -> None:
     stack.airflow.wait_for_dag(HOLD)
     run_id = stack.airflow.trigger(HOLD)
