@@ -1,0 +1,430 @@
+"""meshwave.steps: preflight (the sidecar memory headroom), baseline, inject, set_mtls, rollback_injection.
+
+Against a fake MeshKube (same signatures as the real one, records its calls, answers with `Change` records)
+and a fake Prometheus source that answers the rendered queries.yaml templates (no network, no cluster).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import re
+from typing import Any
+
+import pytest
+
+from meshwave import prometheus as p
+from meshwave import steps
+from meshwave.changes import Change
+from meshwave.kube import (
+    EXCLUDE_INBOUND,
+    EXCLUDE_OUTBOUND,
+    INJECT_LABEL,
+    SIDECAR_RESOURCES,
+    MeshKube,
+    WorkloadNotFound,
+    WorkloadState,
+    workload_state,
+)
+from meshwave.plan import parse_plan
+from meshwave.steps import Blocked, Service
+
+MI = 2**20
+NS, WL = "shop", "payment"
+
+
+# ---- fakes ---------------------------------------------------------------------------------------------------
+class FakeSource:
+    """Answers the rendered queries it was given; any other query is an empty vector. Records what it was asked."""
+
+    def __init__(self, cluster: str | None = None, window: str = "60s") -> None:
+        self.cluster = cluster
+        self.window = window
+        self.answers: dict[str, float | list[p.Sample] | Exception] = {}
+        self.seen: list[str] = []
+
+    def query(self, name: str, cluster: str | None = None) -> str:
+        return p.render(name, namespace=NS, workload=WL, window=self.window, cluster=cluster)
+
+    def set(self, name: str, value: float | list[p.Sample] | Exception, cluster: str | None = None) -> FakeSource:
+        self.answers[self.query(name, cluster)] = value
+        return self
+
+    def instant(self, query: str) -> list[p.Sample]:
+        self.seen.append(query)
+        value = self.answers.get(query)
+        if isinstance(value, Exception):
+            raise value
+        if value is None:
+            return []
+        if isinstance(value, list):
+            return value
+        return [p.Sample({}, float(value), 1.0)]
+
+
+def memory(*used_mi: float, containers: tuple[str, ...] = (WL,)) -> list[p.Sample]:
+    """app_memory_bytes as Prometheus answers it: one sample per application container."""
+    return [p.Sample({"container": c}, mi * MI, 1.0) for c, mi in zip(containers, used_mi, strict=True)]
+
+
+def deployment_state(limit: str | None = "512Mi", containers: tuple[str, ...] = (WL,),
+                     annotations: dict[str, str] | None = None) -> WorkloadState:
+    """A WorkloadState parsed by the real parser from the API's deployment object."""
+    spec_containers = []
+    for i, name in enumerate(containers):
+        resources: dict[str, Any] = {"requests": {"cpu": "100m", "memory": "128Mi"}}
+        if limit is not None and i == 0:
+            resources["limits"] = {"memory": limit}
+        spec_containers.append({"name": name, "image": f"registry.lab/{name}:1.4.2", "resources": resources})
+    deployment = {
+        "metadata": {"name": WL, "namespace": NS, "generation": 3, "resourceVersion": "81723"},
+        "spec": {"replicas": 2, "selector": {"matchLabels": {"app": WL}},
+                 "template": {"metadata": {"labels": {"app": WL}, "annotations": dict(annotations or {})},
+                              "spec": {"containers": spec_containers}}},
+        "status": {"observedGeneration": 3, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2,
+                   "availableReplicas": 2},
+    }
+    return workload_state("lab", deployment, [])
+
+
+class FakeKube:
+    """MeshKube's surface used by the steps: reads answer from a WorkloadState, writes are recorded."""
+
+    def __init__(self, state: WorkloadState | None = None, mtls: str | None = None,
+                 workload_error: Exception | None = None) -> None:
+        self.state = state or deployment_state()
+        self.mtls = mtls
+        self.workload_error = workload_error
+        self.calls: list[tuple[str, tuple[Any, ...]]] = []
+
+    def _change(self, action: str, target: str, before: Any, after: Any, reason: str) -> Change:
+        return Change("lab", action, target, before, after, applied=True, reason=reason, resource_version="81724")
+
+    def workload(self, ns: str, name: str) -> WorkloadState:
+        self.calls.append(("workload", (ns, name)))
+        if self.workload_error:
+            raise self.workload_error
+        return self.state
+
+    def selector(self, ns: str, name: str) -> dict[str, str]:
+        self.calls.append(("selector", (ns, name)))
+        return {"app": name}
+
+    def current_mtls(self, ns: str, workload: str) -> str | None:
+        self.calls.append(("current_mtls", (ns, workload)))
+        return self.mtls
+
+    def ensure_sidecar_resources(self, ns: str, name: str, cpu: str | None = None, memory: str | None = None,
+                                 cpu_limit: str | None = None, memory_limit: str | None = None) -> Change:
+        given = {"cpu": cpu, "memory": memory, "cpu_limit": cpu_limit, "memory_limit": memory_limit}
+        self.calls.append(("ensure_sidecar_resources", (ns, name, given)))
+        wanted = {SIDECAR_RESOURCES[k]: v for k, v in given.items() if v is not None}
+        return self._change("set-sidecar-resources", f"deployment {ns}/{name}", {k: None for k in wanted}, wanted,
+                            "sidecar resource annotations; the template change recreates the pods")
+
+    def ensure_exclusions(self, ns: str, name: str, inbound_ports: Any = None, outbound_ports: Any = None) -> Change:
+        self.calls.append(("ensure_exclusions", (ns, name, inbound_ports, outbound_ports)))
+        wanted = {k: ",".join(map(str, v)) for k, v in ((EXCLUDE_INBOUND, inbound_ports),
+                                                        (EXCLUDE_OUTBOUND, outbound_ports)) if v is not None}
+        return self._change("set-exclusions", f"deployment {ns}/{name}", {k: None for k in wanted}, wanted,
+                            "traffic exclusion annotations; the template change recreates the pods")
+
+    def ensure_injected(self, ns: str, name: str, mode: str) -> list[Change]:
+        self.calls.append(("ensure_injected", (ns, name, mode)))
+        if mode == "namespace":
+            return [self._change("label-namespace", f"namespace {ns}", {"istio-injection": None},
+                                 {"istio-injection": "enabled"}, "namespace labelled"),
+                    self._change("restart", f"deployment {ns}/{name}", None, {}, "restarting once")]
+        return [self._change("label-workload", f"deployment {ns}/{name}", {INJECT_LABEL: None},
+                             {INJECT_LABEL: "true"}, "pod template label; the template change rolls the pods")]
+
+    def ensure_mtls(self, ns: str, workload: str, selector_labels: dict[str, str], mode: str) -> Change:
+        self.calls.append(("ensure_mtls", (ns, workload, selector_labels, mode)))
+        before = {"mode": self.mtls, "selector": selector_labels} if self.mtls else None
+        return self._change("set-mtls", f"peerauthentication {ns}/meshwave-{workload}", before,
+                            {"mode": mode, "selector": selector_labels}, f"{self.mtls} -> {mode}")
+
+    def remove_injection(self, ns: str, name: str) -> list[Change]:
+        self.calls.append(("remove_injection", (ns, name)))
+        return [self._change("remove-injection", f"deployment {ns}/{name}", {INJECT_LABEL: "true"},
+                             {INJECT_LABEL: "false"}, "pod template label false; the template change rolls the pods")]
+
+    def names(self) -> list[str]:
+        return [name for name, _ in self.calls]
+
+
+def service(defaults: dict[str, Any] | None = None, **own: Any) -> Service:
+    plan = parse_plan({
+        "migration": "shop-mesh",
+        "clusters": {"lab": {"kubernetes_conn_id": "k8s_lab", "prometheus_conn_id": "prom_lab"}},
+        "defaults": {"soak_seconds": 60, "batch_size": 2, **(defaults or {})},
+        "waves": [{"name": "wave-1", "services": [
+            {"cluster": "lab", "namespace": "shop", "workload": "auth"},
+            {"cluster": "lab", "namespace": NS, "workload": WL, "criticality": "critical", **own},
+        ]}],
+    })
+    svc = plan.waves[0].services[1]
+    return Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], batch=1)
+
+
+def down() -> p.PrometheusUnavailable:
+    return p.PrometheusUnavailable("Prometheus at http://prometheus.lab:9090: cannot connect: "
+                                   "[Errno 111] Connection refused")
+
+
+def test_the_fake_kube_has_the_real_signatures() -> None:
+    for name in ("workload", "selector", "current_mtls", "ensure_sidecar_resources", "ensure_exclusions",
+                 "ensure_injected", "ensure_mtls", "remove_injection"):
+        real = list(inspect.signature(getattr(MeshKube, name)).parameters)
+        fake = list(inspect.signature(getattr(FakeKube, name)).parameters)
+        assert fake == real, name
+
+
+# ---- preflight: the memory headroom --------------------------------------------------------------------------
+def test_headroom_ok_reports_the_numbers_and_changes_nothing() -> None:
+    kube, source = FakeKube(deployment_state("512Mi")), FakeSource().set("app_memory_bytes", memory(200))
+    result = steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+    assert result["headroom"] == "limit 512Mi, app uses up to 200Mi, headroom 312Mi >= the sidecar's expected 128Mi"
+    assert result["replicas"] == 2 and result["app_container"] == WL
+    assert result["changes"] == []
+    assert kube.names() == ["workload"]
+    assert source.seen == [source.query("app_memory_bytes")]
+    assert isinstance(result["seconds"], float) and 0 <= result["seconds"] < 5
+
+
+def test_headroom_exactly_the_sidecar_fits() -> None:
+    source = FakeSource().set("app_memory_bytes", memory(200))
+    result = steps.preflight(service(), FakeKube(deployment_state("328Mi")), source)  # type: ignore[arg-type]
+    assert result["headroom"] == "limit 328Mi, app uses up to 200Mi, headroom 128Mi >= the sidecar's expected 128Mi"
+
+
+def test_headroom_too_small_is_blocked_with_the_numbers_before_any_change() -> None:
+    kube = FakeKube(deployment_state("256Mi"))
+    source = FakeSource().set("app_memory_bytes", memory(200))
+    with pytest.raises(Blocked) as info:
+        steps.preflight(service(sidecar={"cpu": "100m"}, exclude_inbound_ports=[8081]), kube,  # type: ignore[arg-type]
+                        source)
+    assert str(info.value) == (
+        "limit 256Mi, app uses up to 200Mi, headroom 56Mi < the sidecar's expected 128Mi: the pod would be "
+        "OOMKilled. Raise the memory limit, or give the sidecar a limit of its own in the plan (sidecar.memory_limit)")
+    assert kube.names() == ["workload"]  # blocked: no annotation was written
+
+
+def test_the_plan_s_expected_sidecar_memory_is_what_must_fit() -> None:
+    source = FakeSource().set("app_memory_bytes", memory(200))
+    small = steps.preflight(service(sidecar={"expected_memory_mi": 48}), FakeKube(deployment_state("256Mi")),  # type: ignore[arg-type]
+                            source)
+    assert small["headroom"] == "limit 256Mi, app uses up to 200Mi, headroom 56Mi >= the sidecar's expected 48Mi"
+    with pytest.raises(Blocked, match=r"headroom 312Mi < the sidecar's expected 320Mi"):
+        steps.preflight(service(defaults={"sidecar": {"expected_memory_mi": 320}}),  # type: ignore[arg-type]
+                        FakeKube(deployment_state("512Mi")), source)
+
+
+def test_the_largest_finite_usage_counts() -> None:
+    samples = [p.Sample({"container": WL}, math.nan), p.Sample({"container": WL}, 150.0 * MI),
+               p.Sample({"container": WL}, 410.0 * MI), p.Sample({"container": WL}, math.inf)]
+    source = FakeSource().set("app_memory_bytes", samples)
+    with pytest.raises(Blocked, match=r"^limit 512Mi, app uses up to 410Mi, headroom 102Mi < "):
+        steps.preflight(service(), FakeKube(deployment_state("512Mi")), source)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("answer", [[], [p.Sample({"container": WL}, math.nan)]], ids=["no series", "only NaN"])
+def test_no_memory_data_is_blocked(answer: list[p.Sample]) -> None:
+    source = FakeSource().set("app_memory_bytes", answer)
+    kube = FakeKube(deployment_state("512Mi"))
+    with pytest.raises(Blocked) as info:
+        steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+    assert str(info.value) == (f"no memory data for shop/payment in Prometheus: cannot check that a 128Mi sidecar "
+                               f"fits (query: {source.query('app_memory_bytes')})")
+    assert kube.names() == ["workload"]
+
+
+@pytest.mark.parametrize("error", [
+    down(),
+    p.PrometheusQueryError("Prometheus at http://prometheus.lab:9090 rejected the query (HTTP 422 execution: "
+                           "query timed out)"),
+], ids=["unavailable", "query error"])
+def test_prometheus_failing_is_blocked(error: p.PrometheusError) -> None:
+    source = FakeSource().set("app_memory_bytes", error)
+    with pytest.raises(Blocked) as info:
+        steps.preflight(service(), FakeKube(deployment_state("512Mi")), source)  # type: ignore[arg-type]
+    assert str(info.value) == f"cannot check memory headroom: {error}"
+
+
+def test_no_memory_limit_fits_without_asking_prometheus() -> None:
+    source = FakeSource().set("app_memory_bytes", down())
+    result = steps.preflight(service(sidecar={"expected_memory_mi": 96}), FakeKube(deployment_state(None)),  # type: ignore[arg-type]
+                             source)
+    assert result["headroom"] == "the app container has no memory limit: a 96Mi sidecar fits"
+    assert source.seen == []
+    assert result["changes"] == []
+
+
+def test_a_plan_sidecar_memory_limit_replaces_the_headroom_check_and_is_applied() -> None:
+    kube = FakeKube(deployment_state("256Mi"))
+    source = FakeSource().set("app_memory_bytes", memory(250))  # no headroom at all: not even asked
+    svc = service(sidecar={"memory": "96Mi", "memory_limit": "192Mi", "cpu": "50m"})
+    result = steps.preflight(svc, kube, source)  # type: ignore[arg-type]
+    assert result["headroom"] == "the sidecar gets its own memory limit 192Mi (plan)"
+    assert source.seen == []
+    assert kube.calls[1] == ("ensure_sidecar_resources",
+                             (NS, WL, {"cpu": "50m", "memory": "96Mi", "cpu_limit": None, "memory_limit": "192Mi"}))
+    [change] = result["changes"]
+    assert change["action"] == "set-sidecar-resources" and change["applied"] is True
+    assert change["after"] == {"sidecar.istio.io/proxyCPU": "50m", "sidecar.istio.io/proxyMemory": "96Mi",
+                               "sidecar.istio.io/proxyMemoryLimit": "192Mi"}
+    assert Change.from_dict(change).target == "deployment shop/payment"  # JSON-safe ledger record
+
+
+def test_sidecar_annotations_without_a_memory_limit_still_check_the_headroom() -> None:
+    kube = FakeKube(deployment_state("512Mi"))
+    source = FakeSource().set("app_memory_bytes", memory(200))
+    result = steps.preflight(service(sidecar={"cpu": "100m", "cpu_limit": "500m"}), kube, source)  # type: ignore[arg-type]
+    assert result["headroom"].endswith("headroom 312Mi >= the sidecar's expected 128Mi")
+    assert source.seen == [source.query("app_memory_bytes")]
+    assert kube.calls[1] == ("ensure_sidecar_resources",
+                             (NS, WL, {"cpu": "100m", "memory": None, "cpu_limit": "500m", "memory_limit": None}))
+    assert [c["action"] for c in result["changes"]] == ["set-sidecar-resources"]
+
+
+@pytest.mark.parametrize(("own", "inbound", "outbound"), [
+    ({"exclude_inbound_ports": [8081, 9090]}, [8081, 9090], None),
+    ({"exclude_outbound_ports": [5432]}, None, [5432]),
+    ({"exclude_inbound_ports": [8081], "exclude_outbound_ports": [5432, 6379]}, [8081], [5432, 6379]),
+])
+def test_exclusions_are_applied_one_direction_left_alone_when_not_planned(own: dict[str, Any], inbound: Any,
+                                                                          outbound: Any) -> None:
+    kube = FakeKube(deployment_state("512Mi"))
+    result = steps.preflight(service(**own), kube, FakeSource().set("app_memory_bytes", memory(200)))  # type: ignore[arg-type]
+    assert kube.calls[1:] == [("ensure_exclusions", (NS, WL, inbound, outbound))]
+    assert [c["action"] for c in result["changes"]] == ["set-exclusions"]
+
+
+def test_sidecar_resources_then_exclusions_both_recorded() -> None:
+    kube = FakeKube(deployment_state("512Mi"))
+    svc = service(sidecar={"memory_limit": "256Mi"}, exclude_outbound_ports=[5432])
+    result = steps.preflight(svc, kube, FakeSource())  # type: ignore[arg-type]
+    assert kube.names() == ["workload", "ensure_sidecar_resources", "ensure_exclusions"]
+    assert [c["action"] for c in result["changes"]] == ["set-sidecar-resources", "set-exclusions"]
+
+
+def test_a_missing_workload_is_an_error_not_a_block_and_nothing_is_queried() -> None:
+    source = FakeSource().set("app_memory_bytes", memory(200))
+    kube = FakeKube(workload_error=WorkloadNotFound("cluster lab: GET deployment shop/payment: 404 NotFound",
+                                                    code=404))
+    with pytest.raises(WorkloadNotFound):
+        steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+    assert source.seen == []
+
+
+@pytest.mark.xfail(strict=True, reason="preflight renders app_memory_bytes without the source's cluster: with one "
+                                       "Prometheus for several clusters it measures every cluster's pods")
+def test_the_headroom_query_is_restricted_to_the_source_s_cluster() -> None:
+    source = FakeSource(cluster="lab")
+    source.set("app_memory_bytes", memory(200), cluster="lab")
+    source.set("app_memory_bytes", memory(480))  # no cluster matcher: the busier namesake in another cluster
+    result = steps.preflight(service(), FakeKube(deployment_state("512Mi")), source)  # type: ignore[arg-type]
+    assert source.seen == [source.query("app_memory_bytes", cluster="lab")]
+    assert result["headroom"].startswith("limit 512Mi, app uses up to 200Mi, headroom 312Mi")
+
+
+@pytest.mark.xfail(strict=True, reason="preflight compares the largest working set of ANY non-proxy container with "
+                                       "the memory limit of the app container only (multi-container pods)")
+def test_the_headroom_is_the_app_container_s_own() -> None:
+    # payment: limit 256Mi, uses 100Mi; the cache container beside it uses 300Mi under a limit of its own.
+    state = deployment_state("256Mi", containers=(WL, "cache"))
+    assert state.app_container == WL and state.memory_limit_bytes == 256 * MI
+    source = FakeSource().set("app_memory_bytes", memory(100, 300, containers=(WL, "cache")))
+    result = steps.preflight(service(), FakeKube(state), source)  # type: ignore[arg-type]
+    assert result["headroom"] == "limit 256Mi, app uses up to 100Mi, headroom 156Mi >= the sidecar's expected 128Mi"
+
+
+@pytest.mark.xfail(strict=True, reason="the Blocked message rounds the headroom: 127.6Mi is shown as 'headroom "
+                                       "128Mi < the sidecar's expected 128Mi', a contradiction")
+def test_a_blocked_message_never_contradicts_itself() -> None:
+    source = FakeSource().set("app_memory_bytes", memory(128.4))
+    with pytest.raises(Blocked) as info:
+        steps.preflight(service(), FakeKube(deployment_state("256Mi")), source)  # type: ignore[arg-type]
+    found = re.search(r"headroom (\S+)Mi < the sidecar's expected (\S+)Mi", str(info.value))
+    assert found, str(info.value)
+    assert float(found[1]) < float(found[2]), str(info.value)
+
+
+# ---- baseline, inject, set_mtls ------------------------------------------------------------------------------
+def test_baseline_measures_the_app_over_the_plan_s_window() -> None:
+    source = FakeSource(window="30s")
+    for name, value in (("app_success_rate", 0.998), ("app_request_rate", 38.5), ("app_request_count", 1155.0),
+                        ("app_latency_p50_ms", 6.0), ("app_latency_p99_ms", 14.2)):
+        source.set(name, value)
+    source.set("app_memory_bytes", memory(210))
+    result = steps.baseline(service(query_window_seconds=30), source)  # type: ignore[arg-type]
+    base = result["baseline"]
+    assert (base["namespace"], base["workload"], base["window"]) == (NS, WL, "30s")
+    assert (base["success_rate"], base["request_rate"], base["request_count"], base["p50_ms"], base["p99_ms"]) == \
+        (0.998, 38.5, 1155.0, 6.0, 14.2)
+    assert base["app_memory_bytes"] == {WL: 210.0 * MI}
+    assert base["notes"] == []
+    assert "seconds" in result
+
+
+def test_baseline_without_prometheus_records_why_instead_of_failing() -> None:
+    source = FakeSource().set("app_success_rate", down())
+    base = steps.baseline(service(), source)["baseline"]  # type: ignore[arg-type]
+    assert base["success_rate"] is None and base["p99_ms"] is None
+    assert base["notes"][0]["outcome"] == "error" and "Connection refused" in base["notes"][0]["reason"]
+
+
+@pytest.mark.parametrize(("own", "mode", "actions"), [
+    ({}, "workload", ["label-workload"]),
+    ({"injection": "namespace"}, "namespace", ["label-namespace", "restart"]),
+])
+def test_inject_uses_the_plan_s_injection_mode(own: dict[str, Any], mode: str, actions: list[str]) -> None:
+    kube = FakeKube()
+    result = steps.inject(service(**own), kube)  # type: ignore[arg-type]
+    assert kube.calls == [("ensure_injected", (NS, WL, mode))]
+    assert [c["action"] for c in result["changes"]] == actions
+    assert "seconds" in result
+
+
+@pytest.mark.parametrize("mode", ["STRICT", "PERMISSIVE"])
+def test_set_mtls_selects_the_deployment_s_pods(mode: str) -> None:
+    kube = FakeKube(mtls="PERMISSIVE" if mode == "STRICT" else "STRICT")
+    result = steps.set_mtls(service(), kube, mode)  # type: ignore[arg-type]
+    assert kube.calls == [("selector", (NS, WL)), ("ensure_mtls", (NS, WL, {"app": WL}, mode))]
+    assert result["mode"] == mode
+    [change] = result["changes"]
+    assert change["action"] == "set-mtls" and change["after"] == {"mode": mode, "selector": {"app": WL}}
+
+
+# ---- rollback_injection --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("current", ["STRICT", "UNSET"])
+def test_rollback_sets_permissive_first_when_a_non_permissive_policy_exists(current: str) -> None:
+    kube = FakeKube(mtls=current)
+    result = steps.rollback_injection(service(), kube)  # type: ignore[arg-type]
+    assert kube.calls == [("current_mtls", (NS, WL)), ("selector", (NS, WL)),
+                          ("ensure_mtls", (NS, WL, {"app": WL}, "PERMISSIVE")), ("remove_injection", (NS, WL))]
+    assert [c["action"] for c in result["changes"]] == ["set-mtls", "remove-injection"]
+    assert result["changes"][0]["after"]["mode"] == "PERMISSIVE"
+
+
+@pytest.mark.parametrize("current", [None, "PERMISSIVE"])
+def test_rollback_leaves_mtls_alone_when_permissive_or_no_policy(current: str | None) -> None:
+    kube = FakeKube(mtls=current)
+    result = steps.rollback_injection(service(), kube)  # type: ignore[arg-type]
+    assert kube.names() == ["current_mtls", "remove_injection"]
+    assert [c["action"] for c in result["changes"]] == ["remove-injection"]
+    assert result["changes"][0]["after"] == {INJECT_LABEL: "false"}
+    assert "seconds" in result
+
+
+# ---- Service -------------------------------------------------------------------------------------------------
+def test_service_settings_thresholds_and_gate_policy() -> None:
+    svc = service(defaults={"min_requests": 25, "breaches_to_fail": 4}, query_window_seconds=45,
+                  thresholds={"max_success_drop": 0.05, "sidecar_memory_limit_mi": 200})
+    assert svc.window == "45s"
+    assert svc.plan.key == "lab/shop/payment" and svc.cluster.prometheus_conn_id == "prom_lab" and svc.batch == 1
+    assert svc.thresholds() == {"max_success_drop": 0.05, "max_p99_increase_ms": 250, "max_p99_ratio": 2.0,
+                                "max_restarts": 0, "sidecar_memory_limit_mi": 200, "min_requests": 25,
+                                "min_inbound_ratio": 0.5}
+    assert svc.gate_policy() == {"breaches_to_fail": 4, "default": {"on_no_data": "wait", "on_error": "wait"}}
+    assert svc.gate_policy("fail")["default"]["on_no_data"] == "fail"
