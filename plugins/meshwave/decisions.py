@@ -22,11 +22,15 @@ FLIP, STAY = "flip_strict", "stay_permissive"
 STRICT_DONE, BACK = "strict_done", "back_to_permissive"
 
 
-def after_rollout(results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
-    """(next step, why). Injection never attempted: nothing to undo. Rollout not done: roll back."""
+def after_rollout(results: dict[str, Any], states: dict[str, str | None],
+                  errors: dict[str, str] | None = None) -> tuple[str, str]:
+    """(next step, why). Injection never attempted or refused: nothing to undo. Rollout not done: roll back."""
+    errors = errors or {}
     if states.get("inject") != "success":
         if states.get("preflight") != "success" or states.get("baseline") != "success":
             return NOT_STARTED, "not started: preflight or baseline did not pass"
+        if str(errors.get("inject", "")).startswith("blocked:"):
+            return NOT_STARTED, f"injection refused before any change: {errors['inject']}"
         return ROLLBACK_AFTER_ROLLOUT, "injection failed part-way: undo whatever was applied"
     rollout = results.get("wait_rollout") or {}
     if states.get("wait_rollout") != "success":
@@ -124,13 +128,15 @@ def _final_state(svc: Service, results: dict[str, Any], states: dict[str, str | 
     if states.get("preflight") in (None, "skipped", "upstream_failed"):
         return {"outcome": "skipped", "mtls": None, "sidecar": False,
                 "reason": "not started: " + (errors.get("wave") or "the wave stopped before this batch")}
-    if dry_run:
-        return {"outcome": "planned", "mtls": None, "sidecar": False,
-                "reason": "dry run: the changes listed were logged, none applied"}
-    for step in ("preflight", "baseline"):
+    for step in ("preflight", "baseline"):  # read-only steps: they run for real in a dry run too
         if states.get(step) in BROKEN:
             return {"outcome": "blocked", "mtls": None, "sidecar": False,
                     "reason": f"{step}: {errors.get(step, 'failed')}"}
+    if dry_run:
+        return {"outcome": "planned", "mtls": None, "sidecar": False,
+                "reason": "dry run: the changes listed were logged, none applied"}
+    if states.get("inject") in BROKEN and str(errors.get("inject", "")).startswith("blocked:"):
+        return {"outcome": "blocked", "mtls": None, "sidecar": False, "reason": f"inject: {errors['inject']}"}
     if states.get("rollback_injection") in RAN or states.get("rollback_injection") in BROKEN:
         undone = done("rollback_injection") and done("wait_rollback") and \
             (results.get("wait_rollback") or {}).get("status") == "done"
@@ -138,7 +144,8 @@ def _final_state(svc: Service, results: dict[str, Any], states: dict[str, str | 
             decisions.get("after_soak")
         if not undone:
             problem = errors.get("rollback_injection") or errors.get("wait_rollback") or \
-                (results.get("wait_rollback") or {}).get("message")
+                (results.get("wait_rollback") or {}).get("message") or \
+                f"rollback_injection {states.get('rollback_injection')}, wait_rollback {states.get('wait_rollback')}"
             return {"outcome": "failed", "mtls": None, "sidecar": None,
                     "reason": f"rollback did not complete ({problem}); it was rolled back because {why}"}
         return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": False, "reason": why}

@@ -200,7 +200,8 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
             decisions.NOT_STARTED, decisions.HOLD, decisions.STAY, decisions.STRICT_DONE,
             decisions.ROLLBACK_AFTER_ROLLOUT, decisions.ROLLBACK_AFTER_SOAK)}
 
-        after_rollout = _branch("after_rollout", prefix, lambda g: decisions.after_rollout(g.results, g.states))
+        after_rollout = _branch("after_rollout", prefix,
+                                lambda g: decisions.after_rollout(g.results, g.states, g.errors))
         after_soak = _branch("after_soak", prefix, lambda g: decisions.after_soak(svc, g.results, g.states))
         after_gate = _branch("after_strict_gate", prefix, lambda g: decisions.after_strict_gate(g.results, g.states))
         after_strict = _branch("after_strict", prefix, lambda g: decisions.after_strict(svc, g.results, g.states))

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshwave.checks import Thresholds, measure_baseline
-from meshwave.kube import MeshKube
+from meshwave.kube import InjectionBlocked, MeshKube
 from meshwave.plan import ClusterConfig, ServicePlan, Settings
 from meshwave.prometheus import PrometheusError, PrometheusSource, render
 
@@ -59,7 +59,7 @@ def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> dict[st
     if sidecar.memory_limit:
         result["headroom"] = f"the sidecar gets its own memory limit {sidecar.memory_limit} (plan)"
     else:
-        result["headroom"] = _memory_headroom(svc, w.memory_limit_bytes, source)
+        result["headroom"] = _memory_headroom(svc, w.memory_limit_bytes, w.app_container, source)
     if sidecar.annotations:
         change = kube.ensure_sidecar_resources(p.namespace, p.workload, **_sidecar_kwargs(svc))
         result["changes"].append(change.to_dict())
@@ -76,21 +76,29 @@ def _sidecar_kwargs(svc: Service) -> dict[str, str]:
                               "memory_limit": s.memory_limit}.items() if v}
 
 
-def _memory_headroom(svc: Service, limit: int | None, source: PrometheusSource) -> str:
+def _mi(value: float) -> str:
+    """Mebibytes without a rounding that could contradict a comparison ('128' for 127.6 is not shown)."""
+    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
+
+
+def _memory_headroom(svc: Service, limit: int | None, container: str | None, source: PrometheusSource) -> str:
     p, need = svc.plan, svc.settings.sidecar.expected_memory_mi
     if limit is None:
         return f"the app container has no memory limit: a {need:g}Mi sidecar fits"
-    query = render("app_memory_bytes", namespace=p.namespace, workload=p.workload, window=svc.window)
+    query = render("app_memory_bytes", namespace=p.namespace, workload=p.workload, window=svc.window,
+                   cluster=getattr(source, "cluster", None))
     try:
         samples = source.instant(query)
     except PrometheusError as exc:
         raise Blocked(f"cannot check memory headroom: {exc}") from None
-    usage = max((s.value for s in samples if s.finite), default=None)
+    # The app container's own working set: its limit is the budget (another container has its own).
+    usage = max((s.value for s in samples if s.finite and s.labels.get("container") in (container, None)),
+                default=None)
     if usage is None:
         raise Blocked(f"no memory data for {p.namespace}/{p.workload} in Prometheus: cannot check that a "
                       f"{need:g}Mi sidecar fits (query: {query})")
     headroom = (limit - usage) / MI
-    numbers = f"limit {limit / MI:.0f}Mi, app uses up to {usage / MI:.0f}Mi, headroom {headroom:.0f}Mi"
+    numbers = f"limit {_mi(limit / MI)}Mi, app uses up to {_mi(usage / MI)}Mi, headroom {_mi(headroom)}Mi"
     if headroom < need:
         raise Blocked(f"{numbers} < the sidecar's expected {need:g}Mi: the pod would be OOMKilled. Raise the "
                       "memory limit, or give the sidecar a limit of its own in the plan (sidecar.memory_limit)")
@@ -105,7 +113,10 @@ def baseline(svc: Service, source: PrometheusSource) -> dict[str, Any]:
 
 def inject(svc: Service, kube: MeshKube) -> dict[str, Any]:
     started = time.time()
-    changes = kube.ensure_injected(svc.plan.namespace, svc.plan.workload, svc.settings.injection)
+    try:
+        changes = kube.ensure_injected(svc.plan.namespace, svc.plan.workload, svc.settings.injection)
+    except InjectionBlocked as exc:  # refused before any write: nothing to roll back
+        raise Blocked(str(exc)) from None
     return stamp({"changes": [c.to_dict() for c in changes]}, started)
 
 

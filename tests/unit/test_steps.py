@@ -317,8 +317,6 @@ def test_a_missing_workload_is_an_error_not_a_block_and_nothing_is_queried() -> 
     assert source.seen == []
 
 
-@pytest.mark.xfail(strict=True, reason="preflight renders app_memory_bytes without the source's cluster: with one "
-                                       "Prometheus for several clusters it measures every cluster's pods")
 def test_the_headroom_query_is_restricted_to_the_source_s_cluster() -> None:
     source = FakeSource(cluster="lab")
     source.set("app_memory_bytes", memory(200), cluster="lab")
@@ -328,8 +326,6 @@ def test_the_headroom_query_is_restricted_to_the_source_s_cluster() -> None:
     assert result["headroom"].startswith("limit 512Mi, app uses up to 200Mi, headroom 312Mi")
 
 
-@pytest.mark.xfail(strict=True, reason="preflight compares the largest working set of ANY non-proxy container with "
-                                       "the memory limit of the app container only (multi-container pods)")
 def test_the_headroom_is_the_app_container_s_own() -> None:
     # payment: limit 256Mi, uses 100Mi; the cache container beside it uses 300Mi under a limit of its own.
     state = deployment_state("256Mi", containers=(WL, "cache"))
@@ -339,8 +335,6 @@ def test_the_headroom_is_the_app_container_s_own() -> None:
     assert result["headroom"] == "limit 256Mi, app uses up to 100Mi, headroom 156Mi >= the sidecar's expected 128Mi"
 
 
-@pytest.mark.xfail(strict=True, reason="the Blocked message rounds the headroom: 127.6Mi is shown as 'headroom "
-                                       "128Mi < the sidecar's expected 128Mi', a contradiction")
 def test_a_blocked_message_never_contradicts_itself() -> None:
     source = FakeSource().set("app_memory_bytes", memory(128.4))
     with pytest.raises(Blocked) as info:
