@@ -131,12 +131,13 @@ def _final_state(svc: Service, results: dict[str, Any], states: dict[str, str | 
     for step in ("preflight", "baseline"):  # read-only steps: they run for real in a dry run too
         if states.get(step) in BROKEN:
             return {"outcome": "blocked", "mtls": None, "sidecar": False,
-                    "reason": f"{step}: {errors.get(step, 'failed')}"}
+                    "reason": f"{step}: {str(errors.get(step, 'failed')).removeprefix('blocked: ')}"}
     if dry_run:
         return {"outcome": "planned", "mtls": None, "sidecar": False,
                 "reason": "dry run: the changes listed were logged, none applied"}
     if states.get("inject") in BROKEN and str(errors.get("inject", "")).startswith("blocked:"):
-        return {"outcome": "blocked", "mtls": None, "sidecar": False, "reason": f"inject: {errors['inject']}"}
+        return {"outcome": "blocked", "mtls": None, "sidecar": False,
+                "reason": f"inject: {errors['inject'].removeprefix('blocked: ')}"}
     if states.get("rollback_injection") in RAN or states.get("rollback_injection") in BROKEN:
         undone = done("rollback_injection") and done("wait_rollback") and \
             (results.get("wait_rollback") or {}).get("status") == "done"

@@ -495,7 +495,8 @@ def test_blocked_by_preflight_with_its_message() -> None:
                 inject="upstream_failed", wait_rollout="upstream_failed")
     r = record(service(), {}, st, {"preflight": message})
     assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
-        {"outcome": "blocked", "mtls": None, "sidecar": False, "reason": f"preflight: {message}"}
+        {"outcome": "blocked", "mtls": None, "sidecar": False,
+         "reason": f"preflight: {message.removeprefix('blocked: ')}"}
     assert r["decisions"]["after_rollout_to"] == d.NOT_STARTED
     assert r["changes"] == []
 
@@ -588,7 +589,7 @@ def test_a_dry_run_still_reports_a_blocked_preflight() -> None:
     st = states("after_rollout", "not_started", preflight="failed", baseline="upstream_failed",
                 inject="upstream_failed", wait_rollout="upstream_failed")
     r = record(service(), {}, st, {"preflight": message}, dry_run=True)
-    assert (r["outcome"], r["reason"]) == ("blocked", f"preflight: {message}")
+    assert (r["outcome"], r["reason"]) == ("blocked", f"preflight: {message.removeprefix('blocked: ')}")
 
 
 def test_a_failed_wait_for_the_rollback_says_what_failed() -> None:
@@ -608,4 +609,4 @@ def test_an_injection_refused_before_any_change_is_blocked_not_rolled_back() -> 
                                                           f"injection refused before any change: {error}")
     st.update({"after_rollout": "success", "not_started": "success"})
     r = record(service(), {"preflight": PREFLIGHT, "baseline": BASELINE}, st, {"inject": error})
-    assert (r["outcome"], r["reason"]) == ("blocked", f"inject: {error}")
+    assert (r["outcome"], r["reason"]) == ("blocked", f"inject: {error.removeprefix('blocked: ')}")
