@@ -71,7 +71,7 @@ def after_strict(svc: Service, results: dict[str, Any], states: dict[str, str | 
     verify = results.get("verify_strict") or {}
     status = verify.get("status") if states.get("verify_strict") == "success" else "error"
     if status == "pass":
-        return STRICT_DONE, verify.get("reason", "verified")
+        return STRICT_DONE, f"STRICT verified (the service and its callers): {verify.get('reason', 'passed')}"
     if status in ("fail", "inconclusive") or svc.settings.on_no_data == "rollback":
         return BACK, f"after STRICT: {status}: {verify.get('reason')}"
     return BACK, f"after STRICT the checks ended {status}: never leave STRICT unverified: {verify.get('reason')}"

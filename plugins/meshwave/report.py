@@ -46,13 +46,27 @@ def summary(frame: pd.DataFrame) -> dict[str, int]:
     return {k: int(counts.get(k, 0)) for k in OUTCOME_ORDER if counts.get(k)}
 
 
+def _pair(before: float | None, after: float | None, digits: int) -> str:
+    def fmt(v: float | None) -> str:
+        return "-" if v is None or pd.isna(v) else f"{v:.{digits}f}"
+
+    return f"{fmt(before)} -> {fmt(after)}"
+
+
 def render(frame: pd.DataFrame) -> str:
-    """The table as it appears in the task log and `make demo`."""
-    shown = frame.drop(columns=["sidecar"]).fillna("-")
-    with pd.option_context("display.max_colwidth", 70, "display.width", 250):
-        table = shown.to_string(index=False)
+    """The table as it appears in the task log and `make demo`: the numbers, then why, per service."""
+    if frame.empty:
+        return "no services"
+    table = pd.DataFrame({
+        "service": frame["service"], "batch": frame["batch"], "outcome": frame["outcome"], "mTLS": frame["mtls"],
+        "sidecar": frame["sidecar"],
+        "success": [_pair(b, a, 3) for b, a in zip(frame["success_before"], frame["success_after"], strict=True)],
+        "p99 ms": [_pair(b, a, 0) for b, a in zip(frame["p99_before_ms"], frame["p99_after_ms"], strict=True)],
+        "changes": frame["changes"], "seconds": frame["seconds"],
+    }).to_string(index=False)
+    reasons = "\n".join(f"  {row.service}: {row.reason}" for row in frame.itertuples())
     counts = ", ".join(f"{n} {k}" for k, n in summary(frame).items())
-    return f"{table}\n\n{len(frame)} services: {counts}"
+    return f"{table}\n\nwhy:\n{reasons}\n\n{len(frame)} services: {counts}"
 
 
 def report_dir() -> Path:

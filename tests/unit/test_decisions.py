@@ -281,7 +281,7 @@ def test_after_strict_gate_a_failed_gate_task_stays_permissive() -> None:
 def test_after_strict_verified_is_done() -> None:
     st = {"flip_strict": "success", "verify_strict": "success"}
     assert d.after_strict(service(), {"flip_strict": FLIP, "verify_strict": VERIFY_PASS}, st) == \
-        (d.STRICT_DONE, "all 3 checks passed 1 poll(s) in a row")
+        (d.STRICT_DONE, "STRICT verified (the service and its callers): all 3 checks passed 1 poll(s) in a row")
 
 
 def test_after_strict_a_failed_flip_goes_back_to_permissive() -> None:
@@ -326,7 +326,8 @@ def test_strict_record_with_baseline_after_changes_verdicts_and_step_seconds() -
                 "strict_gate", "after_strict_gate", "flip_strict", "verify_strict", "after_strict", "strict_done")
     r = record(svc, results, st)
     assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
-        {"outcome": "strict", "mtls": "STRICT", "sidecar": True, "reason": "all 3 checks passed 1 poll(s) in a row"}
+        {"outcome": "strict", "mtls": "STRICT", "sidecar": True,
+         "reason": "STRICT verified (the service and its callers): all 3 checks passed 1 poll(s) in a row"}
     assert {k: r[k] for k in ("service", "cluster", "namespace", "workload", "criticality", "batch")} == \
         {"service": "lab/shop/payment", "cluster": "lab", "namespace": "shop", "workload": "payment",
          "criticality": "critical", "batch": 2}
@@ -345,7 +346,8 @@ def test_strict_record_with_baseline_after_changes_verdicts_and_step_seconds() -
                               "after_soak_to": "strict_gate",
                               "after_strict_gate": "all 1 checks passed 1 poll(s) in a row",
                               "after_strict_gate_to": "flip_strict",
-                              "after_strict": "all 3 checks passed 1 poll(s) in a row",
+                              "after_strict": "STRICT verified (the service and its callers): "
+                              "all 3 checks passed 1 poll(s) in a row",
                               "after_strict_to": "strict_done"}
     assert r["errors"] == {}
 
