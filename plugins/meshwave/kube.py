@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from meshwave.changes import ApiRequest, Change, utc_now
+from meshwave.names import rfc1123_label
 
 PROXY = "istio-proxy"
 INJECT_LABEL = "sidecar.istio.io/inject"
@@ -47,7 +48,6 @@ STARTING = ("ContainerCreating", "PodInitializing")
 ADDED_POD_LABELS = frozenset({"pod-template-hash", "security.istio.io/tlsMode", "service.istio.io/canonical-name",
                               "service.istio.io/canonical-revision", REV_LABEL})
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
@@ -144,10 +144,7 @@ def unreachable_reason(exc: BaseException, timeout: tuple[float, float]) -> str:
 # ---- validation -----------------------------------------------------------------------------------
 def validate_name(value: Any, field_name: str) -> str:
     """An RFC 1123 label (namespace, workload), checked before any request is built."""
-    if not isinstance(value, str) or len(value) > 63 or not _DNS_LABEL.match(value):
-        raise ValueError(f"{field_name} {value!r} is not a valid RFC 1123 label (lower case alphanumerics and '-', "
-                         "starting and ending with an alphanumeric, at most 63 characters)")
-    return value
+    return rfc1123_label(value, field_name)
 
 
 def validate_labels(labels: Any, field_name: str) -> dict[str, str]:

@@ -14,19 +14,13 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+from meshwave.names import rfc1123_label
+
 CONN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 
 
 class PlanError(ValueError):
     """A plan that cannot be used; the message names the file, the field and the problem."""
-
-
-def rfc1123_label(value: str) -> str:
-    if not isinstance(value, str) or len(value) > 63 or not RFC1123_LABEL.match(value):
-        raise ValueError(f"{value!r} is not a valid RFC 1123 label (lower case letters, digits and '-', "
-                         "starting and ending with a letter or digit, at most 63 characters)")
-    return value
 
 
 def _conn_id(value: str) -> str:

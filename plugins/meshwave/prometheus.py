@@ -23,11 +23,12 @@ from prometheus_api_client.prometheus_connect import PrometheusConnect
 from urllib3.exceptions import MaxRetryError
 from urllib3.util.retry import Retry
 
+from meshwave.names import rfc1123_label
+
 QUERIES_PATH = Path(__file__).resolve().parents[2] / "include" / "promql" / "queries.yaml"
 QUERIES_ENV = "MESHWAVE_PROMQL_QUERIES"  # an operator's own copy of queries.yaml
 CONNECT_TIMEOUT = 3.0  # seconds: a dead or unreachable Prometheus must not hold a trigger for minutes
 
-RFC1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 # Prometheus' own duration grammar (model.ParseDuration): units in this order, each at most once.
 DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 DURATION_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
@@ -204,10 +205,7 @@ def _samples(result: Any, query: str, where: str) -> list[Sample]:
 # ---- validation -----------------------------------------------------------------------------------------
 def validate_label(name: str, value: object) -> str:
     """An RFC 1123 label (namespace, workload, cluster), else ValueError naming the field."""
-    if not isinstance(value, str) or len(value) > 63 or not RFC1123_LABEL.match(value):
-        raise ValueError(f"{name}: {value!r} is not a valid RFC 1123 label (lower case letters, digits and '-', "
-                         "starting and ending with a letter or digit, at most 63 characters)")
-    return value
+    return rfc1123_label(value, name)
 
 
 def validate_window(value: object, name: str = "window") -> str:
