@@ -14,6 +14,7 @@ Waits are deferrable sensors (no worker slot while soaking); cluster changes rea
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
@@ -23,6 +24,7 @@ from airflow.sdk import BaseHook, TaskGroup, TriggerRule, task
 from airflow.sdk.exceptions import AirflowFailException
 
 from meshwave import decisions, steps
+from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.kube import KubeError
 from meshwave.sensors import GateSensor, RolloutSensor
@@ -43,6 +45,16 @@ def kube_for(svc: Service, context: dict[str, Any]) -> Any:
 
 def prometheus_for(svc: Service) -> Any:
     return prometheus_source(BaseHook.get_connection(svc.cluster.prometheus_conn_id))
+
+
+def logged(result: dict[str, Any]) -> dict[str, Any]:
+    """Print every change of a step in its task log, with the exact request (what a dry run would send)."""
+    for data in result.get("changes", []):
+        change = Change.from_dict(data)
+        print(change.summary())
+        if change.request is not None and (change.applied or change.dry_run):
+            print(f"    {change.request.describe()} {json.dumps(change.request.body, sort_keys=True)}")
+    return result
 
 
 @contextlib.contextmanager
@@ -108,7 +120,7 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
         @task(task_id="preflight", **RETRIES)
         def preflight(**context: Any) -> dict[str, Any]:
             with recording(context):
-                return steps.preflight(svc, kube_for(svc, context), prometheus_for(svc))
+                return logged(steps.preflight(svc, kube_for(svc, context), prometheus_for(svc)))
 
         @task(task_id="baseline", **RETRIES)
         def baseline(**context: Any) -> dict[str, Any]:
@@ -118,7 +130,7 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
         @task(task_id="inject", **RETRIES)
         def inject(**context: Any) -> dict[str, Any]:
             with recording(context):
-                return steps.inject(svc, kube_for(svc, context))
+                return logged(steps.inject(svc, kube_for(svc, context)))
 
         wait_rollout = RolloutSensor(task_id="wait_rollout", kubernetes_conn_id=svc.cluster.kubernetes_conn_id,
                                      cluster=p.cluster, namespace=p.namespace, workload=p.workload,
@@ -146,7 +158,7 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
         @task(task_id="flip_strict", **RETRIES)
         def flip_strict(**context: Any) -> dict[str, Any]:
             with recording(context):
-                return steps.set_mtls(svc, kube_for(svc, context), "STRICT")
+                return logged(steps.set_mtls(svc, kube_for(svc, context), "STRICT"))
 
         def verify_params(context: dict[str, Any]) -> dict[str, Any]:
             gate = _xcom(context, prefix, "strict_gate").get("extra", {})
@@ -164,7 +176,7 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
               retry_delay=timedelta(seconds=3))
         def back_to_permissive(**context: Any) -> dict[str, Any]:
             with recording(context):
-                return steps.set_mtls(svc, kube_for(svc, context), "PERMISSIVE")
+                return logged(steps.set_mtls(svc, kube_for(svc, context), "PERMISSIVE"))
 
         verify_recovery = GateSensor(task_id="verify_recovery", prometheus_conn_id=svc.cluster.prometheus_conn_id,
                                      stage="verify_recovery", build_params=verify_params,
@@ -175,7 +187,7 @@ def service_group(svc: Service, group_id: str, wave_error_task: str | None = Non
               retry_delay=timedelta(seconds=3))
         def rollback_injection(**context: Any) -> dict[str, Any]:
             with recording(context):
-                return steps.rollback_injection(svc, kube_for(svc, context))
+                return logged(steps.rollback_injection(svc, kube_for(svc, context)))
 
         wait_rollback = RolloutSensor(task_id="wait_rollback", kubernetes_conn_id=svc.cluster.kubernetes_conn_id,
                                       cluster=p.cluster, namespace=p.namespace, workload=p.workload,

@@ -120,6 +120,22 @@ def test_clearing_a_finished_group_changes_nothing_more(stack: Stack) -> None:
     assert after == before
 
 
+def test_a_mesh_wide_strict_policy_stops_the_wave_before_any_change(stack: Stack) -> None:
+    custom = stack.k8s()[2]
+    custom.create_namespaced_custom_object("security.istio.io", "v1", "istio-system", "peerauthentications", {
+        "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "istio-system"}, "spec": {"mtls": {"mode": "STRICT"}}})
+    try:
+        run_id, state = stack.run(HOLD, timeout=300)
+    finally:
+        custom.delete_namespaced_custom_object("security.istio.io", "v1", "istio-system", "peerauthentications",
+                                               "default")
+    record = stack.records(HOLD, run_id)["store"]
+    assert state == "failed" and record["outcome"] == "skipped", record
+    assert "mesh-wide PeerAuthentication in istio-system is STRICT" in record["reason"]
+    assert not any(proxies(stack, "hold", "store"))
+
+
 def test_dry_run_logs_the_changes_and_applies_none(stack: Stack) -> None:
     apps = stack.k8s()[1]
     before = apps.read_namespaced_deployment("store", "hold").metadata.resource_version
