@@ -18,8 +18,9 @@ SEED = ROOT / "include" / "lab" / "seed.yaml"
 VENV_BIN = Path(sys.executable).parent
 
 
-def eventually(check: Callable[[], object], timeout: float = 30, interval: float = 0.5, what: str = "") -> object:
-    """Poll until `check` returns something truthy; fail with the last value seen."""
+def eventually(check: Callable[[], object], timeout: float = 30, interval: float = 0.5, what: str = "",
+               describe: Callable[[], object] | None = None) -> object:
+    """Poll until `check` returns something truthy; fail with the last value seen (and `describe()`)."""
     deadline = time.monotonic() + timeout
     last: object = None
     while time.monotonic() < deadline:
@@ -27,7 +28,8 @@ def eventually(check: Callable[[], object], timeout: float = 30, interval: float
         if last:
             return last
         time.sleep(interval)
-    pytest.fail(f"timed out after {timeout}s waiting for {what or check}: last value {last!r}")
+    context = f"; {describe()}" if describe else ""
+    pytest.fail(f"timed out after {timeout}s waiting for {what or check}: last value {last!r}{context}")
 
 
 @pytest.fixture

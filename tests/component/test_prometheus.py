@@ -111,8 +111,13 @@ def test_the_story_in_prometheus(stack, k8s) -> None:
 
     # STRICT on auth while api-gateway (no sidecar) still calls it: api-gateway's own success rate collapses.
     set_mode(k8s, "auth", "STRICT")
-    eventually(lambda: (scalar(prom, APP_SUCCESS.format(w="api-gateway", win=win)) or 1) < 0.2, timeout=30,
-               what="api-gateway success rate dropping under STRICT auth")
+
+    def lab_view() -> str:
+        return str({w: {k: d[k] for k in ("sidecar_fraction", "mtls_mode", "success_rate")}
+                    for w in ("api-gateway", "auth") for d in [lab.admin("GET", f"/services/lab/shop/{w}")]})
+
+    eventually(lambda: (scalar(prom, APP_SUCCESS.format(w="api-gateway", win=win)) or 1) < 0.2, timeout=60,
+               what="api-gateway success rate dropping under STRICT auth", describe=lab_view)
     assert by_source(prom, MTLS_INTO.format(w="auth", win=win)).get("user", 0) > 15, "mTLS callers unaffected"
     # Back to PERMISSIVE: it recovers.
     set_mode(k8s, "auth", "PERMISSIVE")
