@@ -32,6 +32,11 @@ def eventually(check: Callable[[], object], timeout: float = 30, interval: float
     pytest.fail(f"timed out after {timeout}s waiting for {what or check}: last value {last!r}{context}")
 
 
+def below(value: float | None, limit: float) -> bool:
+    """A measured value under a limit; None (no data) is not, and 0.0 is (never `value or default`)."""
+    return value is not None and value < limit
+
+
 @pytest.fixture
 def small_lab(tmp_path: Path) -> Iterator[LabProcess]:
     with LabProcess(SMALL, tmp_path / "lab") as lab:

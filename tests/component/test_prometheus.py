@@ -9,7 +9,7 @@ import pytest
 from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess
-from tests.conftest import SMALL, eventually
+from tests.conftest import SMALL, below, eventually
 
 pytestmark = pytest.mark.component
 
@@ -113,10 +113,13 @@ def test_the_story_in_prometheus(stack, k8s) -> None:
     set_mode(k8s, "auth", "STRICT")
 
     def lab_view() -> str:
-        return str({w: {k: d[k] for k in ("sidecar_fraction", "mtls_mode", "success_rate")}
-                    for w in ("api-gateway", "auth") for d in [lab.admin("GET", f"/services/lab/shop/{w}")]})
+        seen = {w: {k: d[k] for k in ("sidecar_fraction", "mtls_mode", "success_rate")}
+                for w in ("api-gateway", "auth") for d in [lab.admin("GET", f"/services/lab/shop/{w}")]}
+        series = prom.query(f'rate(http_requests_total{{app="api-gateway"}}[{win}])')
+        return f"lab: {seen}; Prometheus: {[(r['metric'], r['value'][1]) for r in series]}"
 
-    eventually(lambda: (scalar(prom, APP_SUCCESS.format(w="api-gateway", win=win)) or 1) < 0.2, timeout=60,
+    # `is not None`, not `or 1`: a success rate of exactly 0.0 is the point here, not "no data".
+    eventually(lambda: below(scalar(prom, APP_SUCCESS.format(w="api-gateway", win=win)), 0.2), timeout=60,
                what="api-gateway success rate dropping under STRICT auth", describe=lab_view)
     assert by_source(prom, MTLS_INTO.format(w="auth", win=win)).get("user", 0) > 15, "mTLS callers unaffected"
     # Back to PERMISSIVE: it recovers.

@@ -8,7 +8,7 @@ import pytest
 from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess
-from tests.conftest import SEED, eventually
+from tests.conftest import SEED, below, eventually
 
 pytestmark = pytest.mark.component
 
@@ -43,10 +43,10 @@ def test_mesh_wide_strict_reproduces_the_outage_and_permissive_recovers(tmp_path
         custom.create_namespaced_custom_object("security.istio.io", "v1", "istio-system", "peerauthentications", {
             "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
             "metadata": {"name": "default", "namespace": "istio-system"}, "spec": {"mtls": {"mode": "STRICT"}}})
-        eventually(lambda: (success(prom) or 1) < 0.9, timeout=40, what="the fleet's success rate collapsing")
+        eventually(lambda: below(success(prom), 0.9), timeout=40, what="the fleet's success rate collapsing")
         for caller, ns in (("blackbox-exporter", "monitoring"), ("batch-processor", "external"),
                            ("api-gateway", "edge")):
-            eventually(lambda c=caller, n=ns: (success(prom, f'namespace="{n}", app="{c}", ') or 1) < 0.5,
+            eventually(lambda c=caller, n=ns: below(success(prom, f'namespace="{n}", app="{c}", '), 0.5),
                        timeout=30, what=f"{caller} cut off")
 
         # The fix that works: back to PERMISSIVE (no restart needed).
