@@ -8,8 +8,6 @@ Parsing reads the plan file and nothing else (no network, no database).
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any
 
 import pendulum
@@ -18,18 +16,14 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import report as reports
 from meshwave.connections import mesh_kube
+from meshwave.fleet import ROOT, plans_dir
 from meshwave.kube import KubeError
 from meshwave.plan import Plan, Wave, group_ids, load_plan
 from meshwave.service_group import service_group
 from meshwave.steps import Service
 
-ROOT = Path(__file__).resolve().parents[2]
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 FAILED = ("rolled_back", "failed")
-
-
-def plans_dir() -> Path:
-    return Path(os.environ.get("MESHWAVE_PLANS_DIR", ROOT / "include" / "plans"))
 
 
 def dry_run_param() -> Param:

@@ -12,6 +12,16 @@ from kubernetes import client, config
 from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess
 
 HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+
+
+def dags_folder(work: Path) -> Path:
+    """The e2e wave DAGs (tests/e2e/dags) beside the project's own operator DAGs (dags/mesh_*.py)."""
+    folder = work / "dags"
+    folder.mkdir()
+    for path in [*sorted((HERE / "dags").glob("*.py")), *sorted((ROOT / "dags").glob("mesh_*.py"))]:
+        (folder / path.name).symlink_to(path)
+    return folder
 
 
 @dataclass
@@ -48,7 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
             "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
         }
-        env = {"MESHWAVE_PLANS_DIR": str(HERE / "plans"), "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
+        env = {"MESHWAVE_PLANS_DIR": str(HERE / "plans"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder(work)),
                "MESHWAVE_REPORT_DIR": str(work / "reports")}
         with AirflowProcess(work / "airflow", connections, env) as airflow:
             yield Stack(lab, prom, airflow)
