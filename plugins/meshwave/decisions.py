@@ -12,6 +12,7 @@ from typing import Any
 from meshwave.steps import Service
 
 RAN = ("success",)
+RED = ("rolled_back", "blocked", "failed")  # outcomes that fail the group's outcome task (red in the UI)
 BROKEN = ("failed", "upstream_failed")
 
 # What the branches route to (task names inside the group). A branch never targets the final `outcome`
@@ -45,8 +46,10 @@ def after_soak(svc: Service, results: dict[str, Any], states: dict[str, str | No
     status = soak.get("status") if states.get("soak") == "success" else "error"
     reason = soak.get("reason") or "the soak did not report"
     if status == "pass":
-        if svc.plan.strict:
+        if svc.strict:
             return STRICT_GATE, f"soak passed: {reason}"
+        if svc.action == "inject_only":
+            return HOLD, "soak passed; action inject_only: stays PERMISSIVE"
         return HOLD, "soak passed; the plan keeps this service PERMISSIVE (strict: false)"
     if status == "fail":
         return ROLLBACK_AFTER_SOAK, f"soak failed: {reason}"
@@ -101,13 +104,24 @@ def _after_values(results: dict[str, Any]) -> dict[str, Any]:
     return found
 
 
-def outcome(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+def _identity(svc: Service | None) -> dict[str, Any]:
+    if svc is None:
+        return {"service": "(refused input)", "cluster": None, "namespace": None, "workload": None,
+                "criticality": None, "batch": None, "action": None}
+    p = svc.plan
+    return {"service": p.key, "cluster": p.cluster, "namespace": p.namespace, "workload": p.workload,
+            "criticality": p.criticality, "batch": svc.batch, "action": svc.action}
+
+
+def outcome(svc: Service | None, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
             decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
-    """The service's final state and why: strict, permissive, rolled_back, blocked, failed, skipped, planned."""
+    """The final state and why: strict, permissive, removed, rolled_back, blocked, failed, skipped, planned.
+
+    `svc` is None when the input was refused before a service could be named.
+    """
     base = (results.get("baseline") or {}).get("baseline") or {}
     record = {
-        "service": svc.plan.key, "cluster": svc.plan.cluster, "namespace": svc.plan.namespace,
-        "workload": svc.plan.workload, "criticality": svc.plan.criticality, "batch": svc.batch,
+        **_identity(svc),
         "baseline": {"success_rate": base.get("success_rate"), "p99_ms": base.get("p99_ms"),
                      "request_rate": base.get("request_rate")},
         "after": _after_values(results), "changes": _changes(results), "verdicts": _verdicts(results),
@@ -120,8 +134,44 @@ def outcome(svc: Service, results: dict[str, Any], states: dict[str, str | None]
     return record
 
 
-def _final_state(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
-                 decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+def _final_state(svc: Service | None, results: dict[str, Any], states: dict[str, str | None],
+                 errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+    if states.get("admit") == "failed":
+        return {"outcome": "blocked", "mtls": None, "sidecar": None,
+                "reason": errors.get("admit", "admit failed: see its log")}
+    if svc is None or states.get("admit") != "success":
+        why = errors.get("admit") or errors.get("wave") or "the wave stopped before this batch"
+        return {"outcome": "skipped", "mtls": None, "sidecar": False, "reason": f"not started: {why}"}
+    if svc.action in ("permissive", "remove_sidecar"):
+        return _requested_undo(svc, results, states, errors, dry_run)
+    return _migration_state(svc, results, states, errors, decisions, dry_run)
+
+
+def _requested_undo(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+                    dry_run: bool) -> dict[str, Any]:
+    """The ad-hoc actions 'back to PERMISSIVE' and 'remove the sidecar': done, planned, or failed and why."""
+    if dry_run:
+        return {"outcome": "planned", "mtls": None, "sidecar": None,
+                "reason": f"dry run of {svc.action}: the changes listed were logged, none applied"}
+    if svc.action == "permissive":
+        if states.get("back_to_permissive") != "success":
+            return {"outcome": "failed", "mtls": None, "sidecar": None,
+                    "reason": f"could not set PERMISSIVE: {errors.get('back_to_permissive', 'see the task log')}"}
+        recovery = results.get("verify_recovery") or {}
+        return {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": None,
+                "reason": f"set to PERMISSIVE on request; recovery check: {recovery.get('status', 'not run')}: "
+                          f"{recovery.get('reason', '')}".rstrip(": ")}
+    rollout = results.get("wait_rollback") or {}
+    if states.get("rollback_injection") != "success" or rollout.get("status") != "done":
+        problem = errors.get("rollback_injection") or errors.get("wait_rollback") or rollout.get("message")
+        return {"outcome": "failed", "mtls": None, "sidecar": None,
+                "reason": f"sidecar removal did not complete: {problem or 'see the task logs'}"}
+    return {"outcome": "removed", "mtls": "PERMISSIVE", "sidecar": False,
+            "reason": f"sidecar removed on request: {rollout.get('message', 'rolled out')}"}
+
+
+def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, str | None],
+                     errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
     def done(step: str) -> bool:
         return states.get(step) == "success"
 

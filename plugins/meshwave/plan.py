@@ -8,8 +8,10 @@ database). A mistake is reported with the file, the field path and the problem, 
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -34,6 +36,14 @@ def _cron(value: str | None) -> str | None:
 
     if value is not None and not croniter.is_valid(value):
         raise ValueError(f"{value!r} is not a valid cron expression")
+    return value
+
+
+def _timezone(value: str) -> str:
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"{value!r} is not a known IANA time zone (e.g. 'UTC', 'Europe/Berlin')") from None
     return value
 
 
@@ -142,14 +152,90 @@ class ServicePlan(Strict):
         return Settings(**{**{f: getattr(defaults, f) for f in _OVERRIDABLE}, **own})
 
 
+class Occurrence(Strict):
+    """One explicit maintenance window: [start, end). Naive times are in the window's time zone."""
+
+    start: datetime
+    end: datetime
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Occurrence:
+        if self.end <= self.start:
+            raise ValueError(f"end {self.end.isoformat()} is not after start {self.start.isoformat()}")
+        return self
+
+
+class Window(Strict):
+    """When a wave may change things: a cron start + duration, or explicit dates; in a time zone."""
+
+    cron: str | None = None
+    duration_minutes: Annotated[int, Field(ge=1, le=7 * 24 * 60)] | None = None
+    dates: list[Occurrence] = Field(default_factory=list)
+    timezone: str = "UTC"
+
+    _cron = field_validator("cron")(_cron)
+    _tz = field_validator("timezone")(_timezone)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Window:
+        if bool(self.cron) == bool(self.dates):
+            raise ValueError("give either cron + duration_minutes, or dates (a list of {start, end})")
+        if self.cron and not self.duration_minutes:
+            raise ValueError("a cron window needs duration_minutes")
+        if self.dates and self.duration_minutes:
+            raise ValueError("duration_minutes goes with cron; explicit dates have their own end")
+        return self
+
+    def _aware(self, moment: datetime) -> datetime:
+        tz = ZoneInfo(self.timezone)
+        return moment.replace(tzinfo=tz) if moment.tzinfo is None else moment
+
+    def occurrences(self) -> list[tuple[datetime, datetime]]:
+        """The explicit windows, time-zone aware, in order."""
+        return sorted((self._aware(o.start), self._aware(o.end)) for o in self.dates)
+
+    def open_at(self, now: datetime) -> tuple[datetime, datetime] | None:
+        """The window occurrence that contains `now` (aware), or None when the window is closed."""
+        if self.cron:
+            from croniter import croniter
+
+            local = now.astimezone(ZoneInfo(self.timezone))
+            start = croniter(self.cron, local + timedelta(seconds=1)).get_prev(datetime)
+            end = start + timedelta(minutes=self.duration_minutes or 0)
+            return (start, end) if start <= now < end else None
+        return next(((s, e) for s, e in self.occurrences() if s <= now < e), None)
+
+    def next_open(self, now: datetime) -> datetime | None:
+        """When the window opens next after `now` (None: no explicit date left)."""
+        if self.cron:
+            from croniter import croniter
+
+            return croniter(self.cron, now.astimezone(ZoneInfo(self.timezone))).get_next(datetime)
+        return next((s for s, _ in self.occurrences() if s > now), None)
+
+    def describe(self) -> str:
+        if self.cron:
+            return f"cron '{self.cron}' ({self.timezone}) for {self.duration_minutes} min"
+        return ", ".join(f"{s.isoformat()} to {e.isoformat()}" for s, e in self.occurrences())
+
+
 class Wave(Strict):
     name: str
     description: str = ""
     schedule: str | None = None
+    window: Window | None = None
+    after: str | None = Field(None, description="Start when this wave (of the same plan) ended within its budget.")
     services: list[ServicePlan] = Field(min_length=1)
 
     _name = field_validator("name")(rfc1123_label)
     _schedule = field_validator("schedule")(_cron)
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> Wave:
+        if self.schedule and (self.window or self.after):
+            raise ValueError("schedule: a wave with a window starts at the window, a chained wave after its "
+                             "predecessor: drop `schedule`")
+        return self
 
 
 class Plan(Strict):
@@ -157,6 +243,7 @@ class Plan(Strict):
     description: str = ""
     clusters: dict[str, ClusterConfig] = Field(min_length=1)
     defaults: Defaults = Field(default_factory=Defaults)
+    freeze: bool | str = Field(False, description="true or a reason: no wave of this plan changes anything.")
     waves: list[Wave] = Field(min_length=1)
 
     _migration = field_validator("migration")(rfc1123_label)
@@ -187,6 +274,8 @@ class Plan(Strict):
                 if svc.key in seen:
                     raise ValueError(f"{where}: {svc.key} is already planned at {seen[svc.key]}")
                 seen[svc.key] = where
+            if wave.after is not None and wave.after not in waves - {wave.name}:
+                raise ValueError(f"waves[{w}].after: {wave.after!r} is not an earlier wave of this plan")
         return self
 
     def dag_id(self, wave: Wave) -> str:

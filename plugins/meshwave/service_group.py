@@ -1,11 +1,14 @@
 """One service's task group: the same group in a wave DAG and in the ad-hoc DAG (one code path).
 
+    admit: resolve the service (the plan, or the trigger form), refuse bad input, apply the guards
+      (freeze, maintenance window), route by action: preflight | to_permissive | to_remove
     preflight -> baseline -> inject -> wait_rollout -> after_rollout
       after_rollout: soak | rollback_after_rollout | not_started
       soak -> after_soak: strict_gate | rollback_after_soak | hold_permissive
       strict_gate -> after_strict_gate: flip_strict | stay_permissive
       flip_strict -> verify_strict -> after_strict: strict_done | back_to_permissive -> verify_recovery
-      rollback_after_* -> rollback_injection -> wait_rollback
+      rollback_after_* | to_remove -> rollback_injection -> wait_rollback
+      to_permissive -> back_to_permissive -> verify_recovery
       every end -> outcome (records the final state and why; red when rolled back, blocked or failed)
 
 Waits are deferrable sensors (no worker slot while soaking); cluster changes read before they write.
@@ -21,19 +24,24 @@ from typing import Any
 
 from airflow.providers.standard.operators.empty import EmptyOperator
 from airflow.sdk import BaseHook, TaskGroup, TriggerRule, task
-from airflow.sdk.exceptions import AirflowFailException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import decisions, steps
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.kube import KubeError
-from meshwave.sensors import GateSensor, RolloutSensor
-from meshwave.steps import Service
+from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
+from meshwave.steps import ACTIONS, Service
 
 BRANCHES = ("after_rollout", "after_soak", "after_strict_gate", "after_strict")
-STEPS = ("preflight", "baseline", "inject", "wait_rollout", "soak", "strict_gate", "flip_strict", "verify_strict",
-         "back_to_permissive", "verify_recovery", "rollback_injection", "wait_rollback")
+STEPS = ("admit", "preflight", "baseline", "inject", "wait_rollout", "soak", "strict_gate", "flip_strict",
+         "verify_strict", "back_to_permissive", "verify_recovery", "rollback_injection", "wait_rollback")
 NEVER = 10**9
+TO_PERMISSIVE, TO_REMOVE = "to_permissive", "to_remove"
+ROUTES = {"migrate": "preflight", "inject_only": "preflight", "strict_only": "preflight",
+          "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE}
+Resolve = Callable[[dict[str, Any]], Service]
+Guard = Callable[[Service, dict[str, Any]], None]
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
 
 
@@ -90,6 +98,8 @@ class GroupState:
                 self.decisions[b], self.decisions[f"{b}_to"] = d["why"], d["to"]
         found = ti.get_task_states(dag_id=ti.dag_id, task_group_id=prefix, run_ids=[ti.run_id]).get(ti.run_id, {})
         self.states = {tid.removeprefix(f"{prefix}."): st for tid, st in found.items()}
+        admitted = ti.xcom_pull(task_ids=f"{prefix}.admit", key="service")
+        self.service = Service.from_dict(admitted) if admitted else None
 
 
 def _branch(name: str, prefix: str, decide: Callable[[GroupState], tuple[str, str]]):
@@ -107,129 +117,162 @@ def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
     return context["ti"].xcom_pull(task_ids=f"{prefix}.{step}") or {}
 
 
-def service_group(svc: Service, group_id: str, wave_error_task: str | None = None) -> TaskGroup:
-    """Build the group in the current DAG context; returns it (its first task is `preflight`)."""
-    p, s = svc.plan, svc.settings
-    poke = s.poke_interval_seconds
-    doc = (f"**{p.key}** ({p.criticality}): inject ({s.injection} label), soak {s.soak_seconds}s, verify against "
-           f"its baseline, then {'STRICT mTLS once no plaintext caller is left' if p.strict else 'stay PERMISSIVE'}"
-           f"; rollback on {s.breaches_to_fail} breaches in a row; on no data: {s.on_no_data}.")
-    with TaskGroup(group_id, tooltip=doc, doc_md=doc) as group:
-        prefix = group.group_id
 
-        @task(task_id="preflight", **RETRIES)
-        def preflight(**context: Any) -> dict[str, Any]:
-            with recording(context):
-                return logged(steps.preflight(svc, kube_for(svc, context), prometheus_for(svc)))
 
-        @task(task_id="baseline", **RETRIES)
-        def baseline(**context: Any) -> dict[str, Any]:
-            with recording(context):
-                return steps.baseline(svc, prometheus_for(svc))
+def _service(context: dict[str, Any], prefix: str) -> Service:
+    """The service the group's `admit` task resolved (every later task runs on exactly that)."""
+    data = context["ti"].xcom_pull(task_ids=f"{prefix}.admit", key="service")
+    if not data:
+        raise AirflowFailException(f"{prefix}: no admitted service (the admit task did not run or was refused)")
+    return Service.from_dict(data)
 
-        @task(task_id="inject", **RETRIES)
-        def inject(**context: Any) -> dict[str, Any]:
-            with recording(context):
-                return logged(steps.inject(svc, kube_for(svc, context)))
 
-        wait_rollout = RolloutSensor(task_id="wait_rollout", kubernetes_conn_id=svc.cluster.kubernetes_conn_id,
-                                     cluster=p.cluster, namespace=p.namespace, workload=p.workload,
-                                     expect_proxy=True, wait_seconds=s.rollout_timeout_seconds,
-                                     poke_interval=min(poke, 3), **RETRIES)
+def _admit(prefix: str, resolve: Resolve, guard: Guard | None):
+    @task.branch(task_id="admit")
+    def admit(**context: Any) -> str:
+        """Resolve the service, refuse bad input, apply the guards, route by action. Changes nothing."""
+        ti = context["ti"]
+        try:
+            svc = resolve(context)
+        except ValueError as exc:
+            ti.xcom_push(key="error", value=f"refused: {exc}")
+            raise AirflowFailException(f"refused before any change: {exc}") from None
+        if guard is not None:
+            try:
+                guard(svc, context)
+            except AirflowSkipException as exc:
+                ti.xcom_push(key="error", value=str(exc))
+                print(f"{svc.plan.key}: not started: {exc}")
+                raise
+        ti.xcom_push(key="service", value=svc.to_dict())
+        print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
+        return f"{prefix}.{ROUTES[svc.action]}"
 
-        def soak_params(context: dict[str, Any]) -> dict[str, Any]:
-            return {"namespace": p.namespace, "workload": p.workload, "window": svc.window,
-                    "thresholds": svc.thresholds(), "baseline": _xcom(context, prefix, "baseline")["baseline"]}
+    return admit()
 
-        soak = GateSensor(task_id="soak", prometheus_conn_id=svc.cluster.prometheus_conn_id, stage="soak",
-                          build_params=soak_params, policy=svc.gate_policy(), min_seconds=s.soak_seconds,
-                          wait_seconds=s.soak_seconds + s.verify_seconds, poke_interval=poke, **RETRIES)
 
-        def gate_params(context: dict[str, Any]) -> dict[str, Any]:
-            return {"namespace": p.namespace, "workload": p.workload, "window": svc.window,
-                    "thresholds": svc.thresholds()}
+def _rollout_watch(prefix: str) -> Callable[[dict[str, Any]], RolloutWatch]:
+    def watch(context: dict[str, Any]) -> RolloutWatch:
+        svc = _service(context, prefix)
+        return RolloutWatch(svc.cluster.kubernetes_conn_id, svc.plan.cluster, svc.plan.namespace, svc.plan.workload,
+                            svc.settings.rollout_timeout_seconds, min(svc.settings.poke_interval_seconds, 3))
 
-        # Plaintext callers may drain: they never "confirm" a failure; the gate waits until its timeout.
-        strict_gate = GateSensor(task_id="strict_gate", prometheus_conn_id=svc.cluster.prometheus_conn_id,
-                                 stage="strict_gate", build_params=gate_params,
-                                 policy={**svc.gate_policy(), "breaches_to_fail": NEVER},
-                                 wait_seconds=s.strict_gate_timeout_seconds, poke_interval=poke, **RETRIES)
+    return watch
 
-        @task(task_id="flip_strict", **RETRIES)
-        def flip_strict(**context: Any) -> dict[str, Any]:
-            with recording(context):
-                return logged(steps.set_mtls(svc, kube_for(svc, context), "STRICT"))
 
-        def verify_params(context: dict[str, Any]) -> dict[str, Any]:
+def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch]:
+    """Each stage's parameters, policy and timing, from the admitted service and upstream XComs."""
+
+    def watch(context: dict[str, Any]) -> GateWatch:
+        svc = _service(context, prefix)
+        s, p = svc.settings, svc.plan
+        params: dict[str, Any] = {"namespace": p.namespace, "workload": p.workload, "window": svc.window,
+                                  "thresholds": svc.thresholds()}
+        policy, wait, minimum = svc.gate_policy(), float(s.verify_seconds), 0.0
+        if stage == "soak":
+            params["baseline"] = _xcom(context, prefix, "baseline")["baseline"]
+            wait, minimum = s.soak_seconds + s.verify_seconds, s.soak_seconds
+        elif stage == "strict_gate":  # plaintext callers may drain: they never "confirm" a failure
+            policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds
+        else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
             gate = _xcom(context, prefix, "strict_gate").get("extra", {})
             own = _xcom(context, prefix, "baseline").get("baseline", {}).get("success_rate")
-            return {**gate_params(context), "callers": gate.get("callers", []),
-                    "inbound_before": gate.get("inbound_before"),
-                    "success_before": {f"{p.namespace}/{p.workload}": own} if own is not None else None}
+            params.update(callers=gate.get("callers", []), inbound_before=gate.get("inbound_before"),
+                          success_before={f"{p.namespace}/{p.workload}": own} if own is not None else None)
+            if stage == "verify_strict":
+                wait, minimum = 2 * s.verify_seconds, s.verify_seconds
+            else:
+                policy = {**policy, "breaches_to_fail": NEVER}
+        return GateWatch(svc.cluster.prometheus_conn_id, params, policy, wait, s.poke_interval_seconds, minimum)
 
-        verify_strict = GateSensor(task_id="verify_strict", prometheus_conn_id=svc.cluster.prometheus_conn_id,
-                                   stage="verify_strict", build_params=verify_params, policy=svc.gate_policy(),
-                                   min_seconds=s.verify_seconds, wait_seconds=2 * s.verify_seconds,
-                                   poke_interval=poke, **RETRIES)
+    return watch
 
-        @task(task_id="back_to_permissive", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, retries=5,
-              retry_delay=timedelta(seconds=3))
-        def back_to_permissive(**context: Any) -> dict[str, Any]:
-            with recording(context):
-                return logged(steps.set_mtls(svc, kube_for(svc, context), "PERMISSIVE"))
 
-        verify_recovery = GateSensor(task_id="verify_recovery", prometheus_conn_id=svc.cluster.prometheus_conn_id,
-                                     stage="verify_recovery", build_params=verify_params,
-                                     policy={**svc.gate_policy(), "breaches_to_fail": NEVER},
-                                     wait_seconds=s.verify_seconds, poke_interval=poke, **RETRIES)
+def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]], **kwargs: Any):
+    @task(task_id=name, **(kwargs or RETRIES))
+    def step(**context: Any) -> dict[str, Any]:
+        with recording(context):
+            return run(_service(context, prefix), context)
 
-        @task(task_id="rollback_injection", trigger_rule=TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, retries=5,
-              retry_delay=timedelta(seconds=3))
-        def rollback_injection(**context: Any) -> dict[str, Any]:
-            with recording(context):
-                return logged(steps.rollback_injection(svc, kube_for(svc, context)))
+    return step()
 
-        wait_rollback = RolloutSensor(task_id="wait_rollback", kubernetes_conn_id=svc.cluster.kubernetes_conn_id,
-                                      cluster=p.cluster, namespace=p.namespace, workload=p.workload,
-                                      expect_proxy=False, wait_seconds=s.rollout_timeout_seconds,
-                                      poke_interval=min(poke, 3), **RETRIES)
 
-        @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
-        def outcome(**context: Any) -> dict[str, Any]:
-            state = GroupState(context, prefix)
-            wave_error = context["ti"].xcom_pull(task_ids=wave_error_task, key="error") if wave_error_task else None
-            if wave_error:
-                state.errors["wave"] = wave_error
-            record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions,
-                                       bool(context["params"].get("dry_run")))
-            context["ti"].xcom_push(key="record", value=record)
-            print(f"{p.key}: {record['outcome']}: {record['reason']}")
-            if record["outcome"] in ("rolled_back", "blocked", "failed"):
-                raise AirflowFailException(f"{p.key}: {record['outcome']}: {record['reason']}")
-            return record
+def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None):
+    @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
+    def outcome(**context: Any) -> dict[str, Any]:
+        state = GroupState(context, prefix)
+        wave_error = context["ti"].xcom_pull(task_ids=wave_error_task, key="error") if wave_error_task else None
+        if wave_error:
+            state.errors["wave"] = wave_error
+        svc = state.service
+        if svc is None:  # refused or never admitted: name it as well as the input allows
+            with contextlib.suppress(ValueError):
+                svc = resolve(context)
+        record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions,
+                                   bool(context["params"].get("dry_run")))
+        context["ti"].xcom_push(key="record", value=record)
+        print(f"{record['service']}: {record['outcome']}: {record['reason']}")
+        if record["outcome"] in decisions.RED:
+            raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
+        return record
+
+    return outcome()
+
+
+def service_group(group_id: str, resolve: Resolve, doc: str, *, guard: Guard | None = None,
+                  wave_error_task: str | None = None) -> TaskGroup:
+    """Build one service's group in the current DAG context.
+
+    `resolve(context)` gives the service at run time (a ValueError refuses the run before any change);
+    `guard(service, context)` may raise AirflowSkipException to keep it from starting (freeze, window).
+    """
+    with TaskGroup(group_id, tooltip=doc.split("\n")[0][:200], doc_md=doc) as group:
+        prefix = group.group_id
+
+        admit = _admit(prefix, resolve, guard)
+        preflight = _step("preflight", prefix, lambda svc, c: logged(steps.preflight(svc, kube_for(svc, c),
+                                                                                     prometheus_for(svc))))
+        baseline = _step("baseline", prefix, lambda svc, c: steps.baseline(svc, prometheus_for(svc)))
+        inject = _step("inject", prefix, lambda svc, c: logged(steps.inject(svc, kube_for(svc, c))))
+        wait_rollout = RolloutSensor(task_id="wait_rollout", watch=_rollout_watch(prefix), expect_proxy=True,
+                                     **RETRIES)
+        soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"), **RETRIES)
+        strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
+                                 **RETRIES)
+        flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "STRICT")))
+        verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
+                                   watch=_gate_watch(prefix, "verify_strict"), **RETRIES)
+        undo = {"trigger_rule": TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, "retries": 5,
+                "retry_delay": timedelta(seconds=3)}
+        back = _step("back_to_permissive", prefix,
+                     lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "PERMISSIVE")), **undo)
+        verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
+                                     watch=_gate_watch(prefix, "verify_recovery"), **RETRIES)
+        rollback = _step("rollback_injection", prefix,
+                         lambda svc, c: logged(steps.rollback_injection(svc, kube_for(svc, c))), **undo)
+        wait_rollback = RolloutSensor(task_id="wait_rollback", watch=_rollout_watch(prefix), expect_proxy=False,
+                                      **RETRIES)
 
         markers = {name: EmptyOperator(task_id=name) for name in (
-            decisions.NOT_STARTED, decisions.HOLD, decisions.STAY, decisions.STRICT_DONE,
+            TO_PERMISSIVE, TO_REMOVE, decisions.NOT_STARTED, decisions.HOLD, decisions.STAY, decisions.STRICT_DONE,
             decisions.ROLLBACK_AFTER_ROLLOUT, decisions.ROLLBACK_AFTER_SOAK)}
-
         after_rollout = _branch("after_rollout", prefix,
                                 lambda g: decisions.after_rollout(g.results, g.states, g.errors))
-        after_soak = _branch("after_soak", prefix, lambda g: decisions.after_soak(svc, g.results, g.states))
+        after_soak = _branch("after_soak", prefix, lambda g: decisions.after_soak(g.service, g.results, g.states))
         after_gate = _branch("after_strict_gate", prefix, lambda g: decisions.after_strict_gate(g.results, g.states))
-        after_strict = _branch("after_strict", prefix, lambda g: decisions.after_strict(svc, g.results, g.states))
+        after_strict = _branch("after_strict", prefix,
+                               lambda g: decisions.after_strict(g.service, g.results, g.states))
 
-        rollback = rollback_injection()
-        back = back_to_permissive()
-        flip = flip_strict()
-        preflight() >> baseline() >> inject() >> wait_rollout >> after_rollout
+        admit >> [preflight, markers[TO_PERMISSIVE], markers[TO_REMOVE]]
+        preflight >> baseline >> inject >> wait_rollout >> after_rollout
         after_rollout >> [soak, markers[decisions.ROLLBACK_AFTER_ROLLOUT], markers[decisions.NOT_STARTED]]
         soak >> after_soak >> [strict_gate, markers[decisions.ROLLBACK_AFTER_SOAK], markers[decisions.HOLD]]
         strict_gate >> after_gate >> [flip, markers[decisions.STAY]]
         flip >> verify_strict >> after_strict >> [markers[decisions.STRICT_DONE], back]
-        back >> verify_recovery
-        [markers[decisions.ROLLBACK_AFTER_ROLLOUT], markers[decisions.ROLLBACK_AFTER_SOAK]] >> rollback
-        rollback >> wait_rollback
+        markers[TO_PERMISSIVE] >> back >> verify_recovery
+        [markers[decisions.ROLLBACK_AFTER_ROLLOUT], markers[decisions.ROLLBACK_AFTER_SOAK], markers[TO_REMOVE]] \
+            >> rollback >> wait_rollback
         ends = [markers[decisions.NOT_STARTED], markers[decisions.HOLD], markers[decisions.STAY],
                 markers[decisions.STRICT_DONE], verify_recovery, wait_rollback]
-        ends >> outcome()
+        ends >> _outcome(prefix, resolve, wave_error_task)
     return group

@@ -22,14 +22,42 @@ class Blocked(Exception):
     """The service must not be migrated now; nothing was changed. The message says why, with numbers."""
 
 
+ACTIONS = {
+    "migrate": "Migrate: inject, soak, verify, then STRICT (if the plan wants it for this service)",
+    "inject_only": "Inject only: sidecar + soak + verify, stay PERMISSIVE",
+    "strict_only": "STRICT only: the sidecar is already there; gate, flip to STRICT, verify",
+    "permissive": "Back to PERMISSIVE: undo STRICT for this service, keep the sidecar",
+    "remove_sidecar": "Remove the sidecar: back to PERMISSIVE, no injection, restart",
+}
+
+
 @dataclass(frozen=True)
 class Service:
-    """One service of a wave, with the plan settings it runs with (resolved at parse time, no I/O)."""
+    """One service of a run, with the settings it runs with: from the plan (a wave) or the trigger form (ad hoc)."""
 
     plan: ServicePlan
     settings: Settings
     cluster: ClusterConfig
     batch: int
+    action: str = "migrate"
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"action: {self.action!r} is not one of {', '.join(ACTIONS)}")
+
+    @property
+    def strict(self) -> bool:
+        """Whether this run ends in STRICT when every check passes."""
+        return self.action == "strict_only" or (self.action == "migrate" and self.plan.strict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"plan": self.plan.model_dump(mode="json"), "settings": self.settings.model_dump(mode="json"),
+                "cluster": self.cluster.model_dump(mode="json"), "batch": self.batch, "action": self.action}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Service:
+        return cls(ServicePlan(**data["plan"]), Settings(**data["settings"]), ClusterConfig(**data["cluster"]),
+                   data["batch"], data.get("action", "migrate"))
 
     @property
     def window(self) -> str:
@@ -113,11 +141,23 @@ def baseline(svc: Service, source: PrometheusSource) -> dict[str, Any]:
 
 def inject(svc: Service, kube: MeshKube) -> dict[str, Any]:
     started = time.time()
+    if svc.action == "strict_only":
+        return stamp({"changes": [], "sidecars": _require_sidecars(svc, kube)}, started)
     try:
         changes = kube.ensure_injected(svc.plan.namespace, svc.plan.workload, svc.settings.injection)
     except InjectionBlocked as exc:  # refused before any write: nothing to roll back
         raise Blocked(str(exc)) from None
     return stamp({"changes": [c.to_dict() for c in changes]}, started)
+
+
+def _require_sidecars(svc: Service, kube: MeshKube) -> str:
+    """STRICT only: every pod must already run its sidecar, or STRICT would cut this workload's callers off."""
+    p = svc.plan
+    w = kube.workload(p.namespace, p.workload)
+    if w.pods_total == 0 or w.pods_with_proxy < w.pods_total:
+        raise Blocked(f"{p.namespace}/{p.workload}: {w.pods_with_proxy} of {w.pods_total} pods run an istio-proxy "
+                      "sidecar: STRICT only needs every pod injected (run the action migrate or inject_only first)")
+    return f"{w.pods_with_proxy} of {w.pods_total} pods run their sidecar"
 
 
 def set_mtls(svc: Service, kube: MeshKube, mode: str) -> dict[str, Any]:

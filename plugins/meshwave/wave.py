@@ -1,7 +1,10 @@
 """The wave DAG factory: one DAG per wave of a plan.
 
     wave_preflight -> batch_1 (a task group per service) -> after_batch_1 (circuit breaker) -> batch_2 ...
-      -> report
+      -> report [-> publish: the Asset the next wave waits for, when this wave ended within its budget]
+
+Schedules: the wave's maintenance window (cron or explicit dates), its own cron, or the Asset of the wave
+it comes `after`; the freeze switch and the window are checked before anything changes (guards.py).
 
 Parsing reads the plan file and nothing else (no network, no database).
 """
@@ -11,9 +14,20 @@ from __future__ import annotations
 from typing import Any
 
 import pendulum
-from airflow.sdk import DAG, BaseHook, CronTriggerTimetable, Param, TaskGroup, TriggerRule, task
+from airflow.sdk import (
+    DAG,
+    Asset,
+    BaseHook,
+    CronTriggerTimetable,
+    EventsTimetable,
+    Param,
+    TaskGroup,
+    TriggerRule,
+    task,
+)
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
+from meshwave import guards
 from meshwave import report as reports
 from meshwave.connections import mesh_kube
 from meshwave.fleet import ROOT, plans_dir
@@ -30,6 +44,29 @@ def dry_run_param() -> Param:
     return Param(False, type="boolean", title="Dry run",
                  description="Log the exact patches and objects each step would apply; change nothing, wait for "
                              "nothing.")
+
+
+def outside_window_param() -> Param:
+    return Param(False, type="boolean", title="Run outside the maintenance window",
+                 description="Override: start this wave although its maintenance window is closed. The run's log "
+                             "records that the override was used.")
+
+
+def wave_asset(plan: Plan, wave: Wave) -> Asset:
+    """Updated when the wave ended within its failure budget with every service attempted (not in a dry run)."""
+    return Asset(name=f"{plan.dag_id(wave)}_done", uri=f"meshwave://{plan.migration}/{wave.name}")
+
+
+def _schedule(plan: Plan, wave: Wave) -> Any:
+    if wave.after:
+        return wave_asset(plan, plan.wave(wave.after))
+    if wave.window and wave.window.cron:
+        return CronTriggerTimetable(wave.window.cron, timezone=wave.window.timezone)
+    if wave.window:
+        return EventsTimetable(event_dates=[start for start, _ in wave.window.occurrences()],
+                               description=f"maintenance windows: {wave.window.describe()}")
+    cron = wave.schedule or plan.defaults.schedule
+    return CronTriggerTimetable(cron, timezone="UTC") if cron else None
 
 
 def services_of(plan: Plan, wave: Wave) -> list[tuple[Service, str]]:
@@ -50,16 +87,52 @@ def _doc(plan: Plan, wave: Wave, source: str) -> str:
             "(no plaintext caller) -> STRICT -> verify the service and its callers; a confirmed breach rolls back "
             "(STRICT problems to PERMISSIVE, injection problems remove the sidecar).\n\n"
             f"| service | criticality | target |\n|---|---|---|\n{rows}\n\n"
-            "Param `dry_run`: log what would change, change nothing. The report is in the `report` task's log.")
+            "Param `dry_run`: log what would change, change nothing. The report is in the `report` task's log."
+            + _schedule_doc(plan, wave))
+
+
+def _schedule_doc(plan: Plan, wave: Wave) -> str:
+    lines = []
+    if wave.window:
+        lines.append(f"Maintenance window: {wave.window.describe()}. No service starts once it has closed (those "
+                     "in flight finish or roll back); a run outside it needs the param `outside_window`.")
+    if wave.after:
+        lines.append(f"Starts when wave `{wave.after}` ended within its failure budget (Asset "
+                     f"`{wave_asset(plan, plan.wave(wave.after)).uri}`).")
+    lines.append(f"Freeze: the Airflow Variable `{guards.FREEZE_VARIABLE}` (any value but false/off/empty) or the "
+                 "plan's `freeze` stops every wave before its next change.")
+    return "\n\n" + "\n\n".join(lines)
+
+
+def _service_doc(svc: Service) -> str:
+    p, s = svc.plan, svc.settings
+    return (f"**{p.key}** ({p.criticality}): inject ({s.injection} label), soak {s.soak_seconds}s, verify against "
+            f"its baseline, then {'STRICT mTLS once no plaintext caller is left' if p.strict else 'stay PERMISSIVE'}"
+            f"; rollback on {s.breaches_to_fail} breaches in a row; on no data: {s.on_no_data}.")
+
+
+def _guard(plan: Plan):
+    """A service of this wave starts only while the migration is not frozen and its window is open."""
+
+    def guard(svc: Service, context: dict[str, Any]) -> None:
+        if reason := guards.frozen(plan.freeze):
+            raise AirflowSkipException(f"frozen: {reason}")
+        window = context["ti"].xcom_pull(task_ids="wave_preflight", key="window")
+        if reason := guards.window_closed(window, guards.now()):
+            raise AirflowSkipException(reason)
+
+    return guard
 
 
 def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
-    schedule = wave.schedule or plan.defaults.schedule
+    params = {"dry_run": dry_run_param()}
+    if wave.window:
+        params["outside_window"] = outside_window_param()
     dag = DAG(
         dag_id=plan.dag_id(wave),
-        schedule=CronTriggerTimetable(schedule, timezone="UTC") if schedule else None,
+        schedule=_schedule(plan, wave),
         start_date=START, catchup=False, max_active_runs=1,
-        params={"dry_run": dry_run_param()},
+        params=params,
         doc_md=_doc(plan, wave, source),
         tags=["meshwave", plan.migration, wave.name],
         default_args={"owner": "meshwave"},
@@ -73,7 +146,8 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
             members = [(svc, gid) for svc, gid in services if svc.batch == batch]
             with TaskGroup(f"batch_{batch}", tooltip=f"{len(members)} services in parallel") as group:
                 for svc, gid in members:
-                    service_group(svc, gid, wave_error_task="wave_preflight")
+                    service_group(gid, lambda context, svc=svc: svc, _service_doc(svc), guard=_guard(plan),
+                                  wave_error_task="wave_preflight")
             upstream >> group
             if batch != batches[-1]:
                 breaker = _circuit_breaker(plan, services, batch)
@@ -81,7 +155,10 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
                 upstream = breaker
             else:
                 upstream = group
-        upstream >> _report(plan, services)
+        report = _report(plan, services)
+        upstream >> report
+        if any(w.after == wave.name for w in plan.waves):
+            report >> _publish(plan, wave, services)
     return dag
 
 
@@ -106,6 +183,7 @@ def _wave_preflight(plan: Plan, wave: Wave):
         """Clusters answer, every service exists, and no mesh-wide STRICT policy (the seed's mistake #1)."""
         checked: dict[str, Any] = {}
         try:
+            _admit_wave(plan, wave, context)
             for name in sorted({s.cluster for s in wave.services}):
                 cfg = plan.clusters[name]
                 kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace)
@@ -119,7 +197,7 @@ def _wave_preflight(plan: Plan, wave: Wave):
                 for svc in (s for s in wave.services if s.cluster == name):
                     kube.workload(svc.namespace, svc.workload)
                 checked[name] = {"version": version, "mesh_wide_mtls": mode}
-        except (AirflowFailException, KubeError) as exc:
+        except (AirflowFailException, KubeError, ValueError) as exc:
             context["ti"].xcom_push(key="error", value=f"wave preflight: {exc}")
             if isinstance(exc, KubeError) and getattr(exc, "code", None) not in (404,):
                 raise
@@ -127,6 +205,20 @@ def _wave_preflight(plan: Plan, wave: Wave):
         return checked
 
     return wave_preflight()
+
+
+def _admit_wave(plan: Plan, wave: Wave, context: dict[str, Any]) -> None:
+    """Not frozen, and inside the maintenance window (or overridden, loudly). Raises ValueError otherwise."""
+    if reason := guards.frozen(plan.freeze):
+        raise ValueError(f"frozen: {reason}: no change is made while the freeze is on")
+    override = bool(context["params"].get("outside_window"))
+    window = guards.window_at_start(wave.window, override, guards.now())
+    if window.get("note"):
+        print(window["note"])
+    elif window.get("closes"):
+        print(f"maintenance window {window['window']}: open since {window['opened']}, closes {window['closes']}; "
+              "no service starts after that")
+    context["ti"].xcom_push(key="window", value=window)
 
 
 def _circuit_breaker(plan: Plan, services: list[tuple[Service, str]], batch: int):
@@ -170,3 +262,21 @@ def wave_dags(plan_file: str) -> dict[str, DAG]:
     plan = load_plan(path)
     source = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     return {plan.dag_id(w): wave_dag(plan, w, source) for w in plan.waves}
+
+
+def _publish(plan: Plan, wave: Wave, services: list[tuple[Service, str]]):
+    @task(task_id="publish", outlets=[wave_asset(plan, wave)])
+    def publish(**context: Any) -> dict[str, Any]:
+        """Tell the next wave to start: only a real run whose every service was attempted, within budget."""
+        if context["params"].get("dry_run"):
+            raise AirflowSkipException("dry run: the next wave is not started")
+        records = _records(context, services)
+        left = [r["service"] for r in records if r["outcome"] in ("skipped", "planned")]
+        if left:
+            raise AirflowSkipException(f"{len(left)} services not attempted ({', '.join(left)}): the next wave waits")
+        counts = reports.summary(reports.report_frame(records))
+        print(f"{plan.dag_id(wave)} ended within its failure budget ({counts}): updating "
+              f"{wave_asset(plan, wave).uri}, the next wave starts")
+        return {"counts": counts}
+
+    return publish()

@@ -15,7 +15,7 @@ from meshwave.wave import ROOT
 
 DAGS = ROOT / "dags"
 SEED_PLAN = ROOT / "include" / "plans" / "seed-fleet.yaml"
-GROUP_TASKS = 23
+GROUP_TASKS = 26
 
 
 @pytest.fixture(autouse=True)

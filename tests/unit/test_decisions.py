@@ -20,7 +20,8 @@ from meshwave.steps import Service
 
 MI = 2**20
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
-TASKS = ("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "rollback_after_rollout",
+TASKS = ("admit", "to_permissive", "to_remove", "preflight", "baseline", "inject", "wait_rollout", "after_rollout",
+         "soak", "rollback_after_rollout",
          "not_started", "after_soak", "strict_gate", "rollback_after_soak", "hold_permissive", "after_strict_gate",
          "flip_strict", "stay_permissive", "verify_strict", "after_strict", "strict_done", "back_to_permissive",
          "verify_recovery", "rollback_injection", "wait_rollback", "outcome")
@@ -129,9 +130,11 @@ RECOVERY_PASS = gate("verify_recovery", "pass", "all 2 checks passed 1 poll(s) i
 
 
 def states(*succeeded: str, **others: str | None) -> dict[str, str | None]:
-    """Every task of the group: the ones named succeeded, `others` as given, the rest skipped (not chosen)."""
+    """Every task of the group: the ones named succeeded, `others` as given, the rest skipped (not chosen).
+
+    `admit` succeeded unless given: the service was admitted (not frozen, inside its window)."""
     found: dict[str, str | None] = {t: "skipped" for t in TASKS}
-    found["outcome"] = "running"
+    found.update(outcome="running", admit="success")
     found.update({t: "success" for t in succeeded})
     found.update(others)
     return found
@@ -471,7 +474,7 @@ def test_held_permissive_after_the_soak(own: dict[str, Any], soak: dict[str, Any
 
 
 def test_skipped_by_the_circuit_breaker() -> None:
-    r = record(service(), {}, states())
+    r = record(service(), {}, states(admit="skipped"))
     assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": "skipped", "mtls": None, "sidecar": False,
          "reason": "not started: the wave stopped before this batch"}

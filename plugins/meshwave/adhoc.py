@@ -1,0 +1,146 @@
+"""The ad-hoc DAG `mesh_service`: one service, one action, from the trigger form, the REST API or the CLI.
+
+It runs the same service task group as the waves (service_group.py). The form's choices come from the
+plan files (parse time, local files only); at run time the input is checked again and the service is
+resolved against the plans: a planned service runs with its planned settings (sidecar sizing,
+thresholds), another one with the defaults of the plan that names its cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, Param, task
+from airflow.sdk.exceptions import AirflowSkipException
+from pydantic import ValidationError
+
+from meshwave import guards
+from meshwave import report as reports
+from meshwave.fleet import Fleet, load_fleet
+from meshwave.names import RFC1123_LABEL, rfc1123_label
+from meshwave.plan import ServicePlan
+from meshwave.service_group import service_group
+from meshwave.steps import ACTIONS, Service
+from meshwave.wave import dry_run_param
+
+DAG_ID = "mesh_service"
+GROUP = "service"
+CHANGES_UNDER_FREEZE = ("permissive", "remove_sidecar")  # undoing is allowed while frozen
+SOAK_RANGE = (10, 24 * 3600)
+
+
+def _label_param(title: str, description: str) -> Param:
+    return Param(type="string", title=title, description=description, minLength=1, maxLength=63,
+                 pattern=RFC1123_LABEL.pattern)
+
+
+def form(fleet: Fleet) -> dict[str, Param]:
+    clusters = sorted(fleet.clusters)
+    cluster = Param(clusters[0] if clusters else None, type="string", title="Cluster",
+                    description="The cluster, as the plan files name it (each maps to a Kubernetes and a "
+                                "Prometheus connection).",
+                    **({"enum": clusters} if clusters else {}))
+    return {
+        "cluster": cluster,
+        "namespace": _label_param("Namespace", "The service's Kubernetes namespace, e.g. payments."),
+        "service": _label_param("Service", "The Deployment's name (the workload), e.g. payment-service."),
+        "action": Param("migrate", type="string", title="Action", enum=list(ACTIONS), values_display=ACTIONS,
+                        description="What to do. migrate = the wave's full path; the undo actions work even when "
+                                    "the migration is frozen."),
+        "soak_seconds": Param(None, type=["null", "integer"], minimum=SOAK_RANGE[0], maximum=SOAK_RANGE[1],
+                              title="Soak (seconds)",
+                              description="How long the service must stay healthy with its sidecar before STRICT. "
+                                          "Empty: the plan's soak for this service."),
+        "dry_run": dry_run_param(),
+    }
+
+
+def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
+    """The service and settings this run acts on; ValueError (naming the field) for input that is not usable."""
+    cluster = params.get("cluster")
+    if cluster not in fleet.clusters:
+        known = ", ".join(sorted(fleet.clusters)) or "none: no plan file could be read"
+        raise ValueError(f"cluster: {cluster!r} is not a cluster of the plans (known: {known})")
+    namespace = rfc1123_label(params.get("namespace"), "namespace")
+    workload = rfc1123_label(params.get("service"), "service")
+    action = params.get("action", "migrate")
+    if action not in ACTIONS:
+        raise ValueError(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+    planned = fleet.services.get(f"{cluster}/{namespace}/{workload}")
+    if planned:
+        plan_service, settings = planned.service, planned.service.settings(planned.plan.defaults)
+    else:
+        plan_service = ServicePlan(cluster=cluster, namespace=namespace, workload=workload)
+        settings = plan_service.settings(fleet.defaults[cluster])
+    soak = params.get("soak_seconds")
+    if soak is not None:
+        if not isinstance(soak, int) or not SOAK_RANGE[0] <= soak <= SOAK_RANGE[1]:
+            raise ValueError(f"soak_seconds: {soak!r} is not a number of seconds in {SOAK_RANGE[0]}..{SOAK_RANGE[1]}")
+        settings = settings.model_copy(update={"soak_seconds": soak})
+    return Service(plan_service, settings, fleet.clusters[cluster], batch=1, action=action)
+
+
+def _resolve(context: dict[str, Any]) -> Service:
+    try:
+        return resolve_service(dict(context["params"]), load_fleet())
+    except ValidationError as exc:  # a planned service's settings no longer valid
+        raise ValueError(str(exc)) from None
+
+
+def _guard(svc: Service, context: dict[str, Any]) -> None:
+    fleet = load_fleet()
+    planned = fleet.services.get(svc.plan.key)
+    reason = guards.frozen(planned.plan.freeze if planned else False)
+    if reason and svc.action not in CHANGES_UNDER_FREEZE:
+        raise AirflowSkipException(f"frozen: {reason}")
+    if reason:
+        print(f"the migration is frozen ({reason}); {svc.action} undoes a change, so it goes ahead")
+
+
+DOC = f"""# mesh_service: one service, ad hoc
+
+Runs **one service** through the same task group the migration waves use, with one of these actions:
+
+{chr(10).join(f"- `{k}`: {v}" for k, v in ACTIONS.items())}
+
+The form asks for the cluster (from the plan files), namespace, service, action, soak and dry run. The input
+is checked again when the run starts (`service.admit`): a bad name or an unknown cluster is refused before
+any change, with the reason in that task's log. A planned service runs with its planned settings.
+
+The freeze switch (Airflow Variable `{guards.FREEZE_VARIABLE}` or a plan's `freeze`) stops `migrate`,
+`inject_only` and `strict_only`; the undo actions still run. One run at a time.
+
+REST: `POST /api/v2/dags/{DAG_ID}/dagRuns` with `{{"logical_date": null, "conf": {{"cluster": "prod-eu-1",
+"namespace": "payments", "service": "payment-service", "action": "migrate"}}}}`; CLI:
+`airflow dags trigger {DAG_ID} -c '{{...}}'`.
+"""
+
+
+def mesh_service_dag() -> DAG:
+    fleet = load_fleet()
+    with DAG(dag_id=DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+             max_active_runs=1, params=form(fleet), doc_md=DOC + _fleet_doc(fleet),
+             tags=["meshwave", "ad-hoc"], default_args={"owner": "meshwave"}) as dag:
+        group = service_group(GROUP, _resolve, "The service from the trigger form, through the wave's task group.",
+                              guard=_guard)
+        group >> _report()
+    return dag
+
+
+def _fleet_doc(fleet: Fleet) -> str:
+    problems = "".join(f"\n- {e}" for e in fleet.errors)
+    return f"\nClusters: {', '.join(sorted(fleet.clusters)) or 'none'}." + (
+        f"\n\nPlan files with problems (their clusters are not offered):{problems}" if problems else "")
+
+
+def _report():
+    @task(task_id="report", trigger_rule="all_done")
+    def report(**context: Any) -> dict[str, Any]:
+        record = context["ti"].xcom_pull(task_ids=f"{GROUP}.outcome", key="record")
+        if not record:
+            return {"record": None}
+        print(reports.render(reports.report_frame([record])))
+        return {"outcome": record["outcome"], "reason": record["reason"]}
+
+    return report()
