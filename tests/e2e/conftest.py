@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,15 @@ class Stack:
     lab: LabProcess
     prometheus: PrometheusProcess
     airflow: AirflowProcess
+    plans: Path  # a writable copy of tests/e2e/plans (MESHWAVE_PLANS_DIR)
+    dags: Path  # the DAG folder: tests may add a plan and its thin DAG file at run time
+
+    def add_wave_dags(self, name: str, plan_yaml: str) -> None:
+        """A new plan and its DAG file; the dag-processor picks them up within its refresh interval."""
+        (self.plans / f"{name}.yaml").write_text(plan_yaml)
+        (self.dags / f"e2e_{name.replace('-', '_')}.py").write_text(
+            f'"""airflow dag: waves of {name}.yaml"""\nfrom meshwave.wave import wave_dags\n\n'
+            f'globals().update(wave_dags("{name}.yaml"))\n')
 
     def k8s(self) -> tuple[client.CoreV1Api, client.AppsV1Api, client.CustomObjectsApi]:
         api = config.new_client_from_config(config_file=self.lab.kubeconfig("lab"))
@@ -58,7 +68,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
             "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
         }
-        env = {"MESHWAVE_PLANS_DIR": str(HERE / "plans"), "AIRFLOW__CORE__DAGS_FOLDER": str(dags_folder(work)),
+        plans, dags = work / "plans", dags_folder(work)
+        shutil.copytree(HERE / "plans", plans)
+        env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                "MESHWAVE_REPORT_DIR": str(work / "reports")}
         with AirflowProcess(work / "airflow", connections, env) as airflow:
-            yield Stack(lab, prom, airflow)
+            yield Stack(lab, prom, airflow, plans, dags)

@@ -70,9 +70,8 @@ def test_main_wave(stack: Stack) -> None:
                              and time.monotonic(), timeout=120, interval=0.5, what="the breach in Prometheus")
     permissive = eventually(lambda: pa_mode(stack, "shop", "reviews") == "PERMISSIVE" and time.monotonic(),
                             timeout=120, interval=0.5, what="reviews back to PERMISSIVE")
-    detection = permissive - breach_seen
-    print(f"breach visible in Prometheus -> PERMISSIVE applied: {detection:.1f}s")
-    assert detection <= 5 + 15, "within one poke interval plus 15 s"
+    # How fast is measured by `make bench`, not asserted here (a loaded CI machine is not a benchmark).
+    print(f"breach visible in Prometheus -> PERMISSIVE applied: {permissive - breach_seen:.1f}s")
     eventually(lambda: success(stack, "shop", "reporting") == 1.0, timeout=90, what="reporting recovered")
 
     state = stack.airflow.wait_for_run(SHOP, run_id, timeout=900)

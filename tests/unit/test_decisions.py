@@ -7,6 +7,7 @@ every task of the group, the errors failed steps recorded, and the branches' dec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -615,3 +616,63 @@ def test_an_injection_refused_before_any_change_is_blocked_not_rolled_back() -> 
     st.update({"after_rollout": "success", "not_started": "success"})
     r = record(service(), {"preflight": PREFLIGHT, "baseline": BASELINE}, st, {"inject": error})
     assert (r["outcome"], r["reason"]) == ("blocked", f"inject: {error.removeprefix('blocked: ')}")
+
+
+# ---- admit: refused input, the guards, and the ad-hoc actions ---------------------------------------------------
+def acting(action: str) -> Service:
+    return dataclasses.replace(service(), action=action)
+
+
+def test_refused_input_is_blocked_with_the_reason_and_names_no_service() -> None:
+    r = d.outcome(None, {}, states(admit="failed"), {"admit": "refused: namespace: '../etc' is not a valid RFC "
+                                                                "1123 label"}, {}, False)
+    assert (r["outcome"], r["service"], r["reason"]) == \
+        ("blocked", "(refused input)", "refused: namespace: '../etc' is not a valid RFC 1123 label")
+
+
+@pytest.mark.parametrize("why", ["frozen: the Airflow Variable meshwave_freeze is set: INC-1",
+                                 "the maintenance window closed at 2026-11-28T06:00:00+01:00"])
+def test_a_guard_keeps_the_service_from_starting_and_the_report_says_why(why: str) -> None:
+    r = record(service(), {}, states(admit="skipped"), {"admit": why})
+    assert (r["outcome"], r["sidecar"], r["changes"], r["reason"]) == ("skipped", False, [], f"not started: {why}")
+
+
+def test_back_to_permissive_on_request_is_a_green_outcome() -> None:
+    st = states("to_permissive", "back_to_permissive", "verify_recovery")
+    r = record(acting("permissive"), {"back_to_permissive": {"changes": [TO_PERMISSIVE], "seconds": 0.2},
+                                      "verify_recovery": RECOVERY_PASS}, st)
+    assert (r["outcome"], r["mtls"], r["action"]) == ("permissive", "PERMISSIVE", "permissive")
+    assert r["reason"].startswith("set to PERMISSIVE on request; recovery check: pass")
+    assert r["changes"] == [TO_PERMISSIVE]
+    assert r["outcome"] not in d.RED
+
+
+def test_back_to_permissive_that_could_not_be_applied_is_failed_with_the_error() -> None:
+    st = states("to_permissive", back_to_permissive="failed", verify_recovery="upstream_failed")
+    r = record(acting("permissive"), {}, st, {"back_to_permissive": "403 Forbidden: peerauthentications"})
+    assert (r["outcome"], r["reason"]) == ("failed", "could not set PERMISSIVE: 403 Forbidden: peerauthentications")
+
+
+def test_remove_sidecar_on_request_waits_for_the_rollout() -> None:
+    st = states("to_remove", "rollback_injection", "wait_rollback")
+    done = {"status": "done", "message": "2/2 pods ready, 0 with istio-proxy"}
+    r = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]}, "wait_rollback": done}, st)
+    assert (r["outcome"], r["sidecar"], r["reason"]) == \
+        ("removed", False, "sidecar removed on request: 2/2 pods ready, 0 with istio-proxy")
+    stuck = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]},
+                                              "wait_rollback": {"status": "timeout", "message": "1/2 ready"}}, st)
+    assert (stuck["outcome"], stuck["reason"]) == ("failed", "sidecar removal did not complete: 1/2 ready")
+
+
+def test_an_ad_hoc_dry_run_is_planned() -> None:
+    st = states("to_remove", "rollback_injection", "wait_rollback")
+    r = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]}}, st, dry_run=True)
+    assert (r["outcome"], r["reason"]) == ("planned", "dry run of remove_sidecar: the changes listed were logged, "
+                                                      "none applied")
+
+
+def test_inject_only_holds_permissive_after_a_good_soak() -> None:
+    to, why = d.after_soak(acting("inject_only"), {"soak": {"status": "pass", "reason": "ok"}}, {"soak": "success"})
+    assert (to, why) == (d.HOLD, "soak passed; action inject_only: stays PERMISSIVE")
+    to, _ = d.after_soak(acting("strict_only"), {"soak": {"status": "pass", "reason": "ok"}}, {"soak": "success"})
+    assert to == d.STRICT_GATE

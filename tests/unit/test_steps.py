@@ -6,7 +6,9 @@ and a fake Prometheus source that answers the rendered queries.yaml templates (n
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import json
 import math
 import re
 from typing import Any
@@ -22,6 +24,7 @@ from meshwave.kube import (
     INJECT_LABEL,
     SIDECAR_RESOURCES,
     MeshKube,
+    PodState,
     WorkloadNotFound,
     WorkloadState,
     workload_state,
@@ -422,3 +425,29 @@ def test_service_settings_thresholds_and_gate_policy() -> None:
                                 "min_inbound_ratio": 0.5}
     assert svc.gate_policy() == {"breaches_to_fail": 4, "default": {"on_no_data": "wait", "on_error": "wait"}}
     assert svc.gate_policy("fail")["default"]["on_no_data"] == "fail"
+
+
+def pods(with_proxy: int, without: int) -> list[PodState]:
+    return [PodState(f"{WL}-{i}", current=True, ready=True, has_proxy=i < with_proxy, proxy_ready=i < with_proxy)
+            for i in range(with_proxy + without)]
+
+
+def test_strict_only_needs_every_pod_injected_and_changes_nothing() -> None:
+    svc = dataclasses.replace(service(), action="strict_only")
+    kube = FakeKube(dataclasses.replace(deployment_state(), pods=pods(2, 0)))
+    result = steps.inject(svc, kube)
+    assert (result["changes"], result["sidecars"]) == ([], "2 of 2 pods run their sidecar")
+    assert kube.names() == ["workload"]
+    half = FakeKube(dataclasses.replace(deployment_state(), pods=pods(1, 1)))
+    with pytest.raises(steps.Blocked, match=f"{NS}/{WL}: 1 of 2 pods run an istio-proxy sidecar: STRICT only needs "
+                                            "every pod injected"):
+        steps.inject(svc, half)
+    assert half.names() == ["workload"], "nothing written"
+
+
+def test_a_service_travels_through_xcom_unchanged() -> None:
+    svc = dataclasses.replace(service(sidecar={"memory_limit": "256Mi"}, strict=False), action="inject_only")
+    data = json.loads(json.dumps(svc.to_dict()))
+    assert Service.from_dict(data) == svc
+    with pytest.raises(ValueError, match="action: 'explode' is not one of migrate"):
+        dataclasses.replace(svc, action="explode")
