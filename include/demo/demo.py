@@ -24,7 +24,7 @@ from meshwave import report
 
 WORK = ROOT / ".demo"
 STATE = WORK / "stack.json"
-PLAN, WAVE_DAG = "seed-fleet.yaml", "meshwave_seed_fleet_wave_1"
+PLAN, WAVE_DAG, NEXT_DAG = "seed-fleet.yaml", "meshwave_seed_fleet_wave_1", "meshwave_seed_fleet_wave_2"
 CLUSTERS = ("prod-eu-1", "prod-us-1", "prod-ap-1")
 
 
@@ -54,14 +54,21 @@ def start() -> int:
     airflow.start(timeout=300)
     _record({"lab": lab.proc.pid, "prometheus": prom.proc.pid, "airflow": airflow.proc.pid})
     airflow.wait_for_dag(WAVE_DAG, timeout=180)
-    run_id = airflow.trigger(WAVE_DAG)
-    print(f"triggered {WAVE_DAG} ({run_id}); following it (about 4 minutes)...", flush=True)
+    # The demo runs now, not on Saturday at 02:00: the override param is what an operator would use.
+    run_id = airflow.trigger(WAVE_DAG, {"outside_window": True})
+    print(f"triggered {WAVE_DAG} ({run_id}) with outside_window=true; following it (about 4 minutes)...",
+          flush=True)
     state = _follow(airflow, run_id)
     records = [airflow.xcom(WAVE_DAG, run_id, t, key="record")
                for t in airflow.task_instances(WAVE_DAG, run_id) if t.endswith(".outcome")]
     records.sort(key=lambda r: (r.get("batch") or 0, r["service"]))
     print(f"\n{WAVE_DAG}: run {state}\n")
     print(report.render(report.report_frame(records)))
+    chained = airflow.api("GET", f"/dags/{NEXT_DAG}/dagRuns?limit=5")["dag_runs"]
+    if chained:
+        print(f"\n{NEXT_DAG} was started by wave-1's Asset ({chained[0]['run_type']}); follow it in the UI.")
+    else:
+        print(f"\n{NEXT_DAG} did not start: wave-1 did not end within its failure budget.")
     print(f"\nAirflow UI: {airflow.url}  (login: admin / {airflow.password})")
     print(f"Prometheus: {prom.url}   lab kubeconfigs: {WORK / 'lab' / 'kube'}")
     print("Everything keeps running until `make stop`.")

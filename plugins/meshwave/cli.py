@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from meshwave.plan import PlanError, load_plan
+from meshwave.plan import Plan, PlanError, Wave, load_plan
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -21,7 +21,19 @@ def _validate(args: argparse.Namespace) -> int:
         services = sum(len(w.services) for w in plan.waves)
         print(f"{path}: ok: migration {plan.migration}, {len(plan.waves)} waves, {services} services, "
               f"DAGs {', '.join(plan.dag_id(w) for w in plan.waves)}")
+        for wave in plan.waves:
+            print(f"  {wave.name}: {len(wave.services)} services; starts: {_starts(plan, wave)}")
+        if plan.freeze:
+            why = plan.freeze if isinstance(plan.freeze, str) else "freeze: true"
+            print(f"  FROZEN ({why}): no wave of this plan changes anything")
     return 1 if failed else 0
+
+
+def _starts(plan: Plan, wave: Wave) -> str:
+    cron = wave.schedule or plan.defaults.schedule
+    starts = [f"window {wave.window.describe()}" if wave.window else "", f"after {wave.after}" if wave.after else "",
+              f"cron {cron}" if cron and not (wave.window or wave.after) else ""]
+    return ", ".join(filter(None, starts)) or "manual"
 
 
 def main(argv: list[str] | None = None) -> int:

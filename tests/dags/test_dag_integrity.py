@@ -44,7 +44,9 @@ def test_project_dags_parse_without_network(monkeypatch: pytest.MonkeyPatch) -> 
         dag = bag.dags[plan.dag_id(wave)]
         assert dag.doc_md and wave.name in dag.doc_md
         assert dag.params["dry_run"] is False
-        assert len(dag.tasks) == 2 + len(wave.services) * GROUP_TASKS + (-(-len(wave.services) // 3) - 1)
+        assert ("outside_window" in dag.params) == (wave.window is not None)
+        chained = any(w.after == wave.name for w in plan.waves)  # + publish, the Asset the next wave waits for
+        assert len(dag.tasks) == 2 + chained + len(wave.services) * GROUP_TASKS + (-(-len(wave.services) // 3) - 1)
         for svc in wave.services:
             group = next(t for t in dag.tasks if t.task_id.endswith(f".{svc.workload.replace('-', '_')}.outcome"))
             assert group.trigger_rule == "all_done"
