@@ -286,8 +286,15 @@ class AirflowProcess:
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {self._token}"})
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            return json.loads(resp.read() or b"null")
+        for attempt in range(3 if method == "GET" else 1):  # a read may be retried; a busy machine is slow
+            try:
+                with urllib.request.urlopen(req, timeout=60) as resp:
+                    return json.loads(resp.read() or b"null")
+            except (TimeoutError, ConnectionResetError):
+                if attempt == 2 or method != "GET":
+                    raise
+                time.sleep(2)
+        raise AssertionError("unreachable")
 
     def wait_for_dag(self, dag_id: str, timeout: float = 120) -> dict[str, Any]:
         deadline = time.monotonic() + timeout

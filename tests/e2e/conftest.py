@@ -72,5 +72,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         shutil.copytree(HERE / "plans", plans)
         env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                "MESHWAVE_REPORT_DIR": str(work / "reports")}
-        with AirflowProcess(work / "airflow", connections, env) as airflow:
+        airflow = AirflowProcess(work / "airflow", connections, env)
+        try:
+            airflow.start(timeout=360)  # a busy 2-core machine can take minutes to start all components
             yield Stack(lab, prom, airflow, plans, dags)
+        finally:
+            airflow.stop()
