@@ -92,10 +92,12 @@ def _guard(svc: Service, context: dict[str, Any]) -> None:
     fleet = load_fleet()
     planned = fleet.services.get(svc.plan.key)
     reason = guards.frozen(planned.plan.freeze if planned else False)
-    if reason and svc.action not in CHANGES_UNDER_FREEZE:
-        raise AirflowSkipException(f"frozen: {reason}")
-    if reason:
-        print(f"the migration is frozen ({reason}); {svc.action} undoes a change, so it goes ahead")
+    if not reason:
+        return
+    if svc.action in CHANGES_UNDER_FREEZE or context["params"].get("dry_run"):
+        print(f"the migration is frozen ({reason}); {svc.action} goes ahead: an undo or a dry run")
+        return
+    raise AirflowSkipException(f"frozen: {reason}")
 
 
 DOC = f"""# mesh_service: one service, ad hoc

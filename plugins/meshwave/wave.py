@@ -115,7 +115,7 @@ def _guard(plan: Plan):
     """A service of this wave starts only while the migration is not frozen and its window is open."""
 
     def guard(svc: Service, context: dict[str, Any]) -> None:
-        if reason := guards.frozen(plan.freeze):
+        if (reason := guards.frozen(plan.freeze)) and not context["params"].get("dry_run"):
             raise AirflowSkipException(f"frozen: {reason}")
         window = context["ti"].xcom_pull(task_ids="wave_preflight", key="window")
         if reason := guards.window_closed(window, guards.now()):
@@ -208,13 +208,18 @@ def _wave_preflight(plan: Plan, wave: Wave):
 
 
 def _admit_wave(plan: Plan, wave: Wave, context: dict[str, Any]) -> None:
-    """Not frozen, and inside the maintenance window (or overridden, loudly). Raises ValueError otherwise."""
+    """Not frozen, and inside the maintenance window (or overridden, loudly). Raises ValueError otherwise.
+
+    A dry run changes nothing, so it is allowed under a freeze and outside the window (and says so)."""
+    dry_run = bool(context["params"].get("dry_run"))
     if reason := guards.frozen(plan.freeze):
-        raise ValueError(f"frozen: {reason}: no change is made while the freeze is on")
+        if not dry_run:
+            raise ValueError(f"frozen: {reason}: no change is made while the freeze is on")
+        print(f"frozen ({reason}): a dry run changes nothing, so it goes ahead")
     override = bool(context["params"].get("outside_window"))
-    window = guards.window_at_start(wave.window, override, guards.now())
+    window = guards.window_at_start(wave.window, override or dry_run, guards.now())
     if window.get("note"):
-        print(window["note"])
+        print(window["note"] + ("" if override else " (a dry run: nothing changes)"))
     elif window.get("closes"):
         print(f"maintenance window {window['window']}: open since {window['opened']}, closes {window['closes']}; "
               "no service starts after that")
