@@ -20,7 +20,7 @@ from meshwave import report as reports
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.names import RFC1123_LABEL, rfc1123_label
 from meshwave.plan import ServicePlan
-from meshwave.service_group import service_group
+from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import ACTIONS, Service
 from meshwave.wave import dry_run_param
 
@@ -123,7 +123,7 @@ def mesh_service_dag() -> DAG:
     fleet = load_fleet()
     with DAG(dag_id=DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
              max_active_runs=1, params=form(fleet), doc_md=DOC + _fleet_doc(fleet),
-             tags=["meshwave", "ad-hoc"], default_args={"owner": "meshwave"}) as dag:
+             tags=["meshwave", "ad-hoc"], default_args=DEFAULT_ARGS) as dag:
         group = service_group(GROUP, _resolve, "The service from the trigger form, through the wave's task group.",
                               guard=_guard)
         group >> _report()

@@ -43,6 +43,9 @@ ROUTES = {"migrate": "preflight", "inject_only": "preflight", "strict_only": "pr
 Resolve = Callable[[dict[str, Any]], Service]
 Guard = Callable[[Service, dict[str, Any]], None]
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
+# Every task may be retried: a worker that dies or an API that times out must not decide a migration.
+# A refusal (AirflowFailException) is never retried.
+DEFAULT_ARGS = {"owner": "meshwave", **RETRIES}
 
 
 def kube_for(svc: Service, context: dict[str, Any]) -> Any:

@@ -33,7 +33,7 @@ from meshwave.connections import mesh_kube
 from meshwave.fleet import ROOT, plans_dir
 from meshwave.kube import KubeError
 from meshwave.plan import Plan, Wave, group_ids, load_plan
-from meshwave.service_group import service_group
+from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
@@ -135,7 +135,7 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
         params=params,
         doc_md=_doc(plan, wave, source),
         tags=["meshwave", plan.migration, wave.name],
-        default_args={"owner": "meshwave"},
+        default_args=DEFAULT_ARGS,
     )
     with dag:
         services = services_of(plan, wave)
