@@ -19,13 +19,16 @@ from airflow.sdk import (
     Asset,
     BaseHook,
     CronTriggerTimetable,
-    EventsTimetable,
     Param,
     TaskGroup,
     TriggerRule,
     task,
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+# The core class, not airflow.sdk's: in Airflow 3.3.2 the SDK EventsTimetable's encoder leaves out the
+# `_summary` the scheduler's decoder reads, so a DAG using it fails to serialize (KeyError '_summary').
+from airflow.timetables.events import EventsTimetable
 
 from meshwave import guards
 from meshwave import report as reports

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshwave.plan import load_plan
-from meshwave.wave import ROOT
+from meshwave.plan import load_plan, parse_plan
+from meshwave.wave import ROOT, wave_dag
 
 DAGS = ROOT / "dags"
 SEED_PLAN = ROOT / "include" / "plans" / "seed-fleet.yaml"
@@ -90,3 +90,25 @@ def test_a_bad_plan_is_an_import_error_of_its_own_file_only(tmp_path: Path, monk
     cli = subprocess.run([sys.executable, "-m", "meshwave.cli", "plan", "validate", str(plans / "bad.yaml")],
                          capture_output=True, text=True)
     assert cli.returncode == 1 and message in cli.stderr
+
+
+@pytest.mark.parametrize("starts", [
+    {"window": {"cron": "0 2 * * 6", "duration_minutes": 240, "timezone": "Europe/Berlin"}},
+    {"window": {"dates": [{"start": "2026-12-05T02:00:00", "end": "2026-12-05T06:00:00"}], "timezone": "UTC"}},
+    {"schedule": "0 3 * * *"},
+    {},
+])
+def test_every_kind_of_wave_schedule_serializes_as_the_dag_processor_does(starts: dict) -> None:
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    plan = parse_plan({
+        "migration": "m", "clusters": {"lab": {"kubernetes_conn_id": "k", "prometheus_conn_id": "p"}},
+        "waves": [{"name": "wave-1", **starts, "services": [{"cluster": "lab", "namespace": "a", "workload": "b"}]},
+                  {"name": "wave-2", "after": "wave-1", "services": [{"cluster": "lab", "namespace": "a",
+                                                                       "workload": "c"}]}]})
+    for wave in plan.waves:
+        dag = wave_dag(plan, wave, "m.yaml")
+        back = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+        assert type(back.timetable).__name__ == type(dag.timetable).__name__
+        assert back.timetable.summary
+    assert "outside_window" in wave_dag(plan, plan.waves[0], "m.yaml").params or "window" not in starts
