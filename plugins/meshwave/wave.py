@@ -72,6 +72,13 @@ def _schedule(plan: Plan, wave: Wave) -> Any:
     return CronTriggerTimetable(cron, timezone="UTC") if cron else None
 
 
+def _catchup(wave: Wave) -> bool:
+    """Explicit window dates catch up: without it, a dag-processor re-parse at the window's start drops the
+    event before the scheduler creates its run (EventsTimetable skips past events when catchup is off). A date
+    that had passed before the plan was deployed then gets a run that the window guard refuses, visibly."""
+    return bool(wave.window and wave.window.dates)
+
+
 def services_of(plan: Plan, wave: Wave) -> list[tuple[Service, str]]:
     size = plan.defaults.batch_size
     ids = group_ids(wave)
@@ -134,7 +141,7 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
     dag = DAG(
         dag_id=plan.dag_id(wave),
         schedule=_schedule(plan, wave),
-        start_date=START, catchup=False, max_active_runs=1,
+        start_date=START, catchup=_catchup(wave), max_active_runs=1,
         params=params,
         doc_md=_doc(plan, wave, source),
         tags=["meshwave", plan.migration, wave.name],

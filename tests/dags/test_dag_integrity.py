@@ -112,3 +112,22 @@ def test_every_kind_of_wave_schedule_serializes_as_the_dag_processor_does(starts
         assert type(back.timetable).__name__ == type(dag.timetable).__name__
         assert back.timetable.summary
     assert "outside_window" in wave_dag(plan, plan.waves[0], "m.yaml").params or "window" not in starts
+
+
+def test_a_window_start_is_not_lost_when_the_dag_is_parsed_again_just_after_it() -> None:
+    """The dag-processor recomputes the next run at every parse: a window that opened a moment ago, with no
+    run created yet, must still be the next run (EventsTimetable without catchup would drop it)."""
+    from datetime import UTC, datetime, timedelta
+
+    from airflow.timetables.base import TimeRestriction
+
+    start = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    plan = parse_plan({
+        "migration": "m", "clusters": {"lab": {"kubernetes_conn_id": "k", "prometheus_conn_id": "p"}},
+        "waves": [{"name": "wave-1", "window": {"dates": [{"start": start.isoformat(),
+                                                           "end": (start + timedelta(hours=1)).isoformat()}]},
+                   "services": [{"cluster": "lab", "namespace": "a", "workload": "b"}]}]})
+    dag = wave_dag(plan, plan.waves[0], "m.yaml")
+    restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=dag.catchup)
+    info = dag.timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
+    assert info is not None and info.run_after == start
