@@ -93,6 +93,18 @@ Clusters from the plans in `{plans_dir()}`: {clusters}.{broken}
 """
 
 
+def _problems(summary: dict[str, Any], prometheus_errors: dict[str, str]) -> list[str]:
+    problems = []
+    if summary["failed_clusters"]:
+        problems.append(f"stage 1 did not complete on {', '.join(summary['failed_clusters'])}")
+    if summary["stage_2_failed"]:
+        problems.append(f"stage 2 did not roll out {', '.join(summary['stage_2_failed'])}")
+    if summary["health"] != "healthy":
+        problems.append(f"stage 3: {summary['health']}: {len(summary['unhealthy'])} service(s) below the floor"
+                        + "".join(f"; Prometheus of {c}: {e}" for c, e in prometheus_errors.items()))
+    return problems
+
+
 def _kube(target: dict[str, Any], dry_run: bool) -> Any:
     return mesh_kube(BaseHook.get_connection(target["kubernetes_conn_id"]), target["cluster"],
                      target["root_namespace"], dry_run=dry_run)
@@ -187,12 +199,7 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
         print(em.table([{"what": k, "value": v if not isinstance(v, list) else len(v)} for k, v in summary.items()
                         if k != "scope"], ["what", "value"]))
         print(em.table(summary["unhealthy"], ["cluster", "service", "success_rate", "status"]))
-        problems = [p for p, bad in (("stage 1 failed on " + ", ".join(summary["failed_clusters"]),
-                                      summary["failed_clusters"]),
-                                     ("stage 2 did not roll out " + ", ".join(summary["stage_2_failed"]),
-                                      summary["stage_2_failed"]),
-                                     (f"{len(summary['unhealthy'])} service(s) still unhealthy",
-                                      summary["health"] != "healthy")) if bad]
+        problems = _problems(summary, health.get("errors") or {})
         ti.xcom_push(key="summary", value=summary)
         if problems and not request.dry_run:
             raise AirflowFailException("; ".join(problems))

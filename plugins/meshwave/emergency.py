@@ -25,7 +25,7 @@ from meshwave.fleet import Fleet
 from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState, _selectorless, strict_parts
 from meshwave.names import rfc1123_label
 from meshwave.plan import CONN_ID
-from meshwave.prometheus import PrometheusError, Source, load_queries, validate_label, validate_window, window_seconds
+from meshwave.prometheus import PrometheusError, Source, load_queries, validate_label, validate_window
 
 ALL = "all"
 CRITICALITY = ("critical", "high", "medium", "low")  # then: unknown (not in any plan)
@@ -383,8 +383,29 @@ def check_health(sources: dict[str, Source], scope: Scope, floor: float, window:
             "unhealthy": unhealthy, "errors": errors, "counts": counts}
 
 
-def window_ok(window: str, scrape_hint: float = 2) -> bool:
-    return window_seconds(window) >= 2 * scrape_hint
+def last_unhealthy_query(window: str, cluster: str | None, floor: float, seconds: int) -> str:
+    """Per workload, the last time (1 s steps, over the past `seconds`) its success rate was below the floor."""
+    floor = _number(floor, "min_success_rate", 0, 1, float)
+    return f"max_over_time(timestamp(({health_query(window, cluster)}) < {floor!r})[{int(seconds)}s:1s])"
+
+
+def recovered_at(sources: dict[str, Source], scope: Scope, floor: float, window: str, since: float,
+                 now: float) -> float | None:
+    """When every service in scope got back above the floor for good, from Prometheus' own history: one second
+    after the last sample below it since `since` (stage-1 start), or `since` if none was. None if a query fails.
+
+    Independent of when stage 3 happened to look (scheduler and triggerer latency)."""
+    last = since
+    seconds = max(1, math.ceil(now - since))
+    for source in sources.values():
+        try:
+            samples = source.instant(last_unhealthy_query(window, source.cluster, floor, seconds))
+        except PrometheusError:
+            return None
+        for s in samples:
+            if scope.covers(s.labels.get("namespace", ""), s.labels.get("app", "")) and math.isfinite(s.value):
+                last = max(last, s.value + 1)
+    return min(last, now)
 
 
 # ---- report ---------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ class RemoveSidecarsOperator(BaseOperator):
                 self.defer(trigger=RolloutsTrigger(wait, self.poke_interval, deadline), method_name="chunk_done",
                            kwargs={"plan": plan, "index": i, "results": results},
                            timeout=timedelta(seconds=request.rollout_timeout_seconds + MARGIN))
-        return self._summary(request, results)
+        return self._summary(request, plan, results)
 
     def _start_chunk(self, request: em.Request, chunk: list[dict[str, Any]], i: int, total: int,
                      results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,11 +177,13 @@ class RemoveSidecarsOperator(BaseOperator):
         return self._next(context, request, plan, index + 1, results)
 
     @staticmethod
-    def _summary(request: em.Request, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def _summary(request: em.Request, plan: list[list[dict[str, Any]]], results: dict[str, dict[str, Any]]
+                 ) -> dict[str, Any]:
         failed = {k: r for k, r in results.items() if r["status"] in ("error", "failed", "timeout")}
         print(f"stage 2 {'planned (dry run)' if request.dry_run else 'done'}: {len(results)} workload(s), "
               f"{len(failed)} not rolled out: {', '.join(failed) or 'none'}")
-        return {"results": results, "failed": sorted(failed), "dry_run": request.dry_run}
+        return {"order": [key(w) for c in plan for w in c], "chunks": len(plan), "results": results,
+                "failed": sorted(failed), "dry_run": request.dry_run}
 
 
 # ---- stage 3 ----------------------------------------------------------------------------------------------
@@ -189,15 +191,16 @@ class HealthTrigger(BaseTrigger):
     """Polls every cluster's per-workload success rate until all in scope are healthy, or the deadline."""
 
     def __init__(self, prometheus_conn_ids: dict[str, str], scope: dict[str, Any], floor: float, window: str,
-                 poke_interval: float, deadline: float) -> None:
+                 poke_interval: float, deadline: float, since: float | None = None) -> None:
         super().__init__()
         self.prometheus_conn_ids, self.scope, self.floor = prometheus_conn_ids, scope, floor
-        self.window, self.poke_interval, self.deadline = window, poke_interval, deadline
+        self.window, self.poke_interval, self.deadline, self.since = window, poke_interval, deadline, since
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("meshwave.emergency_tasks.HealthTrigger", {
             "prometheus_conn_ids": self.prometheus_conn_ids, "scope": self.scope, "floor": self.floor,
-            "window": self.window, "poke_interval": self.poke_interval, "deadline": self.deadline})
+            "window": self.window, "poke_interval": self.poke_interval, "deadline": self.deadline,
+            "since": self.since})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         sources = {}
@@ -209,9 +212,20 @@ class HealthTrigger(BaseTrigger):
             poll = await asyncio.to_thread(em.check_health, sources, scope, self.floor, self.window)
             polls += 1
             if poll["healthy"] or time.time() >= self.deadline:
-                yield TriggerEvent({"status": "healthy" if poll["healthy"] else "unhealthy", "polls": polls, **poll})
+                recovered = None
+                if poll["healthy"] and self.since:
+                    recovered = await asyncio.to_thread(em.recovered_at, sources, scope, self.floor, self.window,
+                                                        self.since, poll["at"])
+                yield TriggerEvent(event(poll, polls, recovered))
                 return
             await asyncio.sleep(self.poke_interval)
+
+
+def event(poll: dict[str, Any], polls: int, recovered_at: float | None) -> dict[str, Any]:
+    """The stage-3 result: the rows that are not healthy (the healthy ones are only counted)."""
+    rows = [r for r in poll["rows"] if r["status"] != "healthy"]
+    return {**poll, "rows": rows, "status": "healthy" if poll["healthy"] else "unhealthy", "polls": polls,
+            "recovered_at": recovered_at}
 
 
 class VerifyHealthOperator(BaseOperator):
@@ -231,20 +245,21 @@ class VerifyHealthOperator(BaseOperator):
         if request.dry_run or request.health_timeout_seconds == 0:
             sources = {c: prometheus_source(BaseHook.get_connection(i)) for c, i in conn_ids.items()}
             poll = em.check_health(sources, request.scope, request.min_success_rate, request.health_window)
-            status = "healthy" if poll["healthy"] else "unhealthy"
-            return self.verdict(context, {"status": status, "polls": 1, "observed_only": True, **poll})
+            return self.verdict(context, {**event(poll, 1, None), "observed_only": True})
+        since = (context["ti"].xcom_pull(task_ids=STAGE_1_DONE) or {}).get("started")
         self.defer(trigger=HealthTrigger(conn_ids, request.scope.to_dict(), request.min_success_rate,
                                          request.health_window, self.poke_interval,
-                                         time.time() + request.health_timeout_seconds),
+                                         time.time() + request.health_timeout_seconds, since),
                    method_name="verdict", timeout=timedelta(seconds=request.health_timeout_seconds + MARGIN))
         return None
 
     def verdict(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
         request = request_of(context)
         assert request is not None and event is not None
-        stage1 = context["ti"].xcom_pull(task_ids=STAGE_1_DONE) or {}
-        started = stage1.get("started")
-        event["seconds_since_stage_1"] = round(event["at"] - started, 1) if started and event["healthy"] else None
+        started = (context["ti"].xcom_pull(task_ids=STAGE_1_DONE) or {}).get("started")
+        recovered = event.get("recovered_at") or event["at"]  # Prometheus' history, else when stage 3 looked
+        event["seconds_since_stage_1"] = round(recovered - started, 1) if started and event["healthy"] else None
+        event["confirmed_after"] = round(event["at"] - started, 1) if started else None
         c = event["counts"]
         print(f"stage 3: {event['status']} after {event['polls']} poll(s): {c['healthy']} healthy, {c['unhealthy']} "
               f"below {request.min_success_rate}, {c['no traffic']} without traffic, {c['no data']} without data "
@@ -252,7 +267,8 @@ class VerifyHealthOperator(BaseOperator):
         for cluster, error in event["errors"].items():
             print(f"  cluster {cluster}: Prometheus: {error}")
         if event["seconds_since_stage_1"] is not None:
-            print(f"every service in scope healthy {event['seconds_since_stage_1']:.1f}s after stage 1 started")
-        print(em.table(event["unhealthy"] or [r for r in event["rows"] if r["status"] != "healthy"],
-                       ["cluster", "service", "success_rate", "status"]))
+            how = "from Prometheus' history" if event.get("recovered_at") else "when stage 3 looked"
+            print(f"every service in scope healthy {event['seconds_since_stage_1']:.1f}s after stage 1 started "
+                  f"({how}; confirmed by stage 3 {event['confirmed_after']:.1f}s after)")
+        print(em.table(event["rows"], ["cluster", "service", "success_rate", "status"]))
         return event
