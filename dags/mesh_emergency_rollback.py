@@ -112,7 +112,8 @@ def _kube(target: dict[str, Any], dry_run: bool) -> Any:
 
 with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
          max_active_runs=1, params=PARAMS, doc_md=_doc(), tags=["meshwave", "emergency"],
-         default_args={"owner": "meshwave"}) as dag:
+         # a retry for a worker that died or a transient API error; a refused form or change is not retried
+         default_args={"owner": "meshwave", "retries": 1, "retry_delay": timedelta(seconds=3)}) as dag:
 
     @task
     def validate(**context: Any) -> list[dict[str, Any]]:
