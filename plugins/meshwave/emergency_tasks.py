@@ -224,8 +224,9 @@ class HealthTrigger(BaseTrigger):
 def event(poll: dict[str, Any], polls: int, recovered_at: float | None) -> dict[str, Any]:
     """The stage-3 result: the rows that are not healthy (the healthy ones are only counted)."""
     rows = [r for r in poll["rows"] if r["status"] != "healthy"]
-    return {**poll, "rows": rows, "status": "healthy" if poll["healthy"] else "unhealthy", "polls": polls,
-            "recovered_at": recovered_at}
+    status = "healthy" if poll["healthy"] else "unhealthy" if poll["unhealthy"] else (
+        "error" if poll["errors"] else "no data")  # no data: no service in scope with traffic to judge
+    return {**poll, "rows": rows, "status": status, "polls": polls, "recovered_at": recovered_at}
 
 
 class VerifyHealthOperator(BaseOperator):
@@ -268,7 +269,9 @@ class VerifyHealthOperator(BaseOperator):
             print(f"  cluster {cluster}: Prometheus: {error}")
         if event["seconds_since_stage_1"] is not None:
             how = "from Prometheus' history" if event.get("recovered_at") else "when stage 3 looked"
-            print(f"every service in scope healthy {event['seconds_since_stage_1']:.1f}s after stage 1 started "
-                  f"({how}; confirmed by stage 3 {event['confirmed_after']:.1f}s after)")
+            when = (f"{event['seconds_since_stage_1']:.1f}s after stage 1 started" if event["seconds_since_stage_1"]
+                    else "already when stage 1 started")
+            print(f"every service in scope healthy {when} ({how}; confirmed by stage 3 "
+                  f"{event['confirmed_after']:.1f}s after stage 1 started)")
         print(em.table(event["rows"], ["cluster", "service", "success_rate", "status"]))
         return event

@@ -131,7 +131,7 @@ def test_dry_run_shows_the_plan_of_action_and_changes_nothing(stack: Stack, seed
 
     health = xcom(stack, run_id, "stage_3.verify_health")
     assert health["observed_only"] and health["status"] == "unhealthy"
-    assert "monitoring/blackbox-exporter" in {r["service"] for r in health["unhealthy"]}
+    assert "identity/user-service" in {r["service"] for r in health["unhealthy"]}, "the outage, as it is now"
 
 
 def test_rollback_recovers_the_seed_outage_with_a_wave_paused_and_a_broken_plan(stack: Stack, seed: Seed) -> None:

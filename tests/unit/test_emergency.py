@@ -317,3 +317,62 @@ def test_the_dag_parses_with_a_broken_plan_and_with_no_plan_at_all(tmp_path: Pat
     empty = DagBag(dag_folder=str(ROOT / "dags" / "mesh_emergency_rollback.py"))
     assert empty.import_errors == {}
     assert empty.dags["mesh_emergency_rollback"].params.get_param("clusters").schema["examples"] == ["all"]
+
+
+# ---- the deferrable loops -----------------------------------------------------------------------------------
+class FakeTI:
+    def __init__(self, request: em.Request) -> None:
+        self.request = request
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
+        return self.request.to_dict() if (task_ids, key) == ("validate", "request") else None
+
+
+class InjectedKube:
+    def __init__(self) -> None:
+        self.removed: list[str] = []
+
+    def remove_injection(self, ns: str, name: str) -> list:
+        from meshwave.changes import Change
+
+        self.removed.append(f"{ns}/{name}")
+        return [Change("c1", "remove-injection", f"deployment {ns}/{name}", applied=True)]
+
+
+def test_stage_2_defers_once_per_chunk_and_never_starts_the_next_chunk_early(fleet: Fleet) -> None:
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from meshwave.emergency_tasks import RemoveSidecarsOperator
+
+    request = em.parse_request({"clusters": ["prod-eu-1"], "remove_sidecars": True, "max_parallel": 2,
+                                "dry_run": False}, fleet)
+    context = {"ti": FakeTI(request)}
+    kube = InjectedKube()
+    op = RemoveSidecarsOperator(task_id="remove_sidecars")
+    op._kubes["prod-eu-1"] = kube  # type: ignore[assignment]
+    items = [{"cluster": "prod-eu-1", "namespace": "a", "workload": w, "criticality": "medium",
+              "kubernetes_conn_id": "k"} for w in ("w1", "w2", "w3")]
+    plan = em.chunks(items, 2)
+    with pytest.raises(TaskDeferred) as first:
+        op._next(context, request, plan, 0, {})
+    assert kube.removed == ["a/w1", "a/w2"], "the second chunk waits for the first"
+    assert [i["workload"] for i in first.value.trigger.items] == ["w1", "w2"]
+    done = {"results": {f"prod-eu-1/a/{w}": {"status": "done", "message": "ok", "ended": 1.0} for w in ("w1", "w2")}}
+    with pytest.raises(TaskDeferred) as second:
+        op.chunk_done(context, done, **first.value.kwargs)
+    assert kube.removed == ["a/w1", "a/w2", "a/w3"] and second.value.kwargs["index"] == 1
+    last = {"results": {"prod-eu-1/a/w3": {"status": "timeout", "message": "not finished", "ended": 2.0}}}
+    summary = op.chunk_done(context, last, **second.value.kwargs)
+    assert summary["order"] == ["prod-eu-1/a/w1", "prod-eu-1/a/w2", "prod-eu-1/a/w3"] and summary["chunks"] == 2
+    assert summary["failed"] == ["prod-eu-1/a/w3"]
+
+
+def test_the_stage_3_event_keeps_only_what_is_not_healthy() -> None:
+    from meshwave.emergency_tasks import event
+
+    rows = [{"service": "a/x", "status": "healthy"}, {"service": "a/y", "status": "unhealthy"}]
+    poll = {"at": 1.0, "healthy": False, "rows": rows, "unhealthy": rows[1:], "errors": {}, "counts": {}}
+    assert event(poll, 3, None)["rows"] == rows[1:] and event(poll, 3, None)["status"] == "unhealthy"
+    assert event({**poll, "unhealthy": [], "rows": []}, 1, None)["status"] == "no data"
+    assert event({**poll, "unhealthy": [], "errors": {"c1": "down"}}, 1, None)["status"] == "error"
+    assert event({**poll, "healthy": True, "unhealthy": []}, 1, 5.0)["recovered_at"] == 5.0
