@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -376,3 +379,15 @@ def test_the_stage_3_event_keeps_only_what_is_not_healthy() -> None:
     assert event({**poll, "unhealthy": [], "rows": []}, 1, None)["status"] == "no data"
     assert event({**poll, "unhealthy": [], "errors": {"c1": "down"}}, 1, None)["status"] == "error"
     assert event({**poll, "healthy": True, "unhealthy": []}, 1, 5.0)["recovered_at"] == 5.0
+
+
+def test_the_dag_does_not_import_the_wave_machinery(tmp_path: Path) -> None:
+    """A broken wave, service group or step module must not take the big red button down with it."""
+    code = ("import json, runpy, sys; runpy.run_path(sys.argv[1]); "
+            "print(json.dumps(sorted(m for m in sys.modules if m.startswith('meshwave.'))))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT / "dags" / "mesh_emergency_rollback.py")],
+                         capture_output=True, text=True, env={**os.environ, "AIRFLOW_HOME": str(tmp_path)}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert loaded.isdisjoint({"meshwave.wave", "meshwave.service_group", "meshwave.steps", "meshwave.decisions",
+                              "meshwave.sensors", "meshwave.triggers", "meshwave.stages"}), loaded
