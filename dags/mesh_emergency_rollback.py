@@ -112,8 +112,10 @@ def _kube(target: dict[str, Any], dry_run: bool) -> Any:
 
 with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
          max_active_runs=1, params=PARAMS, doc_md=_doc(), tags=["meshwave", "emergency"],
-         # a retry for a worker that died or a transient API error; a refused form or change is not retried
-         default_args={"owner": "meshwave", "retries": 1, "retry_delay": timedelta(seconds=3)}) as dag:
+         # retries for a worker that could not start (an API server stalled) or a transient API error; a refused
+         # form or change is not retried
+         default_args={"owner": "meshwave", "retries": 2, "retry_delay": timedelta(seconds=10),
+                       "retry_exponential_backoff": 2}) as dag:
 
     @task
     def validate(**context: Any) -> list[dict[str, Any]]:

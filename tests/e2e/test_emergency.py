@@ -13,12 +13,14 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
+import yaml
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshlab.process import LabProcess, PrometheusProcess, free_port
 from meshwave.kube import PREVIOUS_MTLS_ANNOTATION
 from tests.component.test_emergency_seed import fleet_success, reproduce_outage
 from tests.conftest import SEED, below, eventually
@@ -110,11 +112,27 @@ def xcom(stack: Stack, run_id: str, task_id: str, key: str = "return_value") -> 
     return patiently(lambda: stack.airflow.xcom(DAG, run_id, task_id, key=key))
 
 
-def test_dry_run_shows_the_plan_of_action_and_changes_nothing(stack: Stack, seed: Seed) -> None:
-    conf = {"clusters": CLUSTERS, "namespace": "identity", "remove_sidecars": True, "max_parallel": 4}
+def dead_cluster(stack: Stack, seed: Seed, tmp_path: Path) -> dict:
+    """A cluster whose API server does not answer (a kubeconfig to a closed port), given as cluster_connections."""
+    kubeconfig = yaml.safe_load(Path(seed.lab.kubeconfig("prod-eu-1")).read_text())
+    kubeconfig["clusters"][0]["cluster"]["server"] = f"http://127.0.0.1:{free_port()}"
+    path = tmp_path / "dead.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+    patiently(lambda: stack.airflow.add_connection("meshlab_dead", "kubernetes", extra={"kube_config_path": str(path)}))
+    patiently(lambda: stack.airflow.add_connection("meshlab_prometheus_dead", "http", host=seed.prometheus.url,
+                                                   extra={"cluster": "prod-dead-1"}))
+    return {"prod-dead-1": {"kubernetes_conn_id": "meshlab_dead", "prometheus_conn_id": "meshlab_prometheus_dead"}}
+
+
+def test_dry_run_shows_the_plan_changes_nothing_names_a_dead_cluster(stack: Stack, seed: Seed,
+                                                                    tmp_path: Path) -> None:
+    conf = {"clusters": [*CLUSTERS, "prod-dead-1"], "namespace": "identity", "remove_sidecars": True,
+            "max_parallel": 4, "cluster_connections": dead_cluster(stack, seed, tmp_path)}
     run_id, state = trigger(stack, conf)
-    assert state == "success", "a dry run reports, it does not fail"
     stage1 = xcom(stack, run_id, "stage_1.stage_1_done")
+    assert stage1["failed_clusters"] == ["prod-dead-1"], "a cluster that does not answer fails its own task only"
+    assert state == "failed", "and the run says so"
+    assert xcom(stack, run_id, "report", key="summary")["failed_clusters"] == ["prod-dead-1"]
     assert sorted(c["cluster"] for c in stage1["changes"]) == sorted(CLUSTERS)
     for change in stage1["changes"]:
         assert change["dry_run"] and not change["applied"]
@@ -126,7 +144,8 @@ def test_dry_run_shows_the_plan_of_action_and_changes_nothing(stack: Stack, seed
     stage2 = xcom(stack, run_id, "stage_2.remove_sidecars")
     assert stage2["dry_run"] and stage2["order"], "the workloads with a sidecar, in the order they would roll"
     assert stage2["order"][:2] == ["prod-eu-1/identity/auth-service", "prod-eu-1/identity/mfa-service"]
-    assert {r["status"] for r in stage2["results"].values()} == {"planned"}
+    assert {r["status"] for k, r in stage2["results"].items() if k.startswith("prod-eu-1/")} == {"planned"}
+    assert stage2["failed"] == ["cluster prod-dead-1"]
     assert any(seed.proxies("identity", "mfa-service")), "no sidecar removed"
 
     health = xcom(stack, run_id, "stage_3.verify_health")
