@@ -154,7 +154,8 @@ def test_dry_run_shows_the_plan_changes_nothing_names_a_dead_cluster(stack: Stac
 
 
 def test_rollback_recovers_the_seed_outage_with_a_wave_paused_and_a_broken_plan(stack: Stack, seed: Seed) -> None:
-    broken = HERE / "plans" / "zz-broken.yaml"
+    # the stack's plans directory (a writable copy once the harness makes one, else tests/e2e/plans itself)
+    broken = getattr(stack, "plans", HERE / "plans") / "zz-broken.yaml"
     try:
         broken.write_text("migration: Broken\nclusters: {}\nwaves: []\n")
         patiently(lambda: stack.airflow.set_paused(WAVE, True))
