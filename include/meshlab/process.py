@@ -336,6 +336,21 @@ class AirflowProcess:
         entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}")
         return entry["value"]
 
+    def add_connection(self, conn_id: str, conn_type: str, host: str | None = None,
+                       extra: dict[str, Any] | None = None) -> None:
+        """Create (or replace) a connection through the REST API: tasks read connections at run time."""
+        body = {"connection_id": conn_id, "conn_type": conn_type, "host": host,
+                "extra": json.dumps(extra) if extra is not None else None}
+        try:
+            self.api("POST", "/connections", body)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 409:
+                raise
+            self.api("PATCH", f"/connections/{urllib.parse.quote(conn_id, safe='')}", body)
+
+    def set_paused(self, dag_id: str, paused: bool) -> None:
+        self.api("PATCH", f"/dags/{dag_id}", {"is_paused": paused})
+
     def stop(self) -> None:
         _stop(self.proc, timeout=20)
 

@@ -782,6 +782,53 @@ class MeshKube:
         return self._call("PATCH", change.target, self.custom.patch_namespaced_custom_object, PA_GROUP, PA_VERSION,
                           ns, PA_PLURAL, name, body, _content_type=MERGE_PATCH)
 
+    # ---- emergency rollback (meshwave.emergency) ---------------------------------------------------
+    def namespace_names(self) -> list[str]:
+        items = self._call("LIST", "namespaces", self.core.list_namespace).get("items", [])
+        return sorted(_meta(n).get("name", "") for n in items)
+
+    def list_policies(self, ns: str | None = None) -> list[dict[str, Any]]:
+        """PeerAuthentications of one namespace, or of every namespace (ns None) in one request."""
+        if ns is not None:
+            validate_name(ns, "namespace")
+            return self._policies(ns)
+        return self._call("LIST", "peerauthentications (all namespaces)", self.custom.list_cluster_custom_object,
+                          PA_GROUP, PA_VERSION, PA_PLURAL).get("items", [])
+
+    def workloads_in(self, ns: str) -> list[WorkloadState]:
+        """Every deployment of a namespace with its pods: two requests, however many deployments."""
+        validate_name(ns, "namespace")
+        deployments = self._call("LIST", f"deployments {ns}", self.apps.list_namespaced_deployment, ns).get("items", [])
+        pods = self._call("LIST", f"pods {ns}", self.core.list_namespaced_pod, ns).get("items", [])
+        found = []
+        for d in deployments:
+            match = ((d.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+            mine = [p for p in pods if _selects(match, _meta(p).get("labels") or {}) and _owned_by(p, _meta(d)["name"])]
+            found.append(workload_state(self.cluster, d, mine))
+        return found
+
+    def relax_policy(self, ns: str, name: str, note: str, current: dict[str, Any] | None = None) -> Change:
+        """STRICT -> PERMISSIVE in one PeerAuthentication (its mode and every portLevelMtls entry), keeping the
+        object; the previous modes go into the annotation `PREVIOUS_MTLS_ANNOTATION`. A policy with nothing
+        STRICT is left alone (no request). `current` is the object as just listed (saves a GET); a stale
+        resourceVersion (409) is re-read and re-planned once."""
+        validate_name(ns, "namespace")
+        retried = False
+        while True:
+            policy = current if current is not None else self._get_policy(ns, name)
+            change = plan_relax(self.cluster, ns, name, policy, note)
+            if change.request is None:
+                change.dry_run = self.dry_run
+                return change
+            try:
+                return self._send(change, functools.partial(
+                    self._call, "PATCH", change.target, self.custom.patch_namespaced_custom_object, PA_GROUP,
+                    PA_VERSION, ns, PA_PLURAL, name, change.request.body, _content_type=MERGE_PATCH))
+            except Conflict:
+                if retried:
+                    raise
+                retried, current = True, None
+
 
 def _owned_by(pod: dict[str, Any], deployment: str) -> bool:
     """The selector may match other deployments' pods: keep those whose ReplicaSet is this deployment's."""
@@ -790,3 +837,48 @@ def _owned_by(pod: dict[str, Any], deployment: str) -> bool:
     if not owners or not pod_hash:
         return True
     return any(o.get("name") == f"{deployment}-{pod_hash}" for o in owners)
+
+
+# ---- emergency rollback: PeerAuthentication helpers (pure) -----------------------------------------
+PREVIOUS_MTLS_ANNOTATION = "meshwave.io/emergency-previous-mtls"
+RELAXED_BY_ANNOTATION = "meshwave.io/emergency-rollback"
+
+
+def _selects(match_labels: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(match_labels) and all(labels.get(k) == v for k, v in match_labels.items())
+
+
+def strict_parts(policy: dict[str, Any]) -> dict[str, str]:
+    """What is STRICT in a policy: {"mtls": "STRICT"} and/or {"port 8080": "STRICT"}; empty when nothing is."""
+    spec = policy.get("spec") or {}
+    found = {"mtls": "STRICT"} if _mode(policy) == "STRICT" else {}
+    for port, cfg in sorted((spec.get("portLevelMtls") or {}).items(), key=lambda kv: str(kv[0])):
+        if (cfg or {}).get("mode") == "STRICT":
+            found[f"port {port}"] = "STRICT"
+    return found
+
+
+def plan_relax(cluster: str, ns: str, name: str, policy: dict[str, Any] | None, note: str) -> Change:
+    """The merge patch that turns every STRICT of a policy into PERMISSIVE, or a no-op Change. Pure."""
+    target = f"peerauthentication {ns}/{name}"
+    if policy is None:
+        return Change(cluster, "relax-mtls", target, reason="not found (deleted meanwhile): nothing to relax")
+    strict = strict_parts(policy)
+    if not strict:
+        state = {"mtls": _mode(policy)}
+        return Change(cluster, "relax-mtls", target, state, state, reason=f"nothing STRICT ({_mode(policy)})")
+    spec: dict[str, Any] = {}
+    if "mtls" in strict:
+        spec["mtls"] = {"mode": "PERMISSIVE"}
+    ports = {k.removeprefix("port "): {"mode": "PERMISSIVE"} for k in strict if k.startswith("port ")}
+    if ports:
+        spec["portLevelMtls"] = ports
+    annotations = {PREVIOUS_MTLS_ANNOTATION: json.dumps(strict, sort_keys=True), RELAXED_BY_ANNOTATION: note}
+    body = {"metadata": {"resourceVersion": _meta(policy).get("resourceVersion"), "annotations": annotations},
+            "spec": spec}
+    request = ApiRequest("PATCH", f"/apis/{PA_GROUP}/{PA_VERSION}/namespaces/{ns}/{PA_PLURAL}/{name}", MERGE_PATCH,
+                         body)
+    after = {k: "PERMISSIVE" for k in strict}
+    return Change(cluster, "relax-mtls", target, strict, after, request,
+                  reason=", ".join(f"{k} STRICT -> PERMISSIVE" for k in strict) + " (object kept; previous modes in "
+                  f"annotation {PREVIOUS_MTLS_ANNOTATION})")

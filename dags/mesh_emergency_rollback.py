@@ -1,0 +1,213 @@
+"""airflow dag: mesh_emergency_rollback, the big red button (see meshwave.emergency).
+
+    validate -> stage_1: to_permissive (one mapped task per cluster) -> stage_1_done
+             -> stage_2: remove_sidecars (optional, deferrable, chunked) -> stage_3: verify_health -> report
+
+Parsing reads the local plan files only (for the cluster list); nothing here depends on the wave DAGs.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import DAG, BaseHook, Param, TaskGroup, TriggerRule, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+from meshwave import emergency as em
+from meshwave.connections import mesh_kube
+from meshwave.emergency_tasks import RemoveSidecarsOperator, VerifyHealthOperator, log_changes, request_of
+from meshwave.fleet import load_fleet, plans_dir
+from meshwave.names import RFC1123_LABEL
+
+DAG_ID = "mesh_emergency_rollback"
+FLEET = load_fleet()  # local plan files only; a broken one keeps its error for the docs
+SERVICE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+SCOPE, STAGE_2, STAGE_3 = "Scope", "Stage 2: remove sidecars (optional, restarts)", "Stage 3: verify health"
+
+PARAMS = {
+    "dry_run": Param(True, type="boolean", title="Dry run: show the plan of action, change nothing",
+                     description="ON (default): every stage logs exactly what it would change, with the request, "
+                                 "and stage 3 reports the current health once. Switch OFF to APPLY the rollback."),
+    "clusters": Param([em.ALL], type="array", title="Clusters", examples=[em.ALL, *sorted(FLEET.clusters)],
+                      items={"type": "string"}, section=SCOPE,
+                      description=f"'{em.ALL}' = every cluster the plans name, or pick clusters. A cluster that no "
+                                  "plan names needs its connections in 'Cluster connections'."),
+    "namespace": Param(None, type=["null", "string"], title="Namespace (optional)", section=SCOPE,
+                       pattern=RFC1123_LABEL.pattern,
+                       description="Only this namespace (plus the mesh-wide policy, always). Empty: every namespace."),
+    "services": Param(None, type=["null", "array"], title="Services (optional)", section=SCOPE,
+                      items={"type": "string", "pattern": SERVICE},
+                      description="Only these services, one namespace/workload per line (e.g. payments/payment-"
+                                  "service), in every cluster chosen. Empty: the whole namespace or cluster."),
+    "cluster_connections": Param(None, type=["null", "object"], title="Cluster connections (only if not in a plan)",
+                                 section=SCOPE,
+                                 description='For clusters no plan names (or whose plan file is broken): {"prod-x-1":'
+                                             ' {"kubernetes_conn_id": "...", "prometheus_conn_id": "..."}}.'),
+    "remove_sidecars": Param(False, type="boolean", title="Remove sidecars (restarts pods)", section=STAGE_2,
+                             description="Stage 2: label sidecar.istio.io/inject=false and roll the pods of every "
+                                         "workload in scope that has a sidecar, critical services first. Off: "
+                                         "stage 1 only (PERMISSIVE, no restart)."),
+    "max_parallel": Param(5, type="integer", minimum=1, maximum=50, title="Restarts at a time", section=STAGE_2,
+                          description="At most this many workloads rolling at once in stage 2."),
+    "rollout_timeout_seconds": Param(300, type="integer", minimum=10, maximum=3600, section=STAGE_2,
+                                     title="Rollout timeout per chunk (s)",
+                                     description="A chunk whose rollouts are not done by then is reported, and the "
+                                                 "next chunk starts."),
+    "min_success_rate": Param(0.99, type="number", minimum=0, maximum=1, title="Healthy at or above",
+                              section=STAGE_3,
+                              description="Application success rate (non-5xx / all, the app's own "
+                                          "http_requests_total) a service with traffic must reach."),
+    "health_window": Param("1m", type="string", pattern=r"^([0-9]+[smh])+$", title="Rate window", section=STAGE_3,
+                           description="PromQL rate window, at least 2 scrape intervals (e.g. 30s, 1m, 2m)."),
+    "health_timeout_seconds": Param(300, type="integer", minimum=0, maximum=7200, title="Wait for health (s)",
+                                    section=STAGE_3,
+                                    description="Poll until every service is healthy or this many seconds; 0: "
+                                                "check once."),
+}
+
+
+def _doc() -> str:
+    clusters = ", ".join(f"`{c}`" for c in sorted(FLEET.clusters)) or "none (give `cluster_connections`)"
+    errors = "".join(f"\n- `{e.splitlines()[0]}`" for e in FLEET.errors)
+    broken = f"\n\nPlan files with errors (their clusters are not offered):{errors}" if errors else ""
+    return f"""# Emergency rollback: the big red button
+
+Puts the mesh back to where every caller reaches every service, fast, **without the wave DAGs** (they may
+be paused or broken; this DAG only reads the plans' cluster list and criticality).
+
+1. **stage_1** (seconds, no restart): every PeerAuthentication in scope whose mode or any port is STRICT goes
+   to PERMISSIVE; the mesh-wide one in the root namespace always. The object is kept and annotated with its
+   previous modes (`meshwave.io/emergency-previous-mtls`). One task per cluster, in parallel.
+2. **stage_2** (optional, `remove_sidecars`): `sidecar.istio.io/inject=false` and a rollout for every workload
+   in scope with a sidecar, critical first, at most `max_parallel` at a time; waits deferrably.
+3. **stage_3**: the application's own success rate per workload from Prometheus (one query per cluster)
+   until every service in scope with traffic is at or above `min_success_rate`; reports what is still
+   unhealthy and the seconds from stage-1 start to all healthy.
+
+**Dry run is ON by default**: trigger once to see the plan of action, then again with dry run OFF.
+Re-running changes nothing already rolled back.
+
+Clusters from the plans in `{plans_dir()}`: {clusters}.{broken}
+"""
+
+
+def _problems(summary: dict[str, Any], prometheus_errors: dict[str, str]) -> list[str]:
+    problems = []
+    if summary["failed_clusters"]:
+        problems.append(f"stage 1 did not complete on {', '.join(summary['failed_clusters'])}")
+    if summary["stage_2_failed"]:
+        problems.append(f"stage 2 did not roll out {', '.join(summary['stage_2_failed'])}")
+    if summary["health"] != "healthy":
+        problems.append(f"stage 3: {summary['health']}: {len(summary['unhealthy'])} service(s) below the floor"
+                        + "".join(f"; Prometheus of {c}: {e}" for c, e in prometheus_errors.items()))
+    return problems
+
+
+def _kube(target: dict[str, Any], dry_run: bool) -> Any:
+    return mesh_kube(BaseHook.get_connection(target["kubernetes_conn_id"]), target["cluster"],
+                     target["root_namespace"], dry_run=dry_run)
+
+
+with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
+         max_active_runs=1, params=PARAMS, doc_md=_doc(), tags=["meshwave", "emergency"],
+         # retries for a worker that could not start (an API server stalled) or a transient API error; a refused
+         # form or change is not retried
+         default_args={"owner": "meshwave", "retries": 2, "retry_delay": timedelta(seconds=10),
+                       "retry_exponential_backoff": 2}) as dag:
+
+    @task
+    def validate(**context: Any) -> list[dict[str, Any]]:
+        """Every form field checked before any change; the scope and the clusters' connections."""
+        try:
+            request = em.parse_request(dict(context["params"]), load_fleet())
+        except em.ScopeError as exc:
+            raise AirflowFailException(str(exc)) from None
+        for note in request.notes:
+            print(note)
+        mode = "DRY RUN: nothing will be changed" if request.dry_run else "APPLYING"
+        print(f"{mode}: {request.scope.describe()}; stage 2 (remove sidecars): "
+              f"{'on, ' + str(request.max_parallel) + ' at a time' if request.remove_sidecars else 'off'}")
+        context["ti"].xcom_push(key="request", value=request.to_dict())
+        return [t.to_dict() for t in request.targets]  # stage 1 maps over them
+
+    validated = validate()
+
+    with TaskGroup("stage_1", tooltip="PeerAuthentications back to PERMISSIVE, no restart",
+                   doc_md="Every STRICT PeerAuthentication in scope to PERMISSIVE (the mesh-wide one always), per "
+                          "cluster in parallel; the previous modes are annotated on the object.") as stage_1:
+
+        @task(retries=2, retry_delay=timedelta(seconds=3), map_index_template="{{ cluster }}")
+        def to_permissive(target: dict[str, Any]) -> dict[str, Any]:
+            context = get_current_context()
+            context["cluster"] = target["cluster"]  # type: ignore[typeddict-unknown-key]
+            request = request_of(context)
+            assert request is not None
+            note = f"{DAG_ID} {context['run_id']}"
+            result = em.relax_cluster(_kube(target, request.dry_run), request.scope, note)
+            print(em.table(result["policies"], ["policy", "scope", "strict"]))
+            log_changes(result["changes"])
+            for key in result["missing_services"]:
+                print(f"{key}: no such deployment in {target['cluster']}")
+            print(f"stage 1 on {target['cluster']}: {result['ended'] - result['started']:.2f}s")
+            return result
+
+        @task(trigger_rule=TriggerRule.ALL_DONE)
+        def stage_1_done(results: Any, **context: Any) -> dict[str, Any]:
+            """The stage-1 window (first cluster's start to last cluster's end) and any cluster that failed."""
+            request = request_of(context)
+            if request is None:
+                raise AirflowSkipException("the form did not validate: nothing was changed")
+            done = [r for r in results or [] if r]
+            started, ended = em.stage1_window(done)
+            failed = sorted(set(request.scope.clusters) - {r["cluster"] for r in done})
+            changed = [c for r in done for c in r["changes"] if c["applied"] or c["dry_run"]]
+            for cluster in failed:
+                print(f"cluster {cluster}: stage 1 did not complete: see stage_1.to_permissive [{cluster}]")
+            if started is not None:
+                print(f"stage 1: {len(changed)} polic(ies) {'to change' if request.dry_run else 'changed'} in "
+                      f"{ended - started:.2f}s")
+            return {"started": started, "ended": ended, "seconds": None if started is None else ended - started,
+                    "failed_clusters": failed, "changes": changed}
+
+        stage_1_done(to_permissive.expand(target=validated))
+
+    with TaskGroup("stage_2", tooltip="optional: sidecars out, critical first, max_parallel at a time",
+                   doc_md="Only with `remove_sidecars`: inject=false and a rollout per workload with a sidecar, "
+                          "critical first, at most `max_parallel` rolling at once (one deferrable task).") as stage_2:
+        RemoveSidecarsOperator(task_id="remove_sidecars", trigger_rule=TriggerRule.ALL_DONE)
+
+    with TaskGroup("stage_3", tooltip="success rate per workload from Prometheus",
+                   doc_md="The app's own success rate per workload, one query per cluster, polled deferrably until "
+                          "every service in scope with traffic is healthy or the wait ends.") as stage_3:
+        VerifyHealthOperator(task_id="verify_health", trigger_rule=TriggerRule.ALL_DONE)
+
+    @task(trigger_rule=TriggerRule.ALL_DONE)
+    def report(**context: Any) -> dict[str, Any]:
+        """What was done, what is still unhealthy, how long it took; fails the run if anything is left."""
+        request = request_of(context)
+        if request is None:
+            raise AirflowSkipException("the form did not validate: nothing was changed")
+        ti = context["ti"]
+        stage1 = ti.xcom_pull(task_ids="stage_1.stage_1_done") or {}
+        stage2 = ti.xcom_pull(task_ids="stage_2.remove_sidecars") or {}
+        health = ti.xcom_pull(task_ids="stage_3.verify_health") or {}
+        summary = {"dry_run": request.dry_run, "scope": request.scope.to_dict(),
+                   "stage_1_seconds": stage1.get("seconds"), "stage_1_changes": len(stage1.get("changes", [])),
+                   "failed_clusters": stage1.get("failed_clusters", []),
+                   "stage_2_failed": stage2.get("failed", []), "health": health.get("status", "not checked"),
+                   "seconds_to_healthy": health.get("seconds_since_stage_1"),
+                   "unhealthy": health.get("unhealthy", []), "counts": health.get("counts", {})}
+        print(em.table([{"what": k, "value": v if not isinstance(v, list) else len(v)} for k, v in summary.items()
+                        if k != "scope"], ["what", "value"]))
+        print(em.table(summary["unhealthy"], ["cluster", "service", "success_rate", "status"]))
+        problems = _problems(summary, health.get("errors") or {})
+        ti.xcom_push(key="summary", value=summary)
+        if request.dry_run:  # the outage is still there in a dry run; an incomplete plan of action is a failure
+            problems = [p for p in problems if not p.startswith("stage 3")]
+        if problems:
+            raise AirflowFailException(("dry run incomplete: " if request.dry_run else "") + "; ".join(problems))
+        return summary
+
+    validated >> stage_1 >> stage_2 >> stage_3 >> report()

@@ -1,0 +1,277 @@
+"""The emergency rollback's waits: stage 2 (sidecars out, a bounded number at a time) and stage 3 (health).
+
+Both are deferrable: no worker slot is held while pods roll or while Prometheus is polled. Stage 2 is one
+task that re-defers once per chunk: it removes injection from at most `max_parallel` workloads, defers
+until their rollouts finish, then starts the next chunk (critical services first). One task rather than
+mapped tasks because `max_parallel` is a run-time choice (a mapped task's concurrency is fixed at parse
+time) and the order must hold across chunks; each chunk and each workload is in the task log.
+
+Triggers only read (they may run twice); every write is in the operators, through MeshKube.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseHook, BaseOperator
+from airflow.sdk.exceptions import AirflowSkipException
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+from meshwave import emergency as em
+from meshwave.changes import Change
+from meshwave.connections import mesh_kube, prometheus_source
+from meshwave.fleet import load_fleet
+from meshwave.kube import KubeError, MeshKube
+
+POLL_SECONDS = 2.0
+MARGIN = 120  # seconds the task timeout leaves a trigger to report its own deadline
+VALIDATE = "validate"
+STAGE_1_DONE = "stage_1.stage_1_done"
+
+
+def request_of(context: Any) -> em.Request | None:
+    data = context["ti"].xcom_pull(task_ids=VALIDATE, key="request")
+    return em.Request.from_dict(data) if data else None
+
+
+def log_changes(changes: list[dict[str, Any]]) -> None:
+    """Every change in the task log with its exact request (a dry run shows what it would send)."""
+    for data in changes:
+        change = Change.from_dict(data)
+        print(change.summary())
+        if change.request is not None and (change.applied or change.dry_run):
+            print(f"    {change.request.describe()} {json.dumps(change.request.body, sort_keys=True)}")
+
+
+# ---- stage 2 ----------------------------------------------------------------------------------------------
+class RolloutsTrigger(BaseTrigger):
+    """Polls several deployments until each rollout is done, failed or past the deadline."""
+
+    def __init__(self, items: list[dict[str, Any]], poke_interval: float, deadline: float) -> None:
+        super().__init__()
+        self.items, self.poke_interval, self.deadline = items, poke_interval, deadline
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("meshwave.emergency_tasks.RolloutsTrigger",
+                {"items": self.items, "poke_interval": self.poke_interval, "deadline": self.deadline})
+
+    async def _kubes(self) -> dict[str, MeshKube]:
+        kubes = {}
+        for item in self.items:
+            if item["cluster"] not in kubes:
+                connection = await BaseHook.aget_connection(item["kubernetes_conn_id"])
+                kubes[item["cluster"]] = await asyncio.to_thread(mesh_kube, connection, item["cluster"])
+        return kubes
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        kubes = await self._kubes()
+        pending = {key(i): i for i in self.items}
+        results: dict[str, dict[str, Any]] = {}
+        last: dict[str, str] = {}
+        while pending:
+            for name, item in list(pending.items()):
+                try:
+                    state = await asyncio.to_thread(kubes[item["cluster"]].rollout, item["namespace"],
+                                                    item["workload"], False)
+                except KubeError as exc:  # transient: keep polling until the deadline
+                    last[name] = f"error: {exc}"
+                    continue
+                last[name] = state.message
+                if state.status != "progressing":
+                    results[name] = {"status": state.status, "message": state.message, "ended": time.time()}
+                    del pending[name]
+            if pending and time.time() >= self.deadline:
+                for name in pending:
+                    results[name] = {"status": "timeout", "message": f"not finished by the deadline: {last.get(name)}",
+                                     "ended": time.time()}
+                break
+            if pending:
+                await asyncio.sleep(self.poke_interval)
+        yield TriggerEvent({"results": results})
+
+
+def key(item: dict[str, Any]) -> str:
+    return f"{item['cluster']}/{item['namespace']}/{item['workload']}"
+
+
+class RemoveSidecarsOperator(BaseOperator):
+    """Stage 2: injection removed (pod label sidecar.istio.io/inject=false), critical first, chunk by chunk."""
+
+    ui_color = "#fde8e8"
+
+    def __init__(self, *, poke_interval: float = POLL_SECONDS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.poke_interval = poke_interval
+        self._kubes: dict[str, MeshKube] = {}
+
+    def _kube(self, request: em.Request, cluster: str) -> MeshKube:
+        if cluster not in self._kubes:
+            target = next(t for t in request.targets if t.cluster == cluster)
+            self._kubes[cluster] = mesh_kube(BaseHook.get_connection(target.kubernetes_conn_id), cluster,
+                                             target.root_namespace, dry_run=request.dry_run)
+        return self._kubes[cluster]
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        request = request_of(context)
+        if request is None:
+            raise AirflowSkipException("the form did not validate: nothing to do")
+        if not request.remove_sidecars:
+            raise AirflowSkipException("remove_sidecars is off: sidecars stay (stage 1 needs no restart)")
+        found, errors = [], {}
+        for target in request.targets:
+            try:
+                found += [{**w, "kubernetes_conn_id": target.kubernetes_conn_id}
+                          for w in em.sidecar_workloads(self._kube(request, target.cluster), request.scope)]
+            except KubeError as exc:
+                errors[target.cluster] = str(exc)
+                print(f"cluster {target.cluster}: cannot list workloads: {exc}")
+        ordered = em.order_targets(found, em.criticality_of(load_fleet()))
+        plan = em.chunks(ordered, request.max_parallel)
+        print(f"stage 2: {len(ordered)} workload(s) with a sidecar in scope, {len(plan)} chunk(s) of at most "
+              f"{request.max_parallel}, critical first:")
+        print(em.table([{**w, "chunk": i + 1} for i, c in enumerate(plan) for w in c],
+                       ["chunk", "criticality", "cluster", "namespace", "workload", "pods", "with_proxy"]))
+        results = {f"cluster {c}": {"status": "error", "message": m} for c, m in errors.items()}
+        return self._next(context, request, plan, 0, results)
+
+    def _next(self, context: Any, request: em.Request, plan: list[list[dict[str, Any]]], index: int,
+              results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        for i in range(index, len(plan)):
+            wait = self._start_chunk(request, plan[i], i, len(plan), results)
+            if wait and not request.dry_run:
+                deadline = time.time() + request.rollout_timeout_seconds
+                self.defer(trigger=RolloutsTrigger(wait, self.poke_interval, deadline), method_name="chunk_done",
+                           kwargs={"plan": plan, "index": i, "results": results},
+                           timeout=timedelta(seconds=request.rollout_timeout_seconds + MARGIN))
+        return self._summary(request, plan, results)
+
+    def _start_chunk(self, request: em.Request, chunk: list[dict[str, Any]], i: int, total: int,
+                     results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+        print(f"chunk {i + 1}/{total}: {', '.join(key(w) for w in chunk)}")
+        wait = []
+        for w in chunk:
+            try:
+                changes = self._kube(request, w["cluster"]).remove_injection(w["namespace"], w["workload"])
+            except KubeError as exc:
+                results[key(w)] = {"status": "error", "message": str(exc), "criticality": w["criticality"]}
+                print(f"  {key(w)}: {exc}")
+                continue
+            log_changes([c.to_dict() for c in changes])
+            results[key(w)] = {"status": "planned" if request.dry_run else "rolling", "criticality": w["criticality"],
+                               "changes": [c.to_dict() for c in changes]}
+            wait.append(w)
+        return wait
+
+    def chunk_done(self, context: Any, event: dict[str, Any] | None = None, plan: list | None = None,
+                   index: int = 0, results: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+        request = request_of(context)
+        assert request is not None and plan is not None and results is not None
+        for name, outcome in (event or {}).get("results", {}).items():
+            results[name] = {**results.get(name, {}), **outcome}
+            print(f"  {name}: {outcome['status']}: {outcome['message']}")
+        return self._next(context, request, plan, index + 1, results)
+
+    @staticmethod
+    def _summary(request: em.Request, plan: list[list[dict[str, Any]]], results: dict[str, dict[str, Any]]
+                 ) -> dict[str, Any]:
+        failed = {k: r for k, r in results.items() if r["status"] in ("error", "failed", "timeout")}
+        print(f"stage 2 {'planned (dry run)' if request.dry_run else 'done'}: {len(results)} workload(s), "
+              f"{len(failed)} not rolled out: {', '.join(failed) or 'none'}")
+        return {"order": [key(w) for c in plan for w in c], "chunks": len(plan), "results": results,
+                "failed": sorted(failed), "dry_run": request.dry_run}
+
+
+# ---- stage 3 ----------------------------------------------------------------------------------------------
+class HealthTrigger(BaseTrigger):
+    """Polls every cluster's per-workload success rate until all in scope are healthy, or the deadline."""
+
+    def __init__(self, prometheus_conn_ids: dict[str, str], scope: dict[str, Any], floor: float, window: str,
+                 poke_interval: float, deadline: float, since: float | None = None) -> None:
+        super().__init__()
+        self.prometheus_conn_ids, self.scope, self.floor = prometheus_conn_ids, scope, floor
+        self.window, self.poke_interval, self.deadline, self.since = window, poke_interval, deadline, since
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("meshwave.emergency_tasks.HealthTrigger", {
+            "prometheus_conn_ids": self.prometheus_conn_ids, "scope": self.scope, "floor": self.floor,
+            "window": self.window, "poke_interval": self.poke_interval, "deadline": self.deadline,
+            "since": self.since})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        sources = {}
+        for cluster, conn_id in self.prometheus_conn_ids.items():
+            connection = await BaseHook.aget_connection(conn_id)
+            sources[cluster] = await asyncio.to_thread(prometheus_source, connection)
+        scope, polls = em.Scope.from_dict(self.scope), 0
+        while True:
+            poll = await asyncio.to_thread(em.check_health, sources, scope, self.floor, self.window)
+            polls += 1
+            if poll["healthy"] or time.time() >= self.deadline:
+                recovered = None
+                if poll["healthy"] and self.since:
+                    recovered = await asyncio.to_thread(em.recovered_at, sources, scope, self.floor, self.window,
+                                                        self.since, poll["at"])
+                yield TriggerEvent(event(poll, polls, recovered))
+                return
+            await asyncio.sleep(self.poke_interval)
+
+
+def event(poll: dict[str, Any], polls: int, recovered_at: float | None) -> dict[str, Any]:
+    """The stage-3 result: the rows that are not healthy (the healthy ones are only counted)."""
+    rows = [r for r in poll["rows"] if r["status"] != "healthy"]
+    status = "healthy" if poll["healthy"] else "unhealthy" if poll["unhealthy"] else (
+        "error" if poll["errors"] else "no data")  # no data: no service in scope with traffic to judge
+    return {**poll, "rows": rows, "status": status, "polls": polls, "recovered_at": recovered_at}
+
+
+class VerifyHealthOperator(BaseOperator):
+    """Stage 3: every service in scope with traffic at or above the success-rate floor, polled deferrably."""
+
+    ui_color = "#e8f4fd"
+
+    def __init__(self, *, poke_interval: float = POLL_SECONDS, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.poke_interval = poke_interval
+
+    def execute(self, context: Any) -> dict[str, Any] | None:
+        request = request_of(context)
+        if request is None:
+            raise AirflowSkipException("the form did not validate: nothing to verify")
+        conn_ids = {t.cluster: t.prometheus_conn_id for t in request.targets}
+        if request.dry_run or request.health_timeout_seconds == 0:
+            sources = {c: prometheus_source(BaseHook.get_connection(i)) for c, i in conn_ids.items()}
+            poll = em.check_health(sources, request.scope, request.min_success_rate, request.health_window)
+            return self.verdict(context, {**event(poll, 1, None), "observed_only": True})
+        since = (context["ti"].xcom_pull(task_ids=STAGE_1_DONE) or {}).get("started")
+        self.defer(trigger=HealthTrigger(conn_ids, request.scope.to_dict(), request.min_success_rate,
+                                         request.health_window, self.poke_interval,
+                                         time.time() + request.health_timeout_seconds, since),
+                   method_name="verdict", timeout=timedelta(seconds=request.health_timeout_seconds + MARGIN))
+        return None
+
+    def verdict(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
+        request = request_of(context)
+        assert request is not None and event is not None
+        started = (context["ti"].xcom_pull(task_ids=STAGE_1_DONE) or {}).get("started")
+        recovered = event.get("recovered_at") or event["at"]  # Prometheus' history, else when stage 3 looked
+        event["seconds_since_stage_1"] = round(recovered - started, 1) if started and event["healthy"] else None
+        event["confirmed_after"] = round(event["at"] - started, 1) if started else None
+        c = event["counts"]
+        print(f"stage 3: {event['status']} after {event['polls']} poll(s): {c['healthy']} healthy, {c['unhealthy']} "
+              f"below {request.min_success_rate}, {c['no traffic']} without traffic, {c['no data']} without data "
+              f"(application success rate over {request.health_window})")
+        for cluster, error in event["errors"].items():
+            print(f"  cluster {cluster}: Prometheus: {error}")
+        if event["seconds_since_stage_1"] is not None:
+            how = "from Prometheus' history" if event.get("recovered_at") else "when stage 3 looked"
+            when = (f"{event['seconds_since_stage_1']:.1f}s after stage 1 started" if event["seconds_since_stage_1"]
+                    else "already when stage 1 started")
+            print(f"every service in scope healthy {when} ({how}; confirmed by stage 3 "
+                  f"{event['confirmed_after']:.1f}s after stage 1 started)")
+        print(em.table(event["rows"], ["cluster", "service", "success_rate", "status"]))
+        return event
