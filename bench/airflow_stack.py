@@ -20,6 +20,10 @@ from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess
 DAG_FILE = ('"""airflow dag: the waves of {plan}"""\nfrom meshwave.wave import wave_dags\n\n'
             'globals().update(wave_dags("{plan}"))\n')
 
+# On a shared 2-core machine the api-server may take more than the task runner's default 5 s to answer: a task
+# would fail on its own heartbeat, then wait the default 300 s to retry. Neither is what is being measured.
+LOADED_MACHINE = {"AIRFLOW__WORKERS__EXECUTION_API_TIMEOUT": "30", "AIRFLOW__CORE__DEFAULT_TASK_RETRY_DELAY": "10"}
+
 
 @dataclass
 class Stack:
@@ -28,7 +32,7 @@ class Stack:
     airflow: AirflowProcess
 
     def run_info(self, dag_id: str, run_id: str) -> dict[str, Any]:
-        return self.airflow.api("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}")
+        return retried(lambda: self.airflow.api("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"))
 
     def tis(self, dag_id: str, run_id: str, state: str | None = None) -> tuple[list[dict[str, Any]], int]:
         """Task instances of a run (one page of 100 when filtered by state) and the total count."""
@@ -36,6 +40,19 @@ class Stack:
         page = self.airflow.api("GET", f"/dags/{dag_id}/dagRuns/{urllib.parse.quote(run_id, safe='')}"
                                        f"/taskInstances{query}")
         return page["task_instances"], page["total_entries"]
+
+
+def retried(call: Any, tries: int = 5) -> Any:
+    """The api-server of a loaded 2-core machine may not answer within the client's 30 s: try again."""
+    for attempt in range(tries):
+        try:
+            return call()
+        except (TimeoutError, OSError) as exc:
+            if attempt == tries - 1:
+                raise
+            log(f"api-server: {exc}; trying again")
+            time.sleep(5)
+    return None
 
 
 def stamp(text: str | None) -> float | None:
@@ -64,7 +81,7 @@ def stack(work: Path, topology: Path | dict[str, Any], plan: dict[str, Any], clu
             **{p: {"conn_type": "http", "host": prom.url, "extra": {"cluster": cluster}} for p in prom_conns},
         }
         env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-               "MESHWAVE_REPORT_DIR": str(work / "reports"), **(airflow_env or {})}
+               "MESHWAVE_REPORT_DIR": str(work / "reports"), **LOADED_MACHINE, **(airflow_env or {})}
         log("starting airflow standalone")
         with AirflowProcess(work / "airflow", connections, env) as airflow:
             yield Stack(lab, prom, airflow)

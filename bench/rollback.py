@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from kubernetes import client, config
 
-from bench.airflow_stack import Stack, dag_ids, stack, stamp, wait_loaded
+from bench.airflow_stack import Stack, dag_ids, retried, stack, stamp, wait_loaded
 from bench.common import PY, ROOT, Figure, emit, load_average, log
 
 E2E = ROOT / "tests" / "e2e"
@@ -83,11 +83,11 @@ def success_series(s: Stack, start: float, end: float, window: str) -> list[tupl
 
 
 def applied_at(s: Stack, dag_id: str, run_id: str) -> tuple[float | None, dict[str, Any]]:
-    tis = s.airflow.task_instances(dag_id, run_id)
+    tis = retried(lambda: s.airflow.task_instances(dag_id, run_id))
     task = next((t for t in tis if t.endswith(".back_to_permissive")), None)
     if task is None or tis[task]["state"] != "success":
         return None, {"back_to_permissive": tis.get(task, {}).get("state") if task else "absent"}
-    result = s.airflow.xcom(dag_id, run_id, task)
+    result = retried(lambda: s.airflow.xcom(dag_id, run_id, task))
     changes = [c for c in result.get("changes", []) if c.get("applied")]
     info = {"ti_start": stamp(tis[task]["start_date"]), "ti_end": stamp(tis[task]["end_date"]), "changes": changes}
     return (stamp(changes[-1]["timestamp"]) if changes else None), info
@@ -113,11 +113,11 @@ def measure() -> dict[str, Any]:
                                 "reviews back to PERMISSIVE")
         until(lambda: (v := success_series(s, time.time() - 2, time.time(), window)) and v[-1][1] >= 1.0, 120, 1,
               "reporting recovered")
-        state = s.airflow.wait_for_run(dag_id, run_id, timeout=600)
+        state = retried(lambda: s.airflow.wait_for_run(dag_id, run_id, timeout=600))
         series = success_series(s, strict_seen - 5, time.time(), window)
         applied, info = applied_at(s, dag_id, run_id)
-        record = s.airflow.xcom(dag_id, run_id, next(t for t in s.airflow.task_instances(dag_id, run_id)
-                                                     if t.endswith(".outcome")), key="record")
+        outcome = next(t for t in retried(lambda: s.airflow.task_instances(dag_id, run_id)) if t.endswith(".outcome"))
+        record = retried(lambda: s.airflow.xcom(dag_id, run_id, outcome, key="record"))
     breach = next((t for t, v in series if t >= fault and v < THRESHOLD), None)
     applied = applied or permissive_seen
     back = next((t for t, v in series if t >= applied and v >= THRESHOLD), None)
