@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -26,9 +27,18 @@ from bench.fleetgen import synthetic_topology, write  # noqa: E402
 from meshlab.process import ROOT, LabProcess, PrometheusProcess  # noqa: E402
 
 
-def measure(topology: Path, seconds: float, warmup: float = 15) -> dict[str, float | str | list[float] | None]:
-    with tempfile.TemporaryDirectory() as tmp, LabProcess(topology, Path(tmp) / "lab") as lab, \
-                PrometheusProcess([lab.metrics_target], Path(tmp) / "prom") as prom:
+def measure(topology: Path, seconds: float, warmup: float = 15) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory() as tmp:
+        lab = LabProcess(topology, Path(tmp) / "lab")
+        try:
+            lab.start(timeout=600)  # a 2,000-service topology takes longer than the default minute to build
+            return _sample(lab, tmp, topology, seconds, warmup)
+        finally:
+            lab.stop()
+
+
+def _sample(lab: LabProcess, tmp: str, topology: Path, seconds: float, warmup: float) -> dict[str, Any]:
+    with PrometheusProcess([lab.metrics_target], Path(tmp) / "prom") as prom:
         proc = psutil.Process(lab.proc.pid)
         time.sleep(warmup)
         before, started, load = proc.cpu_times(), time.monotonic(), load_average()

@@ -22,10 +22,10 @@ from bench.common import RESULT_PREFIX, ROOT, Figure, load_average, log, machine
 
 BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     "parse": ["bench.parse_cost", "--services", "2000"],
-    "soak": ["bench.soak", "--services", "50", "--soak", "60"],
     "prom_load": ["bench.prom_load", "--sizes", "10,50,500", "--plain-sizes", "10,50", "--seconds", "60"],
-    "rollback": ["bench.rollback"],
     "lab": ["bench.lab_cpu", "--bench", "--seconds", "60"],
+    "rollback": ["bench.rollback"],
+    "soak": ["bench.soak", "--services", "50", "--soak", "60"],
 }
 
 
@@ -82,9 +82,9 @@ def main() -> None:
         found, detail = run(name, BENCHMARKS[name])
         figures += found
         rows[name] = detail
-    result = {"machine": start, "load_average_end": load_average(), "figures": figures, "details": rows,
-              "command": f".venv/bin/python -m bench.run --only {args.only}"}
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+        result = {"machine": start, "load_average_end": load_average(), "figures": figures, "details": rows,
+                  "command": f".venv/bin/python -m bench.run --only {args.only}"}
+        args.output.write_text(json.dumps(result, indent=2) + "\n")  # after each: a late failure keeps the rest
     m = start
     print(f"\nmeshwave benchmarks, {m['date']}: {m['nproc']} cores ({m['cpu_model']}), {m['ram_gib']} GiB, "
           f"load average {' '.join(map(str, m['load_average']))} at the start\n")

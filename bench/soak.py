@@ -30,7 +30,11 @@ from bench.querylog import per_check
 
 SENSORS = ("wait_rollout", "soak", "strict_gate", "verify_strict", "verify_recovery", "wait_rollback")
 CLUSTER, WINDOW = "c1", "20s"
-AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000"}  # a 50-service batch really runs in parallel
+# A 50-service batch really runs in parallel (the default caps a DAG at 16 tasks at once); 8 task processes at once
+# on 2 cores; and every task start parses the whole DAG file again (Airflow 3's task runner), which takes
+# longer than the default 30 s import timeout when several do it at once on a loaded 2-core machine.
+AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE__PARALLELISM": "8",
+               "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300"}
 
 
 def plan_for(n: int, soak: int) -> tuple[dict[str, Any], dict[str, Any]]:

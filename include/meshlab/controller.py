@@ -98,22 +98,12 @@ class Controller:
         self.revisions = revisions
         self.timing = timing or Timing()
         self.runtime: dict[str, PodRuntime] = {}
-        self._index: dict[tuple[str, str], list[dict[str, Any]]] = {}
-        self._index_version = ""
         self._progress: dict[tuple[str, str], tuple[float, tuple[str, int, int]]] = {}
 
     # ---- deployments ---------------------------------------------------------------------------
     def pods_of(self, dep: dict[str, Any]) -> list[dict[str, Any]]:
-        """The deployment's pods, from an index rebuilt whenever the store has changed."""
-        if self._index_version != self.store.resource_version:
-            self._index.clear()
-            for pod in self.store.items(r.PODS):
-                owner = owner_name(pod)
-                if owner and pod["metadata"].get("labels", {}).get("pod-template-hash"):
-                    key = (pod["metadata"]["namespace"], owner.rsplit("-", 1)[0])
-                    self._index.setdefault(key, []).append(pod)
-            self._index_version = self.store.resource_version
-        return list(self._index.get((dep["metadata"]["namespace"], dep["metadata"]["name"]), []))
+        """The deployment's pods, from the store's index (kept up to date on every write)."""
+        return self.store.pods_of(dep["metadata"]["namespace"], dep["metadata"]["name"])
 
     def reconcile(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now

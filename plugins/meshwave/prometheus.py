@@ -41,7 +41,7 @@ DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?
 DURATION_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 PLACEHOLDERS = frozenset({"namespace", "workload", "window", "cluster"})
 BATCH_PLACEHOLDERS = frozenset({"window", "cluster"})
-BUCKET_SECONDS = 5.0  # a batched answer serves every gate polling in the same bucket (its evaluation time)
+BUCKET_SECONDS = 2.0  # a batched answer serves every gate polling in the same bucket (evaluated at its start)
 BUCKET_ENV = "MESHWAVE_QUERY_BUCKET_SECONDS"
 SELECTOR = re.compile(r"\{[^{}]*\}")
 
@@ -394,7 +394,7 @@ SHARED = SharedBatches()
 
 
 def bucket_seconds(poke_interval: float | None = None) -> float:
-    """The bucket width: MESHWAVE_QUERY_BUCKET_SECONDS (default 5 s), never wider than the poke interval."""
+    """The bucket width: MESHWAVE_QUERY_BUCKET_SECONDS (default 2 s), never wider than the poke interval."""
     width = float(os.environ.get(BUCKET_ENV) or BUCKET_SECONDS)
     return max(0.5, min(width, poke_interval) if poke_interval else width)
 

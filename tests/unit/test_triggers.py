@@ -38,7 +38,7 @@ def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(triggers.BaseHook, "aget_connection", connection)
     monkeypatch.setattr(triggers, "prometheus_source", lambda conn: inner)
     monkeypatch.setattr(triggers.stages, "evaluate", evaluate)
-    gate = triggers.GateTrigger("prom", "soak", {}, {"breaches_to_fail": 2}, 2.0, 0.0, 0, 1)
+    gate = triggers.GateTrigger("prom", "soak", {}, {"breaches_to_fail": 2}, 1.0, 0.0, 0, 1)
 
     async def first_event() -> Any:
         async for event in gate.run():
@@ -48,4 +48,4 @@ def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch)
     assert event.payload["status"] == "pass"
     [source] = seen
     assert isinstance(source, p.BatchingSource) and source.inner is inner and source.cluster == "lab"
-    assert source.bucket == 2.0, "never wider than the poke interval"
+    assert source.bucket == 1.0, "never wider than the poke interval"
