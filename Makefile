@@ -13,7 +13,7 @@ help:
 	@echo "make test    lint and run every test (starts and stops the lab and Prometheus itself)"
 	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
 	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback and the lab"
-	@echo "             (about 25 minutes; prints a table, writes bench/results.json; ONLY=parse,soak,... for some)"
+	@echo "             (about 40 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
 setup: $(STAMP) prometheus
 
@@ -44,7 +44,7 @@ lab-up: setup
 
 # Benchmarks start and stop their own lab, Prometheus and Airflow; `make test` never times anything.
 bench: setup
-	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY))
+	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY) --merge)
 
 demo: setup
 	$(BIN)/python include/demo/demo.py start

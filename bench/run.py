@@ -38,10 +38,10 @@ def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
     if proc.returncode != 0 or not lines:
         error = Figure(name, f"{name}: the benchmark failed (exit {proc.returncode})", None, "", "runs", False,
                        f".venv/bin/python -m {' '.join(argv)}", load_average(), proc.stdout[-500:])
-        return [error.to_dict()], []
+        return [{**error.to_dict(), "benchmark": name}], []
     data = json.loads(lines[-1][len(RESULT_PREFIX):])
     log(f"{name}: done in {time.monotonic() - started:.0f} s")
-    return data["figures"], data.get("rows", [])
+    return [{**f, "benchmark": name} for f in data["figures"]], data.get("rows", [])
 
 
 def fmt(value: Any) -> str:
@@ -75,10 +75,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHMARKS))
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the other benchmarks' figures from the existing results file (a partial re-run)")
     args = parser.parse_args()
     start = machine()
     figures, rows = [], {}
-    for name in args.only.split(","):
+    names = args.only.split(",")
+    if args.merge and args.output.exists():
+        kept = json.loads(args.output.read_text())
+        figures = [f for f in kept["figures"] if f.get("benchmark") not in names]
+        rows = {k: v for k, v in kept.get("details", {}).items() if k not in names}
+        start = {**kept["machine"], "rerun": {n: start for n in names}}
+    for name in names:
         found, detail = run(name, BENCHMARKS[name])
         figures += found
         rows[name] = detail
