@@ -44,6 +44,13 @@ def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
     return [{**f, "benchmark": name} for f in data["figures"]], data.get("rows", [])
 
 
+def benchmark_of(figure: dict[str, Any]) -> str | None:
+    """The benchmark a figure came from, by the command that re-runs it."""
+    modules = {"parse_cost": "parse", "soak": "soak", "prom_load": "prom_load", "rollback": "rollback",
+               "lab_cpu": "lab"}
+    return next((name for module, name in modules.items() if module in figure.get("command", "")), None)
+
+
 def fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:,.2f}".rstrip("0").rstrip(".") if abs(value) < 1000 else f"{value:,.0f}"
@@ -83,7 +90,7 @@ def main() -> None:
     names = args.only.split(",")
     if args.merge and args.output.exists():
         kept = json.loads(args.output.read_text())
-        figures = [f for f in kept["figures"] if f.get("benchmark") not in names]
+        figures = [f for f in kept["figures"] if (f.get("benchmark") or benchmark_of(f)) not in names]
         rows = {k: v for k, v in kept.get("details", {}).items() if k not in names}
         start = {**kept["machine"], "rerun": {n: start for n in names}}
     for name in names:
