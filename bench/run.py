@@ -82,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(BENCHMARKS))
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--soak-services", type=int, default=50, help="services in the soak wave (item 2)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other benchmarks' figures from the existing results file (a partial re-run)")
     args = parser.parse_args()
@@ -93,6 +94,7 @@ def main() -> None:
         figures = [f for f in kept["figures"] if (f.get("benchmark") or benchmark_of(f)) not in names]
         rows = {k: v for k, v in kept.get("details", {}).items() if k not in names}
         start = {**kept["machine"], "rerun": {n: start for n in names}}
+    BENCHMARKS["soak"][2] = str(args.soak_services)
     for name in names:
         found, detail = run(name, BENCHMARKS[name])
         figures += found
