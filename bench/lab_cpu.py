@@ -65,9 +65,11 @@ def figures(row: dict, label: str, command: str) -> list[Figure]:
         Figure("5 lab", f"lab CPU, {label}", row["lab_cpu_cores"], "cores", command=command, load=load,
                notes=f"average over {row['seconds']} s, scraped every 2 s"),
         Figure("5 lab", f"lab RSS, {label}", row["lab_rss_mib"], "MiB", command=command, load=load),
-        Figure("5 lab", f"scrape duration, {label}", row["scrape_seconds"], "s", "< 2 s (the scrape interval)",
-               row["scrape_seconds"] is not None and row["scrape_seconds"] < 2, command, load,
-               f"{row['samples_per_scrape']} samples per scrape"),
+        Figure("5 lab", f"scrape duration, {label}", row["scrape_seconds"], "s",
+               "< 2 s (the scrape interval), with samples", row["scrape_seconds"] is not None
+               and row["scrape_seconds"] < 2 and bool(row["samples_per_scrape"]), command, load,
+               f"{row['samples_per_scrape']} samples per scrape"
+               + ("" if row["samples_per_scrape"] else ": the scrapes time out, Prometheus gets nothing")),
     ]
 
 

@@ -93,7 +93,7 @@ def main() -> None:
         kept = json.loads(args.output.read_text())
         figures = [f for f in kept["figures"] if (f.get("benchmark") or benchmark_of(f)) not in names]
         rows = {k: v for k, v in kept.get("details", {}).items() if k not in names}
-        start = {**kept["machine"], "rerun": {n: start for n in names}}
+        start = {**kept["machine"], "rerun": {**kept["machine"].get("rerun", {}), **{n: start for n in names}}}
     BENCHMARKS["soak"][2] = str(args.soak_services)
     for name in names:
         found, detail = run(name, BENCHMARKS[name])
