@@ -6,12 +6,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: setup prometheus test lint unit lab-up help demo stop
+.PHONY: setup prometheus test lint unit lab-up help demo stop bench
 
 help:
 	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
 	@echo "make test    lint and run every test (starts and stops the lab and Prometheus itself)"
 	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
+	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback and the lab"
+	@echo "             (about 40 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
 setup: $(STAMP) prometheus
 
@@ -39,6 +41,10 @@ test: setup lint
 
 lab-up: setup
 	$(BIN)/meshlab serve --topology include/lab/small.yaml --kubeconfig-dir .meshlab --metrics-port 9464
+
+# Benchmarks start and stop their own lab, Prometheus and Airflow; `make test` never times anything.
+bench: setup
+	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY) --merge)
 
 demo: setup
 	$(BIN)/python include/demo/demo.py start

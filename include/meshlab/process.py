@@ -134,10 +134,12 @@ def prometheus_binary() -> str:
 class PrometheusProcess:
     """A real Prometheus server scraping the given targets with the project's config."""
 
-    def __init__(self, targets: list[str], workdir: Path | None = None, scrape_interval: str = "2s") -> None:
+    def __init__(self, targets: list[str], workdir: Path | None = None, scrape_interval: str = "2s",
+                 query_log: bool = False) -> None:
         self.targets = targets
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="prometheus-"))
         self.scrape_interval = scrape_interval
+        self.query_log = query_log  # every query Prometheus evaluates, one JSON line each (benchmarks)
         self.port = 0
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -150,6 +152,8 @@ class PrometheusProcess:
         config["global"]["scrape_interval"] = self.scrape_interval
         config["global"]["evaluation_interval"] = self.scrape_interval
         config["scrape_configs"][0]["static_configs"] = [{"targets": self.targets}]
+        if self.query_log:
+            config["global"]["query_log_file"] = str(self.query_log_path)
         path = self.workdir / "prometheus.yml"
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         return path
@@ -178,6 +182,23 @@ class PrometheusProcess:
                 self.stop()
                 raise ProcessError(f"prometheus not ready in {timeout}s:\n{_tail(log_path)}")
             time.sleep(0.2)
+
+    @property
+    def query_log_path(self) -> Path:
+        return self.workdir / "queries.log"
+
+    def queries(self) -> list[dict[str, Any]]:
+        """The query log's entries (needs query_log=True): params.query, params.start, ts..."""
+        if not self.query_log_path.exists():
+            return []
+        return [json.loads(line) for line in self.query_log_path.read_text().splitlines() if line.strip()]
+
+    def query_api_requests(self) -> float:
+        """Prometheus' own count of instant-query API requests (prometheus_http_requests_total), from /metrics."""
+        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line)
 
     def query(self, promql: str) -> list[dict[str, Any]]:
         """An instant query; returns the result vector (raises on a Prometheus error)."""

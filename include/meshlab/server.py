@@ -145,5 +145,8 @@ async def _tick_forever(lab: Lab, tick_seconds: float, stop: asyncio.Event) -> N
         except Exception:  # a bug in one tick must not take the lab down mid-rehearsal
             log.exception("tick failed")
         spent = time.monotonic() - started
+        # A tick longer than the interval (a fleet of thousands) leaves the loop as long again for the API and the
+        # scrapes; the counters advance by the real time elapsed, so slower ticks stay exact.
+        pause = spent if spent >= tick_seconds else tick_seconds - spent
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=max(0.01, tick_seconds - spent))
+            await asyncio.wait_for(stop.wait(), timeout=max(0.01, pause))

@@ -67,6 +67,9 @@ class Store:
         self._history: deque[Event] = deque(maxlen=HISTORY)
         self._watchers: set[Watcher] = set()
         self.on_change: list[Callable[[Event], None]] = []
+        # Pods by their deployment, kept up to date on every write: the controller asks for a deployment's pods
+        # many times per tick, and a scan of every pod each time is quadratic in a 2,000-service fleet.
+        self._pods_by_deployment: dict[tuple[str, str], dict[Key, dict[str, Any]]] = {}
 
     # ---- reading -------------------------------------------------------------------------------
     @property
@@ -88,6 +91,10 @@ class Store:
         for (ns, _), obj in list(self._objects[res].items()):
             if namespace is None or ns == namespace:
                 yield obj
+
+    def pods_of(self, namespace: str, deployment: str) -> list[dict[str, Any]]:
+        """The pods of a deployment's ReplicaSets (stored objects, no copies), in store order."""
+        return list(self._pods_by_deployment.get((namespace, deployment), {}).values())
 
     def list(self, res: r.Resource, namespace: str | None = None, label_selector: str | None = None,
              field_selector: str | None = None) -> list[dict[str, Any]]:
@@ -281,12 +288,24 @@ class Store:
     def _commit(self, kind: str, res: r.Resource, key: Key, obj: dict[str, Any]) -> dict[str, Any]:
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
+        if res is r.PODS:
+            self._unindex(key, self._objects[res].get(key))
+            owner = _deployment_of(obj)
+            if owner:
+                self._pods_by_deployment.setdefault(owner, {})[key] = obj
         self._objects[res][key] = obj
         self._publish(Event(self._rv, kind, res, copy.deepcopy(obj)))
         return copy.deepcopy(obj)
 
+    def _unindex(self, key: Key, old: dict[str, Any] | None) -> None:
+        owner = _deployment_of(old) if old is not None else None
+        if owner and key in self._pods_by_deployment.get(owner, {}):
+            del self._pods_by_deployment[owner][key]
+
     def _remove(self, res: r.Resource, key: Key) -> dict[str, Any]:
         obj = self._objects[res].pop(key)
+        if res is r.PODS:
+            self._unindex(key, obj)
         self._rv += 1
         obj["metadata"]["resourceVersion"] = str(self._rv)
         self._publish(Event(self._rv, "DELETED", res, copy.deepcopy(obj)))
@@ -353,3 +372,11 @@ VALIDATORS: dict[r.Resource, Callable[[dict[str, Any]], list[tuple[str, str]]]] 
     r.DEPLOYMENTS: _validate_deployment,
     r.PEER_AUTHENTICATIONS: _validate_peer_authentication,
 }
+
+
+def _deployment_of(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """(namespace, deployment) of a pod owned by a deployment's ReplicaSet `<deployment>-<hash>`, else None."""
+    refs = pod["metadata"].get("ownerReferences") or []
+    if not refs or not (pod["metadata"].get("labels") or {}).get("pod-template-hash"):
+        return None
+    return pod["metadata"].get("namespace", ""), refs[0]["name"].rsplit("-", 1)[0]

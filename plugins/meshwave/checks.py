@@ -200,7 +200,12 @@ class _Reader:
                        window=self.window, cluster=self.cluster)
         if self.unavailable and not raise_errors:
             return _Reading(name, query, error=self.unavailable)
+        batched = getattr(self.source, "workload_query", None)  # a BatchingSource: one query for many workloads
         try:
+            if batched is not None:
+                return _Reading(name, query, samples=batched(name, query, namespace=namespace or self.namespace,
+                                                             workload=workload or self.workload,
+                                                             window=self.window, cluster=self.cluster))
             return _Reading(name, query, samples=self.source.instant(query))
         except PrometheusError as exc:
             if raise_errors:

@@ -3,13 +3,20 @@
 No Airflow imports. Everything is synchronous (triggers call it through asyncio.to_thread) and fails fast:
 no retries inside (the deferrable sensor that calls it re-polls), a few seconds to connect, and an
 exception that says which URL failed and how. Template values are validated before they reach PromQL.
+
+`BatchingSource` serves the per-workload queries of many gates (one trigger per service, all in one
+triggerer process) from one query per (Prometheus, template, cluster, window, time bucket), aggregated by
+namespace and workload and split per workload: the queries of a batch do not grow with its services.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
+import threading
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -33,6 +40,9 @@ CONNECT_TIMEOUT = 3.0  # seconds: a dead or unreachable Prometheus must not hold
 DURATION = re.compile(r"^(?:(\d+)y)?(?:(\d+)w)?(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?(?:(\d+)ms)?$")
 DURATION_SECONDS = (365 * 86400, 7 * 86400, 86400, 3600, 60, 1, 0.001)
 PLACEHOLDERS = frozenset({"namespace", "workload", "window", "cluster"})
+BATCH_PLACEHOLDERS = frozenset({"window", "cluster"})
+BUCKET_SECONDS = 2.0  # a batched answer serves every gate polling in the same bucket (evaluated at its start)
+BUCKET_ENV = "MESHWAVE_QUERY_BUCKET_SECONDS"
 SELECTOR = re.compile(r"\{[^{}]*\}")
 
 
@@ -137,6 +147,8 @@ class PrometheusSource:
             raise ValueError(f"timeout: must be positive, got {timeout!r}")
         self.url = url.rstrip("/")
         self.cluster = validate_label("cluster", cluster) if cluster is not None else None
+        # Who may share answers with whom (BatchingSource): same URL and same headers; a digest, never the token.
+        self.identity = (self.url, hashlib.sha256(repr(sorted((headers or {}).items())).encode()).hexdigest())
         self.timeout = float(timeout)
         self.connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
         session = requests.Session()
@@ -151,12 +163,13 @@ class PrometheusSource:
     def __repr__(self) -> str:  # never the headers: they may carry a token
         return f"PrometheusSource({_redact(self.url)!r}, cluster={self.cluster!r})"
 
-    def instant(self, query: str) -> list[Sample]:
-        """Run an instant query; a vector (or scalar) result as samples."""
+    def instant(self, query: str, at: float | None = None) -> list[Sample]:
+        """Run an instant query (at `at`, epoch seconds, or now); a vector (or scalar) result as samples."""
         where = _redact(self.url)
+        # Prometheus' own evaluation timeout, so a heavy query ends there rather than in our read timeout.
+        params = {"timeout": f"{self.timeout:g}s", **({"time": f"{at:.3f}"} if at is not None else {})}
         try:
-            # Prometheus' own evaluation timeout, so a heavy query ends there rather than in our read timeout.
-            result = self._client.custom_query(query, params={"timeout": f"{self.timeout:g}s"})
+            result = self._client.custom_query(query, params=params)
         except _HTTPStatus as exc:
             detail = f"{exc.error_type}: {exc.error}" if exc.error_type else exc.error
             if exc.status in (400, 422):
@@ -226,12 +239,38 @@ def window_seconds(window: str) -> float:
 
 # ---- templates --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class BatchSpec:
+    """The batched form of a per-workload template: no $namespace/$workload, aggregated by the two labels that
+    name the workload, `labels` being what a per-workload answer carries (the rest is dropped by the split)."""
+
+    promql: str
+    namespace_label: str
+    workload_label: str
+    labels: tuple[str, ...] = ()
+
+    def render(self, *, window: str | int, cluster: str | None = None) -> str:
+        return Template(self.promql).substitute(
+            window=validate_window(window),
+            cluster=f', cluster="{validate_label("cluster", cluster)}"' if cluster is not None else "")
+
+    def split(self, samples: list[Sample]) -> dict[tuple[str, str], list[Sample]]:
+        """The batched answer per (namespace, workload), each sample with the per-workload answer's labels."""
+        found: dict[tuple[str, str], list[Sample]] = {}
+        for s in samples:
+            key = (s.labels.get(self.namespace_label, ""), s.labels.get(self.workload_label, ""))
+            labels = {k: v for k, v in s.labels.items() if k in self.labels}
+            found.setdefault(key, []).append(Sample(labels, s.value, s.timestamp))
+        return found
+
+
+@dataclass(frozen=True)
 class QueryTemplate:
     name: str
     promql: str
     unit: str
     about: str
     no_series: str
+    batch: BatchSpec | None = None
 
     def render(self, *, namespace: str, workload: str, window: str | int, cluster: str | None = None) -> str:
         values = {"namespace": validate_label("namespace", namespace), "workload": validate_label("workload", workload),
@@ -250,6 +289,26 @@ def load_queries(path: str | Path | None = None) -> dict[str, QueryTemplate]:
     return _load(path.resolve(), path.stat().st_mtime_ns)
 
 
+def _check_promql(where: str, promql: str, allowed: frozenset[str]) -> None:
+    template = Template(promql)
+    if not template.is_valid() or set(template.get_identifiers()) - allowed:
+        raise ValueError(f"{where}: placeholders must be among ${', $'.join(sorted(allowed))}")
+    for selector in SELECTOR.findall(promql):
+        if not selector.endswith("$cluster}"):
+            raise ValueError(f"{where}: selector {selector} must end with $cluster")
+
+
+def _batch_spec(where: str, spec: object) -> BatchSpec | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict) or not isinstance(spec.get("promql"), str) or \
+            not all(isinstance(spec.get(k), str) for k in ("namespace_label", "workload_label")):
+        raise ValueError(f"{where}: needs 'promql', 'namespace_label' and 'workload_label' strings")
+    _check_promql(where, spec["promql"], BATCH_PLACEHOLDERS)
+    return BatchSpec(spec["promql"].strip(), spec["namespace_label"], spec["workload_label"],
+                     tuple(str(label) for label in spec.get("labels") or ()))
+
+
 @lru_cache(maxsize=8)
 def _load(path: Path, mtime_ns: int) -> dict[str, QueryTemplate]:  # mtime in the key: an edit is picked up
     data = yaml.safe_load(path.read_text())
@@ -260,21 +319,124 @@ def _load(path: Path, mtime_ns: int) -> dict[str, QueryTemplate]:  # mtime in th
         where = f"{path}: queries.{name}"
         if not isinstance(spec, dict) or not isinstance(spec.get("promql"), str):
             raise ValueError(f"{where}: needs a 'promql' string")
-        template = Template(spec["promql"])
-        if not template.is_valid() or set(template.get_identifiers()) - PLACEHOLDERS:
-            raise ValueError(f"{where}: placeholders must be among ${', $'.join(sorted(PLACEHOLDERS))}")
-        for selector in SELECTOR.findall(spec["promql"]):
-            if not selector.endswith("$cluster}"):
-                raise ValueError(f"{where}: selector {selector} must end with $cluster")
+        _check_promql(where, spec["promql"], PLACEHOLDERS)
         templates[name] = QueryTemplate(name, spec["promql"].strip(), str(spec.get("unit", "")),
-                                        str(spec.get("about", "")).strip(), str(spec.get("no_series", "")).strip())
+                                        str(spec.get("about", "")).strip(), str(spec.get("no_series", "")).strip(),
+                                        _batch_spec(f"{where}.batch", spec.get("batch")))
     return templates
+
+
+def template(name: str, path: str | Path | None = None) -> QueryTemplate:
+    templates = load_queries(path)
+    if name not in templates:
+        raise ValueError(f"query: unknown query {name!r} (known: {', '.join(sorted(templates))})")
+    return templates[name]
 
 
 def render(name: str, *, namespace: str, workload: str, window: str | int, cluster: str | None = None,
            path: str | Path | None = None) -> str:
     """One query from queries.yaml with validated values; ValueError names a bad field or an unknown query."""
-    templates = load_queries(path)
-    if name not in templates:
-        raise ValueError(f"query: unknown query {name!r} (known: {', '.join(sorted(templates))})")
-    return templates[name].render(namespace=namespace, workload=workload, window=window, cluster=cluster)
+    return template(name, path).render(namespace=namespace, workload=workload, window=window, cluster=cluster)
+
+
+# ---- batching: one query for many workloads -----------------------------------------------------------------
+class _Entry:
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: dict[tuple[str, str], list[Sample]] = {}
+        self.error: PrometheusError | None = None
+
+
+class SharedBatches:
+    """Batched answers shared by every BatchingSource of a process (the triggerer's gates), single-flight:
+    the first gate asking for a (Prometheus, query, bucket) runs it, the others wait for its answer."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[tuple[Any, str, float], _Entry] = {}
+        self.queries = 0  # batched queries actually sent (for tests and benchmarks)
+
+    def get(self, key: tuple[Any, str, float], fetch: Any, wait: float) -> dict[tuple[str, str], list[Sample]]:
+        with self._lock:
+            entry = self._entries.get(key)
+            owner = entry is None
+            if owner:
+                entry = self._entries[key] = _Entry()
+                self._prune(key[2])
+        if owner:
+            try:
+                entry.value = fetch()
+                with self._lock:
+                    self.queries += 1
+            except PrometheusError as exc:
+                entry.error = exc
+                with self._lock:  # a failure is not cached: the next poll asks again
+                    self._entries.pop(key, None)
+            finally:
+                entry.done.set()
+        elif not entry.done.wait(wait):
+            raise PrometheusUnavailable(f"no batched answer within {wait:g}s (query: {key[1]})")
+        if entry.error is not None:
+            raise type(entry.error)(str(entry.error))  # a fresh exception per thread
+        return entry.value
+
+    def _prune(self, at: float) -> None:
+        for key in [k for k in self._entries if k[2] < at - 60]:
+            del self._entries[key]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.queries = 0
+
+
+SHARED = SharedBatches()
+
+
+def bucket_seconds(poke_interval: float | None = None) -> float:
+    """The bucket width: MESHWAVE_QUERY_BUCKET_SECONDS (default 2 s), never wider than the poke interval."""
+    width = float(os.environ.get(BUCKET_ENV) or BUCKET_SECONDS)
+    return max(0.5, min(width, poke_interval) if poke_interval else width)
+
+
+class BatchingSource:
+    """A Source whose per-workload queries (`workload_query`) are answered from the shared batched queries.
+
+    A template without a `batch` form, or a batched query that Prometheus rejects, falls back to the
+    per-workload query. The values are those of the per-workload query evaluated at the bucket's start.
+    """
+
+    def __init__(self, inner: PrometheusSource, bucket: float | None = None, shared: SharedBatches = SHARED,
+                 path: str | Path | None = None) -> None:
+        self.inner = inner
+        self.cluster = inner.cluster
+        self.bucket = bucket or bucket_seconds()
+        self.shared = shared
+        self.path = path
+
+    def instant(self, query: str, at: float | None = None) -> list[Sample]:
+        return self.inner.instant(query, at=at)
+
+    def workload_query(self, name: str, query: str, *, namespace: str, workload: str, window: str | int,
+                       cluster: str | None) -> list[Sample]:
+        spec = template(name, self.path).batch
+        if spec is None:
+            return self.inner.instant(query)
+        batch = spec.render(window=window, cluster=cluster)
+        at = math.floor(time.time() / self.bucket) * self.bucket
+        key = (getattr(self.inner, "identity", id(self.inner)), batch, at)
+        try:
+            split = self.shared.get(key, lambda: spec.split(self.inner.instant(batch, at=at)),
+                                    wait=getattr(self.inner, "timeout", 10) + CONNECT_TIMEOUT + 5)
+        except PrometheusQueryError:
+            return self.inner.instant(query)  # an operator's batch form Prometheus refuses: the plain query
+        return split.get((namespace, workload), [])
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __enter__(self) -> BatchingSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -23,7 +23,7 @@ from meshwave.checks import (
     verify_after_injection,
     verify_after_strict,
 )
-from meshwave.prometheus import PrometheusError, PrometheusSource
+from meshwave.prometheus import PrometheusError, Source
 
 STAGES = ("soak", "strict_gate", "verify_strict", "verify_recovery")
 
@@ -42,7 +42,7 @@ def _callers(params: dict[str, Any]) -> list[Caller]:
     return [Caller.from_dict(c) for c in params.get("callers") or []]
 
 
-def evaluate(stage: str, source: PrometheusSource, params: dict[str, Any]) -> Poll:
+def evaluate(stage: str, source: Source, params: dict[str, Any]) -> Poll:
     thresholds = Thresholds.from_dict(params["thresholds"])
     if stage == "soak":
         return Poll(verify_after_injection(source, Baseline.from_dict(params["baseline"]), thresholds=thresholds,
@@ -61,7 +61,7 @@ def evaluate(stage: str, source: PrometheusSource, params: dict[str, Any]) -> Po
     raise ValueError(f"unknown stage {stage!r} (known: {', '.join(STAGES)})")
 
 
-def on_pass(stage: str, source: PrometheusSource, params: dict[str, Any]) -> dict[str, Any]:
+def on_pass(stage: str, source: Source, params: dict[str, Any]) -> dict[str, Any]:
     """What a passing stage hands to the next one: the strict gate names whom to watch after the flip."""
     if stage != "strict_gate":
         return {}

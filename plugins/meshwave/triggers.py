@@ -19,6 +19,7 @@ from meshwave import stages
 from meshwave.checks import BreachTracker, GatePolicy, GateStatus
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.kube import KubeError
+from meshwave.prometheus import BatchingSource, bucket_seconds
 
 NEVER = 10**9  # "passes_to_pass" while a soak has not ended: a gate may fail early, never pass early
 HISTORY_KEPT = 200  # polls' verdicts carried in the event, for the report (the newest)
@@ -104,7 +105,9 @@ class GateTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         connection = await BaseHook.aget_connection(self.prometheus_conn_id)
-        source = await asyncio.to_thread(prometheus_source, connection)
+        # Every gate of this triggerer shares one batched query per check and bucket (see BatchingSource).
+        source = BatchingSource(await asyncio.to_thread(prometheus_source, connection),
+                                bucket_seconds(self.poke_interval))
         state = self.tracker
         while True:
             now = time.time()

@@ -82,3 +82,18 @@ def test_cli_validate(tmp_path: Path) -> None:
         "(lower case letters, digits and '-', starting and ending with a letter or digit, at most 63 characters)"
     with pytest.raises(PlanError, match="cannot read"):
         load_plan(tmp_path / "missing.yaml")
+
+
+def test_a_plan_reads_the_same_with_libyaml_and_errors_keep_the_python_loaders_message(tmp_path: Path) -> None:
+    from meshwave import plan as plan_module
+
+    text = yaml.safe_dump(BASE)
+    assert plan_module._load_yaml(text) == yaml.safe_load(text)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("migration: x\nwaves: [1,\n")
+    with pytest.raises(PlanError) as info:
+        load_plan(bad)
+    try:
+        yaml.safe_load(bad.read_text())
+    except yaml.YAMLError as exc:
+        assert str(info.value) == f"{bad}: not valid YAML: {exc}"

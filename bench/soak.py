@@ -1,0 +1,168 @@
+"""Items 2 and 3: one wave of N services (default 50), soak 60 s, all in one batch, run by `airflow standalone`
+against the lab and a real Prometheus.
+
+    .venv/bin/python -m bench.soak [--services 50] [--soak 60]
+
+Figures: the run's wall time against the waits on its critical path (the soak's and the STRICT
+verification's minimum seconds: every other second is overhead: scheduling, task start-up, rollouts);
+the soak stage's own span; the most worker slots held at once during the soak and how long each soak
+sensor held one (sampled every second through the REST API: `running` holds a slot, `deferred` does not);
+Prometheus queries per minute during the soak, from Prometheus' own prometheus_http_requests_total and,
+per check, from its query log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sqlite3
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from bench.airflow_stack import Stack, dag_ids, retried, stack, stamp, wait_loaded
+from bench.common import PY, Figure, emit, load_average, log
+from bench.fleetgen import deployments, make_plan, synthetic_topology
+from bench.querylog import per_check
+
+SENSORS = ("wait_rollout", "soak", "strict_gate", "verify_strict", "verify_recovery", "wait_rollback")
+CLUSTER, WINDOW = "c1", "20s"
+# A 50-service batch really runs in parallel (the default caps a DAG at 16 tasks at once); 8 task processes at once
+# on 2 cores; and every task start parses the whole DAG file again (Airflow 3's task runner), which takes
+# longer than the default 30 s import timeout when several do it at once on a loaded 2-core machine.
+AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE__PARALLELISM": "8",
+               "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300"}
+
+
+def plan_for(n: int, soak: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    topology = synthetic_topology(n, clusters=1, namespaces=1, ingress_rps=100)
+    plan = make_plan(f"soak-{n}", deployments(topology), wave_size=n, batch_size=n, soak_seconds=soak,
+                     poke_interval_seconds=5, query_window_seconds=20, verify_seconds=30,
+                     strict_gate_timeout_seconds=180, rollout_timeout_seconds=300, min_requests=5,
+                     sidecar={"expected_memory_mi": 50})
+    return topology, plan
+
+
+def db_rows(s: Stack, sql: str, *args: str) -> list[tuple[Any, ...]]:
+    """Read Airflow's SQLite metadata database directly (read-only): sampling through the REST API every second
+    would load the api-server that the scheduler needs, and it times out under load."""
+    uri = f"file:{s.airflow.home / 'airflow.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def sample(s: Stack, dag_id: str, run_id: str) -> dict[str, Any]:
+    rows = db_rows(s, "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ? "
+                      "AND state IN ('running', 'deferred')", dag_id, run_id)
+    [(state,)] = db_rows(s, "SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
+    return {"t": time.time(), "running": [t for t, st in rows if st == "running"],
+            "deferred": sum(st == "deferred" for _, st in rows), "query_requests": s.prometheus.query_api_requests(),
+            "run_state": state}
+
+
+def is_sensor(task_id: str, kind: str | None = None) -> bool:
+    last = task_id.rsplit(".", 1)[-1]
+    return last == kind if kind else last in SENSORS
+
+
+def follow(s: Stack, dag_id: str, run_id: str, timeout: float) -> list[dict[str, Any]]:
+    samples, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            samples.append(sample(s, dag_id, run_id))
+        except sqlite3.OperationalError as exc:  # locked for longer than the timeout: a missed sample
+            log(f"missed a sample: {exc}")
+            continue
+        if samples[-1]["run_state"] in ("success", "failed"):
+            return samples
+        time.sleep(max(0.0, 1 - (time.time() - samples[-1]["t"])))
+    raise RuntimeError(f"{dag_id}/{run_id} not finished in {timeout}s")
+
+
+def at(samples: list[dict[str, Any]], when: float) -> float:
+    """The Prometheus query counter at `when` (the nearest sample)."""
+    return min(samples, key=lambda x: abs(x["t"] - when))["query_requests"]
+
+
+def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], soak: int,
+            verify: int) -> dict[str, Any]:
+    run = s.run_info(dag_id, run_id)
+    tis = retried(lambda: s.airflow.task_instances(dag_id, run_id))
+    soaks = [t for tid, t in tis.items() if is_sensor(tid, "soak") and t["start_date"]]
+    start, end = stamp(run["start_date"]), stamp(run["end_date"])
+    soak_start = min(stamp(t["start_date"]) for t in soaks)
+    soak_end = max(stamp(t["end_date"]) for t in soaks)
+    during = [x for x in samples if soak_start <= x["t"] <= soak_end]
+    held: Counter[str] = Counter()  # seconds each soak sensor was seen running (holding a slot)
+    for x in during:
+        held.update(tid for tid in x["running"] if is_sensor(tid, "soak"))
+    minutes = (soak_end - soak_start) / 60
+    queries = at(samples, soak_end) - at(samples, soak_start)
+    checks = per_check(s.prometheus.queries(), WINDOW, CLUSTER, soak_start, soak_end)
+    states = Counter(t["state"] for t in tis.values())
+    return {
+        "state": run["state"], "wall_seconds": round(end - start, 1), "critical_waits_seconds": soak + verify,
+        "soak_span_seconds": round(soak_end - soak_start, 1), "soak_tasks": len(soaks),
+        "max_slots_during_soak": max((len(x["running"]) for x in during), default=0),
+        "max_sensor_slots_during_soak": max((sum(is_sensor(t) for t in x["running"]) for x in during), default=0),
+        "max_deferred": max((x["deferred"] for x in samples), default=0),
+        "soak_sensor_running_seconds_max": max(held.values(), default=0),
+        "soak_sensor_running_seconds_mean": round(sum(held.values()) / len(soaks), 1) if soaks else None,
+        "queries_per_minute": round(queries / minutes, 1) if minutes else None,
+        "per_check_per_minute": {k: round(v / minutes, 1) for k, v in checks.items()} if minutes else {},
+        "task_states": dict(states),
+    }
+
+
+def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[Figure]:
+    overhead = round(r["wall_seconds"] - r["critical_waits_seconds"], 1)
+    note = f"run {r['state']}; task states {json.dumps(r['task_states'])}"
+    return [
+        Figure("2 soak", f"wave wall time, {n} services in one batch", r["wall_seconds"], "s", command=command,
+               load=load, notes=f"critical-path waits {r['critical_waits_seconds']} s (soak + verify_strict "
+                                f"minimums); {note}"),
+        Figure("2 soak", "overhead over the critical-path waits", overhead, "s", "< 60 s", overhead < 60, command,
+               load, "wall time - (soak_seconds + verify_seconds)"),
+        Figure("2 soak", "soak stage span (first soak start -> last soak end)", r["soak_span_seconds"], "s",
+               command=command, load=load, notes=f"{r['soak_tasks']} soak sensors, soak_seconds 60"),
+        Figure("2 soak", "most worker slots held at once during the soak", r["max_slots_during_soak"], "slots",
+               command=command, load=load,
+               notes=f"of which sensors: {r['max_sensor_slots_during_soak']}; most deferred at once: "
+                     f"{r['max_deferred']}"),
+        Figure("2 soak", "longest time one soak sensor held a worker slot", r["soak_sensor_running_seconds_max"],
+               "s", "no slot held while waiting (only to defer and to resume: < 10 s of a 60 s soak)",
+               r["soak_sensor_running_seconds_max"] < 10, command, load,
+               f"mean {r['soak_sensor_running_seconds_mean']} s per soak sensor, sampled every 1 s"),
+        Figure("3 prometheus", f"queries/min during the soak, {n} services (Airflow)", r["queries_per_minute"],
+               "queries/min", command=command, load=load,
+               notes=f"per check/min: {json.dumps(r['per_check_per_minute'])}"),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--services", type=int, default=50)
+    parser.add_argument("--soak", type=int, default=60)
+    args = parser.parse_args()
+    command = f"{PY} -m bench.soak --services {args.services} --soak {args.soak}"
+    topology, plan = plan_for(args.services, args.soak)
+    [dag_id] = dag_ids(plan)
+    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
+            stack(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV) as s:
+        wait_loaded(s, dag_id)
+        time.sleep(20)  # a query window of data for the baselines
+        load = load_average()
+        log(f"triggering {dag_id}")
+        run_id = retried(lambda: s.airflow.trigger(dag_id), tries=1)
+        samples = follow(s, dag_id, run_id, timeout=1800)
+        result = analyse(s, dag_id, run_id, samples, args.soak, plan["defaults"]["verify_seconds"])
+        result["load_end"] = load_average()
+    log(json.dumps(result))
+    emit(figures(result, args.services, command, load), rows=[result])
+
+
+if __name__ == "__main__":
+    main()
