@@ -12,6 +12,7 @@ import contextlib
 import glob
 import json
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,11 +87,20 @@ def postgres_bin(name: str) -> str:
     return path
 
 
+def _unprivileged_user() -> str:
+    """The Debian package's `postgres` user, else `nobody`."""
+    try:
+        pwd.getpwnam("postgres")
+        return "postgres"
+    except KeyError:
+        return "nobody"
+
+
 class PostgresProcess:
     """A throwaway cluster (initdb in a temp dir) with one password-protected database for Airflow.
 
     Postgres refuses to run as root: as root, the cluster belongs to (and runs as) the `postgres` user the
-    Debian package creates; otherwise to the current user.
+    Debian package creates (`nobody` without it); otherwise to the current user.
     """
 
     def __init__(self, user: str = "airflow", database: str = "airflow") -> None:
@@ -98,7 +109,7 @@ class PostgresProcess:
         self.port = 0
         self.datadir = Path(tempfile.mkdtemp(prefix="meshwave-pg-"))
         self.proc: subprocess.Popen[bytes] | None = None
-        self.os_user = "postgres" if os.geteuid() == 0 else None
+        self.os_user = _unprivileged_user() if os.geteuid() == 0 else None
 
     @property
     def url(self) -> str:
@@ -106,7 +117,7 @@ class PostgresProcess:
 
     def start(self, timeout: float = 60) -> PostgresProcess:
         if self.os_user:
-            shutil.chown(self.datadir, self.os_user, self.os_user)
+            shutil.chown(self.datadir, self.os_user)
         pwfile = self.datadir / "pwfile"
         pwfile.write_text(self.password)
         if self.os_user:
@@ -234,7 +245,7 @@ class CeleryAirflow(AirflowProcess):
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._password = secrets.token_urlsafe(12)
         self._secrets = {"AIRFLOW__CORE__FERNET_KEY": fernet_key(),
-                         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+                         "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(64),
                          "AIRFLOW__API__SECRET_KEY": secrets.token_urlsafe(32)}
 
     @property
@@ -287,6 +298,7 @@ class CeleryAirflow(AirflowProcess):
             for name in self.worker_names:
                 self.start_worker(name, env)
             self._wait_healthy(timeout)
+            self._warm_up()
         except BaseException:
             self.stop()
             raise
@@ -310,6 +322,22 @@ class CeleryAirflow(AirflowProcess):
                 raise ProcessError(f"airflow not healthy in {timeout}s ({health}):\n"
                                    f"{_tail(self.log_of('api-server'))}")
             time.sleep(1)
+
+    def _warm_up(self) -> None:
+        """The api-server builds its versioned Execution API on the first call (10-40 s of CPU here, the server
+        answering nothing else meanwhile): do it now rather than in the first task's start."""
+        with urllib.request.urlopen(f"{self.url}/execution/health", timeout=180) as resp:
+            resp.read()
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
+        """AirflowProcess's client; a read that timed out (a busy api-server on 2 shared cores) is tried again."""
+        for attempt in range(3):
+            try:
+                return super().api(method, path, body)
+            except TimeoutError:
+                if method != "GET" or attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
 
     def worker_of(self, pid: int) -> str | None:
         """The worker whose process tree runs `pid` (a task's supervisor or task process)."""
