@@ -3,6 +3,7 @@ process) reach the outcomes they reach on `airflow standalone`, even when a work
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -80,4 +81,5 @@ def test_both_workers_took_tasks(celery_stack: Stack) -> None:
     airflow = celery_stack.airflow
     assert isinstance(airflow, CeleryAirflow)
     for name in airflow.worker_names:
-        assert "execute_workload" in airflow.log_of(name).read_text(errors="replace"), f"{name} ran no task"
+        log = airflow.log_of(name).read_text(errors="replace")
+        assert re.search(r"Task execute_workload\[[\w-]+\] received", log), f"{name} received no task"
