@@ -99,7 +99,8 @@ def test_connections_for_every_cluster_of_the_seed_plan(compose: dict[str, Any])
         assert kube["extra"]["kube_config_path"] == f"/opt/meshlab/kube/{cluster}.kubeconfig"
         prom = json.loads(env[f"AIRFLOW_CONN_{ids['prometheus_conn_id'].upper()}"])
         assert prom["host"] == "http://prometheus:9090" and prom["extra"]["cluster"] == cluster
-    lab = " ".join(compose["services"]["meshlab"]["command"])
+    lab = " ".join(compose["services"]["meshlab"]["entrypoint"] + compose["services"]["meshlab"]["command"])
+    assert lab.startswith("python -m meshlab serve --topology=/opt/meshwave/include/lab/seed.yaml")
     assert all(f"--api-port={cluster}=" in lab for cluster in plan["clusters"])
 
 
