@@ -6,16 +6,17 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: setup prometheus test lint unit lab-up help demo stop bench
+.PHONY: setup prometheus services test test-distributed lint unit lab-up help demo stop bench
 
 help:
 	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
 	@echo "make test    lint and run every test (starts and stops the lab and Prometheus itself)"
+	@echo "make test-distributed  CeleryExecutor on Postgres and Redis, two workers, one killed mid-wave"
 	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
 	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback and the lab"
 	@echo "             (about 40 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
-setup: $(STAMP) prometheus
+setup: $(STAMP) prometheus services
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,11 +34,25 @@ prometheus:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; }
 	@prometheus --version 2>&1 | head -1
 
+# PostgreSQL and Redis servers from the distribution's packages, for the distributed test (it starts its own
+# instances on free loopback ports; the packages' own services are not used).
+services:
+	@{ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v redis-server >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing postgresql and redis-server (Debian packages)"; \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends postgresql redis-server >/dev/null; }
+	@redis-server --version | cut -d' ' -f1-3; ls /usr/lib/postgresql/
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: setup lint
 	$(BIN)/pytest
+
+# The distributed shape alone (`make test` runs it too): CeleryExecutor on Postgres and Redis, a killed worker.
+test-distributed: setup
+	$(BIN)/pytest tests/distributed
 
 lab-up: setup
 	$(BIN)/meshlab serve --topology include/lab/small.yaml --kubeconfig-dir .meshlab --metrics-port 9464

@@ -43,7 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await serve(lab, kubeconfig_dir=args.kubeconfig_dir, state_file=args.state_file,
-                    metrics_port=args.metrics_port, tick_seconds=args.tick_seconds, stop=stop)
+                    metrics_port=args.metrics_port, tick_seconds=args.tick_seconds, stop=stop,
+                    api_ports=dict(args.api_port), host=args.host, advertise_host=args.advertise_host)
 
     try:
         asyncio.run(main())
@@ -51,6 +52,13 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"meshlab: cannot listen: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _cluster_port(text: str) -> tuple[str, int]:
+    cluster, _, port = text.partition("=")
+    if not cluster or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected CLUSTER=PORT")
+    return cluster, int(port)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tick-seconds", type=float, default=0.5, help="simulation step")
     p.add_argument("--pod-start-seconds", type=float, default=1.0, help="time from pod creation to ready")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1; 0.0.0.0 only inside a container's own network)")
+    p.add_argument("--advertise-host", help="host name written into the kubeconfigs (default: --host)")
+    p.add_argument("--api-port", type=_cluster_port, action="append", default=[], metavar="CLUSTER=PORT",
+                   help="a fixed Kubernetes API port for a cluster (default: any free port)")
     p.set_defaults(func=_serve)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.WARNING))

@@ -22,7 +22,7 @@ from meshlab.lab import Lab
 from meshlab.topology import TopologyError
 
 log = logging.getLogger(__name__)
-HOST = "127.0.0.1"  # the lab, its admin endpoint included, never listens beyond loopback
+HOST = "127.0.0.1"  # the lab, its admin endpoint included, listens on loopback unless told (a container: --host)
 
 
 class _Collector:
@@ -78,10 +78,10 @@ def admin_app(lab: Lab) -> web.Application:
     return app
 
 
-def _bind(port: int) -> socket.socket:
+def _bind(port: int, host: str = HOST) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, port))
+    sock.bind((host, port))
     return sock
 
 
@@ -103,18 +103,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | None, metrics_port: int = 0,
                 api_ports: dict[str, int] | None = None, tick_seconds: float = 0.5,
-                stop: asyncio.Event | None = None) -> None:
-    """Run until `stop` is set (or forever), writing kubeconfigs and the state file once listening."""
+                stop: asyncio.Event | None = None, host: str = HOST, advertise_host: str | None = None) -> None:
+    """Run until `stop` is set (or forever), writing kubeconfigs and the state file once listening.
+
+    `host` is the bind address; `advertise_host` the name written into kubeconfigs and the state (default: host).
+    """
+    advertise = advertise_host or host
     runners: list[web.AppRunner] = []
     state: dict[str, Any] = {"pid": os.getpid(), "clusters": {}}
     try:
         for name, sim in lab.clusters.items():
             runner = web.AppRunner(ApiServer(sim.store).app, access_log=None)
             await runner.setup()
-            sock = _bind((api_ports or {}).get(name, 0))
+            sock = _bind((api_ports or {}).get(name, 0), host)
             await web.SockSite(runner, sock).start()
             runners.append(runner)
-            url = f"http://{HOST}:{sock.getsockname()[1]}"
+            url = f"http://{advertise}:{sock.getsockname()[1]}"
             state["clusters"][name] = {"server": url}
             if kubeconfig_dir is not None:
                 kubeconfig_dir.mkdir(parents=True, exist_ok=True)
@@ -123,10 +127,10 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
                 state["clusters"][name]["kubeconfig"] = str(path.resolve())
         runner = web.AppRunner(admin_app(lab), access_log=None)
         await runner.setup()
-        sock = _bind(metrics_port)
+        sock = _bind(metrics_port, host)
         await web.SockSite(runner, sock).start()
         runners.append(runner)
-        base = f"http://{HOST}:{sock.getsockname()[1]}"
+        base = f"http://{advertise}:{sock.getsockname()[1]}"
         state.update(metrics=f"{base}/metrics", admin=f"{base}/admin", metrics_port=sock.getsockname()[1])
         if state_file is not None:
             _write_atomic(state_file, json.dumps(state, indent=2))
