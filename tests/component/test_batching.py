@@ -68,11 +68,11 @@ def same(a: list[p.Sample], b: list[p.Sample]) -> bool:
         for (_, x), (_, y) in zip(left, right, strict=True))
 
 
-@pytest.mark.parametrize("name", sorted(p.load_queries()))
+# Every query with a batched form (a query that is already one per cluster has none: nothing to batch).
+@pytest.mark.parametrize("name", sorted(n for n, t in p.load_queries().items() if t.batch is not None))
 def test_the_split_batch_equals_the_per_workload_query(stack, name: str) -> None:
     _, prom = stack
     template = p.load_queries()[name]
-    assert template.batch is not None
     with p.PrometheusSource(prom.url, timeout=5, cluster="lab") as source:
         at = time.time() - 1
         split = template.batch.split(source.instant(template.batch.render(window=WINDOW, cluster="lab"), at=at))
