@@ -28,4 +28,4 @@ def celery_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env = {"MESHWAVE_PLANS_DIR": str(HERE / "plans"), "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
                "MESHWAVE_REPORT_DIR": str(work / "reports")}
         with CeleryAirflow(work / "airflow", connections, postgres.url, redis.url, env) as airflow:
-            yield Stack(lab, prom, airflow)
+            yield Stack(lab, prom, airflow, plans=HERE / "plans", dags=HERE / "dags")
