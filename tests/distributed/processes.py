@@ -147,10 +147,12 @@ class PostgresProcess:
                                 dbname=database, connect_timeout=3)
 
     def _accepts(self) -> bool:
+        import psycopg2  # an ImportError must surface, not read as "not ready yet"
+
         try:
             self._connect("postgres").close()
             return True
-        except Exception:
+        except psycopg2.OperationalError:
             return False
 
     def _create_database(self) -> None:
