@@ -13,23 +13,21 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from kubernetes import client, config
+from kubernetes import config
 
 from meshlab.process import LabProcess, PrometheusProcess
 from meshwave import emergency as em
 from meshwave.kube import PREVIOUS_MTLS_ANNOTATION, MeshKube
 from meshwave.prometheus import PrometheusSource
+from tests.component.seed_outage import inject_namespaces, mesh_wide_strict
 from tests.conftest import SEED, below, eventually
 
 pytestmark = pytest.mark.component
 
 CLUSTERS = ("prod-eu-1", "prod-us-1", "prod-ap-1")
-INJECTED = ("identity", "payments", "commerce", "platform")  # the seed's "kubectl label namespace ... injection"
 SEED_HOURS = 72
 WINDOW, FLOOR = "10s", 0.99
 FLEET_SUCCESS = ('sum(rate(http_requests_total{{code!~"5.."}}[{w}])) / sum(rate(http_requests_total[{w}]))')
-MESH_STRICT = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-               "metadata": {"name": "default", "namespace": "istio-system"}, "spec": {"mtls": {"mode": "STRICT"}}}
 
 
 def fleet_success(prom: PrometheusProcess) -> float | None:
@@ -39,19 +37,9 @@ def fleet_success(prom: PrometheusProcess) -> float | None:
 
 def reproduce_outage(lab: LabProcess, prom: PrometheusProcess) -> None:
     """Day 3 (namespace-wide injection and restarts in prod-eu-1), day 5 (mesh-wide STRICT everywhere)."""
-    api = config.new_client_from_config(config_file=lab.kubeconfig("prod-eu-1"))
-    core, apps = client.CoreV1Api(api), client.AppsV1Api(api)
-    for ns in INJECTED:
-        core.patch_namespace(ns, {"metadata": {"labels": {"istio-injection": "enabled"}}})
-        for dep in apps.list_namespaced_deployment(ns).items:
-            apps.patch_namespaced_deployment(dep.metadata.name, ns, {"spec": {"template": {"metadata": {
-                "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-25T14:00:00Z"}}}}})
-    oom = 'count(kube_pod_container_status_last_terminated_reason{cluster="prod-eu-1", reason="OOMKilled"})'
-    eventually(lambda: prom.query(oom), timeout=60, what="undersized critical pods OOMKilled")
+    inject_namespaces(lab, prom)
     for cluster in CLUSTERS:
-        custom = client.CustomObjectsApi(config.new_client_from_config(config_file=lab.kubeconfig(cluster)))
-        custom.create_namespaced_custom_object("security.istio.io", "v1", "istio-system", "peerauthentications",
-                                               MESH_STRICT)
+        mesh_wide_strict(lab, cluster)
 
 
 def test_seed_outage_recovered_by_stage_1_alone(tmp_path: Path) -> None:

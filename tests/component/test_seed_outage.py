@@ -8,12 +8,12 @@ import pytest
 from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess
+from tests.component.seed_outage import inject_namespaces, mesh_wide_strict
 from tests.conftest import SEED, below, eventually
 
 pytestmark = pytest.mark.component
 
 CLUSTER = "prod-eu-1"
-INJECTED = ("identity", "payments", "commerce", "platform")  # "kubectl label namespace production istio-injection"
 SUCCESS = ('sum(rate(http_requests_total{{cluster="{c}", {sel}code!~"5.."}}[10s])) / '
            'sum(rate(http_requests_total{{cluster="{c}", {sel}}}[10s]))')
 
@@ -26,23 +26,13 @@ def success(prom: PrometheusProcess, selector: str = "") -> float | None:
 def test_mesh_wide_strict_reproduces_the_outage_and_permissive_recovers(tmp_path: Path) -> None:
     with LabProcess(SEED, tmp_path / "lab") as lab, PrometheusProcess([lab.metrics_target], tmp_path / "prom") as prom:
         api = config.new_client_from_config(config_file=lab.kubeconfig(CLUSTER))
-        core, apps, custom = client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
+        custom = client.CustomObjectsApi(api)
         eventually(lambda: success(prom) == 1.0, timeout=40, what="a healthy fleet in Prometheus")
 
-        # Day 3: namespace-wide injection and a restart of everything in those namespaces.
-        for ns in INJECTED:
-            core.patch_namespace(ns, {"metadata": {"labels": {"istio-injection": "enabled"}}})
-            for dep in apps.list_namespaced_deployment(ns).items:
-                apps.patch_namespaced_deployment(dep.metadata.name, ns, {"spec": {"template": {"metadata": {
-                    "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-11-25T14:00:00Z"}}}}})
-        oom = 'count(kube_pod_container_status_last_terminated_reason{cluster="prod-eu-1", reason="OOMKilled"})'
-        eventually(lambda: prom.query(oom), timeout=60, what="undersized critical pods OOMKilled")
+        inject_namespaces(lab, prom, CLUSTER)
         assert success(prom) == 1.0, "PERMISSIVE: sidecars or not, everyone still talks"
 
-        # Day 5, 2:47 PM: the mesh-wide STRICT policy.
-        custom.create_namespaced_custom_object("security.istio.io", "v1", "istio-system", "peerauthentications", {
-            "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-            "metadata": {"name": "default", "namespace": "istio-system"}, "spec": {"mtls": {"mode": "STRICT"}}})
+        mesh_wide_strict(lab, CLUSTER)
         eventually(lambda: below(success(prom), 0.9), timeout=40, what="the fleet's success rate collapsing")
         for caller, ns in (("blackbox-exporter", "monitoring"), ("batch-processor", "external"),
                            ("api-gateway", "edge")):
