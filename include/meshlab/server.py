@@ -33,13 +33,43 @@ class _Collector:
         yield from self.lab.telemetry.families(self.lab.metric_sources())
 
 
-def admin_app(lab: Lab) -> web.Application:
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Collector(lab))
+class Exposition:
+    """The `/metrics` body. A small fleet renders it fresh for each scrape. A large one (thousands of services:
+    seconds to render, longer than a scrape timeout) renders it after each tick while it is being scraped, and a
+    scrape gets the latest rendering at once: a tick old, never a timeout."""
+
+    INLINE_SECONDS = 0.25  # a rendering slower than this moves off the request path
+    SCRAPED_RECENTLY = 10.0  # seconds after a scrape during which the ticks keep rendering
+
+    def __init__(self, lab: Lab) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(lab))
+        self.body: bytes | None = None
+        self.render_seconds = 0.0
+        self.scraped_at = float("-inf")
+
+    def render(self) -> None:
+        started = time.monotonic()
+        self.body = generate_latest(self.registry)
+        self.render_seconds = time.monotonic() - started
+
+    def for_scrape(self) -> bytes:
+        self.scraped_at = time.monotonic()
+        if self.body is None or self.render_seconds < self.INLINE_SECONDS:
+            self.render()
+        assert self.body is not None
+        return self.body
+
+    def after_tick(self) -> None:
+        if self.render_seconds >= self.INLINE_SECONDS and time.monotonic() - self.scraped_at < self.SCRAPED_RECENTLY:
+            self.render()
+
+
+def admin_app(lab: Lab, exposition: Exposition | None = None) -> web.Application:
+    exposition = exposition or Exposition(lab)
 
     async def metrics(request: web.Request) -> web.Response:
-        body = generate_latest(registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=exposition.for_scrape(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def services(request: web.Request) -> web.Response:
         return web.json_response([lab.describe(key) for key in lab.knobs])
@@ -125,7 +155,8 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
                 path = kubeconfig_dir / f"{name}.kubeconfig"
                 _write_atomic(path, yaml.safe_dump(kubeconfig(name, url), sort_keys=False))
                 state["clusters"][name]["kubeconfig"] = str(path.resolve())
-        runner = web.AppRunner(admin_app(lab), access_log=None)
+        exposition = Exposition(lab)
+        runner = web.AppRunner(admin_app(lab, exposition), access_log=None)
         await runner.setup()
         sock = _bind(metrics_port, host)
         await web.SockSite(runner, sock).start()
@@ -135,17 +166,18 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
         if state_file is not None:
             _write_atomic(state_file, json.dumps(state, indent=2))
         print(json.dumps(state), flush=True)
-        await _tick_forever(lab, tick_seconds, stop or asyncio.Event())
+        await _tick_forever(lab, tick_seconds, stop or asyncio.Event(), exposition)
     finally:
         for runner in runners:
             await runner.cleanup()
 
 
-async def _tick_forever(lab: Lab, tick_seconds: float, stop: asyncio.Event) -> None:
+async def _tick_forever(lab: Lab, tick_seconds: float, stop: asyncio.Event, exposition: Exposition) -> None:
     while not stop.is_set():
         started = time.monotonic()
         try:
             lab.tick(started)
+            exposition.after_tick()
         except Exception:  # a bug in one tick must not take the lab down mid-rehearsal
             log.exception("tick failed")
         spent = time.monotonic() - started

@@ -258,3 +258,31 @@ def test_an_empty_selector_is_namespace_or_mesh_wide(lab: Lab) -> None:
                                                        "spec": {"selector": {"matchLabels": {}},
                                                                 "mtls": {"mode": "STRICT"}}})
     assert effective_mode(s, "istio-system", "shop", {"app": "auth"}) == "STRICT"
+
+
+def _requests_total(body: bytes) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in body.decode().splitlines()
+               if line.startswith("http_requests_total{"))
+
+
+def test_a_slow_exposition_is_rendered_after_the_ticks_not_on_the_scrape(lab: Lab, clock: Clock,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from meshlab.server import Exposition
+
+    exposition = Exposition(lab)
+    clock.run(2)
+    fresh = exposition.for_scrape()
+    assert _requests_total(fresh) > 0
+    clock.run(2)
+    assert _requests_total(exposition.for_scrape()) > _requests_total(fresh), "a fast render is fresh per scrape"
+
+    monkeypatch.setattr(Exposition, "INLINE_SECONDS", 0.0)  # as if rendering took longer than a scrape can wait
+    cached = exposition.for_scrape()
+    clock.run(2)
+    assert exposition.for_scrape() is cached, "the scrape does not render: it gets the latest rendering at once"
+    exposition.after_tick()
+    assert _requests_total(exposition.for_scrape()) > _requests_total(cached), "the tick after a scrape renders"
+    exposition.scraped_at -= Exposition.SCRAPED_RECENTLY
+    body = exposition.body
+    exposition.after_tick()
+    assert exposition.body is body, "nobody scraping: the ticks do not render"
