@@ -84,12 +84,12 @@ def success_series(s: Stack, start: float, end: float, window: str) -> list[tupl
 
 def applied_at(s: Stack, dag_id: str, run_id: str) -> tuple[float | None, dict[str, Any]]:
     tis = retried(lambda: s.airflow.task_instances(dag_id, run_id))
-    task = next((t for t in tis if t.endswith(".back_to_permissive")), None)
-    if task is None or tis[task]["state"] != "success":
-        return None, {"back_to_permissive": tis.get(task, {}).get("state") if task else "absent"}
-    result = retried(lambda: s.airflow.xcom(dag_id, run_id, task))
+    ti = next((t for t in tis.values() if t["task_id"].endswith(".back_to_permissive")), None)
+    if ti is None or ti["state"] != "success":
+        return None, {"back_to_permissive": ti["state"] if ti else "absent"}
+    result = retried(lambda: s.airflow.ti_xcom(ti))
     changes = [c for c in result.get("changes", []) if c.get("applied")]
-    info = {"ti_start": stamp(tis[task]["start_date"]), "ti_end": stamp(tis[task]["end_date"]), "changes": changes}
+    info = {"ti_start": stamp(ti["start_date"]), "ti_end": stamp(ti["end_date"]), "changes": changes}
     return (stamp(changes[-1]["timestamp"]) if changes else None), info
 
 
@@ -116,8 +116,9 @@ def measure() -> dict[str, Any]:
         state = retried(lambda: s.airflow.wait_for_run(dag_id, run_id, timeout=600))
         series = success_series(s, strict_seen - 5, time.time(), window)
         applied, info = applied_at(s, dag_id, run_id)
-        outcome = next(t for t in retried(lambda: s.airflow.task_instances(dag_id, run_id)) if t.endswith(".outcome"))
-        record = retried(lambda: s.airflow.xcom(dag_id, run_id, outcome, key="record"))
+        outcome = next(t for t in retried(lambda: s.airflow.task_instances(dag_id, run_id)).values()
+                       if t["task_id"].endswith(".outcome"))
+        record = retried(lambda: s.airflow.ti_xcom(outcome, key="record"))
     breach = next((t for t, v in series if t >= fault and v < THRESHOLD), None)
     applied = applied or permissive_seen
     back = next((t for t, v in series if t >= applied and v >= THRESHOLD), None)

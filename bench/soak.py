@@ -55,7 +55,8 @@ def db_rows(s: Stack, sql: str, *args: str) -> list[tuple[Any, ...]]:
 
 
 def sample(s: Stack, dag_id: str, run_id: str) -> dict[str, Any]:
-    rows = db_rows(s, "SELECT task_id, state FROM task_instance WHERE dag_id = ? AND run_id = ? "
+    rows = db_rows(s, "SELECT task_id || '[' || map_index || ']', state FROM task_instance WHERE dag_id = ? "
+                      "AND run_id = ? "
                       "AND state IN ('running', 'deferred')", dag_id, run_id)
     [(state,)] = db_rows(s, "SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
     return {"t": time.time(), "running": [t for t, st in rows if st == "running"],
@@ -64,7 +65,8 @@ def sample(s: Stack, dag_id: str, run_id: str) -> dict[str, Any]:
 
 
 def is_sensor(task_id: str, kind: str | None = None) -> bool:
-    last = task_id.rsplit(".", 1)[-1]
+    """Whether a task id (mapped ones as `task_id[index]`) is a sensor (of `kind`)."""
+    last = task_id.split("[", 1)[0].rsplit(".", 1)[-1]
     return last == kind if kind else last in SENSORS
 
 

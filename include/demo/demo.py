@@ -59,8 +59,8 @@ def start() -> int:
     print(f"triggered {WAVE_DAG} ({run_id}) with outside_window=true; following it (about 4 minutes)...",
           flush=True)
     state = _follow(airflow, run_id)
-    records = [airflow.xcom(WAVE_DAG, run_id, t, key="record")
-               for t in airflow.task_instances(WAVE_DAG, run_id) if t.endswith(".outcome")]
+    records = [airflow.ti_xcom(ti, key="record")
+               for ti in airflow.task_instances(WAVE_DAG, run_id).values() if ti["task_id"].endswith(".outcome")]
     records.sort(key=lambda r: (r.get("batch") or 0, r["service"]))
     print(f"\n{WAVE_DAG}: run {state}\n")
     print(report.render(report.report_frame(records)))
@@ -80,10 +80,10 @@ def _follow(airflow: AirflowProcess, run_id: str) -> str:
     deadline = time.monotonic() + 1200
     while time.monotonic() < deadline:
         tis = airflow.task_instances(WAVE_DAG, run_id)
-        for task_id, ti in sorted(tis.items()):
-            if task_id.endswith(".outcome") and ti.get("state") in ("success", "failed") and task_id not in seen:
-                seen.add(task_id)
-                record = airflow.xcom(WAVE_DAG, run_id, task_id, key="record")
+        for key, ti in sorted(tis.items()):
+            if ti["task_id"].endswith(".outcome") and ti.get("state") in ("success", "failed") and key not in seen:
+                seen.add(key)
+                record = airflow.ti_xcom(ti, key="record")
                 print(f"  {record['service']}: {record['outcome']}: {record['reason'][:140]}", flush=True)
         state = airflow.api("GET", f"/dags/{WAVE_DAG}/dagRuns/{_quote(run_id)}")["state"]
         if state in ("success", "failed"):

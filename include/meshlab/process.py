@@ -344,18 +344,27 @@ class AirflowProcess:
             time.sleep(2)
 
     def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+        """A run's task instances by task id; a mapped one as `task_id[label]`, its label being the rendered
+        map index (a service's key) or, before it ran, the index itself."""
         quoted = urllib.parse.quote(run_id, safe="")
         found: dict[str, dict[str, Any]] = {}
+        seen = 0
         while True:  # the API pages at 100 at most
-            page = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={len(found)}")
-            found.update({ti["task_id"]: ti for ti in page["task_instances"]})
-            if not page["task_instances"] or len(found) >= page["total_entries"]:
+            page = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances?limit=100&offset={seen}")
+            seen += len(page["task_instances"])
+            found.update({ti_key(ti): ti for ti in page["task_instances"]})
+            if not page["task_instances"] or seen >= page["total_entries"]:
                 return found
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value") -> Any:
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value", map_index: int = -1) -> Any:
         quoted = urllib.parse.quote(run_id, safe="")
-        entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}")
+        entry = self.api("GET", f"/dags/{dag_id}/dagRuns/{quoted}/taskInstances/{task_id}/xcomEntries/{key}"
+                                f"?map_index={map_index}")
         return entry["value"]
+
+    def ti_xcom(self, ti: dict[str, Any], key: str = "return_value") -> Any:
+        """The XCom of one task instance as `task_instances` lists it (mapped or not)."""
+        return self.xcom(ti["dag_id"], ti["dag_run_id"], ti["task_id"], key, ti.get("map_index", -1))
 
     def add_connection(self, conn_id: str, conn_type: str, host: str | None = None,
                        extra: dict[str, Any] | None = None) -> None:
@@ -380,3 +389,10 @@ class AirflowProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def ti_key(ti: dict[str, Any]) -> str:
+    """`task_id`, or `task_id[label]` for a mapped task instance (label: its rendered map index or the index)."""
+    if ti.get("map_index", -1) < 0:
+        return ti["task_id"]
+    return f"{ti['task_id']}[{ti.get('rendered_map_index') or ti['map_index']}]"

@@ -16,7 +16,6 @@ from airflow.sdk.exceptions import AirflowSkipException
 from pydantic import ValidationError
 
 from meshwave import guards
-from meshwave import report as reports
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.names import RFC1123_LABEL, rfc1123_label
 from meshwave.plan import ServicePlan
@@ -28,6 +27,8 @@ DAG_ID = "mesh_service"
 GROUP = "service"
 CHANGES_UNDER_FREEZE = ("permissive", "remove_sidecar")  # undoing is allowed while frozen
 SOAK_RANGE = (10, 24 * 3600)
+FORM = "trigger-form"  # the group's one map index: the service named by the trigger form
+LABEL = "{{ params.cluster }}/{{ params.namespace }}/{{ params.service }}"
 
 
 def _label_param(title: str, description: str) -> Param:
@@ -81,7 +82,7 @@ def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
     return Service(plan_service, settings, fleet.clusters[cluster], batch=1, action=action)
 
 
-def _resolve(context: dict[str, Any]) -> Service:
+def _resolve(context: dict[str, Any], key: str) -> Service:
     try:
         return resolve_service(dict(context["params"]), load_fleet())
     except ValidationError as exc:  # a planned service's settings no longer valid
@@ -124,8 +125,9 @@ def mesh_service_dag() -> DAG:
     with DAG(dag_id=DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
              max_active_runs=1, params=form(fleet), doc_md=DOC + _fleet_doc(fleet),
              tags=["meshwave", "ad-hoc"], default_args=DEFAULT_ARGS) as dag:
+        # mapped over one entry: the service comes from the form, at run time
         group = service_group(GROUP, _resolve, "The service from the trigger form, through the wave's task group.",
-                              guard=_guard)
+                              [FORM], label=LABEL, guard=_guard)
         group >> _report()
     return dag
 
@@ -139,7 +141,9 @@ def _fleet_doc(fleet: Fleet) -> str:
 def _report():
     @task(task_id="report", trigger_rule="all_done")
     def report(**context: Any) -> dict[str, Any]:
-        record = context["ti"].xcom_pull(task_ids=f"{GROUP}.outcome", key="record")
+        from meshwave import report as reports  # pandas: at run time, not at parse time
+
+        record = context["ti"].xcom_pull(task_ids=f"{GROUP}.outcome", key="record", map_indexes=0)
         if not record:
             return {"record": None}
         print(reports.render(reports.report_frame([record])))

@@ -15,8 +15,8 @@ RAN = ("success",)
 RED = ("rolled_back", "blocked", "failed")  # outcomes that fail the group's outcome task (red in the UI)
 BROKEN = ("failed", "upstream_failed")
 
-# What the branches route to (task names inside the group). A branch never targets the final `outcome`
-# task directly (it would skip it when not chosen): the stopping routes are marker tasks.
+# What a deciding task chooses: the next path's first task, or an end (not_started, hold_permissive,
+# stay_permissive, strict_done: nothing more to do before the outcome).
 SOAK, ROLLBACK_AFTER_ROLLOUT, NOT_STARTED = "soak", "rollback_after_rollout", "not_started"
 STRICT_GATE, ROLLBACK_AFTER_SOAK, HOLD = "strict_gate", "rollback_after_soak", "hold_permissive"
 FLIP, STAY = "flip_strict", "stay_permissive"

@@ -22,6 +22,17 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from meshwave.changes import ApiRequest, Change, utc_now
+from meshwave.kube_errors import (  # noqa: F401 (re-exported: callers catch them from here too)
+    AccessDenied,
+    ClusterUnreachable,
+    Conflict,
+    InjectionBlocked,
+    KubeError,
+    NotFound,
+    Rejected,
+    ServerError,
+    WorkloadNotFound,
+)
 from meshwave.names import rfc1123_label
 
 PROXY = "istio-proxy"
@@ -52,49 +63,7 @@ _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
 
 
-# ---- errors ---------------------------------------------------------------------------------------
-class KubeError(Exception):
-    """A Kubernetes call that failed; carries the cluster, verb, object and the API's Status."""
-
-    def __init__(self, message: str, *, cluster: str = "", verb: str = "", target: str = "", code: int = 0,
-                 reason: str = "", api_message: str = "") -> None:
-        super().__init__(message)
-        self.cluster, self.verb, self.target = cluster, verb, target
-        self.code, self.reason, self.api_message = code, reason, api_message
-
-
-class ClusterUnreachable(KubeError):
-    """Connection refused, timed out, TLS failure: the API server did not answer."""
-
-
-class NotFound(KubeError):
-    pass
-
-
-class WorkloadNotFound(NotFound):
-    pass
-
-
-class Conflict(KubeError):
-    """409: AlreadyExists on create, stale resourceVersion on update."""
-
-
-class AccessDenied(KubeError):
-    """401/403."""
-
-
-class Rejected(KubeError):
-    """400/415/422: the API refused the request itself (validation, patch type)."""
-
-
-class ServerError(KubeError):
-    """5xx, or an answer that is not what the API promises."""
-
-
-class InjectionBlocked(KubeError):
-    """A label that wins over ours (istio-injection=disabled on the namespace) would prevent injection."""
-
-
+# ---- errors (kube_errors.py; the names are kept importable from here) -------------------------------
 _BY_CODE: dict[int, type[KubeError]] = {404: NotFound, 409: Conflict, 401: AccessDenied, 403: AccessDenied,
                                         400: Rejected, 415: Rejected, 422: Rejected}
 

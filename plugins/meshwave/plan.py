@@ -288,18 +288,6 @@ class Plan(Strict):
         raise KeyError(name)
 
 
-def group_ids(wave: Wave) -> dict[str, str]:
-    """A readable, unique task-group id per service: the workload, qualified only when ambiguous."""
-    counts: dict[str, int] = {}
-    for svc in wave.services:
-        counts[svc.workload] = counts.get(svc.workload, 0) + 1
-    ids = {}
-    for svc in wave.services:
-        plain = svc.workload if counts[svc.workload] == 1 else f"{svc.cluster}__{svc.namespace}__{svc.workload}"
-        ids[svc.key] = plain.replace("-", "_")
-    return ids
-
-
 def format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():

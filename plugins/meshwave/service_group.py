@@ -1,15 +1,25 @@
-"""One service's task group: the same group in a wave DAG and in the ad-hoc DAG (one code path).
+"""The service task group: the same group in a wave DAG and in the ad-hoc DAG (one code path).
+
+It is a *mapped* task group: one group per batch, expanded over the batch's services (one map index per
+service, labelled with the service's key in the UI). A DAG then has the same 18 tasks per batch however
+many services a batch holds, which keeps parsing and every task start cheap (a task process parses its DAG).
+Inside the group, every XCom read and task state is the calling service's own map index.
 
     admit: resolve the service (the plan, or the trigger form), refuse bad input, apply the guards
-      (freeze, maintenance window), route by action: preflight | to_permissive | to_remove
+      (freeze, maintenance window), decide by action: preflight | to_permissive | to_remove
     preflight -> baseline -> inject -> wait_rollout -> after_rollout
-      after_rollout: soak | rollback_after_rollout | not_started
-      soak -> after_soak: strict_gate | rollback_after_soak | hold_permissive
-      strict_gate -> after_strict_gate: flip_strict | stay_permissive
-      flip_strict -> verify_strict -> after_strict: strict_done | back_to_permissive -> verify_recovery
-      rollback_after_* | to_remove -> rollback_injection -> wait_rollback
-      to_permissive -> back_to_permissive -> verify_recovery
-      every end -> outcome (records the final state and why; red when rolled back, blocked or failed)
+      after_rollout decides: soak | rollback_after_rollout | not_started (the end)
+      soak -> after_soak decides: strict_gate | rollback_after_soak | hold_permissive (the end)
+      strict_gate -> after_strict_gate decides: flip_strict | stay_permissive (the end)
+      flip_strict -> verify_strict -> after_strict decides: strict_done (the end) | back_to_permissive
+    back_to_permissive (admit: to_permissive, or after_strict) -> verify_recovery
+    rollback_injection (admit: to_remove, or a rollback decision) -> wait_rollback
+    outcome, once everything else is done: the final state and why (red when rolled back, blocked or failed)
+
+The deciding tasks record their decision; the first task of each path runs only when a decision chose it
+and skips itself otherwise (what follows it is then skipped by its trigger rule). Not branch operators:
+in Airflow 3.3 a branch inside a mapped task group skips task instances that the scheduler has not
+expanded yet, so the skip is lost and the path not chosen runs as well (apache/airflow#65745).
 
 Waits are deferrable sensors (no worker slot while soaking); cluster changes read before they write.
 """
@@ -22,25 +32,34 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
-from airflow.providers.standard.operators.empty import EmptyOperator
-from airflow.sdk import BaseHook, TaskGroup, TriggerRule, task
+from airflow.sdk import BaseHook, TriggerRule, task, task_group
+from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import decisions, steps
 from meshwave.changes import Change
-from meshwave.connections import mesh_kube, prometheus_source
-from meshwave.kube import KubeError
+from meshwave.kube_errors import KubeError
 from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
 from meshwave.steps import ACTIONS, Service
 
-BRANCHES = ("after_rollout", "after_soak", "after_strict_gate", "after_strict")
+BRANCHES = ("after_rollout", "after_soak", "after_strict_gate", "after_strict")  # the deciding tasks after admit
 STEPS = ("admit", "preflight", "baseline", "inject", "wait_rollout", "soak", "strict_gate", "flip_strict",
          "verify_strict", "back_to_permissive", "verify_recovery", "rollback_injection", "wait_rollback")
 NEVER = 10**9
 TO_PERMISSIVE, TO_REMOVE = "to_permissive", "to_remove"
 ROUTES = {"migrate": "preflight", "inject_only": "preflight", "strict_only": "preflight",
           "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE}
-Resolve = Callable[[dict[str, Any]], Service]
+# The first task of each path, and the decisions (deciding task: what it chose) that put a service on it.
+ON_PATH = {
+    "preflight": {"admit": "preflight"},
+    "soak": {"after_rollout": decisions.SOAK},
+    "strict_gate": {"after_soak": decisions.STRICT_GATE},
+    "flip_strict": {"after_strict_gate": decisions.FLIP},
+    "back_to_permissive": {"admit": TO_PERMISSIVE, "after_strict": decisions.BACK},
+    "rollback_injection": {"admit": TO_REMOVE, "after_rollout": decisions.ROLLBACK_AFTER_ROLLOUT,
+                           "after_soak": decisions.ROLLBACK_AFTER_SOAK},
+}
+Resolve = Callable[[dict[str, Any], str], Service]  # (context, the map index's key) -> the service
 Guard = Callable[[Service, dict[str, Any]], None]
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
 # Every task may be retried: a worker that dies or an API that times out must not decide a migration.
@@ -49,12 +68,16 @@ DEFAULT_ARGS = {"owner": "meshwave", **RETRIES}
 
 
 def kube_for(svc: Service, context: dict[str, Any]) -> Any:
+    from meshwave.connections import mesh_kube  # the kubernetes client: at run time, not at parse time
+
     connection = BaseHook.get_connection(svc.cluster.kubernetes_conn_id)
     return mesh_kube(connection, svc.plan.cluster, svc.cluster.root_namespace,
                      dry_run=bool(context["params"].get("dry_run")))
 
 
 def prometheus_for(svc: Service) -> Any:
+    from meshwave.connections import prometheus_source
+
     return prometheus_source(BaseHook.get_connection(svc.cluster.prometheus_conn_id))
 
 
@@ -86,57 +109,78 @@ def recording(context: dict[str, Any]) -> Iterator[None]:
         raise
 
 
+def _pull(context: dict[str, Any], prefix: str, step: str, key: str = "return_value") -> Any:
+    """What `step` of this service (the caller's own map index) pushed under `key`."""
+    ti = context["ti"]
+    return ti.xcom_pull(task_ids=f"{prefix}.{step}", key=key, map_indexes=ti.map_index)
+
+
 class GroupState:
-    """What a group's tasks left behind, read by its branches and its outcome."""
+    """What this service's tasks left behind, read by its branches and its outcome."""
 
     def __init__(self, context: dict[str, Any], prefix: str) -> None:
         ti = context["ti"]
         self.prefix = prefix
-        self.results = {s: ti.xcom_pull(task_ids=f"{prefix}.{s}") for s in STEPS}
-        self.errors = {s: e for s in STEPS if (e := ti.xcom_pull(task_ids=f"{prefix}.{s}", key="error"))}
+        self.results = {s: _pull(context, prefix, s) for s in STEPS}
+        self.errors = {s: e for s in STEPS if (e := _pull(context, prefix, s, "error"))}
         self.decisions: dict[str, str] = {}
         for b in BRANCHES:
-            d = ti.xcom_pull(task_ids=f"{prefix}.{b}", key="decision")
+            d = _pull(context, prefix, b, "decision")
             if d:
                 self.decisions[b], self.decisions[f"{b}_to"] = d["why"], d["to"]
-        found = ti.get_task_states(dag_id=ti.dag_id, task_group_id=prefix, run_ids=[ti.run_id]).get(ti.run_id, {})
-        self.states = {tid.removeprefix(f"{prefix}."): st for tid, st in found.items()}
-        admitted = ti.xcom_pull(task_ids=f"{prefix}.admit", key="service")
+        found = ti.get_task_states(dag_id=ti.dag_id, task_group_id=prefix, map_index=ti.map_index,
+                                   run_ids=[ti.run_id]).get(ti.run_id, {})
+        # a mapped task instance's state comes keyed "<group>.<task>_<map index>"
+        self.states = {tid.removeprefix(f"{prefix}.").removesuffix(f"_{ti.map_index}"): st
+                       for tid, st in found.items()}
+        admitted = _pull(context, prefix, "admit", "service")
         self.service = Service.from_dict(admitted) if admitted else None
 
 
-def _branch(name: str, prefix: str, decide: Callable[[GroupState], tuple[str, str]]):
-    @task.branch(task_id=name, trigger_rule=TriggerRule.NONE_SKIPPED)
-    def branch(**context: Any) -> str:
+def _decide(name: str, prefix: str, decide: Callable[[GroupState], tuple[str, str]]):
+    @task(task_id=name, trigger_rule=TriggerRule.NONE_SKIPPED)
+    def decision(**context: Any) -> dict[str, str]:
         to, why = decide(GroupState(context, prefix))
         context["ti"].xcom_push(key="decision", value={"to": to, "why": why})
         print(f"{name}: -> {to}: {why}")
-        return f"{prefix}.{to}"
+        return {"to": to, "why": why}
 
-    return branch()
+    return decision()
+
+
+def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
+    """The check a path's first task runs before anything else: skip unless a decision chose this path."""
+    routes = ON_PATH[step]
+
+    def check(context: dict[str, Any]) -> None:
+        for decider, target in routes.items():
+            chosen = _pull(context, prefix, decider, "decision")
+            if chosen and chosen.get("to") == target:
+                return
+        raise AirflowSkipException(f"{step}: not on this service's path (no decision chose it)")
+
+    return check
 
 
 def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
-    return context["ti"].xcom_pull(task_ids=f"{prefix}.{step}") or {}
-
-
+    return _pull(context, prefix, step) or {}
 
 
 def _service(context: dict[str, Any], prefix: str) -> Service:
-    """The service the group's `admit` task resolved (every later task runs on exactly that)."""
-    data = context["ti"].xcom_pull(task_ids=f"{prefix}.admit", key="service")
+    """The service this map index's `admit` task resolved (every later task runs on exactly that)."""
+    data = _pull(context, prefix, "admit", "service")
     if not data:
         raise AirflowFailException(f"{prefix}: no admitted service (the admit task did not run or was refused)")
     return Service.from_dict(data)
 
 
-def _admit(prefix: str, resolve: Resolve, guard: Guard | None):
-    @task.branch(task_id="admit")
-    def admit(**context: Any) -> str:
+def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
+    @task(task_id="admit")
+    def admit(key: str, **context: Any) -> dict[str, str]:
         """Resolve the service, refuse bad input, apply the guards, route by action. Changes nothing."""
         ti = context["ti"]
         try:
-            svc = resolve(context)
+            svc = resolve(context, key)
         except ValueError as exc:
             ti.xcom_push(key="error", value=f"refused: {exc}")
             raise AirflowFailException(f"refused before any change: {exc}") from None
@@ -149,9 +193,11 @@ def _admit(prefix: str, resolve: Resolve, guard: Guard | None):
                 raise
         ti.xcom_push(key="service", value=svc.to_dict())
         print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
-        return f"{prefix}.{ROUTES[svc.action]}"
+        chosen = {"to": ROUTES[svc.action], "why": f"action {svc.action}"}
+        ti.xcom_push(key="decision", value=chosen)
+        return chosen
 
-    return admit()
+    return admit(key)
 
 
 def _rollout_watch(prefix: str) -> Callable[[dict[str, Any]], RolloutWatch]:
@@ -194,15 +240,17 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
 def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]], **kwargs: Any):
     @task(task_id=name, **(kwargs or RETRIES))
     def step(**context: Any) -> dict[str, Any]:
+        if name in ON_PATH:
+            on_path(prefix, name)(context)
         with recording(context):
             return run(_service(context, prefix), context)
 
     return step()
 
 
-def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None):
+def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: Any):
     @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
-    def outcome(**context: Any) -> dict[str, Any]:
+    def outcome(key: str, **context: Any) -> dict[str, Any]:
         state = GroupState(context, prefix)
         wave_error = context["ti"].xcom_pull(task_ids=wave_error_task, key="error") if wave_error_task else None
         if wave_error:
@@ -210,7 +258,7 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None):
         svc = state.service
         if svc is None:  # refused or never admitted: name it as well as the input allows
             with contextlib.suppress(ValueError):
-                svc = resolve(context)
+                svc = resolve(context, key)
         record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions,
                                    bool(context["params"].get("dry_run")))
         context["ti"].xcom_push(key="record", value=record)
@@ -219,34 +267,37 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None):
             raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
         return record
 
-    return outcome()
+    return outcome(key)
 
 
-def service_group(group_id: str, resolve: Resolve, doc: str, *, guard: Guard | None = None,
-                  wave_error_task: str | None = None) -> TaskGroup:
-    """Build one service's group in the current DAG context.
+def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], label: str, *,
+                  guard: Guard | None = None, wave_error_task: str | None = None) -> DAGNode:
+    """Build the mapped service group in the current DAG context, one map index per entry of `keys`.
 
-    `resolve(context)` gives the service at run time (a ValueError refuses the run before any change);
-    `guard(service, context)` may raise AirflowSkipException to keep it from starting (freeze, window).
+    `resolve(context, key)` gives the service at run time (a ValueError refuses it before any change);
+    `guard(service, context)` may raise AirflowSkipException to keep it from starting (freeze, window);
+    `label` is the Jinja template that names a map index in the UI (rendered before each task runs).
     """
-    with TaskGroup(group_id, tooltip=doc.split("\n")[0][:200], doc_md=doc) as group:
-        prefix = group.group_id
-
-        admit = _admit(prefix, resolve, guard)
+    @task_group(group_id=group_id, tooltip=doc.split("\n")[0][:200], doc_md=doc,
+                default_args={"map_index_template": label})
+    def services(key: str) -> None:
+        prefix = group_id
+        admit = _admit(prefix, resolve, guard, key)
         preflight = _step("preflight", prefix, lambda svc, c: logged(steps.preflight(svc, kube_for(svc, c),
                                                                                      prometheus_for(svc))))
         baseline = _step("baseline", prefix, lambda svc, c: steps.baseline(svc, prometheus_for(svc)))
         inject = _step("inject", prefix, lambda svc, c: logged(steps.inject(svc, kube_for(svc, c))))
         wait_rollout = RolloutSensor(task_id="wait_rollout", watch=_rollout_watch(prefix), expect_proxy=True,
                                      **RETRIES)
-        soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"), **RETRIES)
+        soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
+                          on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
-                                 **RETRIES)
+                                 on_path=on_path(prefix, "strict_gate"), **RETRIES)
         flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "STRICT")))
         verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
                                    watch=_gate_watch(prefix, "verify_strict"), **RETRIES)
-        undo = {"trigger_rule": TriggerRule.NONE_FAILED_MIN_ONE_SUCCESS, "retries": 5,
-                "retry_delay": timedelta(seconds=3)}
+        # an undo waits for every decision that could call for it, and runs when one did
+        undo = {"trigger_rule": TriggerRule.ALL_DONE, "retries": 5, "retry_delay": timedelta(seconds=3)}
         back = _step("back_to_permissive", prefix,
                      lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "PERMISSIVE")), **undo)
         verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
@@ -256,26 +307,18 @@ def service_group(group_id: str, resolve: Resolve, doc: str, *, guard: Guard | N
         wait_rollback = RolloutSensor(task_id="wait_rollback", watch=_rollout_watch(prefix), expect_proxy=False,
                                       **RETRIES)
 
-        markers = {name: EmptyOperator(task_id=name) for name in (
-            TO_PERMISSIVE, TO_REMOVE, decisions.NOT_STARTED, decisions.HOLD, decisions.STAY, decisions.STRICT_DONE,
-            decisions.ROLLBACK_AFTER_ROLLOUT, decisions.ROLLBACK_AFTER_SOAK)}
-        after_rollout = _branch("after_rollout", prefix,
+        after_rollout = _decide("after_rollout", prefix,
                                 lambda g: decisions.after_rollout(g.results, g.states, g.errors))
-        after_soak = _branch("after_soak", prefix, lambda g: decisions.after_soak(g.service, g.results, g.states))
-        after_gate = _branch("after_strict_gate", prefix, lambda g: decisions.after_strict_gate(g.results, g.states))
-        after_strict = _branch("after_strict", prefix,
+        after_soak = _decide("after_soak", prefix, lambda g: decisions.after_soak(g.service, g.results, g.states))
+        after_gate = _decide("after_strict_gate", prefix, lambda g: decisions.after_strict_gate(g.results, g.states))
+        after_strict = _decide("after_strict", prefix,
                                lambda g: decisions.after_strict(g.service, g.results, g.states))
 
-        admit >> [preflight, markers[TO_PERMISSIVE], markers[TO_REMOVE]]
-        preflight >> baseline >> inject >> wait_rollout >> after_rollout
-        after_rollout >> [soak, markers[decisions.ROLLBACK_AFTER_ROLLOUT], markers[decisions.NOT_STARTED]]
-        soak >> after_soak >> [strict_gate, markers[decisions.ROLLBACK_AFTER_SOAK], markers[decisions.HOLD]]
-        strict_gate >> after_gate >> [flip, markers[decisions.STAY]]
-        flip >> verify_strict >> after_strict >> [markers[decisions.STRICT_DONE], back]
-        markers[TO_PERMISSIVE] >> back >> verify_recovery
-        [markers[decisions.ROLLBACK_AFTER_ROLLOUT], markers[decisions.ROLLBACK_AFTER_SOAK], markers[TO_REMOVE]] \
-            >> rollback >> wait_rollback
-        ends = [markers[decisions.NOT_STARTED], markers[decisions.HOLD], markers[decisions.STAY],
-                markers[decisions.STRICT_DONE], verify_recovery, wait_rollback]
-        ends >> _outcome(prefix, resolve, wave_error_task)
-    return group
+        admit >> preflight >> baseline >> inject >> wait_rollout >> after_rollout
+        after_rollout >> soak >> after_soak >> strict_gate >> after_gate >> flip >> verify_strict >> after_strict
+        [admit, after_strict] >> back >> verify_recovery
+        [admit, after_rollout, after_soak] >> rollback >> wait_rollback
+        [after_rollout, after_soak, after_gate, after_strict, verify_recovery, wait_rollback] \
+            >> _outcome(prefix, resolve, wave_error_task, key)
+
+    return services.expand(key=keys)

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshwave.checks import Thresholds, measure_baseline
-from meshwave.kube import InjectionBlocked, MeshKube
+from meshwave.kube_errors import InjectionBlocked
+
+if TYPE_CHECKING:  # the client is imported by whoever builds a MeshKube (at run time, not at parse time)
+    from meshwave.kube import MeshKube
 from meshwave.plan import ClusterConfig, ServicePlan, Settings
 from meshwave.prometheus import PrometheusError, PrometheusSource, render
 

@@ -17,8 +17,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from meshwave import stages
 from meshwave.checks import BreachTracker, GatePolicy, GateStatus
-from meshwave.connections import mesh_kube, prometheus_source
-from meshwave.kube import KubeError
+from meshwave.kube_errors import KubeError
 from meshwave.prometheus import BatchingSource, bucket_seconds
 
 NEVER = 10**9  # "passes_to_pass" while a soak has not ended: a gate may fail early, never pass early
@@ -46,6 +45,8 @@ class RolloutTrigger(BaseTrigger):
             "deadline": self.deadline})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from meshwave.connections import mesh_kube  # the kubernetes client: in the triggerer, not at parse time
+
         started = time.time()
         connection = await BaseHook.aget_connection(self.kubernetes_conn_id)
         kube = await asyncio.to_thread(mesh_kube, connection, self.cluster)
@@ -104,6 +105,8 @@ class GateTrigger(BaseTrigger):
         return BreachTracker.from_dict({**state, "policy": policy})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
+        from meshwave.connections import prometheus_source
+
         connection = await BaseHook.aget_connection(self.prometheus_conn_id)
         # Every gate of this triggerer shares one batched query per check and bucket (see BatchingSource).
         source = BatchingSource(await asyncio.to_thread(prometheus_source, connection),

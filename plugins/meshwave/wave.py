@@ -1,6 +1,7 @@
 """The wave DAG factory: one DAG per wave of a plan.
 
-    wave_preflight -> batch_1 (a task group per service) -> after_batch_1 (circuit breaker) -> batch_2 ...
+    wave_preflight -> batch_1 (the service group, mapped over the batch's services) -> after_batch_1 (circuit
+      breaker) -> batch_2 ...
       -> report [-> publish: the Asset the next wave waits for, when this wave ended within its budget]
 
 Schedules: the wave's maintenance window (cron or explicit dates), its own cron, or the Asset of the wave
@@ -11,6 +12,7 @@ Parsing reads the plan file and nothing else (no network, no database).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pendulum
@@ -20,7 +22,6 @@ from airflow.sdk import (
     BaseHook,
     CronTriggerTimetable,
     Param,
-    TaskGroup,
     TriggerRule,
     task,
 )
@@ -31,11 +32,9 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.timetables.events import EventsTimetable
 
 from meshwave import guards
-from meshwave import report as reports
-from meshwave.connections import mesh_kube
 from meshwave.fleet import ROOT, plans_dir
-from meshwave.kube import KubeError
-from meshwave.plan import Plan, Wave, group_ids, load_plan
+from meshwave.kube_errors import KubeError
+from meshwave.plan import Plan, Wave, load_plan
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service
 
@@ -79,11 +78,19 @@ def _catchup(wave: Wave) -> bool:
     return bool(wave.window and wave.window.dates)
 
 
-def services_of(plan: Plan, wave: Wave) -> list[tuple[Service, str]]:
+def services_of(plan: Plan, wave: Wave) -> list[Service]:
     size = plan.defaults.batch_size
-    ids = group_ids(wave)
-    return [(Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], i // size + 1), ids[svc.key])
+    return [Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], i // size + 1)
             for i, svc in enumerate(wave.services)]
+
+
+def batch_group(batch: int) -> str:
+    return f"batch_{batch}"
+
+
+def label_template(keys: list[str]) -> str:
+    """Names a map index by its service's key, from a literal list (keys are RFC 1123 names and slashes)."""
+    return "{{ " + json.dumps(keys) + "[ti.map_index] }}"
 
 
 def _doc(plan: Plan, wave: Wave, source: str) -> str:
@@ -114,11 +121,29 @@ def _schedule_doc(plan: Plan, wave: Wave) -> str:
     return "\n\n" + "\n\n".join(lines)
 
 
+def _batch_doc(batch: int, members: list[Service]) -> str:
+    rows = "\n".join(_service_doc(svc) for svc in members)
+    return (f"Batch {batch}: {len(members)} services in parallel, one map index each (named by the service).\n\n"
+            f"{rows}")
+
+
 def _service_doc(svc: Service) -> str:
     p, s = svc.plan, svc.settings
-    return (f"**{p.key}** ({p.criticality}): inject ({s.injection} label), soak {s.soak_seconds}s, verify against "
+    return (f"- **{p.key}** ({p.criticality}): inject ({s.injection} label), soak {s.soak_seconds}s, verify against "
             f"its baseline, then {'STRICT mTLS once no plaintext caller is left' if p.strict else 'stay PERMISSIVE'}"
             f"; rollback on {s.breaches_to_fail} breaches in a row; on no data: {s.on_no_data}.")
+
+
+def _planned(members: list[Service]):
+    """The batch's services by key: what each map index of its group resolves to (no I/O)."""
+    by_key = {svc.plan.key: svc for svc in members}
+
+    def resolve(context: dict[str, Any], key: str) -> Service:
+        if key not in by_key:
+            raise ValueError(f"{key!r} is not a service of this batch (the plan changed under the run?)")
+        return by_key[key]
+
+    return resolve
 
 
 def _guard(plan: Plan):
@@ -151,12 +176,12 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
         services = services_of(plan, wave)
         wave_preflight = _wave_preflight(plan, wave)
         upstream: Any = wave_preflight
-        batches = sorted({svc.batch for svc, _ in services})
+        batches = sorted({svc.batch for svc in services})
         for batch in batches:
-            members = [(svc, gid) for svc, gid in services if svc.batch == batch]
-            with TaskGroup(f"batch_{batch}", tooltip=f"{len(members)} services in parallel") as group:
-                for svc, gid in members:
-                    service_group(gid, lambda context, svc=svc: svc, _service_doc(svc), guard=_guard(plan),
+            members = [svc for svc in services if svc.batch == batch]
+            keys = [svc.plan.key for svc in members]
+            group = service_group(batch_group(batch), _planned(members), _batch_doc(batch, members), keys,
+                                  label=label_template(keys), guard=_guard(plan),
                                   wave_error_task="wave_preflight")
             upstream >> group
             if batch != batches[-1]:
@@ -172,25 +197,26 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
     return dag
 
 
-def _outcome_task(gid: str, batch: int) -> str:
-    return f"batch_{batch}.{gid}.outcome"
-
-
-def _records(context: dict[str, Any], services: list[tuple[Service, str]], up_to: int | None = None) -> list[dict]:
+def _records(context: dict[str, Any], services: list[Service], up_to: int | None = None) -> list[dict]:
+    """Every service's outcome record (one read per batch: all its map indexes), in plan order."""
     ti = context["ti"]
-    found = []
-    for svc, gid in services:
-        if up_to is None or svc.batch <= up_to:
-            record = ti.xcom_pull(task_ids=_outcome_task(gid, svc.batch), key="record")
-            found.append(record or {"service": svc.plan.key, "batch": svc.batch, "outcome": "failed",
-                                    "reason": "no outcome recorded"})
-    return found
+    found: dict[str, dict] = {}
+    for batch in sorted({svc.batch for svc in services if up_to is None or svc.batch <= up_to}):
+        pulled = ti.xcom_pull(task_ids=f"{batch_group(batch)}.outcome", key="record")
+        for record in pulled if isinstance(pulled, list) else [pulled]:
+            if isinstance(record, dict) and record.get("service"):
+                found[record["service"]] = record
+    return [found.get(svc.plan.key) or {"service": svc.plan.key, "batch": svc.batch, "outcome": "failed",
+                                        "reason": "no outcome recorded"}
+            for svc in services if up_to is None or svc.batch <= up_to]
 
 
 def _wave_preflight(plan: Plan, wave: Wave):
     @task(task_id="wave_preflight", retries=2)
     def wave_preflight(**context: Any) -> dict[str, Any]:
         """Clusters answer, every service exists, and no mesh-wide STRICT policy (the seed's mistake #1)."""
+        from meshwave.connections import mesh_kube  # the kubernetes client: at run time, not at parse time
+
         checked: dict[str, Any] = {}
         try:
             _admit_wave(plan, wave, context)
@@ -236,7 +262,7 @@ def _admit_wave(plan: Plan, wave: Wave, context: dict[str, Any]) -> None:
     context["ti"].xcom_push(key="window", value=window)
 
 
-def _circuit_breaker(plan: Plan, services: list[tuple[Service, str]], batch: int):
+def _circuit_breaker(plan: Plan, services: list[Service], batch: int):
     @task(task_id=f"after_batch_{batch}", trigger_rule=TriggerRule.ALL_DONE)
     def breaker(**context: Any) -> dict[str, Any]:
         if context["ti"].xcom_pull(task_ids="wave_preflight", key="error"):
@@ -251,9 +277,11 @@ def _circuit_breaker(plan: Plan, services: list[tuple[Service, str]], batch: int
     return breaker()
 
 
-def _report(plan: Plan, services: list[tuple[Service, str]]):
+def _report(plan: Plan, services: list[Service]):
     @task(task_id="report", trigger_rule=TriggerRule.ALL_DONE)
     def report(**context: Any) -> dict[str, Any]:
+        from meshwave import report as reports  # pandas: at run time, not at parse time
+
         records = _records(context, services)
         frame = reports.report_frame(records)
         path = reports.save(frame, records, context["dag"].dag_id, context["run_id"])
@@ -279,10 +307,12 @@ def wave_dags(plan_file: str) -> dict[str, DAG]:
     return {plan.dag_id(w): wave_dag(plan, w, source) for w in plan.waves}
 
 
-def _publish(plan: Plan, wave: Wave, services: list[tuple[Service, str]]):
+def _publish(plan: Plan, wave: Wave, services: list[Service]):
     @task(task_id="publish", outlets=[wave_asset(plan, wave)])
     def publish(**context: Any) -> dict[str, Any]:
         """Tell the next wave to start: only a real run whose every service was attempted, within budget."""
+        from meshwave import report as reports
+
         if context["params"].get("dry_run"):
             raise AirflowSkipException("dry run: the next wave is not started")
         records = _records(context, services)

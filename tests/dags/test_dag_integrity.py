@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from meshwave.plan import load_plan, parse_plan
-from meshwave.wave import ROOT, wave_dag
+from meshwave.wave import ROOT, label_template, wave_dag
 
 DAGS = ROOT / "dags"
 SEED_PLAN = ROOT / "include" / "plans" / "seed-fleet.yaml"
-GROUP_TASKS = 26
+GROUP_TASKS = 18
 OPERATOR_DAGS = {"mesh_service", "mesh_emergency_rollback"}  # beside one DAG per wave
 
 
@@ -46,26 +46,49 @@ def test_project_dags_parse_without_network(monkeypatch: pytest.MonkeyPatch) -> 
         assert dag.params["dry_run"] is False
         assert ("outside_window" in dag.params) == (wave.window is not None)
         chained = any(w.after == wave.name for w in plan.waves)  # + publish, the Asset the next wave waits for
-        assert len(dag.tasks) == 2 + chained + len(wave.services) * GROUP_TASKS + (-(-len(wave.services) // 3) - 1)
-        for svc in wave.services:
-            group = next(t for t in dag.tasks if t.task_id.endswith(f".{svc.workload.replace('-', '_')}.outcome"))
-            assert group.trigger_rule == "all_done"
+        batches = -(-len(wave.services) // plan.defaults.batch_size)
+        # one mapped service group per batch, whatever the batch's size; a breaker between batches
+        assert len(dag.tasks) == 2 + chained + batches * GROUP_TASKS + (batches - 1)
+        for batch in range(1, batches + 1):
+            members = [s.key for s in wave.services[(batch - 1) * plan.defaults.batch_size:][
+                :plan.defaults.batch_size]]
+            outcome = dag.get_task(f"batch_{batch}.outcome")
+            assert outcome.trigger_rule == "all_done"
+            group = dag.task_group_dict[f"batch_{batch}"]
+            assert group._expand_input.value == {"key": members}, "one map index per service, in plan order"
+            assert outcome.map_index_template == label_template(members)
+
+
+def test_the_map_index_label_names_the_service() -> None:
+    import jinja2
+
+    dag = dagbag(DAGS).dags["meshwave_seed_fleet_wave_1"]
+    template = dag.get_task("batch_1.soak").map_index_template
+    plan = load_plan(SEED_PLAN)
+    rendered = jinja2.Environment().from_string(template).render(ti=type("TI", (), {"map_index": 1}))
+    assert rendered == plan.waves[0].services[1].key
 
 
 def test_a_group_is_wired_as_documented() -> None:
     dag = dagbag(DAGS).dags["meshwave_seed_fleet_wave_1"]
-    prefix = "batch_1.admin_portal."
+    prefix = "batch_1."
     down = {t.task_id.removeprefix(prefix): sorted(d.removeprefix(prefix) for d in t.downstream_task_ids)
             for t in dag.tasks if t.task_id.startswith(prefix)}
+    assert down["admit"] == ["back_to_permissive", "preflight", "rollback_injection"]
     assert down["preflight"] == ["baseline"]
-    assert down["after_rollout"] == ["not_started", "rollback_after_rollout", "soak"]
-    assert down["after_soak"] == ["hold_permissive", "rollback_after_soak", "strict_gate"]
-    assert down["after_strict_gate"] == ["flip_strict", "stay_permissive"]
-    assert down["after_strict"] == ["back_to_permissive", "strict_done"]
+    assert down["after_rollout"] == ["outcome", "rollback_injection", "soak"]
+    assert down["after_soak"] == ["outcome", "rollback_injection", "strict_gate"]
+    assert down["after_strict_gate"] == ["flip_strict", "outcome"]
+    assert down["after_strict"] == ["back_to_permissive", "outcome"]
     assert down["rollback_injection"] == ["wait_rollback"]
+    assert down["back_to_permissive"] == ["verify_recovery"]
     sensors = [t for t in dag.tasks if t.task_id.startswith(prefix) and t.task_type.endswith("Sensor")]
     assert {t.task_id.removeprefix(prefix) for t in sensors} == {
         "wait_rollout", "soak", "strict_gate", "verify_strict", "verify_recovery", "wait_rollback"}
+    # no branch operator inside the mapped group (their skips are lost there): deciding tasks and on-path checks
+    assert not [t for t in dag.tasks if t.task_id.startswith(prefix) and "Branch" in t.task_type]
+    assert {t.task_id.removeprefix(prefix) for t in dag.tasks if t.task_id.startswith(prefix)
+            and t.trigger_rule == "all_done"} == {"back_to_permissive", "rollback_injection", "outcome"}
 
 
 def test_a_bad_plan_is_an_import_error_of_its_own_file_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -21,17 +21,17 @@ EXPECTED = {"frontend": "strict", "cart": "strict", "payment": "rolled_back", "l
 FINAL = ("strict", "permissive", "rolled_back")
 
 
-def running_on_a_worker(airflow: CeleryAirflow, run_id: str) -> tuple[str, str, int] | None:
-    """A service-group task running right now, and the worker (process tree) it runs in."""
-    for task_id, ti in airflow.task_instances(DAG_ID, run_id).items():
-        if task_id.startswith("batch_") and ti["state"] == "running" and ti.get("pid"):
+def running_on_a_worker(airflow: CeleryAirflow, run_id: str) -> tuple[tuple[str, int], str, int] | None:
+    """A service-group task instance (task id, map index) running right now, and the worker it runs in."""
+    for ti in airflow.task_instances(DAG_ID, run_id).values():
+        if ti["task_id"].startswith("batch_") and ti["state"] == "running" and ti.get("pid"):
             worker = airflow.worker_of(ti["pid"])
             if worker:
-                return task_id, worker, ti["try_number"]
+                return (ti["task_id"], ti["map_index"]), worker, ti["try_number"]
     return None
 
 
-def kill_a_worker_mid_task(airflow: CeleryAirflow, run_id: str) -> tuple[str, str, int]:
+def kill_a_worker_mid_task(airflow: CeleryAirflow, run_id: str) -> tuple[tuple[str, int], str, int]:
     found: Any = eventually(lambda: running_on_a_worker(airflow, run_id), timeout=240, interval=0.3,
                             what="a group task running on a Celery worker")
     task_id, worker, try_number = found
@@ -58,7 +58,8 @@ def test_a_wave_on_celery_survives_a_killed_worker(celery_stack: Stack) -> None:
     print(summary)
 
     # The lost try failed on its missing heartbeat and ran again on the surviving worker.
-    retried = airflow.task_instances(DAG_ID, run_id)[task_id]
+    retried = next(ti for ti in airflow.task_instances(DAG_ID, run_id).values()
+                   if (ti["task_id"], ti["map_index"]) == task_id)
     assert retried["try_number"] > try_number and retried["state"] in ("success", "skipped"), retried
 
     # The same outcomes as on standalone (tests/e2e/test_wave.py).

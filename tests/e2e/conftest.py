@@ -52,9 +52,9 @@ class Stack:
     def records(self, dag_id: str, run_id: str) -> dict[str, dict]:
         """The outcome record of every service, by workload."""
         found = {}
-        for task_id in self.airflow.task_instances(dag_id, run_id):
-            if task_id.endswith(".outcome"):
-                record = self.airflow.xcom(dag_id, run_id, task_id, key="record")
+        for ti in self.airflow.task_instances(dag_id, run_id).values():
+            if ti["task_id"].endswith(".outcome"):
+                record = self.airflow.ti_xcom(ti, key="record")
                 found[record["workload"]] = record
         return found
 

@@ -98,7 +98,7 @@ def finished(stack: Stack, dag_id: str, run_id: str, timeout: float = 420) -> st
 
 
 def adhoc_record(stack: Stack, run_id: str) -> dict[str, Any]:
-    return stack.airflow.xcom(ADHOC, run_id, "service.outcome", key="record")
+    return stack.airflow.xcom(ADHOC, run_id, "service.outcome", key="record", map_index=0)
 
 
 def test_a_good_wave_1_starts_wave_2(stack: Stack, started: dict[str, Any]) -> None:

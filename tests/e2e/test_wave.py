@@ -6,10 +6,10 @@ The tests share one stack and run in order; the last one stops Prometheus.
 from __future__ import annotations
 
 import time
-import urllib.parse
 
 import pytest
 
+from meshwave.service_group import STEPS
 from tests.conftest import eventually
 from tests.e2e.conftest import Stack
 
@@ -103,14 +103,16 @@ def test_clearing_a_finished_group_changes_nothing_more(stack: Stack) -> None:
     before = (apps.read_namespaced_deployment("pricing", "shop").metadata.resource_version,
               custom.get_namespaced_custom_object("security.istio.io", "v1", "shop", "peerauthentications",
                                                   "meshwave-pricing")["metadata"]["resourceVersion"])
-    tasks = [t for t in stack.airflow.task_instances(SHOP, run_id) if t.startswith("batch_1.pricing.")]
+    tis = stack.airflow.task_instances(SHOP, run_id)
+    # pricing's map index of the batch group: every task instance of that index, cleared
+    [index] = {ti["map_index"] for key, ti in tis.items() if key.endswith("[lab/shop/pricing]")}
+    tasks = sorted({(ti["task_id"], index) for ti in tis.values() if ti["map_index"] == index})
+    assert {t for t, _ in tasks} >= {f"batch_1.{step}" for step in STEPS}, tasks
     stack.airflow.api("POST", f"/dags/{SHOP}/clearTaskInstances", {
         "dag_run_id": run_id, "task_ids": tasks, "dry_run": False, "only_failed": False, "reset_dag_runs": True})
     time.sleep(5)
     assert stack.airflow.wait_for_run(SHOP, run_id, timeout=600) == "success"
-    quoted = urllib.parse.quote(run_id, safe="")
-    record = stack.airflow.api("GET", f"/dags/{SHOP}/dagRuns/{quoted}/taskInstances/batch_1.pricing.outcome/"
-                                      "xcomEntries/record")["value"]
+    record = stack.records(SHOP, run_id)["pricing"]
     assert record["outcome"] == "strict"
     assert [c for c in record["changes"] if c["applied"]] == [], "nothing applied the second time"
     after = (apps.read_namespaced_deployment("pricing", "shop").metadata.resource_version,
@@ -153,8 +155,8 @@ def test_prometheus_down_during_the_soak_holds_and_never_flips(stack: Stack) -> 
     run_id = stack.airflow.trigger(HOLD)
 
     def soaking() -> bool:
-        ti = stack.airflow.task_instances(HOLD, run_id).get("batch_1.store.soak", {})
-        return ti.get("state") == "deferred"
+        tis = stack.airflow.task_instances(HOLD, run_id).values()
+        return any(ti["task_id"] == "batch_1.soak" and ti["state"] == "deferred" for ti in tis)
 
     eventually(soaking, timeout=300, interval=1, what="the soak deferred")
     stack.prometheus.stop()

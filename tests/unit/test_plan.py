@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshwave.plan import PlanError, group_ids, load_plan, parse_plan
+from meshwave.plan import PlanError, load_plan, parse_plan
 
 BASE = {
     "migration": "shop-mesh",
@@ -45,7 +45,6 @@ def test_effective_settings_inherit_and_override() -> None:
     assert user.settings(plan.defaults).thresholds.max_success_drop == 0.1
     assert auth.settings(plan.defaults).thresholds.max_success_drop == 0.02
     assert plan.dag_id(plan.waves[0]) == "meshwave_shop_mesh_wave_1"
-    assert group_ids(plan.waves[0]) == {"lab/shop/auth": "auth", "lab/shop/user": "user"}
 
 
 @pytest.mark.parametrize(("path", "value", "message"), [

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
+from meshwave import connections, triggers
 from meshwave import prometheus as p
-from meshwave import triggers
 from meshwave.checks import Verdict
 from meshwave.stages import Poll
 
@@ -36,7 +36,7 @@ def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch)
         return Poll([Verdict("x", "pass", "ok")])
 
     monkeypatch.setattr(triggers.BaseHook, "aget_connection", connection)
-    monkeypatch.setattr(triggers, "prometheus_source", lambda conn: inner)
+    monkeypatch.setattr(connections, "prometheus_source", lambda conn: inner)  # imported by run()
     monkeypatch.setattr(triggers.stages, "evaluate", evaluate)
     gate = triggers.GateTrigger("prom", "soak", {}, {"breaches_to_fail": 2}, 1.0, 0.0, 0, 1)
 

@@ -72,14 +72,14 @@ def test_a_frozen_plan_refuses_a_real_run_and_lets_a_dry_run_through(clock: list
     with pytest.raises(ValueError, match="frozen: the plan says freeze: no change is made"):
         wave._admit_wave(plan, plan.waves[0], context(FakeTI()))
     wave._admit_wave(plan, plan.waves[0], context(FakeTI(), dry_run=True))
-    svc = wave.services_of(plan, plan.waves[0])[0][0]
+    svc = wave.services_of(plan, plan.waves[0])[0]
     with pytest.raises(AirflowSkipException, match="frozen: the plan says freeze"):
         wave._guard(plan)(svc, context(FakeTI()))
 
 
 def test_a_service_does_not_start_once_the_window_has_closed(clock: list[datetime]) -> None:
     plan = parse_plan(PLAN)
-    svc = wave.services_of(plan, plan.waves[0])[0][0]
+    svc = wave.services_of(plan, plan.waves[0])[0]
     state = {"closes": "2026-12-01T04:00:00+00:00"}
     wave._guard(plan)(svc, context(FakeTI(state)))  # 03:00: starts
     clock[0] = AFTER
