@@ -1,7 +1,7 @@
 """The service task group: the same group in a wave DAG and in the ad-hoc DAG (one code path).
 
 It is a *mapped* task group: one group per batch, expanded over the batch's services (one map index per
-service, labelled with the service's key in the UI). A DAG then has the same 18 tasks per batch however
+service, labelled with the service's key in the UI). A DAG then has the same 17 tasks per batch however
 many services a batch holds, which keeps parsing and every task start cheap (a task process parses its DAG).
 Inside the group, every XCom read and task state is the calling service's own map index.
 
@@ -11,8 +11,9 @@ Inside the group, every XCom read and task state is the calling service's own ma
       after_rollout decides: soak | rollback_after_rollout | not_started (the end)
       soak -> after_soak decides: strict_gate | rollback_after_soak | hold_permissive (the end)
       strict_gate -> after_strict_gate decides: flip_strict | stay_permissive (the end)
-      flip_strict -> verify_strict -> after_strict decides: strict_done (the end) | back_to_permissive
-    back_to_permissive (admit: to_permissive, or after_strict) -> verify_recovery
+      flip_strict -> verify_strict
+    back_to_permissive -> verify_recovery: on request (admit: to_permissive), or after STRICT unless it was
+      verified (it decides that itself, as `after_strict`: one task start less between a breach and PERMISSIVE)
     rollback_injection (admit: to_remove, or a rollback decision) -> wait_rollback
     outcome, once everything else is done: the final state and why (red when rolled back, blocked or failed)
 
@@ -42,7 +43,9 @@ from meshwave.kube_errors import KubeError
 from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
 from meshwave.steps import ACTIONS, Service
 
-BRANCHES = ("after_rollout", "after_soak", "after_strict_gate", "after_strict")  # the deciding tasks after admit
+# The decisions after admit, and the task that makes each (back_to_permissive decides `after_strict` itself).
+DECIDED_BY = {"after_rollout": "after_rollout", "after_soak": "after_soak", "after_strict_gate": "after_strict_gate",
+              "after_strict": "back_to_permissive"}
 STEPS = ("admit", "preflight", "baseline", "inject", "wait_rollout", "soak", "strict_gate", "flip_strict",
          "verify_strict", "back_to_permissive", "verify_recovery", "rollback_injection", "wait_rollback")
 NEVER = 10**9
@@ -55,7 +58,7 @@ ON_PATH = {
     "soak": {"after_rollout": decisions.SOAK},
     "strict_gate": {"after_soak": decisions.STRICT_GATE},
     "flip_strict": {"after_strict_gate": decisions.FLIP},
-    "back_to_permissive": {"admit": TO_PERMISSIVE, "after_strict": decisions.BACK},
+    "back_to_permissive": {"admit": TO_PERMISSIVE},  # and after STRICT: see strict_undone_if_needed
     "rollback_injection": {"admit": TO_REMOVE, "after_rollout": decisions.ROLLBACK_AFTER_ROLLOUT,
                            "after_soak": decisions.ROLLBACK_AFTER_SOAK},
 }
@@ -124,8 +127,8 @@ class GroupState:
         self.results = {s: _pull(context, prefix, s) for s in STEPS}
         self.errors = {s: e for s in STEPS if (e := _pull(context, prefix, s, "error"))}
         self.decisions: dict[str, str] = {}
-        for b in BRANCHES:
-            d = _pull(context, prefix, b, "decision")
+        for b, by in DECIDED_BY.items():
+            d = _pull(context, prefix, by, "decision")
             if d:
                 self.decisions[b], self.decisions[f"{b}_to"] = d["why"], d["to"]
         found = ti.get_task_states(dag_id=ti.dag_id, task_group_id=prefix, map_index=ti.map_index,
@@ -164,6 +167,27 @@ def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
 
 def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
     return _pull(context, prefix, step) or {}
+
+
+def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
+    """back_to_permissive's check: it runs on request (admit), or after a flip to STRICT that was not verified
+    (the `after_strict` decision, made here rather than in a task of its own: one task start less between a
+    breach and PERMISSIVE)."""
+    requested = on_path(prefix, "back_to_permissive")
+
+    def check(context: dict[str, Any]) -> None:
+        with contextlib.suppress(AirflowSkipException):
+            return requested(context)
+        group = GroupState(context, prefix)
+        if group.states.get("flip_strict") in (None, "skipped"):
+            raise AirflowSkipException("back_to_permissive: not on this service's path (STRICT was not attempted)")
+        to, why = decisions.after_strict(group.service, group.results, group.states)
+        context["ti"].xcom_push(key="decision", value={"to": to, "why": why})
+        print(f"after_strict: -> {to}: {why}")
+        if to != decisions.BACK:
+            raise AirflowSkipException(f"STRICT stays: {why}")
+
+    return check
 
 
 def _service(context: dict[str, Any], prefix: str) -> Service:
@@ -237,11 +261,14 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
     return watch
 
 
-def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]], **kwargs: Any):
+def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]],
+          check: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any):
+    """A step; `check(context)`, when given, first: it skips the step when the service's path does not go here."""
+
     @task(task_id=name, **(kwargs or RETRIES))
     def step(**context: Any) -> dict[str, Any]:
-        if name in ON_PATH:
-            on_path(prefix, name)(context)
+        if check is not None:
+            check(context)
         with recording(context):
             return run(_service(context, prefix), context)
 
@@ -284,7 +311,8 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
         prefix = group_id
         admit = _admit(prefix, resolve, guard, key)
         preflight = _step("preflight", prefix, lambda svc, c: logged(steps.preflight(svc, kube_for(svc, c),
-                                                                                     prometheus_for(svc))))
+                                                                                     prometheus_for(svc))),
+                          on_path(prefix, "preflight"))
         baseline = _step("baseline", prefix, lambda svc, c: steps.baseline(svc, prometheus_for(svc)))
         inject = _step("inject", prefix, lambda svc, c: logged(steps.inject(svc, kube_for(svc, c))))
         wait_rollout = RolloutSensor(task_id="wait_rollout", watch=_rollout_watch(prefix), expect_proxy=True,
@@ -293,17 +321,20 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
                           on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
                                  on_path=on_path(prefix, "strict_gate"), **RETRIES)
-        flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "STRICT")))
+        flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "STRICT")),
+                     on_path(prefix, "flip_strict"))
         verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
                                    watch=_gate_watch(prefix, "verify_strict"), **RETRIES)
-        # an undo waits for every decision that could call for it, and runs when one did
+        # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, "retries": 5, "retry_delay": timedelta(seconds=3)}
         back = _step("back_to_permissive", prefix,
-                     lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "PERMISSIVE")), **undo)
+                     lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "PERMISSIVE")),
+                     strict_undone_if_needed(prefix), **undo)
         verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
                                      watch=_gate_watch(prefix, "verify_recovery"), **RETRIES)
         rollback = _step("rollback_injection", prefix,
-                         lambda svc, c: logged(steps.rollback_injection(svc, kube_for(svc, c))), **undo)
+                         lambda svc, c: logged(steps.rollback_injection(svc, kube_for(svc, c))),
+                         on_path(prefix, "rollback_injection"), **undo)
         wait_rollback = RolloutSensor(task_id="wait_rollback", watch=_rollout_watch(prefix), expect_proxy=False,
                                       **RETRIES)
 
@@ -311,14 +342,12 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
                                 lambda g: decisions.after_rollout(g.results, g.states, g.errors))
         after_soak = _decide("after_soak", prefix, lambda g: decisions.after_soak(g.service, g.results, g.states))
         after_gate = _decide("after_strict_gate", prefix, lambda g: decisions.after_strict_gate(g.results, g.states))
-        after_strict = _decide("after_strict", prefix,
-                               lambda g: decisions.after_strict(g.service, g.results, g.states))
 
         admit >> preflight >> baseline >> inject >> wait_rollout >> after_rollout
-        after_rollout >> soak >> after_soak >> strict_gate >> after_gate >> flip >> verify_strict >> after_strict
-        [admit, after_strict] >> back >> verify_recovery
+        after_rollout >> soak >> after_soak >> strict_gate >> after_gate >> flip >> verify_strict
+        [admit, verify_strict] >> back >> verify_recovery
         [admit, after_rollout, after_soak] >> rollback >> wait_rollback
-        [after_rollout, after_soak, after_gate, after_strict, verify_recovery, wait_rollback] \
-            >> _outcome(prefix, resolve, wave_error_task, key)
+        [after_rollout, after_soak, after_gate, verify_recovery, wait_rollback] >> _outcome(prefix, resolve,
+                                                                                            wave_error_task, key)
 
     return services.expand(key=keys)
