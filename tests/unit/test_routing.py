@@ -1,0 +1,92 @@
+"""The service group's routing on a fake task instance: a path's first task runs only when a decision of its own
+map index chose it, and back_to_permissive decides after STRICT by itself."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from airflow.sdk.exceptions import AirflowSkipException
+
+from meshwave import service_group as sg
+from meshwave.plan import parse_plan
+from meshwave.wave import services_of
+
+PLAN = {"migration": "m", "clusters": {"lab": {"kubernetes_conn_id": "k", "prometheus_conn_id": "p"}},
+        "waves": [{"name": "wave-1", "services": [{"cluster": "lab", "namespace": "shop", "workload": "cart"}]}]}
+GROUP = "batch_1"
+
+
+class FakeTI:
+    """XComs and states of one DAG run, by (task, map index); the caller is map index `map_index`."""
+
+    dag_id, run_id = "d", "r"
+
+    def __init__(self, map_index: int, xcoms: dict[tuple[str, int, str], Any], states: dict[tuple[str, int], str]):
+        self.map_index, self.xcoms, self.states = map_index, xcoms, states
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value", map_indexes: int | None = None) -> Any:
+        assert map_indexes == self.map_index, "a service reads only its own map index"
+        return self.xcoms.get((task_ids.removeprefix(f"{GROUP}."), map_indexes, key))
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+    def get_task_states(self, dag_id: str, task_group_id: str, map_index: int, run_ids: list[str]) -> dict:
+        return {self.run_id: {f"{task_group_id}.{task}_{i}": st for (task, i), st in self.states.items()
+                              if i == map_index}}
+
+
+def service() -> dict[str, Any]:
+    plan = parse_plan(PLAN)
+    return services_of(plan, plan.waves[0])[0].to_dict()
+
+
+def context(ti: FakeTI) -> dict[str, Any]:
+    return {"ti": ti, "params": {"dry_run": False}}
+
+
+def test_a_path_runs_only_when_its_own_map_index_chose_it() -> None:
+    xcoms = {("after_rollout", 0, "decision"): {"to": "rollback_after_rollout", "why": "OOMKilled"},
+             ("after_rollout", 1, "decision"): {"to": "soak", "why": "rolled out"},
+             ("admit", 0, "decision"): {"to": "preflight"}, ("admit", 1, "decision"): {"to": "preflight"}}
+    sg.on_path(GROUP, "rollback_injection")(context(FakeTI(0, xcoms, {})))  # chosen: no exception
+    with pytest.raises(AirflowSkipException, match="not on this service's path"):
+        sg.on_path(GROUP, "rollback_injection")(context(FakeTI(1, xcoms, {})))
+    sg.on_path(GROUP, "soak")(context(FakeTI(1, xcoms, {})))
+    with pytest.raises(AirflowSkipException):
+        sg.on_path(GROUP, "soak")(context(FakeTI(0, xcoms, {})))
+
+
+@pytest.mark.parametrize(("flip", "verify", "expect"), [
+    (None, None, "skip"),  # STRICT never attempted
+    ("success", {"status": "pass", "reason": "ok"}, "skip"),  # verified: STRICT stays
+    ("success", {"status": "fail", "reason": "caller_success_rate"}, "back"),
+    ("failed", None, "back"),  # a flip that did not complete: make sure it is PERMISSIVE
+])
+def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify: dict | None, expect: str) -> None:
+    xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
+                                              ("admit", 0, "decision"): {"to": "preflight"}}
+    states = {("admit", 0): "success"}
+    if flip:
+        states[("flip_strict", 0)] = flip
+    if verify:
+        states[("verify_strict", 0)] = "success"
+        xcoms[("verify_strict", 0, "return_value")] = verify
+    ti = FakeTI(0, xcoms, states)
+    check = sg.strict_undone_if_needed(GROUP)
+    if expect == "skip":
+        with pytest.raises(AirflowSkipException):
+            check(context(ti))
+    else:
+        check(context(ti))
+        assert ti.pushed["decision"]["to"] == "back_to_permissive"
+    if flip == "success":
+        assert ti.pushed["decision"]["to"] == ("strict_done" if expect == "skip" else "back_to_permissive")
+
+
+def test_a_requested_permissive_runs_without_looking_at_strict() -> None:
+    ti = FakeTI(0, {("admit", 0, "decision"): {"to": "to_permissive"}}, {})
+    sg.strict_undone_if_needed(GROUP)(context(ti))
+    assert "decision" not in ti.pushed
