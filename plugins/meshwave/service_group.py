@@ -119,7 +119,7 @@ def _pull(context: dict[str, Any], prefix: str, step: str, key: str = "return_va
 
 
 class GroupState:
-    """What this service's tasks left behind, read by its branches and its outcome."""
+    """What this service's tasks left behind, read by its deciding tasks and its outcome."""
 
     def __init__(self, context: dict[str, Any], prefix: str) -> None:
         ti = context["ti"]
