@@ -8,7 +8,9 @@ verification's minimum seconds: every other second is overhead: scheduling, task
 the soak stage's own span; the most worker slots held at once during the soak and how long each soak
 sensor held one (sampled every second through the REST API: `running` holds a slot, `deferred` does not);
 Prometheus queries per minute during the soak, from Prometheus' own prometheus_http_requests_total and,
-per check, from its query log.
+per check, from its query log. Before the wave, the same Airflow runs a DAG of no-op tasks (a mapped task
+group of --services map indexes, 5 tasks each): Airflow's own cost per task run on this machine, which, times
+the task runs the wave needed, is the part of the overhead that no change inside a task can remove.
 """
 
 from __future__ import annotations
@@ -37,6 +39,33 @@ AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE
                "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300"}
 
 
+NOOP_DAG_ID, NOOP_STEPS = "airflow_floor", 5
+NOOP_DAG = f'''"""airflow dag: {NOOP_DAG_ID}, Airflow's own cost per task run (bench.soak)"""
+import pendulum
+from airflow.sdk import dag, task, task_group
+
+
+@task
+def step(key: str) -> str:
+    return key
+
+
+@dag(dag_id="{NOOP_DAG_ID}", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False)
+def floor():
+    @task_group
+    def service(key: str):
+        out = key
+        for i in range({NOOP_STEPS}):
+            out = step.override(task_id=f"step_{{i}}")(out)
+        return out
+
+    service.expand(key=[f"s{{i}}" for i in range({{n}})])
+
+
+floor()
+'''
+
+
 def plan_for(n: int, soak: int) -> tuple[dict[str, Any], dict[str, Any]]:
     topology = synthetic_topology(n, clusters=1, namespaces=1, ingress_rps=100)
     plan = make_plan(f"soak-{n}", deployments(topology), wave_size=n, batch_size=n, soak_seconds=soak,
@@ -61,7 +90,7 @@ def sample(s: Stack, dag_id: str, run_id: str) -> dict[str, Any]:
     [(state,)] = db_rows(s, "SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
     return {"t": time.time(), "running": [t for t, st in rows if st == "running"],
             "deferred": sum(st == "deferred" for _, st in rows), "query_requests": s.prometheus.query_api_requests(),
-            "run_state": state}
+            "deferred_ids": [t for t, st in rows if st == "deferred"], "run_state": state}
 
 
 def is_sensor(task_id: str, kind: str | None = None) -> bool:
@@ -105,7 +134,10 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     queries = at(samples, soak_end) - at(samples, soak_start)
     checks = per_check(s.prometheus.queries(), WINDOW, CLUSTER, soak_start, soak_end)
     states = Counter(t["state"] for t in tis.values())
+    started = sum(bool(t.get("hostname")) for t in tis.values())  # ran on a worker (a scheduler skip does not)
+    resumed = len({tid for x in samples for tid in x["deferred_ids"]})  # a deferred task runs again to finish
     return {
+        "worker_task_runs": started + resumed, "task_instances_started": started, "resumed_after_deferral": resumed,
         "state": run["state"], "wall_seconds": round(end - start, 1), "critical_waits_seconds": soak + verify,
         "soak_span_seconds": round(soak_end - soak_start, 1), "soak_tasks": len(soaks),
         "max_slots_during_soak": max((len(x["running"]) for x in during), default=0),
@@ -119,9 +151,24 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     }
 
 
+def run_floor(s: Stack, dags: Path, n: int) -> dict[str, Any]:
+    """Airflow's own seconds per task run: n x NOOP_STEPS no-op task instances, on the same Airflow."""
+    (dags / f"{NOOP_DAG_ID}.py").write_text(NOOP_DAG.replace("{n}", str(n)))
+    wait_loaded(s, NOOP_DAG_ID)
+    log(f"triggering {NOOP_DAG_ID}: {n} x {NOOP_STEPS} no-op tasks")
+    run_id = retried(lambda: s.airflow.trigger(NOOP_DAG_ID), tries=1)
+    state = s.airflow.wait_for_run(NOOP_DAG_ID, run_id, timeout=1800)
+    run = s.run_info(NOOP_DAG_ID, run_id)
+    wall = stamp(run["end_date"]) - stamp(run["start_date"])
+    return {"state": state, "task_instances": n * NOOP_STEPS, "wall_seconds": round(wall, 1),
+            "seconds_per_task_run": round(wall / (n * NOOP_STEPS), 3)}
+
+
 def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[Figure]:
     overhead = round(r["wall_seconds"] - r["critical_waits_seconds"], 1)
     note = f"run {r['state']}; task states {json.dumps(r['task_states'])}"
+    floor, runs = r["floor"], r["worker_task_runs"]
+    per_run = floor["seconds_per_task_run"]
     return [
         Figure("2 soak", f"wave wall time, {n} services in one batch", r["wall_seconds"], "s", command=command,
                load=load, notes=f"critical-path waits {r['critical_waits_seconds']} s (soak + verify_strict "
@@ -138,6 +185,19 @@ def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[
                "s", "no slot held while waiting (only to defer and to resume: < 10 s of a 60 s soak)",
                r["soak_sensor_running_seconds_max"] < 10, command, load,
                f"mean {r['soak_sensor_running_seconds_mean']} s per soak sensor, sampled every 1 s"),
+        Figure("2 soak", f"Airflow alone: {floor['task_instances']} no-op tasks ({n} map indexes x {NOOP_STEPS})",
+               floor["wall_seconds"], "s", command=command, load=load,
+               notes=f"run {floor['state']}; {per_run} s of wall time per task run, on the same Airflow (parallelism "
+                     f"8) before the wave"),
+        Figure("2 soak", "task runs on a worker in the wave", runs, "runs", command=command, load=load,
+               notes=f"{round(runs / n, 1)} per service: {r['task_instances_started']} task instances started (a "
+                     f"path's first task skipping itself included), {r['resumed_after_deferral']} resumed after a "
+                     f"deferral"),
+        Figure("2 soak", "Airflow's own share of the overhead (task runs x no-op seconds per run)",
+               round(runs * per_run, 1), "s", command=command, load=load,
+               notes=f"a floor that no change inside a task removes; the < 60 s target allows at most "
+                     f"{int(60 / per_run)} task runs for {n} services ({60 / per_run / n:.1f} per service) on this "
+                     f"machine"),
         Figure("3 prometheus", f"queries/min during the soak, {n} services (Airflow)", r["queries_per_minute"],
                "queries/min", command=command, load=load,
                notes=f"per check/min: {json.dumps(r['per_check_per_minute'])}"),
@@ -155,12 +215,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
             stack(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV) as s:
         wait_loaded(s, dag_id)
-        time.sleep(20)  # a query window of data for the baselines
+        floor = run_floor(s, Path(tmp) / "dags", args.services)  # also more than a query window for the baselines
         load = load_average()
         log(f"triggering {dag_id}")
         run_id = retried(lambda: s.airflow.trigger(dag_id), tries=1)
         samples = follow(s, dag_id, run_id, timeout=1800)
         result = analyse(s, dag_id, run_id, samples, args.soak, plan["defaults"]["verify_seconds"])
+        result["floor"] = floor
         result["load_end"] = load_average()
     log(json.dumps(result))
     emit(figures(result, args.services, command, load), rows=[result])

@@ -23,6 +23,7 @@ from airflow.sdk import (
     CronTriggerTimetable,
     Param,
     TriggerRule,
+    get_parsing_context,
     task,
 )
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -300,11 +301,15 @@ def _report(plan: Plan, services: list[Service]):
 
 
 def wave_dags(plan_file: str) -> dict[str, DAG]:
-    """All wave DAGs of one plan file (relative to the plans directory), keyed by dag_id."""
+    """The wave DAGs of one plan file (relative to the plans directory), keyed by dag_id: all of them, or, when
+    a task runner parses the file to run one task, only that task's DAG (Airflow's parsing context; every task
+    start parses the file again, and a plan of thousands of services has dozens of waves)."""
     path = plans_dir() / plan_file
     plan = load_plan(path)
     source = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
-    return {plan.dag_id(w): wave_dag(plan, w, source) for w in plan.waves}
+    wanted = get_parsing_context().dag_id
+    waves = [w for w in plan.waves if plan.dag_id(w) == wanted] or plan.waves
+    return {plan.dag_id(w): wave_dag(plan, w, source) for w in waves}
 
 
 def _publish(plan: Plan, wave: Wave, services: list[Service]):

@@ -115,6 +115,20 @@ def test_a_bad_plan_is_an_import_error_of_its_own_file_only(tmp_path: Path, monk
     assert cli.returncode == 1 and message in cli.stderr
 
 
+def test_a_task_runner_parses_only_its_own_wave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every task start parses its DAG file again: with Airflow's parsing context (the task runner sets it) the
+    plan file builds the running task's wave only; an id that is not one of its waves builds them all."""
+    from airflow.sdk.definitions.context import _AIRFLOW_PARSING_CONTEXT_DAG_ID
+
+    seed = sorted(f"meshwave_seed_fleet_{w.name}".replace("-", "_") for w in load_plan(SEED_PLAN).waves)
+    assert len(seed) > 1
+    assert sorted(dagbag(DAGS / "seed_fleet.py").dags) == seed
+    monkeypatch.setenv(_AIRFLOW_PARSING_CONTEXT_DAG_ID, seed[1])
+    assert sorted(dagbag(DAGS / "seed_fleet.py").dags) == [seed[1]]
+    monkeypatch.setenv(_AIRFLOW_PARSING_CONTEXT_DAG_ID, "mesh_service")
+    assert sorted(dagbag(DAGS / "seed_fleet.py").dags) == seed
+
+
 @pytest.mark.parametrize("starts", [
     {"window": {"cron": "0 2 * * 6", "duration_minutes": 240, "timezone": "Europe/Berlin"}},
     {"window": {"dates": [{"start": "2026-12-05T02:00:00", "end": "2026-12-05T06:00:00"}], "timezone": "UTC"}},
