@@ -21,6 +21,7 @@ import json
 import sqlite3
 import tempfile
 import time
+import urllib.parse
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,23 @@ def at(samples: list[dict[str, Any]], when: float) -> float:
     return min(samples, key=lambda x: abs(x["t"] - when))["query_requests"]
 
 
+def why_failed(s: Stack, ti: dict[str, Any]) -> str:
+    """The error lines of a failed task instance's last try, from its log (through the REST API)."""
+    quoted = urllib.parse.quote(ti["dag_run_id"], safe="")
+    try:
+        log_page = s.airflow.api("GET", f"/dags/{ti['dag_id']}/dagRuns/{quoted}/taskInstances/{ti['task_id']}/logs/"
+                                        f"{ti['try_number']}?map_index={ti['map_index']}&full_content=true")
+    except OSError as exc:  # urllib's HTTPError included: the figure stays, without the reason
+        return f"log not read: {exc}"
+    lines = [e for e in log_page.get("content", []) if isinstance(e, dict) and e.get("level") in ("error", "critical")]
+    def text(entry: dict[str, Any]) -> str:
+        errors = entry.get("error_detail") or []
+        cause = "; ".join(f"{x.get('exc_type')}: {x.get('exc_value')}" for x in errors if isinstance(x, dict))
+        return f"{entry.get('event')}{f' ({cause})' if cause else ''}"[:300]
+
+    return " | ".join(text(e) for e in lines[-3:]) or "no error line in the log"
+
+
 def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], soak: int,
             verify: int) -> dict[str, Any]:
     run = s.run_info(dag_id, run_id)
@@ -142,7 +160,7 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     checks = per_check(s.prometheus.queries(), WINDOW, CLUSTER, soak_start, soak_end)
     states = Counter(t["state"] for t in tis.values())
     outcomes = Counter((s.airflow.ti_xcom(t, "record") or {}).get("outcome") for tid, t in tis.items()
-                       if tid.split("[", 1)[0].endswith(".outcome") and t["state"] == "success")
+                       if tid.split("[", 1)[0].endswith(".outcome") and t["state"] in ("success", "failed"))
     started = sum(bool(t.get("hostname")) for t in tis.values())  # ran on a worker (a scheduler skip does not)
     resumed = len({tid for x in samples for tid in x["deferred_ids"]})  # a deferred task runs again to finish
     return {
@@ -158,7 +176,7 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
         "queries_per_minute": round(queries / minutes, 1) if minutes else None,
         "per_check_per_minute": {k: round(v / minutes, 1) for k, v in checks.items()} if minutes else {},
         "task_states": dict(states), "service_outcomes": dict(outcomes),
-        "failed_tasks": sorted(tid for tid, t in tis.items() if t["state"] == "failed"),
+        "failed_tasks": {tid: why_failed(s, t) for tid, t in sorted(tis.items()) if t["state"] == "failed"},
     }
 
 
@@ -178,7 +196,7 @@ def run_floor(s: Stack, dags: Path, n: int) -> dict[str, Any]:
 def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[Figure]:
     overhead = round(r["wall_seconds"] - r["critical_waits_seconds"], 1)
     note = (f"run {r['state']}; service outcomes {json.dumps(r['service_outcomes'])}; task states "
-            f"{json.dumps(r['task_states'])}; failed: {', '.join(r['failed_tasks']) or 'none'}")
+            f"{json.dumps(r['task_states'])}; failed: {', '.join(r['failed_tasks']) or 'none'} (why: details)")
     floor, runs = r["floor"], r["worker_task_runs"]
     per_run = floor["seconds_per_task_run"]
     return [
