@@ -243,11 +243,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", type=int, default=50)
     parser.add_argument("--soak", type=int, default=60)
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (Airflow's logs, the lab's)")
     args = parser.parse_args()
     command = f"{PY} -m bench.soak --services {args.services} --soak {args.soak}"
     topology, plan = plan_for(args.services, args.soak)
     [dag_id] = dag_ids(plan)
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
+    keep = contextlib.nullcontext(str(args.keep)) if args.keep else None
+    with keep or tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
             stack(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV) as s:
         wait_loaded(s, dag_id)
         time.sleep(20)  # a query window of data for the baselines
