@@ -20,6 +20,11 @@ from meshwave.checks import BreachTracker, GatePolicy, GateStatus
 from meshwave.kube_errors import KubeError
 from meshwave.prometheus import BatchingSource, bucket_seconds
 
+# A rollout that is already done fires the trigger within a second or two of the deferral. The scheduler may then
+# re-queue the task before it has read the worker's exit from that deferral, and take that stale exit for a task
+# changed externally: it fails the try (apache/airflow#67287, #72716; seen on a loaded 2-core machine, 58 times in
+# one 50-service wave, 2 to 9 s after the deferral). Holding such an early event back closes most of that window.
+EARLIEST_EVENT_SECONDS = 5.0
 NEVER = 10**9  # "passes_to_pass" while a soak has not ended: a gate may fail early, never pass early
 HISTORY_KEPT = 200  # polls' verdicts carried in the event, for the report (the newest)
 
@@ -55,8 +60,10 @@ class RolloutTrigger(BaseTrigger):
             try:
                 state = await asyncio.to_thread(kube.rollout, self.namespace, self.workload, self.expect_proxy)
                 if state.status != "progressing":
+                    ended = time.time()
+                    await asyncio.sleep(max(0.0, started + EARLIEST_EVENT_SECONDS - ended))
                     yield TriggerEvent({"status": state.status, "message": state.message, "state": state.to_dict(),
-                                        "started": started, "ended": time.time()})
+                                        "started": started, "ended": ended})
                     return
                 last = state.message
             except KubeError as exc:  # transient: keep polling until the deadline

@@ -49,3 +49,36 @@ def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch)
     [source] = seen
     assert isinstance(source, p.BatchingSource) and source.inner is inner and source.cluster == "lab"
     assert source.bucket == 1.0, "never wider than the poke interval"
+
+
+def test_a_rollout_done_at_once_is_reported_no_sooner_than_the_earliest_event(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The scheduler must have read the deferring worker's exit before the task comes back (apache/airflow#67287):
+    an event found at the first poll waits until EARLIEST_EVENT_SECONDS after the trigger started."""
+    import time
+
+    class Done:
+        status, message = "done", "1/1 updated, 1 ready"
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"status": self.status}
+
+    class Kube:
+        def rollout(self, namespace: str, workload: str, expect_proxy: bool) -> Done:
+            return Done()
+
+    async def connection(conn_id: str) -> str:
+        return conn_id
+
+    monkeypatch.setattr(triggers.BaseHook, "aget_connection", connection)
+    monkeypatch.setattr(connections, "mesh_kube", lambda conn, cluster: Kube())  # imported by run()
+    monkeypatch.setattr(triggers, "EARLIEST_EVENT_SECONDS", 0.5)
+    rollout = triggers.RolloutTrigger("kube", "lab", "shop", "auth", True, 3.0, time.time() + 60)
+
+    async def first_event() -> tuple[Any, float]:
+        async for event in rollout.run():
+            return event, time.time()
+
+    event, yielded = asyncio.run(first_event())
+    assert event.payload["status"] == "done" and event.payload["message"] == "1/1 updated, 1 ready"
+    assert yielded - event.payload["started"] >= 0.5, "held back until the earliest event time"
+    assert event.payload["ended"] - event.payload["started"] < 0.5, "the record keeps when the rollout was seen done"
