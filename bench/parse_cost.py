@@ -25,6 +25,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from bench.airflow_stack import dag_ids
 from bench.common import PY, ROOT, Figure, emit, load_average, log
 from bench.fleetgen import seed_plan, synthetic_plan, write
 
@@ -110,7 +111,7 @@ def measure(name: str, plan: dict[str, Any] | Path, home: Path, work: Path) -> d
 
 def parse_for_task(plan: dict[str, Any], dags: Path, env: dict[str, str]) -> dict[str, Any]:
     """Parse the folder as a task runner does before running a task of the plan's last wave."""
-    last = f"meshwave_{plan['migration']}_{plan['waves'][-1]['name']}".replace("-", "_")
+    last = dag_ids(plan)[-1]
     log(f"parse as a task start of {last}")
     done = subprocess.run([sys.executable, "-c", TASK_START, str(dags)], capture_output=True, text=True, timeout=900,
                           env={**env, "_AIRFLOW_PARSING_CONTEXT_DAG_ID": last, "_AIRFLOW_PARSING_CONTEXT_TASK_ID": "x"},

@@ -120,7 +120,8 @@ def test_a_task_runner_parses_only_its_own_wave(monkeypatch: pytest.MonkeyPatch)
     plan file builds the running task's wave only; an id that is not one of its waves builds them all."""
     from airflow.sdk.definitions.context import _AIRFLOW_PARSING_CONTEXT_DAG_ID
 
-    seed = sorted(f"meshwave_seed_fleet_{w.name}".replace("-", "_") for w in load_plan(SEED_PLAN).waves)
+    plan = load_plan(SEED_PLAN)
+    seed = sorted(plan.dag_id(w) for w in plan.waves)
     assert len(seed) > 1
     assert sorted(dagbag(DAGS / "seed_fleet.py").dags) == seed
     monkeypatch.setenv(_AIRFLOW_PARSING_CONTEXT_DAG_ID, seed[1])

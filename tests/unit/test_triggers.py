@@ -1,8 +1,10 @@
-"""GateTrigger: the sensors' constructor and serialize() are unchanged, and its polls go through a BatchingSource."""
+"""The triggers: the sensors' constructor and serialize() are unchanged, a gate polls through a BatchingSource,
+and a rollout found done at once is reported no sooner than the earliest event time."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -54,7 +56,6 @@ def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch)
 def test_a_rollout_done_at_once_is_reported_no_sooner_than_the_earliest_event(monkeypatch: pytest.MonkeyPatch) -> None:
     """The scheduler must have read the deferring worker's exit before the task comes back (apache/airflow#67287):
     an event found at the first poll waits until EARLIEST_EVENT_SECONDS after the trigger started."""
-    import time
 
     class Done:
         status, message = "done", "1/1 updated, 1 ready"
