@@ -1,8 +1,9 @@
 """The simulated mesh: effective mTLS per workload and the request flow through the call graph.
 
 Rules (istio-facts.md):
-- PeerAuthentication precedence: workload selector > namespace-wide > mesh-wide (root namespace),
-  the oldest wins within a level, UNSET inherits, port-level modes need a selector.
+- PeerAuthentication precedence as pilot composes it (ComposePeerAuthentication): mesh-wide, then
+  namespace-wide, then the workload's own policy, each overriding the mode so far unless UNSET; the oldest
+  wins within a level (creationTimestamp, then name, then namespace); port-level modes need a selector.
 - Auto-mTLS: a caller with a sidecar speaks mTLS to pods with sidecars and plaintext to the rest.
   STRICT, enforced by the server's proxy, resets plaintext; the caller's own success rate shows it.
 - Ports excluded from capture bypass the proxy: no policy, no Istio telemetry.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 from meshlab import resources as r
@@ -21,44 +23,85 @@ from meshlab.store import Store
 from meshlab.topology import Call, Service
 
 WorkloadKey = tuple[str, str, str]  # (cluster, namespace, name)
+UNSET = "UNSET"
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
+def _created(policy: dict[str, Any]) -> datetime:
+    """creationTimestamp as a time: pilot compares times, and a text compare would break on other formats."""
+    stamp = policy["metadata"].get("creationTimestamp")
+    try:
+        parsed = datetime.fromisoformat(stamp) if stamp else _NEVER
+    except (TypeError, ValueError):
+        return _NEVER
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)  # naive and aware times do not compare
 
 
 def _oldest(policies: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
-    return min(policies, key=lambda p: (p["metadata"].get("creationTimestamp", ""),
-                                        int(p["metadata"].get("resourceVersion", "0")),
-                                        p["metadata"]["name"]), default=None)
+    """The policy in force within one level, in pilot's order (sortConfigByCreationTime).
+
+    Timestamps have one-second resolution, so ties are common: the name decides, then the namespace. Never the
+    resourceVersion, which moves on every edit and would let a label-only edit hand the level to another policy.
+    """
+    return min(policies, key=lambda p: (_created(p), p["metadata"]["name"], p["metadata"].get("namespace", "")),
+               default=None)
 
 
-def _mode_of(policy: dict[str, Any] | None, port: int | None = None) -> str:
-    if policy is None:
-        return "UNSET"
-    spec = policy.get("spec") or {}
-    if port is not None and spec.get("selector"):
-        port_level = (spec.get("portLevelMtls") or {}).get(str(port)) or (spec.get("portLevelMtls") or {}).get(port)
-        if port_level and port_level.get("mode", "UNSET") != "UNSET":
-            return port_level["mode"]
-    return (spec.get("mtls") or {}).get("mode") or "UNSET"
+def _spec(policy: dict[str, Any] | None) -> dict[str, Any]:
+    spec = (policy or {}).get("spec")
+    return spec if isinstance(spec, dict) else {}
+
+
+def _mode(mtls: Any) -> str:
+    """The mode of an `mtls` block (the policy's or a port's); a missing block or mode is UNSET."""
+    return (mtls.get("mode") or UNSET) if isinstance(mtls, dict) else UNSET
 
 
 def _selector(policy: dict[str, Any]) -> dict[str, str]:
     """matchLabels of a policy; empty (as Istio reads it) means namespace- or mesh-wide."""
-    return ((policy.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return (_spec(policy).get("selector") or {}).get("matchLabels") or {}
+
+
+def _port_setting(policy: dict[str, Any] | None, port: int) -> Any:
+    """The portLevelMtls entry for a port, or None; keys are strings over JSON, ints from in-process callers."""
+    ports = _spec(policy).get("portLevelMtls") or {}
+    return next((mtls for key, mtls in ports.items() if str(key) == str(port)), None)
+
+
+def _levels(store: Store, root_namespace: str, namespace: str, pod_labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The policies in force for a workload: [mesh, namespace, workload], None where a level has none.
+
+    For a workload in the root namespace the namespace-wide level is the mesh-wide policy itself, and selector
+    policies in the root namespace never apply (pilot looks up workload policies outside the root only).
+    """
+    root = list(store.items(r.PEER_AUTHENTICATIONS, root_namespace))
+    local = root if namespace == root_namespace else list(store.items(r.PEER_AUTHENTICATIONS, namespace))
+    mesh = _oldest(p for p in root if not _selector(p))
+    namespace_wide = None if namespace == root_namespace else _oldest(p for p in local if not _selector(p))
+    workload = None
+    if namespace != root_namespace:
+        workload = _oldest(p for p in local if _selector(p) and matches_labels(_selector(p), pod_labels))
+    return [mesh, namespace_wide, workload]
 
 
 def effective_mode(store: Store, root_namespace: str, namespace: str, pod_labels: dict[str, str],
                    port: int | None = None) -> str:
-    """The mTLS mode a workload's proxy enforces on a port: STRICT, PERMISSIVE or DISABLE."""
-    policies = list(store.items(r.PEER_AUTHENTICATIONS, namespace))
-    workload = []
-    if namespace != root_namespace:  # selector policies in the root namespace are ignored
-        workload = [p for p in policies if _selector(p) and matches_labels(_selector(p), pod_labels)]
-    namespace_wide = [p for p in policies if not _selector(p)]
-    mesh_wide = [p for p in store.items(r.PEER_AUTHENTICATIONS, root_namespace) if not _selector(p)]
-    for mode in (_mode_of(_oldest(workload), port), _mode_of(_oldest(namespace_wide)),
-                 _mode_of(_oldest(mesh_wide))):
-        if mode != "UNSET":
-            return mode
-    return "PERMISSIVE"
+    """The mTLS mode a workload's proxy enforces on a port: STRICT, PERMISSIVE or DISABLE.
+
+    Pilot's ComposePeerAuthentication: start PERMISSIVE; the mesh, namespace and workload policy each set the
+    mode unless theirs is UNSET; a port in the workload policy's portLevelMtls then takes its own mode, or the
+    mode computed so far when it is UNSET.
+    """
+    mesh, namespace_wide, workload = _levels(store, root_namespace, namespace, pod_labels)
+    mode = "PERMISSIVE"
+    for policy in (mesh, namespace_wide, workload):
+        if policy is not None and _mode(_spec(policy).get("mtls")) != UNSET:
+            mode = _mode(_spec(policy).get("mtls"))
+    if port is not None and workload is not None:
+        setting = _port_setting(workload, port)
+        if setting is not None and _mode(setting) != UNSET:
+            mode = _mode(setting)
+    return mode
 
 
 @dataclass
