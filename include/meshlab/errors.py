@@ -30,7 +30,8 @@ class ApiError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-        self.reason = reason or REASONS.get(code, "Unknown")
+        # An empty reason stays empty: admission webhook denials carry none, and kubectl then prints no "(Reason)".
+        self.reason = REASONS.get(code, "Unknown") if reason is None else reason
         self.details = details
 
     def status(self) -> dict[str, Any]:
@@ -40,9 +41,10 @@ class ApiError(Exception):
             "metadata": {},
             "status": "Failure",
             "message": self.message,
-            "reason": self.reason,
             "code": self.code,
         }
+        if self.reason:
+            body["reason"] = self.reason
         if self.details:
             body["details"] = self.details
         return body
@@ -80,3 +82,12 @@ def invalid(kind: str, name: str, causes: list[tuple[str, str]], group: str = ""
             "causes": [{"reason": "FieldValueInvalid", "message": msg, "field": field} for field, msg in causes],
         },
     )
+
+
+def webhook_denied(webhook: str, message: str) -> ApiError:
+    """A validating admission webhook's refusal, as the API server relays it.
+
+    The API server turns a denial without a code into 400 and prefixes the webhook's name; Istio's webhook sets
+    no reason, so the Status has none.
+    """
+    return ApiError(400, f'admission webhook "{webhook}" denied the request: {message}', reason="")

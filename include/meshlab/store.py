@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from meshlab import resources as r
-from meshlab.errors import ApiError, already_exists, invalid, not_found
+from meshlab.errors import ApiError, already_exists, invalid, not_found, webhook_denied
 from meshlab.patching import apply_patch
 from meshlab.selectors import parse_field_selector, parse_selector
 
@@ -262,6 +262,17 @@ class Store:
         causes = VALIDATORS.get(res, lambda o: [])(obj)
         if causes:
             raise invalid(res.kind, name, causes, res.group)
+        self._admit(res, obj)
+
+    @staticmethod
+    def _admit(res: r.Resource, obj: dict[str, Any]) -> None:
+        """Validating admission: the API server calls the webhook after its own checks, for dry runs as well."""
+        if res not in WEBHOOKS:
+            return
+        webhook, check = WEBHOOKS[res]
+        denials = check(obj)
+        if denials:
+            raise webhook_denied(webhook, f"configuration is invalid: {_multierror(denials)}")
 
     def _update(self, res: r.Resource, current: dict[str, Any], obj: dict[str, Any], subresource: str | None,
                 dry_run: bool) -> dict[str, Any]:
@@ -345,32 +356,64 @@ def _validate_deployment(obj: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _validate_peer_authentication(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the PeerAuthentication CRD's OpenAPI schema refuses (types and the mode enum), 422 before any webhook."""
     spec = obj.get("spec") or {}
     if not isinstance(spec, dict):
         return [("spec", "Invalid value: must be an object")]
     causes = []
     mode = (spec.get("mtls") or {}).get("mode")
     if mode is not None and mode not in MTLS_MODES:
-        causes.append(("spec.mtls.mode", f'Unsupported value: "{mode}": supported values: '
-                                         + ", ".join(f'"{m}"' for m in MTLS_MODES)))
+        causes.append(("spec.mtls.mode", _unsupported_mode(mode)))
     selector = spec.get("selector")
     if selector is not None and not isinstance((selector or {}).get("matchLabels", {}), dict):
         causes.append(("spec.selector.matchLabels", "Invalid value: must be a map of strings"))
     port_level = spec.get("portLevelMtls")
-    if port_level:
-        if not selector:
-            causes.append(("spec.portLevelMtls", "Invalid value: portLevelMtls requires a workload selector"))
-        for port, setting in port_level.items():
-            if not str(port).isdigit() or not 0 < int(port) < 65536:
-                causes.append((f"spec.portLevelMtls[{port}]", "Invalid value: port must be in 1-65535"))
-            elif (setting or {}).get("mode", "UNSET") not in MTLS_MODES:
-                causes.append((f"spec.portLevelMtls[{port}].mode", f"Unsupported value: {setting!r}"))
+    if port_level is not None and not isinstance(port_level, dict):
+        return [*causes, ("spec.portLevelMtls", "Invalid value: must be an object")]
+    for port, setting in (port_level or {}).items():
+        port_mode = (setting or {}).get("mode") if isinstance(setting, dict) or setting is None else setting
+        if port_mode is not None and port_mode not in MTLS_MODES:
+            causes.append((f"spec.portLevelMtls.{port}.mode", _unsupported_mode(port_mode)))
     return causes
+
+
+def _unsupported_mode(mode: Any) -> str:
+    return f'Unsupported value: "{mode}": supported values: ' + ", ".join(f'"{m}"' for m in MTLS_MODES)
+
+
+# ---- validating admission webhooks: called after the schema, on every create and update, dry runs included ------
+def _istio_peer_authentication(obj: dict[str, Any]) -> list[str]:
+    """What Istio's webhook (validation.istio.io, pilot's ValidatePeerAuthentication) denies."""
+    spec = obj.get("spec") or {}
+    port_level = spec.get("portLevelMtls")
+    if port_level is None:
+        return []
+    denials = []
+    if not ((spec.get("selector") or {}).get("matchLabels") or {}):
+        denials.append("portLevelMtls requires selector")  # port-level modes on a namespace or the mesh: refused
+    if not port_level:
+        denials.append("port level mTLS, if defined, must have at least one element")
+    if any(not str(port).isdigit() or not 0 < int(port) <= 65535 for port in port_level):
+        denials.append("port must be between 1-65535")
+    return denials
+
+
+def _multierror(messages: list[str]) -> str:
+    """Istio joins its validation errors the way hashicorp/go-multierror does; one error stays one line."""
+    if len(messages) == 1:
+        return messages[0]
+    points = "\n\t".join(f"* {m}" for m in messages)
+    return f"{len(messages)} errors occurred:\n\t{points}\n\n"
 
 
 VALIDATORS: dict[r.Resource, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
     r.DEPLOYMENTS: _validate_deployment,
     r.PEER_AUTHENTICATIONS: _validate_peer_authentication,
+}
+
+# Resource -> (webhook name, denials): only the kinds a webhook is registered for reach one.
+WEBHOOKS: dict[r.Resource, tuple[str, Callable[[dict[str, Any]], list[str]]]] = {
+    r.PEER_AUTHENTICATIONS: ("validation.istio.io", _istio_peer_authentication),
 }
 
 
