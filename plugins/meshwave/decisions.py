@@ -70,7 +70,10 @@ def after_strict_gate(results: dict[str, Any], states: dict[str, str | None]) ->
 
 def after_strict(svc: Service, results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
     if states.get("flip_strict") != "success":
-        return BACK, "the flip to STRICT did not complete: make sure it is PERMISSIVE"
+        return BACK, "the flip to STRICT did not complete or was not proven in force: make sure it is PERMISSIVE"
+    refused = (results.get("flip_strict") or {}).get("refused")
+    if refused:
+        return STAY, f"STRICT not flipped: {refused}"
     verify = results.get("verify_strict") or {}
     status = verify.get("status") if states.get("verify_strict") == "success" else "error"
     if status == "pass":
@@ -78,6 +81,21 @@ def after_strict(svc: Service, results: dict[str, Any], states: dict[str, str | 
     if status in ("fail", "inconclusive") or svc.settings.on_no_data == "rollback":
         return BACK, f"after STRICT: {status}: {verify.get('reason')}"
     return BACK, f"after STRICT the checks ended {status}: never leave STRICT unverified: {verify.get('reason')}"
+
+
+# The steps that record the mode Istio computes for the workload, latest last.
+MTLS_READERS = ("preflight", "flip_strict", "back_to_permissive")
+
+
+def mtls_in_force(results: dict[str, Any]) -> str | None:
+    """The mode the workload enforces, as the last step that computed it from every policy saw it: what the
+    record reports, never what meshwave meant to write."""
+    for step in reversed(MTLS_READERS):
+        seen = (results.get(step) or {}).get("mtls_in_force")
+        if seen:
+            ports = seen.get("ports") or {}
+            return seen["mode"] + "".join(f", port {p} {m}" for p, m in sorted(ports.items()))
+    return None
 
 
 def _changes(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -158,7 +176,7 @@ def _requested_undo(svc: Service, results: dict[str, Any], states: dict[str, str
             return {"outcome": "failed", "mtls": None, "sidecar": None,
                     "reason": f"could not set PERMISSIVE: {errors.get('back_to_permissive', 'see the task log')}"}
         recovery = results.get("verify_recovery") or {}
-        return {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": None,
+        return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": None,
                 "reason": f"set to PERMISSIVE on request; recovery check: {recovery.get('status', 'not run')}: "
                           f"{recovery.get('reason', '')}".rstrip(": ")}
     rollout = results.get("wait_rollback") or {}
@@ -205,16 +223,20 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
             return {"outcome": "failed", "mtls": "STRICT?", "sidecar": True,
                     "reason": f"could not go back to PERMISSIVE: {errors.get('back_to_permissive')}"}
         recovery = results.get("verify_recovery") or {}
-        return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": True,
+        return {"outcome": "rolled_back", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
                 "reason": f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: "
                           f"{recovery.get('status', 'unknown')}"}
     if done("verify_strict"):
-        return {"outcome": "strict", "mtls": "STRICT", "sidecar": True, "reason": decisions.get("after_strict", "")}
+        return {"outcome": "strict", "mtls": mtls_in_force(results) or "STRICT", "sidecar": True,
+                "reason": decisions.get("after_strict", "")}
+    if (results.get("flip_strict") or {}).get("refused"):
+        return {"outcome": "permissive", "mtls": mtls_in_force(results), "sidecar": True,
+                "reason": f"STRICT not flipped: {results['flip_strict']['refused']}"}
     if decisions.get("after_strict_gate_to") == STAY:
-        return {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True,
+        return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
                 "reason": decisions.get("after_strict_gate", "")}
     if decisions.get("after_soak_to") == HOLD:
-        return {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True,
+        return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
                 "reason": decisions.get("after_soak", "")}
     broken = [s for s, st in states.items() if st in BROKEN]
     return {"outcome": "failed", "mtls": None, "sidecar": None,

@@ -22,8 +22,10 @@ from typing import Any
 
 from meshwave.changes import Change
 from meshwave.fleet import Fleet
-from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState, _selectorless, strict_parts
+from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState
+from meshwave.mtls import match_labels
 from meshwave.names import rfc1123_label
+from meshwave.peer_auth import strict_parts
 from meshwave.plan import CONN_ID
 from meshwave.prometheus import PrometheusError, Source, load_queries, validate_label, validate_window
 
@@ -228,10 +230,6 @@ def parse_request(params: dict[str, Any], fleet: Fleet) -> Request:
 
 
 # ---- stage 1: PeerAuthentications back to PERMISSIVE ------------------------------------------------------
-def _selector(policy: dict[str, Any]) -> dict[str, str]:
-    return ((policy.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-
-
 def policy_in_scope(policy: dict[str, Any], scope: Scope, root_namespace: str,
                     service_labels: dict[str, dict[str, str]]) -> str | None:
     """Why a policy is in scope ("mesh-wide", "namespace-wide", "workload"), or None when it is not.
@@ -242,7 +240,7 @@ def policy_in_scope(policy: dict[str, Any], scope: Scope, root_namespace: str,
     """
     meta = policy.get("metadata") or {}
     ns = meta.get("namespace", "")
-    selectorless = _selectorless(policy)
+    selectorless = not match_labels(policy)
     if ns == root_namespace:
         return "mesh-wide" if selectorless else None
     kind = "namespace-wide" if selectorless else "workload"
@@ -251,7 +249,7 @@ def policy_in_scope(policy: dict[str, Any], scope: Scope, root_namespace: str,
             return None
         if selectorless:
             return kind
-        match = _selector(policy)
+        match = match_labels(policy)
         selected = any(all(labels.get(k) == v for k, v in match.items())
                        for key, labels in service_labels.items() if key.split("/")[0] == ns)
         return kind if selected else None
@@ -271,11 +269,11 @@ def _service_labels(kube: MeshKube, scope: Scope) -> tuple[dict[str, dict[str, s
 
 def _scope_policies(kube: MeshKube, scope: Scope) -> list[dict[str, Any]]:
     if scope.whole_clusters:
-        return kube.list_policies(None)
-    found = kube.list_policies(kube.root_namespace)
+        return kube.mtls.list(None)
+    found = kube.mtls.list(kube.root_namespace)
     for ns in scope.namespaces() or []:
         if ns != kube.root_namespace:
-            found += kube.list_policies(ns)
+            found += kube.mtls.list(ns)
     return found
 
 
@@ -294,7 +292,7 @@ def relax_cluster(kube: MeshKube, scope: Scope, note: str) -> dict[str, Any]:
         seen.append({"policy": f"{meta.get('namespace')}/{meta.get('name')}", "scope": why,
                      "strict": strict_parts(policy)})
         if strict_parts(policy):
-            changes.append(kube.relax_policy(meta["namespace"], meta["name"], note, current=policy))
+            changes.append(kube.mtls.relax(meta["namespace"], meta["name"], note, current=policy))
     return {"cluster": kube.cluster, "started": started, "ended": time.time(), "policies": seen,
             "changes": [c.to_dict() for c in changes], "missing_services": missing, "dry_run": kube.dry_run}
 

@@ -44,3 +44,11 @@ class ServerError(KubeError):
 
 class InjectionBlocked(KubeError):
     """A label that wins over ours (istio-injection=disabled on the namespace) would prevent injection."""
+
+
+class NotInForce(KubeError):
+    """After a write, the mode Istio computes from every PeerAuthentication is not the one asked for."""
+
+
+class MtlsRefused(KubeError):
+    """meshwave will not write this policy: another one decides the workload's mode (the message names it)."""

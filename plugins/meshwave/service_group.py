@@ -39,7 +39,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import decisions, steps
 from meshwave.changes import Change
-from meshwave.kube_errors import KubeError
+from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
 from meshwave.steps import ACTIONS, Service
 
@@ -95,8 +95,9 @@ def logged(result: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def recording(context: dict[str, Any]) -> Iterator[None]:
-    """Keep a failed step's error for the outcome; a Blocked service or a refused change is not retried."""
+def recording(context: dict[str, Any], final: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+    """Keep a failed step's error for the outcome; a Blocked service, a refused change or an error of a `final`
+    type is not retried."""
     try:
         yield
     except steps.Blocked as exc:
@@ -104,7 +105,7 @@ def recording(context: dict[str, Any]) -> Iterator[None]:
         raise AirflowFailException(str(exc)) from None
     except (KubeError, ValueError) as exc:
         context["ti"].xcom_push(key="error", value=str(exc))
-        if isinstance(exc, ValueError) or getattr(exc, "code", None) in (400, 403, 404, 409, 415, 422):
+        if isinstance(exc, (ValueError, *final)) or getattr(exc, "code", None) in (400, 403, 404, 409, 415, 422):
             raise AirflowFailException(str(exc)) from None
         raise
     except Exception as exc:
@@ -163,6 +164,22 @@ def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
         raise AirflowSkipException(f"{step}: not on this service's path (no decision chose it)")
 
     return check
+
+
+def flipped(prefix: str) -> Callable[[dict[str, Any]], None]:
+    """verify_strict's check: nothing to verify when the flip was refused (another policy decides the mode)."""
+
+    def check(context: dict[str, Any]) -> None:
+        refused = _xcom(context, prefix, "flip_strict").get("refused")
+        if refused:
+            raise AirflowSkipException(f"verify_strict: STRICT was not flipped: {refused}")
+
+    return check
+
+
+def _note(context: dict[str, Any]) -> str:
+    """Who changed a policy, for the annotation it leaves on someone else's policy."""
+    return f"meshwave {context['dag'].dag_id} {context['run_id']}"
 
 
 def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
@@ -262,14 +279,16 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
 
 
 def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]],
-          check: Callable[[dict[str, Any]], None] | None = None, **kwargs: Any):
-    """A step; `check(context)`, when given, first: it skips the step when the service's path does not go here."""
+          check: Callable[[dict[str, Any]], None] | None = None, final: tuple[type[Exception], ...] = (),
+          **kwargs: Any):
+    """A step; `check(context)`, when given, first: it skips the step when the service's path does not go here.
+    An error of a `final` type fails the step at once (no retry)."""
 
     @task(task_id=name, **(kwargs or RETRIES))
     def step(**context: Any) -> dict[str, Any]:
         if check is not None:
             check(context)
-        with recording(context):
+        with recording(context, final):
             return run(_service(context, prefix), context)
 
     return step()
@@ -321,14 +340,15 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
                           on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
                                  on_path=on_path(prefix, "strict_gate"), **RETRIES)
-        flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "STRICT")),
-                     on_path(prefix, "flip_strict"))
+        # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
+        flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.flip_strict(svc, kube_for(svc, c))),
+                     on_path(prefix, "flip_strict"), final=(NotInForce,))
         verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
-                                   watch=_gate_watch(prefix, "verify_strict"), **RETRIES)
+                                   watch=_gate_watch(prefix, "verify_strict"), on_path=flipped(prefix), **RETRIES)
         # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, "retries": 5, "retry_delay": timedelta(seconds=3)}
         back = _step("back_to_permissive", prefix,
-                     lambda svc, c: logged(steps.set_mtls(svc, kube_for(svc, c), "PERMISSIVE")),
+                     lambda svc, c: logged(steps.back_to_permissive(svc, kube_for(svc, c), _note(c))),
                      strict_undone_if_needed(prefix), **undo)
         verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
                                      watch=_gate_watch(prefix, "verify_recovery"), **RETRIES)

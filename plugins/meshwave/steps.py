@@ -11,7 +11,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from meshwave.checks import Thresholds, measure_baseline
-from meshwave.kube_errors import InjectionBlocked
+from meshwave.gitops import reverted_by
+from meshwave.kube_errors import InjectionBlocked, MtlsRefused, NotInForce
+from meshwave.mtls import EffectiveMtls
+from meshwave.probe import PlaintextProbe, ProbeVerdict
 
 if TYPE_CHECKING:  # the client is imported by whoever builds a MeshKube (at run time, not at parse time)
     from meshwave.kube import MeshKube
@@ -81,12 +84,22 @@ def stamp(result: dict[str, Any], started: float) -> dict[str, Any]:
 
 
 def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> dict[str, Any]:
-    """The workload exists and has room for its sidecar, or the plan gives the sidecar a budget of its own."""
+    """The workload exists, has room for its sidecar (or the plan gives the sidecar a budget of its own), and no
+    caller without a sidecar would be cut off by a STRICT that applies to it once injected."""
     started = time.time()
     p = svc.plan
     w = kube.workload(p.namespace, p.workload)
     sidecar = svc.settings.sidecar
-    result: dict[str, Any] = {"replicas": w.replicas, "app_container": w.app_container, "changes": []}
+    result: dict[str, Any] = {"replicas": w.replicas, "app_container": w.app_container, "changes": [],
+                              "notes": _ownership_notes(svc, kube)}
+    mtls = kube.mtls.effective(p.namespace, p.workload)
+    result["mtls_in_force"] = mtls.summary()  # what the pods enforce once injected (now, if they are)
+    injected = w.pods_total > 0 and w.pods_with_proxy == w.pods_total
+    if mtls.strict_anywhere and svc.action != "strict_only" and not injected:
+        result["plaintext_before_injection"] = _no_plaintext_into_strict(svc, mtls, source)
+    if svc.strict and mtls.foreign_workload_policies:
+        result["notes"].append(f"STRICT will not be flipped: {mtls.foreign_workload_policies[0]} selects the pods "
+                               "and decides their mode")
     if sidecar.memory_limit:
         result["headroom"] = f"the sidecar gets its own memory limit {sidecar.memory_limit} (plan)"
     else:
@@ -98,7 +111,48 @@ def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> dict[st
         change = kube.ensure_exclusions(p.namespace, p.workload, p.exclude_inbound_ports or None,
                                         p.exclude_outbound_ports or None)
         result["changes"].append(change.to_dict())
+    for note in result["notes"]:
+        print(f"NOTE: {note}")
     return stamp(result, started)
+
+
+def _ownership_notes(svc: Service, kube: MeshKube) -> list[str]:
+    """Who will revert meshwave's changes: a GitOps controller or Helm owning the deployment."""
+    p = svc.plan
+    owner = reverted_by(kube.deployment(p.namespace, p.workload))
+    return [f"deployment {p.namespace}/{p.workload} is managed by {owner}: its pod template changes (the sidecar "
+            f"label, resources) will be reverted by {owner.split(' (')[0]} unless they are made in Git too"] \
+        if owner else []
+
+
+def _no_plaintext_into_strict(svc: Service, mtls: EffectiveMtls, source: PrometheusSource) -> str:
+    """Once injected the pods enforce STRICT: every caller must already have a sidecar (it then speaks mTLS).
+
+    Before injection every request reaches the app in plaintext; the meshed callers' own proxies report what
+    they send it (reporter="source"). The app's own request rate minus that is what callers without a sidecar
+    send: more than 1 % (and 0.01 rps) of it, or no way to tell, blocks the service before any change.
+    """
+    p, cluster = svc.plan, getattr(source, "cluster", None)
+    strict_by = "; ".join(mtls.strict_sources())
+    rates = {}
+    for name in ("app_request_rate", "meshed_request_rate"):
+        query = render(name, namespace=p.namespace, workload=p.workload, window=svc.window, cluster=cluster)
+        try:
+            values = [s.value for s in source.instant(query) if s.finite]
+        except PrometheusError as exc:
+            raise Blocked(f"once injected the pods enforce STRICT ({strict_by}), and meshwave cannot tell whether "
+                          f"callers without a sidecar remain: {query}: {exc}") from None
+        if not values and name == "app_request_rate":
+            raise Blocked(f"once injected the pods enforce STRICT ({strict_by}), and meshwave cannot tell whether "
+                          f"callers without a sidecar remain: no request data: {query}")
+        rates[name] = sum(values)
+    total, meshed = rates["app_request_rate"], rates["meshed_request_rate"]
+    plaintext = max(0.0, total - meshed)
+    numbers = f"{plaintext:.3g} of {total:.3g} rps come from callers without a sidecar"
+    if plaintext > max(0.01 * total, 0.01):
+        raise Blocked(f"once injected the pods enforce STRICT ({strict_by}) and {numbers}: injection would cut them "
+                      "off. Give those callers a sidecar first, or make this workload PERMISSIVE")
+    return f"STRICT once injected ({strict_by}); {numbers}: every caller already speaks mTLS"
 
 
 def _sidecar_kwargs(svc: Service) -> dict[str, str]:
@@ -163,20 +217,49 @@ def _require_sidecars(svc: Service, kube: MeshKube) -> str:
     return f"{w.pods_with_proxy} of {w.pods_total} pods run their sidecar"
 
 
-def set_mtls(svc: Service, kube: MeshKube, mode: str) -> dict[str, Any]:
+def flip_strict(svc: Service, kube: MeshKube) -> dict[str, Any]:
+    """STRICT, proven: the mode recomputed from every policy, then a plaintext request from outside the mesh
+    refused by the workload's proxy. Anything less raises NotInForce (and the service goes back to PERMISSIVE).
+    A workload whose mode another team's policy decides is not flipped: `refused` says which policy."""
     started = time.time()
     p = svc.plan
-    change = kube.ensure_mtls(p.namespace, p.workload, kube.selector(p.namespace, p.workload), mode)
-    return stamp({"changes": [change.to_dict()], "mode": mode}, started)
+    try:
+        change, state = kube.mtls.ensure_strict(p.namespace, p.workload)
+    except MtlsRefused as exc:
+        print(f"not flipped: {exc}")
+        return stamp({"changes": [], "refused": str(exc),
+                      "mtls_in_force": kube.mtls.effective(p.namespace, p.workload).summary()}, started)
+    result: dict[str, Any] = {"changes": [change.to_dict()], "mode": "STRICT"}
+    if state is None:  # a dry run: nothing was written, nothing to prove
+        return stamp(result, started)
+    result["mtls_in_force"] = state.summary()
+    probe = PlaintextProbe(kube, svc.settings.probe.image, svc.settings.probe.timeout_seconds).run(p.namespace,
+                                                                                                  p.workload)
+    result["probe"] = probe.model_dump(mode="json")
+    print(f"plaintext probe {probe.url}: {probe.verdict}: {probe.message}")
+    if probe.verdict != ProbeVerdict.REFUSED:
+        raise NotInForce(f"cluster {p.cluster}: {p.namespace}/{p.workload}: the policies say {state.describe()}, but "
+                         f"a plaintext request from a pod without a sidecar was not refused ({probe.verdict}: "
+                         f"{probe.message}): STRICT is not proven in force", cluster=p.cluster, verb="GET",
+                         target=f"deployment {p.namespace}/{p.workload}")
+    return stamp(result, started)
+
+
+def back_to_permissive(svc: Service, kube: MeshKube, note: str) -> dict[str, Any]:
+    """Nothing STRICT on the workload's pods, proven from every policy after the write (see peer_auth)."""
+    started = time.time()
+    p = svc.plan
+    changes, state = kube.mtls.ensure_permissive(p.namespace, p.workload, note)
+    result: dict[str, Any] = {"changes": [c.to_dict() for c in changes], "mode": "PERMISSIVE"}
+    if state is not None:
+        result["mtls_in_force"] = state.summary()
+    return stamp(result, started)
 
 
 def rollback_injection(svc: Service, kube: MeshKube) -> dict[str, Any]:
-    """Back to where it started: PERMISSIVE if meshwave set a policy, then no sidecar."""
+    """Back to where it started: meshwave's own policy deleted (or relaxed), then no sidecar."""
     started = time.time()
     p = svc.plan
-    changes = []
-    if kube.current_mtls(p.namespace, p.workload) not in (None, "PERMISSIVE"):
-        changes.append(kube.ensure_mtls(p.namespace, p.workload, kube.selector(p.namespace, p.workload),
-                                        "PERMISSIVE"))
+    changes, _ = kube.mtls.ensure_permissive(p.namespace, p.workload, "meshwave rollback", exempt=False)
     changes += kube.remove_injection(p.namespace, p.workload)
     return stamp({"changes": [c.to_dict() for c in changes]}, started)

@@ -225,15 +225,16 @@ def _wave_preflight(plan: Plan, wave: Wave):
                 cfg = plan.clusters[name]
                 kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace)
                 version = kube.ping()
-                mode = kube.mesh_wide_mtls()
-                if mode == "STRICT":
+                mesh = kube.mtls.mesh_wide()
+                if mesh is not None and mesh.mode == "STRICT":
                     raise AirflowFailException(
-                        f"cluster {name}: a mesh-wide PeerAuthentication in {cfg.root_namespace} is STRICT: every "
-                        "workload without a sidecar is cut off. Set it to PERMISSIVE before migrating (STRICT goes "
-                        "per workload, after validation)")
+                        f"cluster {name}: the mesh-wide {mesh} is STRICT: every workload without a sidecar is cut "
+                        "off. Set it to PERMISSIVE before migrating (STRICT goes per workload, after validation)")
                 for svc in (s for s in wave.services if s.cluster == name):
                     kube.workload(svc.namespace, svc.workload)
-                checked[name] = {"version": version, "mesh_wide_mtls": mode}
+                checked[name] = {"version": version, "mesh_wide_mtls": str(mesh.mode) if mesh else None,
+                                 "peer_authentication_version": kube.mtls.version,
+                                 "namespace_wide_strict": _namespace_wide_strict(kube, wave, name)}
         except (AirflowFailException, KubeError, ValueError) as exc:
             context["ti"].xcom_push(key="error", value=f"wave preflight: {exc}")
             if isinstance(exc, KubeError) and getattr(exc, "code", None) not in (404,):
@@ -242,6 +243,19 @@ def _wave_preflight(plan: Plan, wave: Wave):
         return checked
 
     return wave_preflight()
+
+
+def _namespace_wide_strict(kube: Any, wave: Wave, cluster: str) -> dict[str, str]:
+    """The wave's namespaces of one cluster whose namespace-wide policy is STRICT: each pod there enforces STRICT
+    the moment it gets a sidecar, so their services are blocked at preflight while callers without one remain."""
+    found = {}
+    for ns in sorted({s.namespace for s in wave.services if s.cluster == cluster}):
+        policy = kube.mtls.namespace_wide(ns)
+        if policy is not None and policy.mode == "STRICT":
+            found[ns] = str(policy)
+            print(f"cluster {cluster}: namespace {ns} is STRICT namespace-wide ({policy}): its services are blocked "
+                  "at preflight unless every caller already has a sidecar")
+    return found
 
 
 def _admit_wave(plan: Plan, wave: Wave, context: dict[str, Any]) -> None:

@@ -291,7 +291,7 @@ def test_after_strict_verified_is_done() -> None:
 def test_after_strict_a_failed_flip_goes_back_to_permissive() -> None:
     st = {"flip_strict": "failed", "verify_strict": "upstream_failed"}
     assert d.after_strict(service(), {"flip_strict": None, "verify_strict": None}, st) == \
-        (d.BACK, "the flip to STRICT did not complete: make sure it is PERMISSIVE")
+        (d.BACK, "the flip to STRICT did not complete or was not proven in force: make sure it is PERMISSIVE")
 
 
 @pytest.mark.parametrize("on_no_data", ["hold", "rollback"])
@@ -424,7 +424,7 @@ def test_a_failed_flip_is_undone_and_recorded_with_the_recovery() -> None:
     errors = {"flip_strict": "cluster lab: POST peerauthentication shop/meshwave-payment: 403 Forbidden: denied"}
     r = record(service(), results, st, errors)
     assert (r["outcome"], r["mtls"], r["sidecar"]) == ("rolled_back", "PERMISSIVE", True)
-    assert r["reason"] == ("STRICT undone, sidecar kept: the flip to STRICT did not complete: make sure it is "
+    assert r["reason"] == ("STRICT undone, sidecar kept: the flip to STRICT did not complete or was not proven in force: make sure it is "
                            "PERMISSIVE; recovery: unknown")
 
 

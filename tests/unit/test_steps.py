@@ -29,11 +29,14 @@ from meshwave.kube import (
     WorkloadState,
     workload_state,
 )
+from meshwave.mtls import EffectiveMtls, effective_mtls
+from meshwave.peer_auth import PeerAuthentications
 from meshwave.plan import parse_plan
 from meshwave.steps import Blocked, Service
 
 MI = 2**20
 NS, WL = "shop", "payment"
+READS = ["workload", "deployment", "mtls.effective"]  # what every preflight reads before it decides anything
 
 
 # ---- fakes ---------------------------------------------------------------------------------------------------
@@ -90,14 +93,38 @@ def deployment_state(limit: str | None = "512Mi", containers: tuple[str, ...] = 
     return workload_state("lab", deployment, [])
 
 
+class FakeMtls:
+    """`MeshKube.mtls`: the effective mode computed by the real function over a list of policies; the writes are
+    recorded (what they do to a cluster is tested against the lab: tests/component/test_peer_auth.py)."""
+
+    def __init__(self, kube: FakeKube, policies: list[dict[str, Any]]) -> None:
+        self.kube, self.policies = kube, policies
+
+    def effective(self, ns: str, workload: str) -> EffectiveMtls:
+        self.kube.calls.append(("mtls.effective", (ns, workload)))
+        return effective_mtls(self.policies, "istio-system", ns, {"app": workload})
+
+    def ensure_strict(self, ns: str, workload: str) -> tuple[Change, EffectiveMtls | None]:
+        self.kube.calls.append(("mtls.ensure_strict", (ns, workload)))
+        return self.kube._change("set-mtls", f"peerauthentication {ns}/meshwave-{workload}", None,
+                                 {"mode": "STRICT"}, "create STRICT policy"), None
+
+    def ensure_permissive(self, ns: str, workload: str, note: str, *,
+                          exempt: bool = True) -> tuple[list[Change], EffectiveMtls | None]:
+        self.kube.calls.append(("mtls.ensure_permissive", (ns, workload, exempt)))
+        return [self.kube._change("delete-mtls", f"peerauthentication {ns}/meshwave-{workload}", {"mode": "STRICT"},
+                                  None, "deleted")], None
+
+
 class FakeKube:
     """MeshKube's surface used by the steps: reads answer from a WorkloadState, writes are recorded."""
 
-    def __init__(self, state: WorkloadState | None = None, mtls: str | None = None,
-                 workload_error: Exception | None = None) -> None:
+    def __init__(self, state: WorkloadState | None = None, policies: list[dict[str, Any]] | None = None,
+                 workload_error: Exception | None = None, metadata: dict[str, Any] | None = None) -> None:
         self.state = state or deployment_state()
-        self.mtls = mtls
+        self.mtls = FakeMtls(self, policies or [])
         self.workload_error = workload_error
+        self.metadata = metadata or {}
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
     def _change(self, action: str, target: str, before: Any, after: Any, reason: str) -> Change:
@@ -109,13 +136,9 @@ class FakeKube:
             raise self.workload_error
         return self.state
 
-    def selector(self, ns: str, name: str) -> dict[str, str]:
-        self.calls.append(("selector", (ns, name)))
-        return {"app": name}
-
-    def current_mtls(self, ns: str, workload: str) -> str | None:
-        self.calls.append(("current_mtls", (ns, workload)))
-        return self.mtls
+    def deployment(self, ns: str, name: str) -> dict[str, Any]:
+        self.calls.append(("deployment", (ns, name)))
+        return {"metadata": {"name": name, "namespace": ns, **self.metadata}}
 
     def ensure_sidecar_resources(self, ns: str, name: str, cpu: str | None = None, memory: str | None = None,
                                  cpu_limit: str | None = None, memory_limit: str | None = None) -> Change:
@@ -140,12 +163,6 @@ class FakeKube:
                     self._change("restart", f"deployment {ns}/{name}", None, {}, "restarting once")]
         return [self._change("label-workload", f"deployment {ns}/{name}", {INJECT_LABEL: None},
                              {INJECT_LABEL: "true"}, "pod template label; the template change rolls the pods")]
-
-    def ensure_mtls(self, ns: str, workload: str, selector_labels: dict[str, str], mode: str) -> Change:
-        self.calls.append(("ensure_mtls", (ns, workload, selector_labels, mode)))
-        before = {"mode": self.mtls, "selector": selector_labels} if self.mtls else None
-        return self._change("set-mtls", f"peerauthentication {ns}/meshwave-{workload}", before,
-                            {"mode": mode, "selector": selector_labels}, f"{self.mtls} -> {mode}")
 
     def remove_injection(self, ns: str, name: str) -> list[Change]:
         self.calls.append(("remove_injection", (ns, name)))
@@ -176,10 +193,14 @@ def down() -> p.PrometheusUnavailable:
 
 
 def test_the_fake_kube_has_the_real_signatures() -> None:
-    for name in ("workload", "selector", "current_mtls", "ensure_sidecar_resources", "ensure_exclusions",
-                 "ensure_injected", "ensure_mtls", "remove_injection"):
+    for name in ("workload", "deployment", "ensure_sidecar_resources", "ensure_exclusions", "ensure_injected",
+                 "remove_injection"):
         real = list(inspect.signature(getattr(MeshKube, name)).parameters)
         fake = list(inspect.signature(getattr(FakeKube, name)).parameters)
+        assert fake == real, name
+    for name in ("effective", "ensure_strict", "ensure_permissive"):
+        real = list(inspect.signature(getattr(PeerAuthentications, name)).parameters)
+        fake = list(inspect.signature(getattr(FakeMtls, name)).parameters)
         assert fake == real, name
 
 
@@ -190,7 +211,7 @@ def test_headroom_ok_reports_the_numbers_and_changes_nothing() -> None:
     assert result["headroom"] == "limit 512Mi, app uses up to 200Mi, headroom 312Mi >= the sidecar's expected 128Mi"
     assert result["replicas"] == 2 and result["app_container"] == WL
     assert result["changes"] == []
-    assert kube.names() == ["workload"]
+    assert kube.names() == READS
     assert source.seen == [source.query("app_memory_bytes")]
     assert isinstance(result["seconds"], float) and 0 <= result["seconds"] < 5
 
@@ -210,7 +231,7 @@ def test_headroom_too_small_is_blocked_with_the_numbers_before_any_change() -> N
     assert str(info.value) == (
         "limit 256Mi, app uses up to 200Mi, headroom 56Mi < the sidecar's expected 128Mi: the pod would be "
         "OOMKilled. Raise the memory limit, or give the sidecar a limit of its own in the plan (sidecar.memory_limit)")
-    assert kube.names() == ["workload"]  # blocked: no annotation was written
+    assert kube.names() == READS  # blocked: no annotation was written
 
 
 def test_the_plan_s_expected_sidecar_memory_is_what_must_fit() -> None:
@@ -239,7 +260,7 @@ def test_no_memory_data_is_blocked(answer: list[p.Sample]) -> None:
         steps.preflight(service(), kube, source)  # type: ignore[arg-type]
     assert str(info.value) == (f"no memory data for shop/payment in Prometheus: cannot check that a 128Mi sidecar "
                                f"fits (query: {source.query('app_memory_bytes')})")
-    assert kube.names() == ["workload"]
+    assert kube.names() == READS
 
 
 @pytest.mark.parametrize("error", [
@@ -270,7 +291,7 @@ def test_a_plan_sidecar_memory_limit_replaces_the_headroom_check_and_is_applied(
     result = steps.preflight(svc, kube, source)  # type: ignore[arg-type]
     assert result["headroom"] == "the sidecar gets its own memory limit 192Mi (plan)"
     assert source.seen == []
-    assert kube.calls[1] == ("ensure_sidecar_resources",
+    assert kube.calls[len(READS)] == ("ensure_sidecar_resources",
                              (NS, WL, {"cpu": "50m", "memory": "96Mi", "cpu_limit": None, "memory_limit": "192Mi"}))
     [change] = result["changes"]
     assert change["action"] == "set-sidecar-resources" and change["applied"] is True
@@ -285,7 +306,7 @@ def test_sidecar_annotations_without_a_memory_limit_still_check_the_headroom() -
     result = steps.preflight(service(sidecar={"cpu": "100m", "cpu_limit": "500m"}), kube, source)  # type: ignore[arg-type]
     assert result["headroom"].endswith("headroom 312Mi >= the sidecar's expected 128Mi")
     assert source.seen == [source.query("app_memory_bytes")]
-    assert kube.calls[1] == ("ensure_sidecar_resources",
+    assert kube.calls[len(READS)] == ("ensure_sidecar_resources",
                              (NS, WL, {"cpu": "100m", "memory": None, "cpu_limit": "500m", "memory_limit": None}))
     assert [c["action"] for c in result["changes"]] == ["set-sidecar-resources"]
 
@@ -299,7 +320,7 @@ def test_exclusions_are_applied_one_direction_left_alone_when_not_planned(own: d
                                                                           outbound: Any) -> None:
     kube = FakeKube(deployment_state("512Mi"))
     result = steps.preflight(service(**own), kube, FakeSource().set("app_memory_bytes", memory(200)))  # type: ignore[arg-type]
-    assert kube.calls[1:] == [("ensure_exclusions", (NS, WL, inbound, outbound))]
+    assert kube.calls[len(READS):] == [("ensure_exclusions", (NS, WL, inbound, outbound))]
     assert [c["action"] for c in result["changes"]] == ["set-exclusions"]
 
 
@@ -307,7 +328,7 @@ def test_sidecar_resources_then_exclusions_both_recorded() -> None:
     kube = FakeKube(deployment_state("512Mi"))
     svc = service(sidecar={"memory_limit": "256Mi"}, exclude_outbound_ports=[5432])
     result = steps.preflight(svc, kube, FakeSource())  # type: ignore[arg-type]
-    assert kube.names() == ["workload", "ensure_sidecar_resources", "ensure_exclusions"]
+    assert kube.names() == [*READS, "ensure_sidecar_resources", "ensure_exclusions"]
     assert [c["action"] for c in result["changes"]] == ["set-sidecar-resources", "set-exclusions"]
 
 
@@ -347,6 +368,66 @@ def test_a_blocked_message_never_contradicts_itself() -> None:
     assert float(found[1]) < float(found[2]), str(info.value)
 
 
+# ---- preflight: a STRICT that applies once injected (safety review finding 2) ------------------------------
+def pa(ns: str, name: str, mode: str, selector: dict[str, str] | None = None, created: str = "2026-01-01T00:00:00Z",
+       meshwave: bool = False) -> dict[str, Any]:
+    spec: dict[str, Any] = {"mtls": {"mode": mode}}
+    if selector:
+        spec["selector"] = {"matchLabels": selector}
+    labels = {"app.kubernetes.io/managed-by": "meshwave"} if meshwave else {}
+    return {"metadata": {"namespace": ns, "name": name, "creationTimestamp": created, "labels": labels}, "spec": spec}
+
+
+def fits(source: FakeSource) -> FakeSource:
+    return source.set("app_memory_bytes", memory(200))
+
+
+def test_namespace_wide_strict_with_a_plaintext_caller_is_blocked_naming_the_policy() -> None:
+    kube = FakeKube(policies=[pa(NS, "default", "STRICT")])
+    source = fits(FakeSource()).set("app_request_rate", 12.0).set("meshed_request_rate", 10.0)
+    with pytest.raises(Blocked) as info:
+        steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+    message = str(info.value)
+    assert "peerauthentication shop/default (namespace-wide, STRICT" in message
+    assert "2 of 12 rps come from callers without a sidecar" in message
+    assert kube.names() == READS  # nothing written
+
+
+def test_mesh_wide_strict_counts_too_and_unknown_traffic_is_blocked() -> None:
+    kube = FakeKube(policies=[pa("istio-system", "default", "STRICT")])
+    with pytest.raises(Blocked, match="cannot tell whether callers without a sidecar remain: no request data"):
+        steps.preflight(service(), kube, fits(FakeSource()))  # type: ignore[arg-type]
+    source = fits(FakeSource()).set("app_request_rate", 5.0).set("meshed_request_rate", down())
+    with pytest.raises(Blocked, match="istio-system/default.*cannot tell.*Connection refused"):
+        steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+
+
+def test_strict_once_injected_with_every_caller_meshed_goes_ahead_and_says_so() -> None:
+    kube = FakeKube(policies=[pa(NS, "default", "STRICT")])
+    source = fits(FakeSource()).set("app_request_rate", 12.0).set("meshed_request_rate", 12.0)
+    result = steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+    assert result["plaintext_before_injection"].endswith("0 of 12 rps come from callers without a sidecar: every "
+                                                         "caller already speaks mTLS")
+    assert result["mtls_in_force"]["mode"] == "STRICT"
+
+
+def test_a_workload_policy_beats_the_namespace_strict_so_no_traffic_question_is_asked() -> None:
+    kube = FakeKube(policies=[pa(NS, "default", "STRICT"), pa(NS, "team-payment", "PERMISSIVE", {"app": WL})])
+    source = fits(FakeSource())
+    result = steps.preflight(service(), kube, source)  # type: ignore[arg-type]
+    assert result["mtls_in_force"]["mode"] == "PERMISSIVE"
+    assert source.query("app_request_rate") not in source.seen
+    assert result["notes"] == ["STRICT will not be flipped: peerauthentication shop/team-payment (workload, "
+                               "PERMISSIVE; not meshwave's) selects the pods and decides their mode"]
+
+
+def test_a_gitops_owned_deployment_is_named_in_preflight() -> None:
+    kube = FakeKube(metadata={"labels": {"app.kubernetes.io/managed-by": "Helm"},
+                              "annotations": {"meta.helm.sh/release-name": "payment"}})
+    result = steps.preflight(service(), kube, fits(FakeSource()))  # type: ignore[arg-type]
+    assert len(result["notes"]) == 1 and "will be reverted by Helm" in result["notes"][0]
+
+
 # ---- baseline, inject, set_mtls ------------------------------------------------------------------------------
 def test_baseline_measures_the_app_over_the_plan_s_window() -> None:
     source = FakeSource(window="30s")
@@ -383,34 +464,12 @@ def test_inject_uses_the_plan_s_injection_mode(own: dict[str, Any], mode: str, a
     assert "seconds" in result
 
 
-@pytest.mark.parametrize("mode", ["STRICT", "PERMISSIVE"])
-def test_set_mtls_selects_the_deployment_s_pods(mode: str) -> None:
-    kube = FakeKube(mtls="PERMISSIVE" if mode == "STRICT" else "STRICT")
-    result = steps.set_mtls(service(), kube, mode)  # type: ignore[arg-type]
-    assert kube.calls == [("selector", (NS, WL)), ("ensure_mtls", (NS, WL, {"app": WL}, mode))]
-    assert result["mode"] == mode
-    [change] = result["changes"]
-    assert change["action"] == "set-mtls" and change["after"] == {"mode": mode, "selector": {"app": WL}}
-
-
-# ---- rollback_injection --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("current", ["STRICT", "UNSET"])
-def test_rollback_sets_permissive_first_when_a_non_permissive_policy_exists(current: str) -> None:
-    kube = FakeKube(mtls=current)
+def test_rollback_removes_meshwave_s_policy_without_creating_one_then_the_sidecar() -> None:
+    kube = FakeKube()
     result = steps.rollback_injection(service(), kube)  # type: ignore[arg-type]
-    assert kube.calls == [("current_mtls", (NS, WL)), ("selector", (NS, WL)),
-                          ("ensure_mtls", (NS, WL, {"app": WL}, "PERMISSIVE")), ("remove_injection", (NS, WL))]
-    assert [c["action"] for c in result["changes"]] == ["set-mtls", "remove-injection"]
-    assert result["changes"][0]["after"]["mode"] == "PERMISSIVE"
-
-
-@pytest.mark.parametrize("current", [None, "PERMISSIVE"])
-def test_rollback_leaves_mtls_alone_when_permissive_or_no_policy(current: str | None) -> None:
-    kube = FakeKube(mtls=current)
-    result = steps.rollback_injection(service(), kube)  # type: ignore[arg-type]
-    assert kube.names() == ["current_mtls", "remove_injection"]
-    assert [c["action"] for c in result["changes"]] == ["remove-injection"]
-    assert result["changes"][0]["after"] == {INJECT_LABEL: "false"}
+    assert kube.calls == [("mtls.ensure_permissive", (NS, WL, False)), ("remove_injection", (NS, WL))]
+    assert [c["action"] for c in result["changes"]] == ["delete-mtls", "remove-injection"]
+    assert result["changes"][1]["after"] == {INJECT_LABEL: "false"}
     assert "seconds" in result
 
 
