@@ -2,6 +2,8 @@
 
 Discovery (`/api`, `/apis`, group versions), CRUD on the resources in `resources.py`, watch streams,
 `dryRun=All`, server-side `Table` printing for kubectl, and `Status` errors for everything that goes wrong.
+A cluster serves the group versions its store says (`Store.versions`): an older cluster lacks the newer ones in
+discovery, OpenAPI and requests alike.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +32,28 @@ VERSION_INFO = {
 }
 
 
+# The versions a cluster serves a resource at, preferred first (Store.versions); every version by default.
+Versions = Callable[[r.Resource], tuple[str, ...]]
+
+
+def all_versions(res: r.Resource) -> tuple[str, ...]:
+    return res.versions
+
+
+def served_groups(versions: Versions) -> dict[str, list[str]]:
+    """Group name -> served versions (preferred first), for the non-core groups a cluster serves at all."""
+    result: dict[str, list[str]] = {}
+    for res in r.ALL:
+        for v in versions(res) if res.group else ():
+            if v not in result.setdefault(res.group, []):
+                result[res.group].append(v)
+    return {group: vs for group, vs in result.items() if vs}
+
+
+def _served_in(group: str, version: str, versions: Versions) -> list[r.Resource]:
+    return [res for res in r.ALL if res.group == group and version in versions(res)]
+
+
 @dataclass
 class Target:
     """What a resource URL names."""
@@ -40,9 +65,9 @@ class Target:
     subresource: str | None
 
 
-def _resource_list(group: str, version: str) -> dict[str, Any]:
+def _resource_list(group: str, version: str, versions: Versions) -> dict[str, Any]:
     entries = []
-    for res in r.in_group_version(group, version):
+    for res in _served_in(group, version, versions):
         entries.append({
             "name": res.plural, "singularName": res.singular, "namespaced": res.namespaced, "kind": res.kind,
             "verbs": r.VERBS, "shortNames": list(res.short_names), "categories": list(res.categories),
@@ -63,21 +88,21 @@ def _gv_path(res: r.Resource, version: str) -> str:
     return f"apis/{res.group}/{version}" if res.group else f"api/{version}"
 
 
-def openapi_v3_root() -> dict[str, Any]:
+def openapi_v3_root(versions: Versions = all_versions) -> dict[str, Any]:
     """The OpenAPI v3 index kubectl reads to learn that PATCH takes `fieldValidation` (server-side validation)."""
     paths = {}
     for res in r.ALL:
-        for version in res.versions:
+        for version in versions(res):
             gv = _gv_path(res, version)
             paths[gv] = {"serverRelativeURL": f"/openapi/v3/{gv}?hash=meshlab"}
     return {"paths": paths}
 
 
-def openapi_v3_group_version(gv: str) -> dict[str, Any]:
+def openapi_v3_group_version(gv: str, versions: Versions = all_versions) -> dict[str, Any]:
     """A minimal OpenAPI v3 document for one group version: the item paths and their PATCH parameters."""
     paths: dict[str, Any] = {}
     for res in r.ALL:
-        for version in res.versions:
+        for version in versions(res):
             if _gv_path(res, version) != gv:
                 continue
             scope = "/namespaces/{namespace}" if res.namespaced else ""
@@ -95,35 +120,58 @@ def openapi_v3_group_version(gv: str) -> dict[str, Any]:
             "components": {"schemas": {}}}
 
 
-def parse_path(path: str) -> Target | dict[str, Any]:
-    """Resolve a URL path to a resource target, or to a discovery document."""
+def _pb_string(field: int, value: bytes) -> bytes:
+    """One length-delimited protobuf field (values here are shorter than 128 bytes: a one-byte length)."""
+    return bytes([field << 3 | 2, len(value)]) + value
+
+
+# gnostic's openapi_v2.Document {swagger: "2.0", info: {title}}: no definitions. kubectl falls back to it
+# for client-side validation when a group version is missing from /openapi/v3 (a version the cluster does not
+# serve); finding no schema there, it goes on to map the kind and fails as on a real cluster ("no matches for
+# kind"), where a 404 here would fail it earlier with "error validating data".
+OPENAPI_V2_PB = _pb_string(1, b"2.0") + _pb_string(2, _pb_string(1, b"meshlab"))
+OPENAPI_V2_PB_TYPE = "application/com.github.proto-openapi.spec.v2.v1.0+protobuf"
+
+
+def openapi_v2(accept: str) -> web.Response:
+    if "protobuf" in accept or "json" not in accept:
+        return web.Response(body=OPENAPI_V2_PB, content_type=OPENAPI_V2_PB_TYPE)
+    return web.json_response({"swagger": "2.0", "info": {"title": "meshlab"}, "paths": {}, "definitions": {}})
+
+
+def parse_path(path: str, versions: Versions = all_versions) -> Target | dict[str, Any]:
+    """Resolve a URL path to a resource target, or to a discovery document.
+
+    A group version the cluster does not serve is unknown here, in discovery and in requests alike: 404, as on a
+    real cluster without it.
+    """
     parts = [p for p in path.split("/") if p]
+    groups = served_groups(versions)
     if parts == ["api"]:
         return {"kind": "APIVersions", "versions": ["v1"],
                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]}
     if parts == ["apis"]:
         return {"kind": "APIGroupList", "apiVersion": "v1",
-                "groups": [_api_group(g, vs) for g, vs in r.groups().items()]}
+                "groups": [_api_group(g, vs) for g, vs in groups.items()]}
     if parts[:1] == ["api"] and len(parts) >= 2:
         group, version, rest = "", parts[1], parts[2:]
     elif parts[:1] == ["apis"] and len(parts) >= 2:
         group = parts[1]
-        versions = r.groups().get(group)
-        if versions is None:
+        if group not in groups:
             raise ApiError(404, "the server could not find the requested resource")
         if len(parts) == 2:
-            return _api_group(group, versions)
+            return _api_group(group, groups[group])
         version, rest = parts[2], parts[3:]
     else:
         raise ApiError(404, "the server could not find the requested resource")
-    if group == "" and version != "v1" or (group and version not in r.groups()[group]):
+    if group == "" and version != "v1" or (group and version not in groups[group]):
         raise ApiError(404, "the server could not find the requested resource")
     if not rest:
-        return _resource_list(group, version)
+        return _resource_list(group, version, versions)
     namespace = None
     if rest[0] == "namespaces" and len(rest) >= 3 and rest[2] not in ("status", "finalize"):
         namespace, rest = rest[1], rest[2:]
-    res = r.lookup(group, version, rest[0])
+    res = next((res for res in _served_in(group, version, versions) if res.plural == rest[0]), None)
     if res is None or len(rest) > 3 or (namespace is not None and not res.namespaced):
         raise ApiError(404, "the server could not find the requested resource")
     name = rest[1] if len(rest) > 1 else None
@@ -152,7 +200,7 @@ def _with_version(obj: dict[str, Any], target: Target) -> dict[str, Any]:
 
 
 class ApiServer:
-    """HTTP front of one `Store`."""
+    """HTTP front of one `Store`; the store's `served_versions` decides which group versions exist here."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
@@ -176,13 +224,16 @@ class ApiServer:
             return web.Response(text="ok")
         if path in ("/version", "/version/"):
             return web.json_response(VERSION_INFO)
+        versions = self.store.versions
         if path == "/openapi/v3":
-            return web.json_response(openapi_v3_root())
+            return web.json_response(openapi_v3_root(versions))
         if path.startswith("/openapi/v3/"):
-            return web.json_response(openapi_v3_group_version(path.removeprefix("/openapi/v3/")))
+            return web.json_response(openapi_v3_group_version(path.removeprefix("/openapi/v3/"), versions))
+        if path == "/openapi/v2":
+            return openapi_v2(request.headers.get("Accept", ""))
         if path.startswith("/openapi"):
             raise ApiError(404, "the server could not find the requested resource")
-        target = parse_path(path)
+        target = parse_path(path, versions)
         if isinstance(target, dict):
             if request.method != "GET":
                 raise ApiError(405, f"method {request.method} is not allowed here", reason="MethodNotAllowed")

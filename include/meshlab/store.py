@@ -60,8 +60,12 @@ class Watcher:
 
 
 class Store:
-    def __init__(self, cluster: str) -> None:
+    def __init__(self, cluster: str, served_versions: dict[str, list[str]] | None = None) -> None:
+        """`served_versions`: group -> the only versions this cluster serves it at (None: every version in
+        resources.py), for clusters older than the lab's catalogue (Istio before 1.22 serves security.istio.io at
+        v1beta1 only). The API server's discovery and routing follow it, and so does the apiVersion stored."""
         self.cluster = cluster
+        self.served_versions = _checked_served_versions(served_versions)
         self._objects: dict[r.Resource, dict[Key, dict[str, Any]]] = {res: {} for res in r.ALL}
         self._rv = 1
         self._history: deque[Event] = deque(maxlen=HISTORY)
@@ -70,6 +74,17 @@ class Store:
         # Pods by their deployment, kept up to date on every write: the controller asks for a deployment's pods
         # many times per tick, and a scan of every pod each time is quadratic in a 2,000-service fleet.
         self._pods_by_deployment: dict[tuple[str, str], dict[Key, dict[str, Any]]] = {}
+
+    # ---- served versions -----------------------------------------------------------------------
+    def versions(self, res: r.Resource) -> tuple[str, ...]:
+        """The versions this cluster serves a resource at, preferred first (empty: not served at all)."""
+        allowed = self.served_versions.get(res.group)
+        return res.versions if allowed is None else tuple(v for v in res.versions if v in allowed)
+
+    def api_version(self, res: r.Resource) -> str:
+        """The apiVersion objects of a resource are stored with here: the preferred served version."""
+        served = self.versions(res)
+        return res.api_version(served[0] if served else None)
 
     # ---- reading -------------------------------------------------------------------------------
     @property
@@ -218,10 +233,11 @@ class Store:
         kind, api_version = obj.get("kind"), obj.get("apiVersion")
         if kind is not None and kind != res.kind:
             raise ApiError(400, f"the kind of the object ({kind}) does not match the URL ({res.kind})")
-        if api_version is not None and api_version not in {res.api_version(v) for v in res.versions}:
+        # Only a served version: a cluster that does not know security.istio.io/v1 cannot take an object of it.
+        if api_version is not None and api_version not in {res.api_version(v) for v in self.versions(res)}:
             raise ApiError(400, f"the API version of the object ({api_version}) does not match the URL "
-                                f"({res.api_version()})")
-        obj["kind"], obj["apiVersion"] = res.kind, res.api_version()
+                                f"({self.api_version(res)})")
+        obj["kind"], obj["apiVersion"] = res.kind, self.api_version(res)
         meta = obj.setdefault("metadata", {})
         if not isinstance(meta, dict):
             raise ApiError(400, "metadata must be an object")
@@ -328,6 +344,21 @@ class Store:
             watcher.offer(event)
         for callback in self.on_change:
             callback(event)
+
+
+def _checked_served_versions(served: dict[str, list[str]] | None) -> dict[str, tuple[str, ...]]:
+    """The served-versions knob, refused at start when it names a group or version the lab does not know."""
+    known = r.groups()
+    checked: dict[str, tuple[str, ...]] = {}
+    for group, versions in (served or {}).items():
+        if group not in known:
+            raise ValueError(f"served_versions: unknown API group {group!r} (known: {', '.join(sorted(known))})")
+        unknown = [v for v in versions if v not in known[group]]
+        if not versions or unknown:
+            raise ValueError(f"served_versions: {group} needs one or more of {', '.join(known[group])}, "
+                             f"got {list(versions)!r}")
+        checked[group] = tuple(versions)
+    return checked
 
 
 # ---- per-kind validation (what the API server or Istio's validating webhook would refuse) ------------
