@@ -189,4 +189,5 @@ def test_mesh_service_honours_the_freeze_and_undoes_from_the_cli(stack: Stack, s
     run_id, state = stack.run(ADHOC, conf(action="remove_sidecar"), timeout=300)
     record = adhoc_record(stack, run_id)
     assert (state, record["outcome"], record["sidecar"]) == ("success", "removed", False), record["reason"]
-    assert not any(proxies(stack, "adhoc", "solo")) and pa_mode(stack, "adhoc", "solo") == "PERMISSIVE"
+    # meshwave's STRICT policy is deleted (none existed before it), not left PERMISSIVE to exempt solo later
+    assert not any(proxies(stack, "adhoc", "solo")) and pa_mode(stack, "adhoc", "solo") is None
