@@ -170,6 +170,7 @@ class PrometheusSource:
         params = {"timeout": f"{self.timeout:g}s", **({"time": f"{at:.3f}"} if at is not None else {})}
         try:
             result = self._client.custom_query(query, params=params)
+            return _samples(result, query, where)
         except _HTTPStatus as exc:
             detail = f"{exc.error_type}: {exc.error}" if exc.error_type else exc.error
             if exc.status in (400, 422):
@@ -189,7 +190,6 @@ class PrometheusSource:
         except (ValueError, KeyError, TypeError) as exc:
             raise PrometheusUnavailable(f"Prometheus at {where} did not answer with the query API's JSON: "
                                         f"{type(exc).__name__}: {exc}") from None
-        return _samples(result, query, where)
 
     def close(self) -> None:
         self._client.close()
@@ -202,17 +202,29 @@ class PrometheusSource:
 
 
 def _samples(result: Any, query: str, where: str) -> list[Sample]:
-    # custom_query returns data.result only: a list of {metric, value} for a vector, [ts, "v"] for a scalar.
+    """custom_query returns data.result only: a list of {metric, value} for a vector, [ts, "v"] for a scalar."""
     if isinstance(result, list) and len(result) == 2 and not isinstance(result[0], dict):
-        return [Sample({}, float(result[1]), float(result[0]))]
+        return [_sample({}, result, query, where)]
     samples = []
     for item in result or []:
         if not isinstance(item, dict) or "value" not in item:
             raise PrometheusQueryError(f"Prometheus at {where}: the query does not return an instant vector "
                                        f"(a range vector?); query: {query}")
-        ts, value = item["value"]
-        samples.append(Sample(dict(item.get("metric", {})), float(value), float(ts)))
+        samples.append(_sample(item.get("metric", {}), item["value"], query, where))
     return samples
+
+
+def _sample(metric: Any, pair: Any, query: str, where: str) -> Sample:
+    """One [timestamp, "value"] pair. Anything else (null, a pair of the wrong length, a value that is no number)
+    is a broken answer: reading it as no series would pass the checks that prove a zero by its absence."""
+    try:
+        ts, value = pair
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise TypeError(f"value {value!r} is not a number")
+        return Sample(dict(metric), float(value), float(ts))
+    except (TypeError, ValueError) as exc:
+        raise PrometheusUnavailable(f"Prometheus unavailable: malformed answer from {where}: sample {pair!r} "
+                                    f"of {metric!r} ({exc}); query: {query}") from None
 
 
 # ---- validation -----------------------------------------------------------------------------------------
@@ -347,9 +359,21 @@ class _Entry:
         self.error: PrometheusError | None = None
 
 
+def _as_prometheus_error(exc: BaseException, query: str) -> PrometheusError:
+    """What the gates sharing a batch see when its owner failed: a PrometheusError, whatever the owner hit (a
+    malformed answer, a bug in `split`, an interrupted thread), so every gate reads an error, never no series."""
+    if isinstance(exc, PrometheusError):
+        return exc
+    return PrometheusUnavailable(f"Prometheus unavailable: the batched query failed with {type(exc).__name__}: "
+                                 f"{exc}; query: {query}")
+
+
 class SharedBatches:
     """Batched answers shared by every BatchingSource of a process (the triggerer's gates), single-flight:
-    the first gate asking for a (Prometheus, query, bucket) runs it, the others wait for its answer."""
+    the first gate asking for a (Prometheus, query, bucket) runs it, the others wait for its answer.
+
+    Whatever the owner's fetch raises is the error of every gate waiting on it; the entry is dropped (a failure
+    is not cached: a later gate asks again and gets its own answer or error, never an empty one)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -364,21 +388,26 @@ class SharedBatches:
                 entry = self._entries[key] = _Entry()
                 self._prune(key[2])
         if owner:
-            try:
-                entry.value = fetch()
-                with self._lock:
-                    self.queries += 1
-            except PrometheusError as exc:
-                entry.error = exc
-                with self._lock:  # a failure is not cached: the next poll asks again
-                    self._entries.pop(key, None)
-            finally:
-                entry.done.set()
+            self._fetch(key, entry, fetch)
         elif not entry.done.wait(wait):
             raise PrometheusUnavailable(f"no batched answer within {wait:g}s (query: {key[1]})")
         if entry.error is not None:
             raise type(entry.error)(str(entry.error))  # a fresh exception per thread
         return entry.value
+
+    def _fetch(self, key: tuple[Any, str, float], entry: _Entry, fetch: Any) -> None:
+        try:
+            entry.value = fetch()
+            with self._lock:
+                self.queries += 1
+        except BaseException as exc:
+            entry.error = _as_prometheus_error(exc, key[1])
+            with self._lock:
+                self._entries.pop(key, None)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt, SystemExit: the waiters got their error, the owner stops
+        finally:
+            entry.done.set()
 
     def _prune(self, at: float) -> None:
         for key in [k for k in self._entries if k[2] < at - 60]:

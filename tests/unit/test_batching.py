@@ -170,3 +170,85 @@ def test_sidecar_memory_split_is_in_bytes_like_the_plain_query() -> None:
     [sample] = source.workload_query("sidecar_memory_bytes", "", namespace=NS, workload="svc-003", window=WIN,
                                      cluster=None)
     assert sample.value == 80.0 * MI and sample.labels == {}
+
+
+class SlowFirstFailure:
+    """A Prometheus whose first batched query fails with a non-Prometheus exception (as a malformed sample once
+    did in `_samples`) after the test lets it; every later query is answered by the fake fleet."""
+
+    def __init__(self, fleet: BatchedFake) -> None:
+        self.fleet = fleet
+        self.cluster, self.timeout, self.identity = None, 5.0, ("slow", "")
+        self.started, self.release = threading.Event(), threading.Event()
+        self.failed = False
+
+    def instant(self, query: str, at: float | None = None) -> list[p.Sample]:
+        if not self.failed:
+            self.failed = True
+            self.started.set()
+            self.release.wait(10)
+            raise TypeError("float() argument must be a string or a real number, not 'NoneType'")
+        return self.fleet.instant(query, at)
+
+
+class Arrivals(p.SharedBatches):
+    """SharedBatches that counts the gates that asked it, to release the owner once a second gate waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.arrived = 0
+
+    def get(self, key: Any, fetch: Any, wait: float) -> dict[tuple[str, str], list[p.Sample]]:
+        with self._lock:
+            self.arrived += 1
+        return super().get(key, fetch, wait)
+
+
+def test_any_failure_of_the_shared_batch_is_the_error_of_every_waiting_and_later_gate() -> None:
+    """Finding 13: the owner fails with a TypeError; the gate waiting on it and a later gate in the same bucket
+    must not read "no plaintext" for ledger, whose plaintext caller is in Prometheus."""
+    from tests.unit.test_checks import plaintext
+
+    fakes = {w: FakeSource().set("istio_inbound_request_rate", 40.0, workload=w) for w in ("payment", "ledger")}
+    fakes["ledger"].set("plaintext_http_callers", plaintext(2.5), workload="ledger")
+    inner, shared = SlowFirstFailure(BatchedFake(fakes)), Arrivals()
+    results: dict[str, Any] = {}
+
+    def gate(workload: str) -> None:
+        with_batches = p.BatchingSource(inner, bucket=3600, shared=shared)  # type: ignore[arg-type]
+        try:
+            results[workload] = c.strict_gate(with_batches, NS, workload, WIN)[0]
+        except Exception as exc:  # noqa: BLE001 - what the gate's thread would die of
+            results[workload] = exc
+
+    owner = threading.Thread(target=gate, args=("payment",))
+    owner.start()
+    assert inner.started.wait(5)
+    waiter = threading.Thread(target=gate, args=("ledger",))
+    waiter.start()
+    while shared.arrived < 2:
+        threading.Event().wait(0.01)
+    threading.Event().wait(0.1)  # the waiter is past its look-up: it waits on the owner's entry
+    inner.release.set()
+    owner.join(10)
+    waiter.join(10)
+    for workload in ("ledger", "payment"):  # ledger first: today's fail-open is its pass
+        verdict = results[workload]
+        assert isinstance(verdict, c.Verdict) and verdict.outcome is c.Outcome.ERROR, (workload, verdict)
+        assert "batched query failed with TypeError" in verdict.reason
+    later = c.strict_gate(p.BatchingSource(inner, bucket=3600, shared=shared), NS, "ledger", WIN)[0]  # type: ignore[arg-type]
+    assert later.outcome is c.Outcome.FAIL, "a later gate asks again: it sees the plaintext caller"
+    assert "unknown (a caller without sidecar) http 2.5 rps" in later.reason
+
+
+def test_an_interrupted_owner_leaves_its_waiters_an_error_not_an_empty_answer() -> None:
+    shared = p.SharedBatches()
+
+    def interrupted() -> dict[tuple[str, str], list[p.Sample]]:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        shared.get(("x", "q", 0.0), interrupted, wait=1)
+    assert shared._entries == {}, "the failed entry is not left behind"
+    with pytest.raises(p.PrometheusUnavailable, match="batched query failed with TypeError"):
+        shared.get(("x", "q", 0.0), lambda: (_ for _ in ()).throw(TypeError("bad")), wait=1)

@@ -617,3 +617,34 @@ def test_after_strict_a_caller_without_application_metrics_is_judged_by_its_prox
     verdict = by_check(c.verify_after_strict(src, NS, WL, [gw], 40.0, WIN))[
         "caller_success_rate[istio-system/istio-ingressgateway]"]
     assert verdict.outcome is Outcome.FAIL
+
+
+# ---- a malformed answer is an unavailable Prometheus (finding 13) ---------------------------------------------
+MALFORMED = [
+    pytest.param([{"metric": {}, "value": [1.5, None]}], id="null value"),
+    pytest.param([{"metric": {}, "value": [1.5, "1", "2"]}], id="a triple"),
+    pytest.param([{"metric": {}, "value": [1.5]}], id="a single"),
+    pytest.param([{"metric": {}, "value": [1.5, "many"]}], id="not a number"),
+    pytest.param([{"metric": None, "value": [1.5, "1"]}], id="null labels"),
+    pytest.param([1.5, None], id="null scalar"),
+]
+
+
+@pytest.mark.parametrize("answer", MALFORMED)
+def test_a_malformed_sample_is_prometheus_unavailable_never_an_empty_answer(answer: Any) -> None:
+    source = p.PrometheusSource("http://127.0.0.1:9", cluster="lab")
+    source._client.custom_query = lambda query, params=None: answer  # type: ignore[method-assign]
+    with pytest.raises(p.PrometheusUnavailable, match=r"^Prometheus unavailable: malformed answer from "
+                                                      r"http://127\.0\.0\.1:9.*; query: up$"):
+        source.instant("up")
+
+
+def test_a_malformed_plaintext_answer_makes_the_strict_gate_an_error() -> None:
+    source = p.PrometheusSource("http://127.0.0.1:9")
+    answers = {"plaintext_http_callers": [{"metric": {"source_workload": "unknown"}, "value": [1.5, None]}],
+               "istio_inbound_request_rate": [{"metric": {}, "value": [1.5, "40"]}]}
+    by_query = {p.render(name, namespace=NS, workload=WL, window=WIN): answer for name, answer in answers.items()}
+    source._client.custom_query = lambda query, params=None: by_query.get(query, [])  # type: ignore[method-assign]
+    verdict, callers = c.strict_gate(source, NS, WL, WIN)
+    assert verdict.outcome is Outcome.ERROR and callers == []
+    assert "malformed answer" in verdict.reason
