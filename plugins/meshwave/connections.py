@@ -42,9 +42,11 @@ def _kubernetes_hook_class() -> type:
     return ConnectedKubernetesHook
 
 
-def mesh_kube(connection: Any, cluster: str, root_namespace: str = "istio-system", dry_run: bool = False) -> MeshKube:
+def mesh_kube(connection: Any, cluster: str, root_namespace: str = "istio-system", dry_run: bool = False, *,
+              revision: str | None = None) -> MeshKube:
+    """`revision`: the plan's clusters.<name>.revision; None lets MeshKube find it from the injection webhooks."""
     hook = _kubernetes_hook_class()(connection)
-    return MeshKube(hook.api_client, cluster, root_namespace=root_namespace, dry_run=dry_run)
+    return MeshKube(hook.api_client, cluster, root_namespace=root_namespace, dry_run=dry_run, revision=revision)
 
 
 def prometheus_url(connection: Any) -> str:

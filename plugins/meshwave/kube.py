@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import Any, Literal
@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
 from meshwave.changes import ApiRequest, Change, utc_now
+from meshwave.gitops import revert_note, reverted_by
 from meshwave.kube_errors import (  # noqa: F401 (re-exported: callers catch them from here too)
     AccessDenied,
     ClusterUnreachable,
@@ -55,9 +56,17 @@ MERGE_PATCH = "application/merge-patch+json"
 MTLS_MODES = ("STRICT", "PERMISSIVE")
 FAILING = ("OOMKilled", "Error", "CrashLoopBackOff")  # most specific first
 STARTING = ("ContainerCreating", "PodInitializing")
-# Labels the ReplicaSet and the injector add to a pod on top of its template.
-ADDED_POD_LABELS = frozenset({"pod-template-hash", "security.istio.io/tlsMode", "service.istio.io/canonical-name",
-                              "service.istio.io/canonical-revision", REV_LABEL})
+# A rollout is followed as `kubectl rollout status` does: the ReplicaSet at the Deployment's revision, and its
+# pods by hash. Comparing pods with the template fails on real clusters (metrics merging, digest-pinned images).
+REVISION_ANNOTATION = "deployment.kubernetes.io/revision"
+POD_TEMPLATE_HASH = "pod-template-hash"
+# Istio's injection webhooks (one per revision, one per tag) and the labels that name them.
+INJECTOR_SELECTOR = "app=sidecar-injector"
+TAG_LABEL = "istio.io/tag"
+DEACTIVATED = "istio.io/deactivated"
+DEFAULT_REVISION = "default"
+# Set with a namespace label meshwave adds: JSON of the labels it changed as they were before (null: absent).
+LABEL_BEFORE_ANNOTATION = "meshwave.io/injection-label-before"
 
 _LABEL_NAME = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")
 _LABEL_PREFIX = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -199,6 +208,8 @@ class WorkloadState:
     memory_request_bytes: int | None = None
     pods: list[PodState] = field(default_factory=list)
     resource_version: str | None = None
+    replicaset: str | None = None  # the current ReplicaSet; None until the controller has created it
+    reverted_by: str | None = None  # the GitOps tool that owns the Deployment (meshwave.gitops)
 
     @property
     def pods_total(self) -> int:
@@ -260,15 +271,41 @@ class RolloutState:
 
 
 def assess_rollout(w: WorkloadState, expect_proxy: bool | None = True) -> RolloutState:
-    """Done, failed (with the pod, container and reason) or progressing (with counts). Pure."""
+    """Done, failed (with the pod, container and reason) or progressing (with counts). Pure.
+
+    The deployment is read as `kubectl rollout status` reads it; on top, a crashing pod of the current
+    ReplicaSet or one with the wrong sidecar state fails the rollout at once.
+    """
     counts = {"replicas": w.replicas, "updated": w.updated_replicas, "available": w.available_replicas,
               "old_pods": len(w.old_pods), "with_proxy": w.pods_with_proxy, "proxies_ready": w.proxies_ready}
+    if w.observed_generation < w.generation:
+        # Until the controller has seen the new template, the revision and ReplicaSet are the previous ones:
+        # judging their pods would fail a rollback on the very crash it is undoing.
+        return RolloutState("progressing", f"waiting for the deployment controller to observe generation "
+                                           f"{w.generation} (observed {w.observed_generation})", **counts)
+    if w.replicaset is None:
+        return RolloutState("progressing", "waiting for the deployment controller to create the ReplicaSet of "
+                                           "the current revision", **counts)
+    failed = _new_pod_failure(w, expect_proxy, counts)
+    if failed:
+        return failed
+    waiting = _waiting_for(w, expect_proxy)
+    if waiting is None:
+        return RolloutState("done", f"{w.replicas}/{w.replicas} pods updated and available"
+                                    + (f", {w.proxies_ready} proxies ready" if expect_proxy else ""), **counts)
+    return RolloutState("progressing", f"{waiting}: {w.updated_replicas}/{w.replicas} updated, "
+                                       f"{w.available_replicas}/{w.replicas} available, {len(w.old_pods)} old pod(s) "
+                                       f"left, {w.proxies_ready}/{w.pods_total} proxies ready", **counts)
+
+
+def _new_pod_failure(w: WorkloadState, expect_proxy: bool | None, counts: dict[str, int]) -> RolloutState | None:
+    """A crash of a current pod, the progress deadline, or a current pod with the wrong sidecar state."""
     for pod in w.new_pods:
         issue = pod.failure()
         if issue:
             return RolloutState("failed", f"pod {pod.name} of the new template: container {issue}", **counts,
                                 pod=pod.name, container=issue.container, reason=issue.reason)
-    if w.progressing_status == "False" and w.progressing_reason == "ProgressDeadlineExceeded":
+    if w.progressing_reason == "ProgressDeadlineExceeded":  # kubectl looks at the reason alone
         return RolloutState("failed", "the deployment exceeded its progress deadline (ProgressDeadlineExceeded)",
                             **counts, reason="ProgressDeadlineExceeded")
     if expect_proxy is not None:
@@ -278,18 +315,25 @@ def assess_rollout(w: WorkloadState, expect_proxy: bool | None = True) -> Rollou
             what = "has no istio-proxy (injection did not apply)" if expect_proxy else "still has an istio-proxy"
             return RolloutState("failed", f"pod {wrong.name} of the new template {what}", **counts, pod=wrong.name,
                                 container=PROXY, reason="ProxyMissing" if expect_proxy else "ProxyPresent")
-    if w.observed_generation < w.generation:
-        return RolloutState("progressing", f"waiting for the deployment controller to observe generation "
-                                           f"{w.generation} (observed {w.observed_generation})", **counts)
-    complete = (w.updated_replicas == w.available_replicas == w.status_replicas == w.replicas == w.pods_total
-                and not w.old_pods)
-    proxies_ok = expect_proxy is not True or w.proxies_ready == w.pods_total
-    if complete and proxies_ok:
-        return RolloutState("done", f"{w.replicas}/{w.replicas} pods updated and available"
-                                    + (f", {w.proxies_ready} proxies ready" if expect_proxy else ""), **counts)
-    return RolloutState("progressing", f"{w.updated_replicas}/{w.replicas} updated, {w.available_replicas}/"
-                                       f"{w.replicas} available, {len(w.old_pods)} old pod(s) left, "
-                                       f"{w.proxies_ready}/{w.pods_total} proxies ready", **counts)
+    return None
+
+
+def _waiting_for(w: WorkloadState, expect_proxy: bool | None) -> str | None:
+    """What the rollout still waits for, in `kubectl rollout status` order, then for the pods themselves."""
+    if w.updated_replicas < w.replicas:
+        return f"{w.updated_replicas} out of {w.replicas} new replicas have been updated"
+    if w.status_replicas > w.updated_replicas:
+        return f"{w.status_replicas - w.updated_replicas} old replicas are pending termination"
+    if w.available_replicas < w.updated_replicas:
+        return f"{w.available_replicas} of {w.updated_replicas} updated replicas are available"
+    if w.old_pods:
+        # The status stops counting a terminating pod while it still serves, with its old sidecar state.
+        return f"{len(w.old_pods)} old pod(s) still listed"
+    if len(w.new_pods) != w.replicas:
+        return f"{len(w.new_pods)} pod(s) of ReplicaSet {w.replicaset} listed, {w.replicas} wanted"
+    if expect_proxy is True and w.proxies_ready < w.pods_total:
+        return f"{w.proxies_ready}/{w.pods_total} proxies ready"
+    return None
 
 
 def _meta(obj: dict[str, Any]) -> dict[str, Any]:
@@ -329,44 +373,53 @@ def pod_state(pod: dict[str, Any], current: bool) -> PodState:
         phase=status.get("phase", ""), issues=issues)
 
 
-def matches_template(pod: dict[str, Any], template: dict[str, Any]) -> bool:
-    """Whether a pod was created from this pod template (the lab serves no ReplicaSets to ask).
+def _controlled_by(obj: dict[str, Any], kind: str, uid: str | None) -> bool:
+    """An ownerReference to this object: by uid, which a deleted and recreated owner of the same name lacks."""
+    return bool(uid) and any(o.get("kind") == kind and o.get("uid") == uid
+                             for o in _meta(obj).get("ownerReferences") or [])
 
-    Labels must be equal apart from those the ReplicaSet and the injector add; template annotations must be
-    on the pod (admission controllers add others); container images must match.
+
+def current_replicaset(deployment: dict[str, Any], replicasets: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The Deployment's ReplicaSet at its `deployment.kubernetes.io/revision`, owned by it, as kubectl finds it.
+
+    None until the controller has created it and recorded the revision on the Deployment.
     """
-    tmeta, pmeta = template.get("metadata") or {}, _meta(pod)
-    tlabels, plabels = tmeta.get("labels") or {}, pmeta.get("labels") or {}
-    if {k: v for k, v in plabels.items() if k in tlabels or k not in ADDED_POD_LABELS} != tlabels:
-        return False
-    annotations = pmeta.get("annotations") or {}
-    if any(annotations.get(k) != v for k, v in (tmeta.get("annotations") or {}).items()):
-        return False
-    images = {c.get("name"): c.get("image") for c in (pod.get("spec") or {}).get("containers") or []}
-    return all(images.get(c.get("name")) == c.get("image") for c in (template.get("spec") or {}).get("containers", []))
+    meta = _meta(deployment)
+    revision = (meta.get("annotations") or {}).get(REVISION_ANNOTATION)
+    if revision is None:
+        return None
+    owned = [rs for rs in replicasets if _controlled_by(rs, "Deployment", meta.get("uid"))
+             and (_meta(rs).get("annotations") or {}).get(REVISION_ANNOTATION) == revision]
+    return max(owned, key=lambda rs: (_meta(rs).get("creationTimestamp") or "", _meta(rs).get("name", "")),
+               default=None)
 
 
-def _current_pods(pods: list[dict[str, Any]], template: dict[str, Any]) -> set[str]:
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for pod in pods:
-        key = (_meta(pod).get("labels") or {}).get("pod-template-hash") or _meta(pod).get("name", "")
-        groups.setdefault(key, []).append(pod)
-    matching = [g for g in groups.values() if matches_template(g[0], template)]
-    if not matching:
+def replicaset_pods(replicaset: dict[str, Any], pods: list[dict[str, Any]]) -> set[str]:
+    """Names of a ReplicaSet's pods: its pod-template-hash label, and an ownerReference to it."""
+    meta = _meta(replicaset)
+    selector = ((replicaset.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    pod_hash = (meta.get("labels") or {}).get(POD_TEMPLATE_HASH) or selector.get(POD_TEMPLATE_HASH)
+    if not pod_hash:
         return set()
-    newest = max(matching, key=lambda g: max(_meta(p).get("creationTimestamp") or "" for p in g))
-    return {_meta(p).get("name", "") for p in newest}
+    return {_meta(p).get("name", "") for p in pods
+            if (_meta(p).get("labels") or {}).get(POD_TEMPLATE_HASH) == pod_hash
+            and _controlled_by(p, "ReplicaSet", meta.get("uid"))}
 
 
-def workload_state(cluster: str, deployment: dict[str, Any], pods: list[dict[str, Any]]) -> WorkloadState:
-    """A WorkloadState from the API's deployment and pod objects (JSON dicts). Pure."""
+def workload_state(cluster: str, deployment: dict[str, Any], pods: list[dict[str, Any]],
+                   replicasets: list[dict[str, Any]] | None = None) -> WorkloadState:
+    """A WorkloadState from the API's deployment, pod and ReplicaSet objects (JSON dicts). Pure.
+
+    Without the ReplicaSets no pod is current, and a rollout judged on the state is never done.
+    """
     meta, spec, status = _meta(deployment), deployment.get("spec") or {}, deployment.get("status") or {}
     template = spec.get("template") or {}
     tmeta = template.get("metadata") or {}
     app = next((c for c in (template.get("spec") or {}).get("containers") or [] if c.get("name") != PROXY), {})
     resources = app.get("resources") or {}
     progressing = next((c for c in status.get("conditions") or [] if c.get("type") == "Progressing"), {})
-    current = _current_pods(pods, template)
+    replicaset = current_replicaset(deployment, replicasets or [])
+    current = replicaset_pods(replicaset, pods) if replicaset else set()
     return WorkloadState(
         cluster=cluster, namespace=meta.get("namespace", ""), name=meta.get("name", ""),
         replicas=int(spec.get("replicas", 1)), generation=int(meta.get("generation") or 0),
@@ -378,15 +431,110 @@ def workload_state(cluster: str, deployment: dict[str, Any], pods: list[dict[str
         app_container=app.get("name"), memory_limit_bytes=_bytes((resources.get("limits") or {}).get("memory")),
         memory_request_bytes=_bytes((resources.get("requests") or {}).get("memory")),
         pods=[pod_state(p, _meta(p).get("name") in current) for p in pods],
-        resource_version=meta.get("resourceVersion"))
+        resource_version=meta.get("resourceVersion"),
+        replicaset=_meta(replicaset).get("name") if replicaset else None, reverted_by=reverted_by(deployment))
 
 
-def injection_applies(ns_labels: dict[str, str], pod_labels: dict[str, str]) -> bool:
-    """Istio's decision for a new pod: either label saying no wins; `istio-injection` beats `istio.io/rev`."""
+def injection_applies(ns_labels: dict[str, str], pod_labels: dict[str, str],
+                      injectors: Collection[str] | None = None) -> bool:
+    """Istio's decision for a new pod, as its webhooks' selectors make it.
+
+    Either label saying no wins; `istio-injection=enabled` (the default injector) beats a namespace
+    `istio.io/rev`, which beats the pod's labels; a pod `istio.io/rev` beats `sidecar.istio.io/inject=true`
+    (the default injector skips pods with a revision). A revision injects only if the cluster serves it:
+    `injectors` are the revisions and tags with a webhook ("default" for the default injector), None when
+    unknown (every label is then taken to work).
+    """
     pod_flag, ns_flag = pod_labels.get(INJECT_LABEL), ns_labels.get(NS_INJECT_LABEL)
     if pod_flag == "false" or ns_flag == "disabled":
         return False
-    return ns_flag == "enabled" or REV_LABEL in ns_labels or pod_flag == "true" or REV_LABEL in pod_labels
+    if ns_flag == "enabled":
+        revision: str | None = DEFAULT_REVISION
+    elif REV_LABEL in ns_labels:
+        revision = ns_labels[REV_LABEL]
+    elif REV_LABEL in pod_labels:
+        revision = pod_labels[REV_LABEL]
+    else:
+        revision = DEFAULT_REVISION if pod_flag == "true" else None
+    return revision is not None and (injectors is None or revision in injectors)
+
+
+@dataclass(frozen=True)
+class Injectors:
+    """The sidecar injectors a cluster serves: Istio's mutating webhooks labelled app=sidecar-injector.
+
+    `revisions` from their istio.io/rev labels ("default" for a default install, which older releases leave
+    unlabelled), `tags` from istio.io/tag (a tag webhook points at a revision: `istio.io/rev=<tag>` works too).
+    """
+
+    revisions: frozenset[str] = frozenset()
+    tags: frozenset[str] = frozenset()
+
+    @property
+    def default(self) -> bool:
+        """Whether `istio-injection=enabled` and `sidecar.istio.io/inject=true` inject anything."""
+        return DEFAULT_REVISION in self.revisions | self.tags
+
+    @property
+    def names(self) -> frozenset[str]:
+        """Every value of an `istio.io/rev` label that some webhook answers."""
+        return self.revisions | self.tags
+
+    @classmethod
+    def from_webhooks(cls, webhooks: list[dict[str, Any]]) -> Injectors:
+        revisions, tags = set(), set()
+        for webhook in webhooks:
+            labels = _meta(webhook).get("labels") or {}
+            if _deactivated(webhook):
+                continue
+            if TAG_LABEL in labels:
+                tags.add(labels[TAG_LABEL])
+            else:
+                revisions.add(labels.get(REV_LABEL) or DEFAULT_REVISION)
+        return cls(frozenset(revisions), frozenset(tags))
+
+    def choose(self, cluster: str, target: str) -> str:
+        """The revision to inject with when the plan names none: the default, else the only revision."""
+        if self.default:
+            return DEFAULT_REVISION
+        if len(self.revisions) == 1:
+            return next(iter(self.revisions))
+        found = (f"several revisions ({', '.join(sorted(self.revisions))}) and no default"
+                 if self.revisions else f"no sidecar injector (no mutatingwebhookconfiguration {INJECTOR_SELECTOR})")
+        raise InjectionBlocked(
+            f"cluster {cluster}: {found}: meshwave cannot tell which revision should inject {target}. Set "
+            f"clusters.{cluster}.revision in the plan to the revision (or tag) to inject with.",
+            cluster=cluster, verb="PATCH", target=target)
+
+
+def _deactivated(configuration: dict[str, Any]) -> bool:
+    """Webhooks `istioctl tag set default` switched off (selectors that never match) without deleting them."""
+    hooks = configuration.get("webhooks") or []
+    return bool(hooks) and all(DEACTIVATED in ((h.get(s) or {}).get("matchLabels") or {})
+                               for h in hooks for s in ("namespaceSelector", "objectSelector"))
+
+
+def _recorded_labels(text: str | None) -> dict[str, str | None] | None:
+    """The annotation LABEL_BEFORE_ANNOTATION as {label: value or None}, None when it is not that."""
+    try:
+        value = json.loads(text or "")
+    except ValueError:
+        return None
+    ok = isinstance(value, dict) and all(isinstance(v, str | None) for v in value.values())
+    return value if ok else None
+
+
+def _shown(labels: dict[str, str | None]) -> str:
+    return ", ".join(f"{k}={v}" if v is not None else f"{k} absent" for k, v in sorted(labels.items()))
+
+
+def _kept_reason(ns: str, now: dict[str, str | None], meshed: list[str], neighbours: list[WorkloadState]) -> str:
+    """Why the namespace label stays, and who gets a sidecar from it at their next deploy."""
+    pending = sorted(x.name for x in neighbours if not x.pods_with_proxy and x.template_labels.get(INJECT_LABEL)
+                     != "false")
+    return (f"namespace {ns} keeps {_shown(now)}: {', '.join(meshed)} still run sidecars; "
+            + (f"{', '.join(pending)} will get a sidecar on their next deploy (no pod label "
+               f"{INJECT_LABEL}=false)" if pending else "no other workload gets a sidecar from it"))
 
 
 def _oldest(policies: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -422,8 +570,11 @@ class MeshKube:
     """One cluster, through a kubernetes-client ApiClient."""
 
     def __init__(self, api_client: client.ApiClient, cluster: str, root_namespace: str = "istio-system",
-                 dry_run: bool = False, *, connect_timeout: float = 3.0, read_timeout: float = 15.0) -> None:
+                 dry_run: bool = False, *, connect_timeout: float = 3.0, read_timeout: float = 15.0,
+                 revision: str | None = None) -> None:
         self.cluster = cluster
+        # The plan's injection revision (clusters.<name>.revision); None: found from the injection webhooks.
+        self.revision = None if revision is None else validate_name(revision, "revision")
         self.root_namespace = validate_name(root_namespace, "root_namespace")
         self.dry_run = dry_run
         self.server = getattr(api_client.configuration, "host", "")
@@ -431,6 +582,7 @@ class MeshKube:
         self.core = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
+        self.admission = client.AdmissionregistrationV1Api(api_client)
         self.api_client = api_client
 
     # ---- transport ---------------------------------------------------------------------------------
@@ -499,9 +651,16 @@ class MeshKube:
                            label_selector=selector).get("items", [])
         return [p for p in found if _owned_by(p, name)]
 
+    def _replicasets_of(self, deployment: dict[str, Any]) -> list[dict[str, Any]]:
+        """The ReplicaSets the deployment's selector matches (workload_state keeps the one it owns)."""
+        ns = _meta(deployment)["namespace"]
+        selector = label_selector((deployment.get("spec") or {}).get("selector") or {})
+        return self._call("LIST", f"replicasets {ns} ({selector})", self.apps.list_namespaced_replica_set, ns,
+                          label_selector=selector).get("items", [])
+
     def workload(self, ns: str, name: str) -> WorkloadState:
         deployment = self._deployment(ns, name)
-        return workload_state(self.cluster, deployment, self._pods_of(deployment))
+        return workload_state(self.cluster, deployment, self._pods_of(deployment), self._replicasets_of(deployment))
 
     def selector(self, ns: str, name: str) -> dict[str, str]:
         """The deployment's spec.selector.matchLabels: what a workload PeerAuthentication must select."""
@@ -622,16 +781,20 @@ class MeshKube:
 
     # ---- injection ---------------------------------------------------------------------------------
     def ensure_injected(self, ns: str, name: str, mode: Literal["workload", "namespace"]) -> list[Change]:
-        """Workload mode: pod template label inject=true. Namespace mode: label the namespace, then restart.
+        """Workload mode: a pod template label. Namespace mode: label the namespace, then restart.
 
+        The label is `sidecar.istio.io/inject=true` (namespace `istio-injection=enabled`) when the default
+        injector injects, else `istio.io/rev=<revision>`; a namespace with `istio.io/rev` keeps its revision.
         Writes nothing when every pod already has a proxy; restarts once when the labels are right but pods
-        lack proxies and no rollout is in progress; raises InjectionBlocked if the namespace disables injection.
+        lack proxies and no rollout is in progress; raises InjectionBlocked if the namespace disables injection
+        or the revision to inject with cannot be told.
         """
         if mode not in ("workload", "namespace"):
             raise ValueError(f"mode must be 'workload' or 'namespace', not {mode!r}")
         validate_name(ns, "namespace")
         validate_name(name, "workload")
-        ns_labels = _meta(self.namespace(ns)).get("labels") or {}
+        namespace = self.namespace(ns)
+        ns_labels = _meta(namespace).get("labels") or {}
         if ns_labels.get(NS_INJECT_LABEL) == "disabled":
             raise InjectionBlocked(
                 f"cluster {self.cluster}: namespace {ns} is labelled {NS_INJECT_LABEL}=disabled, which beats the pod "
@@ -641,27 +804,61 @@ class MeshKube:
         w = self.workload(ns, name)
         if mode == "workload":
             return [self._inject_workload(w, ns_labels)]
-        return self._inject_namespace(w, ns_labels)
+        return self._inject_namespace(w, namespace)
+
+    def injectors(self) -> Injectors:
+        """The revisions and tags Istio's injection webhooks serve on this cluster (one cluster-wide LIST)."""
+        found = self._call("LIST", f"mutatingwebhookconfigurations ({INJECTOR_SELECTOR})",
+                           self.admission.list_mutating_webhook_configuration, label_selector=INJECTOR_SELECTOR)
+        return Injectors.from_webhooks(found.get("items", []))
+
+    def _revision_for(self, target: str) -> tuple[str, frozenset[str] | None]:
+        """(the revision new sidecars come from, the injectors found or None): the plan's revision wins, and
+        then nothing is listed (no webhook read permission needed)."""
+        if self.revision is not None:
+            return self.revision, None
+        found = self.injectors()
+        return found.choose(self.cluster, target), found.names
+
+    @staticmethod
+    def _namespace_injects(ns_labels: dict[str, str]) -> bool:
+        """The namespace picks the injector: the default one, or the revision in its istio.io/rev."""
+        return ns_labels.get(NS_INJECT_LABEL) == "enabled" or REV_LABEL in ns_labels
 
     def _inject_workload(self, w: WorkloadState, ns_labels: dict[str, str]) -> Change:
-        label = w.template_labels.get(INJECT_LABEL)
-        if label != "true":
-            if w.pods_total == w.pods_with_proxy and injection_applies(ns_labels, w.template_labels):
-                return self._noop("label-workload", f"deployment {w.namespace}/{w.name}", {INJECT_LABEL: label},
-                                  "already injected (by the namespace label)")
-            return self._patch_template(w, "label-workload", f"pod template label {INJECT_LABEL}=true; the template "
-                                        "change rolls the pods", labels={INJECT_LABEL: "true"})
-        return self._restart_if_needed(w, True, "already injected")
+        injectors: frozenset[str] | None = None
+        wanted: dict[str, str | None] = {INJECT_LABEL: "true"}  # works with whichever injector the namespace picks
+        if not self._namespace_injects(ns_labels):
+            revision, injectors = self._revision_for(f"deployment {w.namespace}/{w.name}")
+            if revision != DEFAULT_REVISION:
+                # The default injector skips a pod with istio.io/rev; inject=false would beat it: drop that.
+                wanted = {REV_LABEL: revision, **({INJECT_LABEL: None} if w.template_labels.get(INJECT_LABEL) ==
+                                                  "false" else {})}
+        if all(w.template_labels.get(k) == v for k, v in wanted.items()):
+            return self._restart_if_needed(w, True, "already injected")
+        if w.pods_total == w.pods_with_proxy and injection_applies(ns_labels, w.template_labels, injectors):
+            return self._noop("label-workload", f"deployment {w.namespace}/{w.name}",
+                              {k: w.template_labels.get(k) for k in wanted},
+                              "already injected (by the namespace or revision label)")
+        shown = ", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in wanted.items())
+        return self._patch_template(w, "label-workload", f"pod template label {shown}; the template change rolls "
+                                    "the pods", labels=wanted)
 
-    def _inject_namespace(self, w: WorkloadState, ns_labels: dict[str, str]) -> list[Change]:
-        ns = w.namespace
-        current = ns_labels.get(NS_INJECT_LABEL)
-        if current == "enabled":
-            first = self._noop("label-namespace", f"namespace {ns}", {NS_INJECT_LABEL: current},
+    def _inject_namespace(self, w: WorkloadState, namespace: dict[str, Any]) -> list[Change]:
+        ns, ns_labels = w.namespace, _meta(namespace).get("labels") or {}
+        if ns_labels.get(NS_INJECT_LABEL) == "enabled":
+            first = self._noop("label-namespace", f"namespace {ns}", {NS_INJECT_LABEL: "enabled"},
                                f"already labelled {NS_INJECT_LABEL}=enabled")
+        elif REV_LABEL in ns_labels:
+            # Adding istio-injection would win over the revision: every pod of the namespace would move to the
+            # default injector at its next restart, or get no sidecar on a mesh without one.
+            first = self._noop("label-namespace", f"namespace {ns}", {REV_LABEL: ns_labels[REV_LABEL]},
+                               f"already injects with revision {ns_labels[REV_LABEL]} ({REV_LABEL}); "
+                               f"{NS_INJECT_LABEL} not added")
         else:
-            others = [d for d in self._deployment_names(ns) if d != w.name]
-            first = self._label_namespace(ns, current, others)
+            revision, _ = self._revision_for(f"namespace {ns}")
+            label = {NS_INJECT_LABEL: "enabled"} if revision == DEFAULT_REVISION else {REV_LABEL: revision}
+            first = self._label_namespace(namespace, label, [d for d in self._deployment_names(ns) if d != w.name])
         if w.template_labels.get(INJECT_LABEL) == "false":
             # The pod label "false" (e.g. an earlier rollback) beats the namespace label: drop it.
             return [first, self._patch_template(w, "label-workload", f"removed pod template label {INJECT_LABEL}="
@@ -669,26 +866,62 @@ class MeshKube:
                                                 "the pods", labels={INJECT_LABEL: None})]
         return [first, self._restart_if_needed(w, True, "already injected")]
 
-    def _label_namespace(self, ns: str, current: str | None, others: list[str]) -> Change:
-        body = {"metadata": {"labels": {NS_INJECT_LABEL: "enabled"}}}
+    def _label_namespace(self, namespace: dict[str, Any], label: dict[str, str], others: list[str]) -> Change:
+        """The namespace label, and in the same patch what the label was (for remove_injection to put back)."""
+        meta = _meta(namespace)
+        ns, labels = meta["name"], meta.get("labels") or {}
+        before = {k: labels.get(k) for k in label}
+        body = {"metadata": {"resourceVersion": meta.get("resourceVersion"), "labels": label,
+                             "annotations": {LABEL_BEFORE_ANNOTATION: json.dumps(before, sort_keys=True)}}}
         shown = ", ".join(others[:10]) + (f" and {len(others) - 10} more" if len(others) > 10 else "")
-        reason = (f"namespace {ns} labelled {NS_INJECT_LABEL}=enabled: EVERY workload in it gets a sidecar on its "
-                  f"next restart" + (f" (also {shown})" if others else ""))
-        change = Change(self.cluster, "label-namespace", f"namespace {ns}", {NS_INJECT_LABEL: current},
-                        {NS_INJECT_LABEL: "enabled"}, ApiRequest("PATCH", f"/api/v1/namespaces/{ns}", MERGE_PATCH,
-                                                                 body), reason=reason)
+        [(key, value)] = label.items()
+        reason = (f"namespace {ns} labelled {key}={value}: EVERY workload in it gets a sidecar on its next restart"
+                  + (f" (also {shown})" if others else "") + f"; the label before is kept in annotation "
+                  f"{LABEL_BEFORE_ANNOTATION} for the rollback")
+        change = Change(self.cluster, "label-namespace", f"namespace {ns}", before, dict(label),
+                        ApiRequest("PATCH", f"/api/v1/namespaces/{ns}", MERGE_PATCH, body), reason=reason)
         call = functools.partial(self._call, "PATCH", f"namespace {ns}", self.core.patch_namespace, ns, body,
                                  _content_type=MERGE_PATCH)
         return self._send(change, call)
 
     def remove_injection(self, ns: str, name: str) -> list[Change]:
-        """Rollback: pod label sidecar.istio.io/inject=false (beats the namespace label) and new pods."""
+        """Rollback: pod label sidecar.istio.io/inject=false (beats the namespace and revision labels) and new
+        pods; then, if meshwave labelled the namespace, its label as it was unless another workload is meshed."""
         w = self.workload(ns, name)
         if w.template_labels.get(INJECT_LABEL) != "false":
-            return [self._patch_template(w, "remove-injection", f"pod template label {INJECT_LABEL}=false (beats the "
-                                         "namespace label); the template change rolls the pods",
-                                         labels={INJECT_LABEL: "false"})]
-        return [self._restart_if_needed(w, False, "injection already removed")]
+            changes = [self._patch_template(w, "remove-injection", f"pod template label {INJECT_LABEL}=false (beats "
+                                            "the namespace label); the template change rolls the pods"
+                                            + revert_note(w.reverted_by), labels={INJECT_LABEL: "false"})]
+        else:
+            changes = [self._restart_if_needed(w, False, "injection already removed")]
+        namespace = self.namespace(ns)
+        if LABEL_BEFORE_ANNOTATION in (_meta(namespace).get("annotations") or {}):
+            changes.append(self._restore_namespace(namespace, name))
+        return changes
+
+    def _restore_namespace(self, namespace: dict[str, Any], rolled_back: str) -> Change:
+        """The namespace labels meshwave changed, back to their recorded values, and the record dropped; a no-op
+        while another Deployment of the namespace runs an istio-proxy (meshwave meshed it: the label stays)."""
+        meta = _meta(namespace)
+        ns, target = meta["name"], f"namespace {meta['name']}"
+        recorded = _recorded_labels((meta.get("annotations") or {}).get(LABEL_BEFORE_ANNOTATION))
+        if recorded is None:
+            return self._noop("restore-namespace-label", target, None, f"annotation {LABEL_BEFORE_ANNOTATION} is not "
+                              "a JSON object of label values: restore the namespace label by hand")
+        now = {k: (meta.get("labels") or {}).get(k) for k in recorded}
+        neighbours = [x for x in self.workloads_in(ns) if x.name != rolled_back]
+        meshed = sorted(x.name for x in neighbours if x.pods_with_proxy)
+        if meshed:
+            return self._noop("restore-namespace-label", target, now, _kept_reason(ns, now, meshed, neighbours))
+        body = {"metadata": {"resourceVersion": meta.get("resourceVersion"), "labels": recorded,
+                             "annotations": {LABEL_BEFORE_ANNOTATION: None}}}  # merge patch: null deletes
+        change = Change(self.cluster, "restore-namespace-label", target, now, recorded,
+                        ApiRequest("PATCH", f"/api/v1/namespaces/{ns}", MERGE_PATCH, body),
+                        reason=f"namespace {ns} labels back to {_shown(recorded)}, as before meshwave labelled it: no "
+                               "other workload in it runs a sidecar")
+        call = functools.partial(self._call, "PATCH", target, self.core.patch_namespace, ns, body,
+                                 _content_type=MERGE_PATCH)
+        return self._send(change, call)
 
     # ---- mTLS --------------------------------------------------------------------------------------
     def ensure_mtls(self, ns: str, workload: str, selector_labels: dict[str, str],

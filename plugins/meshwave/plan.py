@@ -60,9 +60,18 @@ class ClusterConfig(Strict):
     kubernetes_conn_id: str
     prometheus_conn_id: str
     root_namespace: str = "istio-system"
+    revision: str | None = Field(None, description="The Istio revision (or tag) new sidecars come from: 'default' "
+                                 "or a revision such as '1-24-0'. Unset: meshwave finds it from the injection "
+                                 "webhooks, and refuses to guess between several revisions without a default.")
 
     _conn = field_validator("kubernetes_conn_id", "prometheus_conn_id")(_conn_id)
     _root = field_validator("root_namespace")(rfc1123_label)
+
+    @field_validator("revision")
+    @classmethod
+    def _revision(cls, value: str | None) -> str | None:
+        # a label value (istio.io/rev), and Istio's own rule for revision names: an RFC 1123 label
+        return None if value is None else rfc1123_label(value)
 
 
 class Thresholds(Strict):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from kubernetes import client, config
 
 from meshlab.process import LabProcess
@@ -206,7 +207,9 @@ def test_dry_run_writes_nothing(lab: LabProcess, kube: MeshKube) -> None:
     for change in changes:
         assert change.dry_run and not change.applied and change.request is not None, change
         assert change.reason.startswith(f"dry run: would {change.request.verb} /"), change.reason
-    assert changes[1].request.body == {"metadata": {"labels": {"istio-injection": "enabled"}}}  # type: ignore[union-attr]
+    assert changes[1].request.body == {"metadata": {  # type: ignore[union-attr]
+        "resourceVersion": before["namespace"], "labels": {"istio-injection": "enabled"},
+        "annotations": {"meshwave.io/injection-label-before": '{"istio-injection": null}'}}}
     assert "EVERY workload" in changes[1].reason
     restart = changes[2].request.body["spec"]["template"]["metadata"]["annotations"]  # type: ignore[union-attr]
     assert list(restart) == ["kubectl.kubernetes.io/restartedAt"]
@@ -277,10 +280,10 @@ def test_namespace_mode_labels_the_namespace_and_restarts(tmp_path: Path) -> Non
         assert kube.workload("shop", "auth").pods_with_proxy == 0  # the others wait for their next restart
         assert not any(c.applied for c in kube.ensure_injected("shop", "user", "namespace"))
 
-        kube.remove_injection("shop", "user")  # the pod label "false" beats the namespace label
+        kube.remove_injection("shop", "user")  # the pod label "false", and the namespace label as it was
         assert settle(kube, "shop", "user", expect_proxy=False).done
         label, relabel = kube.ensure_injected("shop", "user", "namespace")  # a retry after the rollback
-        assert not label.applied and relabel.applied and relabel.after == {"sidecar.istio.io/inject": None}
+        assert label.applied and relabel.applied and relabel.after == {"sidecar.istio.io/inject": None}
         assert settle(kube, "shop", "user", expect_proxy=True).done
 
 
@@ -294,3 +297,136 @@ def test_a_stopped_cluster_is_unreachable_fast(tmp_path: Path) -> None:
     with pytest.raises(ClusterUnreachable):
         kube.workload("shop", "auth")
     assert time.monotonic() - started < 5
+
+
+# ---- rollouts followed by ReplicaSet, revisions, namespace rollback, GitOps owners ----------------------
+def lab_topology(tmp_path: Path, **cluster: Any) -> Path:
+    """small.yaml with the cluster's fields changed (revisions, admission knobs, namespace labels)."""
+    data = yaml.safe_load(SMALL.read_text())
+    data["clusters"][0].update(cluster)
+    path = tmp_path / "topology.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def namespace_meta(kube: MeshKube, ns: str = "shop") -> dict[str, Any]:
+    return json.loads(kube.core.read_namespace(ns, _preload_content=False).data)["metadata"]
+
+
+def pod_objects(kube: MeshKube, app: str) -> list[dict[str, Any]]:
+    found = kube.core.list_namespaced_pod("shop", label_selector=f"app={app}", _preload_content=False)
+    return json.loads(found.data)["items"]
+
+
+def test_the_rollout_is_followed_through_metrics_merging_and_digest_pinning(tmp_path: Path) -> None:
+    with LabProcess(lab_topology(tmp_path, metrics_merge=True, image_digest=True), tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "lab")
+        scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+        kube.apps.patch_namespaced_deployment("auth", "shop", {"spec": {"template": {"metadata": {
+            "annotations": scrape}}}})
+        assert settle(kube, "shop", "auth", expect_proxy=False).done
+        assert kube.ensure_injected("shop", "auth", "workload")[0].applied
+        verdict = settle(kube, "shop", "auth", expect_proxy=True)
+        assert verdict.done and verdict.proxies_ready == 2, verdict
+        pods = pod_objects(kube, "auth")  # the pods really differ from their template
+        assert {p["metadata"]["annotations"]["prometheus.io/port"] for p in pods} == {"15020"}
+        assert all("@sha256:" in p["spec"]["containers"][0]["image"] for p in pods)
+        auth = kube.workload("shop", "auth")
+        assert auth.replicaset and {p["metadata"]["ownerReferences"][0]["name"] for p in pods} == {auth.replicaset}
+        assert len(auth.new_pods) == 2 and not auth.old_pods
+
+
+def test_a_revision_only_mesh_injects_with_the_revision_label(tmp_path: Path) -> None:
+    with LabProcess(lab_topology(tmp_path, revisions=["1-24-0"]), tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "lab")
+        assert kube.injectors().names == {"1-24-0"} and not kube.injectors().default
+        [change] = kube.ensure_injected("shop", "auth", "workload")
+        assert change.applied and change.after == {"istio.io/rev": "1-24-0"}, change
+        assert settle(kube, "shop", "auth", expect_proxy=True).done
+        label, restart = kube.ensure_injected("shop", "user", "namespace")
+        assert label.applied and label.after == {"istio.io/rev": "1-24-0"} and restart.applied
+        meta = namespace_meta(kube)
+        assert meta["labels"].get("istio.io/rev") == "1-24-0" and "istio-injection" not in meta["labels"]
+        assert json.loads(meta["annotations"]["meshwave.io/injection-label-before"]) == {"istio.io/rev": None}
+        assert settle(kube, "shop", "user", expect_proxy=True).done
+        [rollback] = kube.remove_injection("shop", "auth")[:1]  # inject=false beats the revision label
+        assert rollback.applied and settle(kube, "shop", "auth", expect_proxy=False).done
+
+
+def test_several_revisions_without_a_default_need_the_plan_to_choose(tmp_path: Path) -> None:
+    with LabProcess(lab_topology(tmp_path, revisions=["1-23-1", "1-24-0"]), tmp_path / "lab") as own:
+        generation = raw_deployment(MeshKube(api_client(own), "lab"), "shop", "auth")["metadata"]["generation"]
+        for mode in ("workload", "namespace"):
+            with pytest.raises(InjectionBlocked, match=r"several revisions \(1-23-1, 1-24-0\) and no default.*"
+                                                       r"clusters\.lab\.revision in the plan"):
+                MeshKube(api_client(own), "lab").ensure_injected("shop", "auth", mode)  # type: ignore[arg-type]
+        chosen = MeshKube(api_client(own), "lab", revision="1-23-1")
+        assert raw_deployment(chosen, "shop", "auth")["metadata"]["generation"] == generation
+        assert "istio.io/rev" not in namespace_meta(chosen)["labels"]
+        [change] = chosen.ensure_injected("shop", "auth", "workload")
+        assert change.after == {"istio.io/rev": "1-23-1"}
+        assert settle(chosen, "shop", "auth", expect_proxy=True).done
+        assert {p["metadata"]["annotations"]["istio.io/rev"] for p in pod_objects(chosen, "auth")} == {"1-23-1"}
+
+
+def test_namespace_mode_keeps_a_namespace_revision(tmp_path: Path) -> None:
+    with LabProcess(lab_topology(tmp_path, revisions=["default", "1-24-0"]), tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "lab")
+        kube.core.patch_namespace("shop", {"metadata": {"labels": {"istio.io/rev": "1-24-0"}}})
+        label, restart = kube.ensure_injected("shop", "user", "namespace")
+        assert not label.applied and label.request is None and "revision 1-24-0" in label.reason, label
+        assert restart.applied
+        meta = namespace_meta(kube)
+        assert "istio-injection" not in meta["labels"] and "meshwave.io/injection-label-before" not in (
+            meta.get("annotations") or {})
+        assert settle(kube, "shop", "user", expect_proxy=True).done
+        assert {p["metadata"]["annotations"]["istio.io/rev"] for p in pod_objects(kube, "user")} == {"1-24-0"}
+
+
+def test_namespace_mode_rollback_restores_the_namespace_label(tmp_path: Path) -> None:
+    with LabProcess(SMALL, tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "lab")
+        kube.ensure_injected("shop", "user", "namespace")
+        assert settle(kube, "shop", "user", expect_proxy=True).done
+        assert json.loads(namespace_meta(kube)["annotations"]["meshwave.io/injection-label-before"]) == {
+            "istio-injection": None}
+        rollback, restore = kube.remove_injection("shop", "user")
+        assert rollback.action == "remove-injection" and restore.action == "restore-namespace-label"
+        assert restore.applied and (restore.before, restore.after) == ({"istio-injection": "enabled"},
+                                                                       {"istio-injection": None})
+        meta = namespace_meta(kube)
+        assert "istio-injection" not in meta["labels"]
+        assert "meshwave.io/injection-label-before" not in (meta.get("annotations") or {})
+        assert settle(kube, "shop", "user", expect_proxy=False).done
+        kube._restart(kube.workload("shop", "payment"), "a routine deploy")  # no sidecar, no OOM for payment now
+        assert settle(kube, "shop", "payment", expect_proxy=False).done
+        assert len(kube.remove_injection("shop", "user")) == 1  # the record is gone: nothing more to restore
+
+
+def test_namespace_mode_rollback_keeps_the_label_while_a_neighbour_is_meshed(tmp_path: Path) -> None:
+    with LabProcess(SMALL, tmp_path / "lab") as own:
+        kube = MeshKube(api_client(own), "lab")
+        for name in ("user", "auth"):
+            kube.ensure_injected("shop", name, "namespace")
+            assert settle(kube, "shop", name, expect_proxy=True).done
+        rollback, kept = kube.remove_injection("shop", "user")
+        assert rollback.applied and not kept.applied and kept.request is None, kept
+        assert "keeps istio-injection=enabled: auth still run sidecars" in kept.reason
+        assert "api-gateway, email-service, ledger, payment will get a sidecar on their next deploy" in kept.reason
+        assert namespace_meta(kube)["labels"]["istio-injection"] == "enabled"
+        assert settle(kube, "shop", "user", expect_proxy=False).done
+        _, restore = kube.remove_injection("shop", "auth")  # the last meshed one: now the label goes
+        assert restore.applied and "istio-injection" not in namespace_meta(kube)["labels"]
+
+
+def test_removing_injection_names_the_tool_that_will_put_it_back(kube: MeshKube, lab: LabProcess) -> None:
+    kube.apps.patch_namespaced_deployment("api-gateway", "shop", {"metadata": {
+        "labels": {"app.kubernetes.io/managed-by": "Helm"},
+        "annotations": {"meta.helm.sh/release-name": "shop", "meta.helm.sh/release-namespace": "shop"}}})
+    dry = MeshKube(api_client(lab), "lab", dry_run=True)
+    assert dry.workload("shop", "api-gateway").reverted_by == "Helm (app.kubernetes.io/managed-by: Helm, release " \
+                                                              "shop in shop)"
+    [change] = dry.remove_injection("shop", "api-gateway")
+    assert "will be reverted by Helm (app.kubernetes.io/managed-by: Helm, release shop in shop)" in change.reason
+    [plain] = dry.remove_injection("shop", "ledger")
+    assert "reverted" not in plain.reason

@@ -16,6 +16,8 @@ from meshwave.kube import (
     ClusterUnreachable,
     Conflict,
     ContainerIssue,
+    InjectionBlocked,
+    Injectors,
     KubeError,
     MeshKube,
     NotFound,
@@ -25,9 +27,9 @@ from meshwave.kube import (
     ServerError,
     WorkloadState,
     assess_rollout,
+    current_replicaset,
     injection_applies,
     label_selector,
-    matches_template,
     translate,
     unreachable_reason,
     validate_labels,
@@ -46,13 +48,14 @@ def pod(name: str, current: bool = True, ready: bool = True, proxy: bool = True,
 
 def state(pods: list[PodState], replicas: int = 2, updated: int | None = None, available: int | None = None,
           generation: int = 2, observed: int = 2, progressing: tuple[str, str] = ("True", "ReplicaSetUpdated"),
-          ) -> WorkloadState:
+          replicaset: str | None = "auth-new") -> WorkloadState:
     new = sum(p.current for p in pods)
     return WorkloadState(
         "lab", "shop", "auth", replicas, generation=generation, observed_generation=observed,
         updated_replicas=new if updated is None else updated, ready_replicas=sum(p.ready for p in pods),
         available_replicas=sum(p.ready for p in pods) if available is None else available,
-        status_replicas=len(pods), progressing_status=progressing[0], progressing_reason=progressing[1], pods=pods)
+        status_replicas=len(pods), progressing_status=progressing[0], progressing_reason=progressing[1], pods=pods,
+        replicaset=replicaset)
 
 
 def issue(container: str, reason: str, restarts: int = 1, waiting: str | None = "CrashLoopBackOff") -> ContainerIssue:
@@ -136,12 +139,40 @@ def test_zero_replicas_is_done() -> None:
     assert assess_rollout(state([], replicas=0)).done
 
 
+def test_without_the_current_replicaset_the_rollout_is_never_done() -> None:
+    # The counts look finished, but the controller has not created (or recorded) the current ReplicaSet yet.
+    verdict = assess_rollout(state([pod("a-1", current=False), pod("a-2", current=False)], updated=2,
+                                   replicaset=None), expect_proxy=None)
+    assert verdict.status == "progressing" and "create the ReplicaSet" in verdict.message
+
+
+def test_an_unobserved_template_never_judges_the_previous_replicaset() -> None:
+    # A rollback of an OOMing rollout: until the controller observes it, the crashing pods are still "current".
+    crashing = state([pod("new-1", ready=False, issues=[issue("payment", "OOMKilled")])], replicas=1,
+                     generation=4, observed=3, progressing=("False", "ProgressDeadlineExceeded"))
+    assert assess_rollout(crashing, expect_proxy=False).status == "progressing"
+
+
+def test_progress_deadline_is_read_from_the_reason_as_kubectl_does() -> None:
+    stuck = state([pod("new-1", ready=False)], replicas=1, available=0,
+                  progressing=("Unknown", "ProgressDeadlineExceeded"))
+    assert assess_rollout(stuck).reason == "ProgressDeadlineExceeded"
+
+
+def test_kubectl_order_old_replicas_pending_termination() -> None:
+    surge = state([pod("new-1"), pod("new-2")], updated=2)
+    surge.status_replicas = 3  # one old pod terminating that the pod list no longer shows
+    verdict = assess_rollout(surge)
+    assert verdict.status == "progressing" and "1 old replicas are pending termination" in verdict.message
+
+
 # ---- workload_state from API objects -----------------------------------------------------------------
 
 
 def deployment(labels: dict[str, str], annotations: dict[str, str] | None = None) -> dict[str, Any]:
     return {
-        "metadata": {"name": "payment", "namespace": "shop", "generation": 2, "resourceVersion": "9"},
+        "metadata": {"name": "payment", "namespace": "shop", "generation": 2, "resourceVersion": "9",
+                     "uid": "dep-uid", "annotations": {"deployment.kubernetes.io/revision": "2"}},
         "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "payment"}}, "template": {
             "metadata": {"labels": labels, "annotations": annotations or {}},
             "spec": {"containers": [{"name": "payment", "image": "payment:1", "resources": {
@@ -151,16 +182,27 @@ def deployment(labels: dict[str, str], annotations: dict[str, str] | None = None
     }
 
 
+def replicaset(pod_hash: str, revision: str, owner_uid: str = "dep-uid") -> dict[str, Any]:
+    return {"metadata": {"name": f"payment-{pod_hash}", "namespace": "shop", "uid": f"rs-{pod_hash}",
+                         "labels": {"app": "payment", "pod-template-hash": pod_hash},
+                         "annotations": {"deployment.kubernetes.io/revision": revision},
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": "payment",
+                                              "uid": owner_uid, "controller": True}]},
+            "spec": {"selector": {"matchLabels": {"app": "payment", "pod-template-hash": pod_hash}}}}
+
+
 def api_pod(name: str, pod_hash: str, labels: dict[str, str], proxy: bool, statuses: list[dict[str, Any]],
-            ready: bool = True, created: str = "2026-01-01T00:00:00Z") -> dict[str, Any]:
-    containers = [{"name": "payment", "image": "payment:1"}] + ([{"name": "istio-proxy", "image": "px"}] if proxy
-                                                                 else [])
+            ready: bool = True, created: str = "2026-01-01T00:00:00Z", annotations: dict[str, str] | None = None,
+            image: str = "payment:1") -> dict[str, Any]:
+    containers = [{"name": "payment", "image": image}] + ([{"name": "istio-proxy", "image": "px"}] if proxy
+                                                            else [])
     extra = {"security.istio.io/tlsMode": "istio", "service.istio.io/canonical-name": "payment"} if proxy else {}
     return {
         "metadata": {"name": name, "namespace": "shop", "creationTimestamp": created,
                      "labels": {**labels, **extra, "pod-template-hash": pod_hash},
-                     "annotations": {"sidecar.istio.io/status": "{}"} if proxy else {},
-                     "ownerReferences": [{"kind": "ReplicaSet", "name": f"payment-{pod_hash}"}]},
+                     "annotations": {**(annotations or {}), **({"sidecar.istio.io/status": "{}"} if proxy else {})},
+                     "ownerReferences": [{"kind": "ReplicaSet", "name": f"payment-{pod_hash}", "uid": f"rs-{pod_hash}",
+                                          "controller": True}]},
         "spec": {"containers": containers},
         "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": str(ready)}],
                    "containerStatuses": statuses},
@@ -179,8 +221,9 @@ def test_workload_state_classifies_pods_and_reads_memory_and_reasons() -> None:
             api_pod("payment-old-2", "old", {"app": "payment"}, False, [{"name": "payment", **RUNNING}]),
             api_pod("payment-new-1", "new", new_labels, True, [crashing, {"name": "istio-proxy", **RUNNING}],
                     ready=False)]
-    w = workload_state("lab", dep, pods)
+    w = workload_state("lab", dep, pods, [replicaset("old", "1"), replicaset("new", "2")])
     assert (w.replicas, w.generation, w.observed_generation, w.updated_replicas, w.status_replicas) == (2, 2, 2, 1, 3)
+    assert w.replicaset == "payment-new"
     assert (w.memory_limit_bytes, w.memory_request_bytes, w.app_container) == (512 * 2**20, 400 * 2**20, "payment")
     assert [p.name for p in w.new_pods] == ["payment-new-1"]
     assert (w.pods_total, w.pods_ready, w.pods_with_proxy, w.proxies_ready) == (3, 2, 1, 1)
@@ -192,21 +235,46 @@ def test_workload_state_classifies_pods_and_reads_memory_and_reasons() -> None:
     assert json.loads(json.dumps(w.to_dict()))["pods_with_proxy"] == 1
 
 
-def test_removed_template_label_makes_pods_carrying_it_old() -> None:
-    template = {"metadata": {"labels": {"app": "user"}}, "spec": {"containers": [{"name": "user", "image": "u:1"}]}}
+def test_pods_rewritten_by_metrics_merging_and_digest_pinning_are_current() -> None:
+    # The template says port 8080 and a tag; Istio's metrics merging and an admission webhook changed both on
+    # the pods. The ReplicaSet and pod-template-hash still say which pods the current template made.
+    scrape = {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+    merged = {"prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/stats/prometheus"}
+    digest = "registry.lab/payment@sha256:" + "ab" * 32
+    labels = {"app": "payment", "sidecar.istio.io/inject": "true"}
+    dep = deployment(labels, scrape)
+    dep["status"] = {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "availableReplicas": 2}
+    proxied = [{"name": "payment", **RUNNING}, {"name": "istio-proxy", **RUNNING}]
+    pods = [api_pod(f"payment-new-{i}", "new", labels, True, proxied, annotations=merged, image=digest)
+            for i in (1, 2)]
+    w = workload_state("lab", dep, pods, [replicaset("old", "1"), replicaset("new", "2")])
+    assert [p.name for p in w.new_pods] == ["payment-new-1", "payment-new-2"] and not w.old_pods
+    verdict = assess_rollout(w, expect_proxy=True)
+    assert verdict.done, verdict
 
-    def p(labels: dict[str, str]) -> dict[str, Any]:
-        return {"metadata": {"labels": labels}, "spec": {"containers": [{"name": "user", "image": "u:1"}]}}
 
-    assert not matches_template(p({"app": "user", "sidecar.istio.io/inject": "false", "pod-template-hash": "x"}),
-                                template)
-    assert matches_template(p({"app": "user", "pod-template-hash": "x", "security.istio.io/tlsMode": "istio"}),
-                            template)
-    restarted = {**template, "metadata": {**template["metadata"],
-                                          "annotations": {"kubectl.kubernetes.io/restartedAt": "2026-01-01T00:00:00Z"}}}
-    assert not matches_template(p({"app": "user"}), restarted)
-    new_image = {**template, "spec": {"containers": [{"name": "user", "image": "u:2"}]}}
-    assert not matches_template(p({"app": "user"}), new_image)
+def test_the_current_replicaset_is_owned_by_the_deployment_and_at_its_revision() -> None:
+    dep = deployment({"app": "payment"})
+    foreign = replicaset("other", "2", owner_uid="someone-else")  # same selector and revision, other owner
+    assert current_replicaset(dep, [replicaset("old", "1"), foreign]) is None
+    assert current_replicaset(dep, [replicaset("old", "1"), replicaset("new", "2"), foreign])["metadata"]["name"] \
+        == "payment-new"
+    unsynced = deployment({"app": "payment"})
+    del unsynced["metadata"]["annotations"]  # a new Deployment the controller has not synced yet
+    assert current_replicaset(unsynced, [replicaset("new", "2")]) is None
+
+
+def test_pods_of_the_old_replicaset_or_of_another_owner_are_not_current() -> None:
+    dep = deployment({"app": "payment"})
+    running = [{"name": "payment", **RUNNING}]
+    adopted = api_pod("payment-new-x", "new", {"app": "payment"}, False, running)
+    adopted["metadata"]["ownerReferences"][0]["uid"] = "rs-of-a-deleted-replicaset"
+    pods = [api_pod("payment-old-1", "old", {"app": "payment"}, False, running),
+            api_pod("payment-new-1", "new", {"app": "payment"}, False, running), adopted]
+    w = workload_state("lab", dep, pods, [replicaset("old", "1"), replicaset("new", "2")])
+    assert [p.name for p in w.new_pods] == ["payment-new-1"]
+    assert [p.name for p in w.old_pods] == ["payment-old-1", "payment-new-x"]
+    assert workload_state("lab", dep, pods).new_pods == []  # no ReplicaSets given: nothing is current
 
 
 def test_native_sidecar_counts_as_proxy() -> None:
@@ -214,8 +282,8 @@ def test_native_sidecar_counts_as_proxy() -> None:
     native = api_pod("payment-a", "h", {"app": "payment"}, False, [{"name": "payment", **RUNNING}])
     native["spec"]["initContainers"] = [{"name": "istio-proxy", "image": "px", "restartPolicy": "Always"}]
     native["status"]["initContainerStatuses"] = [{"name": "istio-proxy", **RUNNING}]
-    w = workload_state("lab", dep, [native])
-    assert w.pods[0].has_proxy and w.pods[0].proxy_ready
+    w = workload_state("lab", dep, [native], [replicaset("h", "2")])
+    assert w.pods[0].has_proxy and w.pods[0].proxy_ready and w.pods[0].current
 
 
 def test_injection_precedence() -> None:
@@ -225,6 +293,66 @@ def test_injection_precedence() -> None:
     assert injection_applies({"istio-injection": "enabled"}, {})
     assert injection_applies({"istio.io/rev": "canary"}, {})
     assert not injection_applies({}, {})
+
+
+def test_injection_needs_a_served_revision() -> None:
+    revision_only = frozenset({"1-24-0"})
+    assert not injection_applies({}, {"sidecar.istio.io/inject": "true"}, revision_only)  # no default injector
+    assert injection_applies({}, {"istio.io/rev": "1-24-0"}, revision_only)
+    assert not injection_applies({"istio-injection": "enabled"}, {}, revision_only)
+    assert injection_applies({"istio.io/rev": "1-24-0"}, {"sidecar.istio.io/inject": "true"}, revision_only)
+    # the default injector skips a pod that names a revision; a namespace revision beats the pod's
+    assert not injection_applies({}, {"istio.io/rev": "canary", "sidecar.istio.io/inject": "true"},
+                                 frozenset({"default"}))
+    assert not injection_applies({"istio.io/rev": "gone"}, {"istio.io/rev": "1-24-0"}, revision_only)
+    assert not injection_applies({"istio.io/rev": "1-24-0"}, {"sidecar.istio.io/inject": "false"}, revision_only)
+
+
+def webhook(rev: str | None, tag: str | None = None) -> dict[str, Any]:
+    labels = {"app": "sidecar-injector", **({"istio.io/rev": rev} if rev else {}),
+              **({"istio.io/tag": tag} if tag else {})}
+    return {"metadata": {"name": f"istio-sidecar-injector-{tag or rev}", "labels": labels}}
+
+
+def test_injectors_from_the_webhooks() -> None:
+    default = Injectors.from_webhooks([webhook("default")])
+    assert default.default and default.choose("prod-eu-1", "deployment shop/auth") == "default"
+    tagged = Injectors.from_webhooks([webhook("1-23-1"), webhook("1-24-0"), webhook("1-24-0", "default")])
+    assert tagged.default and tagged.names == {"1-23-1", "1-24-0", "default"}
+    assert tagged.choose("prod-eu-1", "deployment shop/auth") == "default"
+    unlabelled = Injectors.from_webhooks([webhook(None)])  # releases before revisions: the default injector
+    assert unlabelled.default
+    only = Injectors.from_webhooks([webhook("1-24-0"), webhook("1-24-0", "stable")])
+    assert not only.default and only.choose("prod-eu-1", "deployment shop/auth") == "1-24-0"
+    # `istioctl tag set default` left the unrevisioned webhooks in place, with selectors that never match
+    never = {"matchLabels": {"istio.io/deactivated": "never-match"}}
+    neutered = {**webhook("default"), "webhooks": [{"name": "namespace.sidecar-injector.istio.io",
+                                                    "namespaceSelector": never, "objectSelector": never}]}
+    moved = Injectors.from_webhooks([neutered, webhook("1-24-0")])
+    assert not moved.default and moved.names == {"1-24-0"}
+
+
+def test_several_revisions_without_a_default_block_injection() -> None:
+    several = Injectors.from_webhooks([webhook("1-23-1"), webhook("1-24-0")])
+    with pytest.raises(InjectionBlocked, match=r"several revisions \(1-23-1, 1-24-0\) and no default.*"
+                                               r"clusters\.prod-eu-1\.revision in the plan"):
+        several.choose("prod-eu-1", "deployment shop/auth")
+    with pytest.raises(InjectionBlocked, match="no sidecar injector"):
+        Injectors.from_webhooks([]).choose("prod-eu-1", "namespace shop")
+
+
+def test_the_plan_revision_is_an_rfc1123_label() -> None:
+    from pydantic import ValidationError
+
+    from meshwave.plan import ClusterConfig
+
+    conns = {"kubernetes_conn_id": "k8s", "prometheus_conn_id": "prom"}
+    assert ClusterConfig(**conns).revision is None
+    assert ClusterConfig(**conns, revision="1-24-0").revision == "1-24-0"
+    with pytest.raises(ValidationError, match="revision"):
+        ClusterConfig(**conns, revision="1.24")
+    with pytest.raises(ValueError, match="revision"):
+        MeshKube(client.ApiClient(client.Configuration()), "lab", revision="Canary")
 
 
 def test_label_selector() -> None:
