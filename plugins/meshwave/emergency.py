@@ -22,6 +22,7 @@ from typing import Any
 
 from meshwave.changes import Change
 from meshwave.fleet import Fleet
+from meshwave.gitops import revert_note, reverted_by
 from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState
 from meshwave.mtls import match_labels
 from meshwave.names import rfc1123_label
@@ -289,10 +290,14 @@ def relax_cluster(kube: MeshKube, scope: Scope, note: str) -> dict[str, Any]:
         if why is None:
             continue
         meta = policy.get("metadata") or {}
+        owner = reverted_by(policy)
         seen.append({"policy": f"{meta.get('namespace')}/{meta.get('name')}", "scope": why,
-                     "strict": strict_parts(policy)})
+                     "strict": strict_parts(policy), "reverted_by": owner})
         if strict_parts(policy):
-            changes.append(kube.mtls.relax(meta["namespace"], meta["name"], note, current=policy))
+            change = kube.mtls.relax(meta["namespace"], meta["name"], note, current=policy)
+            if change.request is not None:  # Argo CD or Flux self-heal puts STRICT back: say so with the change
+                change.reason += revert_note(owner)
+            changes.append(change)
     return {"cluster": kube.cluster, "started": started, "ended": time.time(), "policies": seen,
             "changes": [c.to_dict() for c in changes], "missing_services": missing, "dry_run": kube.dry_run}
 
@@ -336,7 +341,7 @@ def sidecar_workloads(kube: MeshKube, scope: Scope) -> list[dict[str, Any]]:
     for ns in namespaces:
         for w in with_sidecar(kube.workloads_in(ns), scope, kube.root_namespace):
             found.append({"cluster": kube.cluster, "namespace": w.namespace, "workload": w.name,
-                          "pods": w.pods_total, "with_proxy": w.pods_with_proxy})
+                          "pods": w.pods_total, "with_proxy": w.pods_with_proxy, "reverted_by": w.reverted_by})
     return found
 
 

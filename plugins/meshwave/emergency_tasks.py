@@ -135,7 +135,8 @@ class RemoveSidecarsOperator(BaseOperator):
         print(f"stage 2: {len(ordered)} workload(s) with a sidecar in scope, {len(plan)} chunk(s) of at most "
               f"{request.max_parallel}, critical first:")
         print(em.table([{**w, "chunk": i + 1} for i, c in enumerate(plan) for w in c],
-                       ["chunk", "criticality", "cluster", "namespace", "workload", "pods", "with_proxy"]))
+                       ["chunk", "criticality", "cluster", "namespace", "workload", "pods", "with_proxy",
+                        "reverted_by"]))
         results = {f"cluster {c}": {"status": "error", "message": m} for c, m in errors.items()}
         return self._next(context, request, plan, 0, results)
 

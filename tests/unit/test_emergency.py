@@ -178,7 +178,7 @@ class FakeKube:
 
     def relax_policy(self, ns: str, name: str, note: str, current: dict[str, Any] | None = None):
         change = plan_relax(self.cluster, ns, name, current, note)
-        change.applied = True
+        change.applied, change.dry_run = not self.dry_run, self.dry_run
         self.written.append(f"{ns}/{name}")
         for p in self.policies:
             if p["metadata"]["name"] == name and p["metadata"]["namespace"] == ns:
@@ -197,6 +197,26 @@ def test_stage_1_relaxes_only_what_is_strict_and_in_scope_and_a_second_run_chang
     assert result["ended"] >= result["started"]
     assert em.relax_cluster(kube, scope, "run-2")["changes"] == []  # type: ignore[arg-type]
     assert kube.written == ["istio-system/default", "shop/meshwave-cart"]
+
+
+def test_stage_1_names_the_gitops_tool_that_will_put_strict_back(capsys: pytest.CaptureFixture[str]) -> None:
+    from meshwave.emergency_tasks import log_changes
+
+    tracking = "mesh:security.istio.io/PeerAuthentication:istio-system/default"
+    owned = policy("istio-system", "default")
+    owned["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": tracking}
+    kube = FakeKube([owned, policy("shop", "default")])
+    kube.dry_run = True  # the plan of action an SRE reads before applying
+    result = em.relax_cluster(kube, em.Scope(("c1",)), "run-1")  # type: ignore[arg-type]
+    reasons = {c["target"]: c["reason"] for c in result["changes"]}
+    warning = f"will be reverted by Argo CD (argocd.argoproj.io/tracking-id: {tracking})"
+    assert warning in reasons["peerauthentication istio-system/default"]
+    assert "reverted" not in reasons["peerauthentication shop/default"]
+    assert [p["reverted_by"] for p in result["policies"]] == [f"Argo CD (argocd.argoproj.io/tracking-id: {tracking})",
+                                                              None]
+    log_changes(result["changes"])
+    [line] = [x for x in capsys.readouterr().out.splitlines() if "istio-system/default" in x and "dry run" in x]
+    assert warning in line
 
 
 # ---- stage 2 ----------------------------------------------------------------------------------------------
