@@ -107,7 +107,7 @@ class Thresholds:
     max_success_drop: float = 0.02      # absolute fraction below the baseline success rate
     max_p99_increase_ms: float = 250    # p99 fails only if BOTH the increase ...
     max_p99_ratio: float = 2.0          # ... and the ratio to the baseline are exceeded
-    max_restarts: int = 0               # per container, in the window
+    max_restarts: int = 0               # per container, over the events window (the soak so far)
     sidecar_memory_limit_mi: float | None = None
     min_requests: float = 10            # per window; fewer is no_data for success and latency
     min_inbound_ratio: float = 0.5      # after STRICT, of the inbound rate before it
@@ -195,9 +195,10 @@ class _Reader:
         self.unavailable: str | None = None
 
     def read(self, name: str, *, namespace: str | None = None, workload: str | None = None,
-             raise_errors: bool = False) -> _Reading:
+             window: str | None = None, raise_errors: bool = False) -> _Reading:
+        window = window or self.window
         query = render(name, namespace=namespace or self.namespace, workload=workload or self.workload,
-                       window=self.window, cluster=self.cluster)
+                       window=window, cluster=self.cluster)
         if self.unavailable and not raise_errors:
             return _Reading(name, query, error=self.unavailable)
         batched = getattr(self.source, "workload_query", None)  # a BatchingSource: one query for many workloads
@@ -205,7 +206,7 @@ class _Reader:
             if batched is not None:
                 return _Reading(name, query, samples=batched(name, query, namespace=namespace or self.namespace,
                                                              workload=workload or self.workload,
-                                                             window=self.window, cluster=self.cluster))
+                                                             window=window, cluster=self.cluster))
             return _Reading(name, query, samples=self.source.instant(query))
         except PrometheusError as exc:
             if raise_errors:
@@ -307,21 +308,27 @@ def _baseline_note(name: str, reading: _Reading) -> Verdict:
 
 # ---- after injection ------------------------------------------------------------------------------------
 def verify_after_injection(source: Source, baseline: Baseline, namespace: str, workload: str, window: str | int,
-                           thresholds: Thresholds | None = None, cluster: str | None = None) -> list[Verdict]:
-    """App success rate and p99 against the baseline, restarts, OOMKilled, sidecar memory."""
+                           thresholds: Thresholds | None = None, cluster: str | None = None,
+                           events_window: str | int | None = None) -> list[Verdict]:
+    """App success rate and p99 against the baseline, restarts, OOMKilled, sidecar memory.
+
+    Restarts and OOMKills are events, counted over `events_window` (the soak so far plus one query window, see
+    stages.events_window; default: `window`): an event seen once stays in every later poll of the soak.
+    """
     th = thresholds or Thresholds()
     reader = _Reader(source, namespace, workload, window, cluster)
+    events = validate_window(events_window, "events_window") if events_window is not None else reader.window
     count = reader.read("app_request_count")
     success, p50, p99 = reader.read("app_success_rate"), reader.read("app_latency_p50_ms"), \
         reader.read("app_latency_p99_ms")
-    restarts, oom = reader.read("container_restarts"), reader.read("oom_killed")
+    restarts, oom = reader.read("container_restarts", window=events), reader.read("oom_killed", window=events)
     sidecar, limit = reader.read("sidecar_memory_bytes"), reader.read("sidecar_memory_limit_bytes")
     return [
         _success_verdict("app_success_rate", success, count, baseline.success_rate, baseline.request_count, th,
                          reader.window),
         _p99_verdict(p99, p50, count, baseline, th, reader.window),
-        _restarts_verdict(restarts, th, reader.window),
-        _oom_verdict(oom, restarts, reader.window),
+        _restarts_verdict(restarts, th, events),
+        _oom_verdict(oom, restarts, events),
         _sidecar_memory_verdict(sidecar, limit, th),
     ]
 
@@ -611,6 +618,12 @@ class OnMissing(StrEnum):
     WAIT = "wait"   # pending until the deadline; then the gate ends NO_DATA (or ERROR)
 
 
+# Restarts and OOMKills are events, not noisy measurements: one failing poll of these checks is a confirmed failure.
+# At the plan defaults an event stays visible in a query window for fewer polls than `breaches_to_fail`
+# (safety review, finding 11): waiting for N polls in a row let two OOMKills pass a soak.
+EVENT_CHECKS = ("restarts", "oom_killed")
+
+
 class GateStatus(StrEnum):
     PENDING = "pending"
     PASS = "pass"
@@ -643,6 +656,7 @@ class GatePolicy:
 
     `checks` overrides `default` by check name; "caller_success_rate" also covers "caller_success_rate[ns/x]".
     `deadline` (epoch seconds) ends the waiting; None waits as long as the caller keeps polling.
+    A FAIL verdict of a check in `confirm_at_once` is confirmed by that one poll (no data or errors of it are not).
     """
 
     breaches_to_fail: int = 3
@@ -650,6 +664,7 @@ class GatePolicy:
     deadline: float | None = None
     default: CheckPolicy = field(default_factory=CheckPolicy)
     checks: dict[str, CheckPolicy] = field(default_factory=dict)
+    confirm_at_once: tuple[str, ...] = EVENT_CHECKS
 
     def __post_init__(self) -> None:
         if self.breaches_to_fail < 1 or self.passes_to_pass < 1:
@@ -661,13 +676,15 @@ class GatePolicy:
     def to_dict(self) -> dict[str, Any]:
         return {"breaches_to_fail": self.breaches_to_fail, "passes_to_pass": self.passes_to_pass,
                 "deadline": self.deadline, "default": self.default.to_dict(),
-                "checks": {k: v.to_dict() for k, v in self.checks.items()}}
+                "checks": {k: v.to_dict() for k, v in self.checks.items()},
+                "confirm_at_once": list(self.confirm_at_once)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> GatePolicy:
         return cls(int(data.get("breaches_to_fail", 3)), int(data.get("passes_to_pass", 1)), data.get("deadline"),
                    CheckPolicy.from_dict(data.get("default") or {}),
-                   {k: CheckPolicy.from_dict(v) for k, v in (data.get("checks") or {}).items()})
+                   {k: CheckPolicy.from_dict(v) for k, v in (data.get("checks") or {}).items()},
+                   tuple(data.get("confirm_at_once", EVENT_CHECKS)))
 
 
 @dataclass
@@ -737,17 +754,24 @@ class BreachTracker:
         rule = policy.on_no_data if verdict.outcome is Outcome.NO_DATA else policy.on_error
         return {OnMissing.FAIL: "breach", OnMissing.PASS: "pass", OnMissing.WAIT: "wait"}[rule]
 
+    def _events(self, verdicts: list[Verdict]) -> set[str]:
+        """Event checks that failed in this poll: confirmed without waiting for more polls."""
+        return {v.check for v in verdicts if v.outcome is Outcome.FAIL and v.check in self.policy.confirm_at_once}
+
     def _decide(self, verdicts: list[Verdict], effective: dict[str, str], now: float) -> GateResult:
         n = self.policy.breaches_to_fail
-        failed = sorted(c for c, count in self.breaches.items() if count >= n)
+        events = self._events(verdicts)
+        failed = sorted({c for c, count in self.breaches.items() if count >= n} | events)
         result = GateResult(GateStatus.PENDING, "", self.polls, failed,
-                            {c: k for c, k in self.breaches.items() if k < n},
+                            {c: k for c, k in self.breaches.items() if k < n and c not in events},
                             sorted(v.check for v in verdicts if v.outcome is Outcome.NO_DATA),
                             sorted(v.check for v in verdicts if v.outcome is Outcome.ERROR), verdicts)
         by_check = {v.check: v for v in verdicts}
         if failed:
             result.status = GateStatus.FAIL
-            result.reason = "; ".join(f"{c}: {by_check[c].reason} ({n} polls in a row)" for c in failed)
+            result.reason = "; ".join(f"{c}: {by_check[c].reason} "
+                                      f"({'an event: confirmed at once' if c in events else f'{n} polls in a row'})"
+                                      for c in failed)
         elif self.passes >= self.policy.passes_to_pass:
             result.status = GateStatus.PASS
             result.reason = f"all {len(verdicts)} checks passed {self.passes} poll(s) in a row"

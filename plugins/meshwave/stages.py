@@ -1,6 +1,7 @@
 """What each gated stage of a service checks in Prometheus, on plain JSON params (trigger kwargs).
 
-- soak:             the application's own metrics against its baseline, restarts, OOMKilled, sidecar memory;
+- soak:             the application's own metrics against its baseline, sidecar memory, and restarts and
+                    OOMKills counted over the whole soak so far (`events_window`);
 - strict_gate:      no plaintext HTTP or TCP into the workload (positive proof, not an empty vector);
 - verify_strict:    after the flip: the workload's Istio success rate, each caller's own success rate,
                     and an inbound rate that did not collapse;
@@ -9,6 +10,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +25,12 @@ from meshwave.checks import (
     verify_after_injection,
     verify_after_strict,
 )
-from meshwave.prometheus import PrometheusError, Source
+from meshwave.prometheus import PrometheusError, Source, validate_window, window_seconds
 
 STAGES = ("soak", "strict_gate", "verify_strict", "verify_recovery")
+# The events window is rounded up to this step so the gates of one wave whose soaks started within the same step
+# share one batched query; rounding up only looks further back, it never misses an event.
+EVENTS_STEP_SECONDS = 30
 
 
 @dataclass
@@ -42,11 +47,28 @@ def _callers(params: dict[str, Any]) -> list[Caller]:
     return [Caller.from_dict(c) for c in params.get("callers") or []]
 
 
+def events_window(window: str, elapsed: float) -> str:
+    """The range restarts and OOMKills are counted over: the soak so far plus one query window.
+
+    The extra window reaches back before the soak's start, so an event between the soak's start and the first
+    scrape after it is still an increase inside the range (max - min over samples on both sides of it).
+    """
+    seconds = max(0.0, elapsed) + window_seconds(validate_window(window))
+    return f"{math.ceil(seconds / EVENTS_STEP_SECONDS) * EVENTS_STEP_SECONDS}s"
+
+
+def poll_params(stage: str, params: dict[str, Any], elapsed: float) -> dict[str, Any]:
+    """The params of one poll, `elapsed` seconds after the stage started: the soak counts events since then."""
+    if stage != "soak" or "window" not in params:  # not a soak, or params evaluate() will refuse anyway
+        return params
+    return {**params, "events_window": events_window(params["window"], elapsed)}
+
+
 def evaluate(stage: str, source: Source, params: dict[str, Any]) -> Poll:
     thresholds = Thresholds.from_dict(params["thresholds"])
     if stage == "soak":
         return Poll(verify_after_injection(source, Baseline.from_dict(params["baseline"]), thresholds=thresholds,
-                                           **_common(params)))
+                                           events_window=params.get("events_window"), **_common(params)))
     if stage == "strict_gate":
         verdict, plaintext = strict_gate(source, **_common(params))
         return Poll([verdict], {"plaintext_callers": [c.describe() for c in plaintext]})

@@ -80,7 +80,8 @@ class RolloutTrigger(BaseTrigger):
 class GateTrigger(BaseTrigger):
     """Evaluates one stage's Prometheus checks every poke until the gate decides.
 
-    - fails as soon as a breach is confirmed (N consecutive polls), even during the soak;
+    - fails as soon as a breach is confirmed (N consecutive polls; one poll for a restart or an OOMKill, counted
+      over the soak so far), even during the soak;
     - passes only after `min_seconds` (the soak) and K consecutive all-pass polls;
     - at `deadline` ends no_data / error / inconclusive, keeping those apart.
     """
@@ -122,7 +123,8 @@ class GateTrigger(BaseTrigger):
         while True:
             now = time.time()
             tracker = self._tracker(state, soaking=now < self.started + self.min_seconds)
-            poll = await asyncio.to_thread(stages.evaluate, self.stage, source, self.params)
+            params = stages.poll_params(self.stage, self.params, now - self.started)
+            poll = await asyncio.to_thread(stages.evaluate, self.stage, source, params)
             result = tracker.feed(poll.verdicts, now)
             state = tracker.to_dict()
             if result.decided:

@@ -648,3 +648,44 @@ def test_a_malformed_plaintext_answer_makes_the_strict_gate_an_error() -> None:
     verdict, callers = c.strict_gate(source, NS, WL, WIN)
     assert verdict.outcome is Outcome.ERROR and callers == []
     assert "malformed answer" in verdict.reason
+
+
+# ---- restarts and OOMKills: counted over the soak, confirmed at once (finding 11) -----------------------------
+def test_restarts_and_oom_are_read_over_the_events_window() -> None:
+    pod = "auth-5d8f7-x7k2p"
+    src = healthy()  # over the 10 s window: no restart
+    for name, samples in (("container_restarts", [p.Sample({"pod": pod, "container": "auth"}, 1.0)]),
+                          ("oom_killed", [p.Sample({"pod": pod, "container": "auth"}, 1.0)])):
+        src.answers[p.render(name, namespace=NS, workload=WL, window="90s")] = samples
+    verdicts = by_check(c.verify_after_injection(src, baseline(), NS, WL, WIN, events_window="90s"))
+    assert verdicts["restarts"].outcome is Outcome.FAIL and "restarted in 90s" in verdicts["restarts"].reason
+    assert verdicts["oom_killed"].outcome is Outcome.FAIL and "in 90s" in verdicts["oom_killed"].reason
+    assert verdicts["app_success_rate"].outcome is Outcome.PASS, "the other checks keep the query window"
+    assert by_check(c.verify_after_injection(src, baseline(), NS, WL, WIN))["restarts"].outcome is Outcome.PASS
+    with pytest.raises(ValueError, match="^events_window: "):
+        c.verify_after_injection(src, baseline(), NS, WL, WIN, events_window="90")
+
+
+def test_a_failing_restart_or_oom_poll_confirms_at_once_the_other_checks_keep_n() -> None:
+    tracker = c.BreachTracker(c.GatePolicy(breaches_to_fail=3))
+    result = poll(tracker, v("app_success_rate", "fail"), v("restarts", "pass"), v("oom_killed", "pass"))
+    assert result.status is c.GateStatus.PENDING and result.breaching == {"app_success_rate": 1}
+    result = poll(tracker, v("app_success_rate", "fail"), v("restarts", "fail"), v("oom_killed", "fail"))
+    assert result.status is c.GateStatus.FAIL and result.failed == ["oom_killed", "restarts"]
+    assert result.breaching == {"app_success_rate": 2}
+    assert "restarts: restarts fail (an event: confirmed at once)" in result.reason
+
+
+def test_no_data_of_an_event_check_is_not_an_event() -> None:
+    policy = c.GatePolicy(breaches_to_fail=2, default=c.CheckPolicy(on_no_data="fail"))
+    tracker = c.BreachTracker(policy)
+    assert poll(tracker, v("restarts", "no_data")).status is c.GateStatus.PENDING
+    assert poll(tracker, v("restarts", "no_data")).status is c.GateStatus.FAIL
+
+
+def test_the_event_checks_travel_with_the_policy() -> None:
+    assert c.GatePolicy().confirm_at_once == ("restarts", "oom_killed")
+    assert c.GatePolicy.from_dict({"breaches_to_fail": 3}).confirm_at_once == ("restarts", "oom_killed")
+    none = c.GatePolicy.from_dict(c.GatePolicy(confirm_at_once=()).to_dict())
+    tracker = c.BreachTracker(none)
+    assert poll(tracker, v("restarts", "fail")).status is c.GateStatus.PENDING
