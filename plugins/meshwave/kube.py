@@ -35,13 +35,13 @@ from meshwave.kube_errors import (  # noqa: F401 (re-exported: callers catch the
     WorkloadNotFound,
 )
 from meshwave.names import rfc1123_label
+from meshwave.peer_auth import PeerAuthentications
 
 PROXY = "istio-proxy"
 INJECT_LABEL = "sidecar.istio.io/inject"
 NS_INJECT_LABEL = "istio-injection"
 REV_LABEL = "istio.io/rev"
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "meshwave"}
 SIDECAR_RESOURCES = {
     "cpu": "sidecar.istio.io/proxyCPU",
     "memory": "sidecar.istio.io/proxyMemory",
@@ -50,10 +50,8 @@ SIDECAR_RESOURCES = {
 }
 EXCLUDE_INBOUND = "traffic.sidecar.istio.io/excludeInboundPorts"
 EXCLUDE_OUTBOUND = "traffic.sidecar.istio.io/excludeOutboundPorts"
-PA_GROUP, PA_VERSION, PA_PLURAL = "security.istio.io", "v1", "peerauthentications"
 SMP = "application/strategic-merge-patch+json"
 MERGE_PATCH = "application/merge-patch+json"
-MTLS_MODES = ("STRICT", "PERMISSIVE")
 FAILING = ("OOMKilled", "Error", "CrashLoopBackOff")  # most specific first
 STARTING = ("ContainerCreating", "PodInitializing")
 # A rollout is followed as `kubectl rollout status` does: the ReplicaSet at the Deployment's revision, and its
@@ -537,21 +535,6 @@ def _kept_reason(ns: str, now: dict[str, str | None], meshed: list[str], neighbo
                f"{INJECT_LABEL}=false)" if pending else "no other workload gets a sidecar from it"))
 
 
-def _oldest(policies: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """Istio's tie-break: creation time, then name."""
-    return min(policies, key=lambda p: (_meta(p).get("creationTimestamp") or "", _meta(p).get("name", "")),
-               default=None)
-
-
-def _selectorless(policy: dict[str, Any]) -> bool:
-    """Namespace- or mesh-level, as Istio decides: no selector or an empty matchLabels."""
-    return not ((policy.get("spec") or {}).get("selector") or {}).get("matchLabels")
-
-
-def _mode(policy: dict[str, Any]) -> str:
-    return ((policy.get("spec") or {}).get("mtls") or {}).get("mode") or "UNSET"
-
-
 def label_selector(selector: dict[str, Any]) -> str:
     parts = [f"{k}={v}" for k, v in (selector.get("matchLabels") or {}).items()]
     for expr in selector.get("matchExpressions") or []:
@@ -559,10 +542,6 @@ def label_selector(selector: dict[str, Any]) -> str:
         parts.append({"In": f"{key} in ({values})", "NotIn": f"{key} notin ({values})", "Exists": key,
                       "DoesNotExist": f"!{key}"}[op])
     return ",".join(parts)
-
-
-def policy_name(workload: str) -> str:
-    return f"meshwave-{workload}"
 
 
 # ---- the cluster ----------------------------------------------------------------------------------
@@ -620,6 +599,30 @@ class MeshKube:
         return Change(self.cluster, action, target, before=state, after=state, reason=reason,
                       dry_run=self.dry_run)
 
+    # The resource modules (peer_auth, probe) write through the same transport, errors and dry run.
+    call, send, noop = _call, _send, _noop
+
+    @functools.cached_property
+    def mtls(self) -> PeerAuthentications:
+        """This cluster's PeerAuthentications: every mTLS read and write goes through it."""
+        return PeerAuthentications(self)
+
+    def api_group(self, group: str) -> dict[str, Any]:
+        """The API discovery document of one group (`/apis/<group>`): its served versions."""
+        return self._call("GET", f"/apis/{group}", self.api_client.call_api, f"/apis/{group}", "GET",
+                          auth_settings=["BearerToken"], header_params={"Accept": "application/json"},
+                          _return_http_data_only=True)
+
+    def deployment(self, ns: str, name: str) -> dict[str, Any]:
+        """The Deployment object (WorkloadNotFound when there is none)."""
+        return self._deployment(ns, name)
+
+    def template_labels(self, ns: str, name: str) -> tuple[dict[str, str], dict[str, str]]:
+        """(pod template labels, spec.selector.matchLabels) of a deployment: what a policy selects."""
+        spec = self._deployment(ns, name).get("spec") or {}
+        labels = ((spec.get("template") or {}).get("metadata") or {}).get("labels") or {}
+        return dict(labels), dict((spec.get("selector") or {}).get("matchLabels") or {})
+
     # ---- reads -------------------------------------------------------------------------------------
     def ping(self) -> str:
         """The server's version; fails fast with ClusterUnreachable."""
@@ -672,38 +675,6 @@ class MeshKube:
     def _deployment_names(self, ns: str) -> list[str]:
         items = self._call("LIST", f"deployments {ns}", self.apps.list_namespaced_deployment, ns).get("items", [])
         return sorted(_meta(d).get("name", "") for d in items)
-
-    def _policies(self, ns: str) -> list[dict[str, Any]]:
-        return self._call("LIST", f"peerauthentications {ns}", self.custom.list_namespaced_custom_object,
-                          PA_GROUP, PA_VERSION, ns, PA_PLURAL).get("items", [])
-
-    def mesh_wide_mtls(self) -> str | None:
-        """Mode of the mesh-wide policy (root namespace, no selector, oldest wins); no mode means PERMISSIVE."""
-        policy = _oldest([p for p in self._policies(self.root_namespace) if _selectorless(p)])
-        if policy is None:
-            return None
-        mode = _mode(policy)
-        return "PERMISSIVE" if mode == "UNSET" else mode
-
-    def namespace_mtls(self, ns: str) -> str | None:
-        """Mode of the namespace-wide policy (no selector, oldest wins); UNSET means it inherits the mesh's."""
-        validate_name(ns, "namespace")
-        policy = _oldest([p for p in self._policies(ns) if _selectorless(p)])
-        return _mode(policy) if policy else None
-
-    def _get_policy(self, ns: str, name: str) -> dict[str, Any] | None:
-        try:
-            return self._call("GET", f"peerauthentication {ns}/{name}", self.custom.get_namespaced_custom_object,
-                              PA_GROUP, PA_VERSION, ns, PA_PLURAL, name)
-        except NotFound:
-            return None
-
-    def current_mtls(self, ns: str, workload: str) -> str | None:
-        """Mode of meshwave's own policy for the workload, None when there is none."""
-        validate_name(ns, "namespace")
-        validate_name(workload, "workload")
-        policy = self._get_policy(ns, policy_name(workload))
-        return _mode(policy) if policy else None
 
     # ---- pod template writes -----------------------------------------------------------------------
     def _patch_template(self, w: WorkloadState, action: str, reason: str, *, labels: dict[str, Any] | None = None,
@@ -923,79 +894,10 @@ class MeshKube:
                                  _content_type=MERGE_PATCH)
         return self._send(change, call)
 
-    # ---- mTLS --------------------------------------------------------------------------------------
-    def ensure_mtls(self, ns: str, workload: str, selector_labels: dict[str, str],
-                    mode: Literal["STRICT", "PERMISSIVE"]) -> Change:
-        """A workload-selector PeerAuthentication `meshwave-<workload>` in `mode`; never namespace/mesh-wide."""
-        validate_name(ns, "namespace")
-        validate_name(workload, "workload")
-        if mode not in MTLS_MODES:
-            raise ValueError(f"mode must be one of {', '.join(MTLS_MODES)}, not {mode!r}")
-        if not selector_labels:
-            raise ValueError(f"ensure_mtls({ns}/{workload}, {mode}): selector_labels is empty; a policy without a "
-                             "selector is namespace- or mesh-wide, which meshwave never writes"
-                             + (" (STRICT would reject every caller without a sidecar)" if mode == "STRICT" else ""))
-        selector = validate_labels(selector_labels, "selector_labels")
-        if ns == self.root_namespace:
-            raise ValueError(f"Istio ignores selector policies in the root namespace {ns}")
-        retried: set[str] = set()
-        while True:
-            change = self._plan_mtls(ns, policy_name(workload), self._get_policy(ns, policy_name(workload)),
-                                     selector, mode)
-            if change.request is None:
-                return change
-            try:
-                return self._send(change, functools.partial(self._write_policy, ns, policy_name(workload), change))
-            except Conflict:
-                if change.request.verb in retried:  # someone else keeps writing it: give up, loudly
-                    raise
-                retried.add(change.request.verb)
-
-    def _plan_mtls(self, ns: str, name: str, current: dict[str, Any] | None, selector: dict[str, str],
-                   mode: str) -> Change:
-        target = f"peerauthentication {ns}/{name}"
-        after = {"mode": mode, "selector": selector}
-        if current is None:
-            body = {"apiVersion": f"{PA_GROUP}/{PA_VERSION}", "kind": "PeerAuthentication",
-                    "metadata": {"name": name, "namespace": ns, "labels": dict(MANAGED_BY)},
-                    "spec": {"selector": {"matchLabels": selector}, "mtls": {"mode": mode}}}
-            request = ApiRequest("POST", f"/apis/{PA_GROUP}/{PA_VERSION}/namespaces/{ns}/{PA_PLURAL}",
-                                 "application/json", body)
-            return Change(self.cluster, "set-mtls", target, None, after, request, reason=f"create {mode} policy")
-        spec = current.get("spec") or {}
-        old_selector = (spec.get("selector") or {}).get("matchLabels") or {}
-        before = {"mode": _mode(current), "selector": old_selector}
-        if before == after:
-            return self._noop("set-mtls", target, before, f"already {mode}")
-        match = {**selector, **{k: None for k in old_selector if k not in selector}}  # merge patch: null deletes
-        body = {"metadata": {"resourceVersion": _meta(current).get("resourceVersion"), "labels": dict(MANAGED_BY)},
-                "spec": {"selector": {"matchLabels": match}, "mtls": {"mode": mode}}}
-        request = ApiRequest("PATCH", f"/apis/{PA_GROUP}/{PA_VERSION}/namespaces/{ns}/{PA_PLURAL}/{name}",
-                             MERGE_PATCH, body)
-        return Change(self.cluster, "set-mtls", target, before, after, request,
-                      reason=f"{before['mode']} -> {mode}")
-
-    def _write_policy(self, ns: str, name: str, change: Change) -> dict[str, Any]:
-        assert change.request is not None
-        body = change.request.body
-        if change.request.verb == "POST":
-            return self._call("POST", change.target, self.custom.create_namespaced_custom_object, PA_GROUP,
-                              PA_VERSION, ns, PA_PLURAL, body)
-        return self._call("PATCH", change.target, self.custom.patch_namespaced_custom_object, PA_GROUP, PA_VERSION,
-                          ns, PA_PLURAL, name, body, _content_type=MERGE_PATCH)
-
     # ---- emergency rollback (meshwave.emergency) ---------------------------------------------------
     def namespace_names(self) -> list[str]:
         items = self._call("LIST", "namespaces", self.core.list_namespace).get("items", [])
         return sorted(_meta(n).get("name", "") for n in items)
-
-    def list_policies(self, ns: str | None = None) -> list[dict[str, Any]]:
-        """PeerAuthentications of one namespace, or of every namespace (ns None) in one request."""
-        if ns is not None:
-            validate_name(ns, "namespace")
-            return self._policies(ns)
-        return self._call("LIST", "peerauthentications (all namespaces)", self.custom.list_cluster_custom_object,
-                          PA_GROUP, PA_VERSION, PA_PLURAL).get("items", [])
 
     def workloads_in(self, ns: str) -> list[WorkloadState]:
         """Every deployment of a namespace with its pods: two requests, however many deployments."""
@@ -1009,29 +911,6 @@ class MeshKube:
             found.append(workload_state(self.cluster, d, mine))
         return found
 
-    def relax_policy(self, ns: str, name: str, note: str, current: dict[str, Any] | None = None) -> Change:
-        """STRICT -> PERMISSIVE in one PeerAuthentication (its mode and every portLevelMtls entry), keeping the
-        object; the previous modes go into the annotation `PREVIOUS_MTLS_ANNOTATION`. A policy with nothing
-        STRICT is left alone (no request). `current` is the object as just listed (saves a GET); a stale
-        resourceVersion (409) is re-read and re-planned once."""
-        validate_name(ns, "namespace")
-        retried = False
-        while True:
-            policy = current if current is not None else self._get_policy(ns, name)
-            change = plan_relax(self.cluster, ns, name, policy, note)
-            if change.request is None:
-                change.dry_run = self.dry_run
-                return change
-            try:
-                return self._send(change, functools.partial(
-                    self._call, "PATCH", change.target, self.custom.patch_namespaced_custom_object, PA_GROUP,
-                    PA_VERSION, ns, PA_PLURAL, name, change.request.body, _content_type=MERGE_PATCH))
-            except Conflict:
-                if retried:
-                    raise
-                retried, current = True, None
-
-
 def _owned_by(pod: dict[str, Any], deployment: str) -> bool:
     """The selector may match other deployments' pods: keep those whose ReplicaSet is this deployment's."""
     owners = [o for o in _meta(pod).get("ownerReferences") or [] if o.get("kind") == "ReplicaSet"]
@@ -1041,46 +920,5 @@ def _owned_by(pod: dict[str, Any], deployment: str) -> bool:
     return any(o.get("name") == f"{deployment}-{pod_hash}" for o in owners)
 
 
-# ---- emergency rollback: PeerAuthentication helpers (pure) -----------------------------------------
-PREVIOUS_MTLS_ANNOTATION = "meshwave.io/emergency-previous-mtls"
-RELAXED_BY_ANNOTATION = "meshwave.io/emergency-rollback"
-
-
 def _selects(match_labels: dict[str, str], labels: dict[str, str]) -> bool:
     return bool(match_labels) and all(labels.get(k) == v for k, v in match_labels.items())
-
-
-def strict_parts(policy: dict[str, Any]) -> dict[str, str]:
-    """What is STRICT in a policy: {"mtls": "STRICT"} and/or {"port 8080": "STRICT"}; empty when nothing is."""
-    spec = policy.get("spec") or {}
-    found = {"mtls": "STRICT"} if _mode(policy) == "STRICT" else {}
-    for port, cfg in sorted((spec.get("portLevelMtls") or {}).items(), key=lambda kv: str(kv[0])):
-        if (cfg or {}).get("mode") == "STRICT":
-            found[f"port {port}"] = "STRICT"
-    return found
-
-
-def plan_relax(cluster: str, ns: str, name: str, policy: dict[str, Any] | None, note: str) -> Change:
-    """The merge patch that turns every STRICT of a policy into PERMISSIVE, or a no-op Change. Pure."""
-    target = f"peerauthentication {ns}/{name}"
-    if policy is None:
-        return Change(cluster, "relax-mtls", target, reason="not found (deleted meanwhile): nothing to relax")
-    strict = strict_parts(policy)
-    if not strict:
-        state = {"mtls": _mode(policy)}
-        return Change(cluster, "relax-mtls", target, state, state, reason=f"nothing STRICT ({_mode(policy)})")
-    spec: dict[str, Any] = {}
-    if "mtls" in strict:
-        spec["mtls"] = {"mode": "PERMISSIVE"}
-    ports = {k.removeprefix("port "): {"mode": "PERMISSIVE"} for k in strict if k.startswith("port ")}
-    if ports:
-        spec["portLevelMtls"] = ports
-    annotations = {PREVIOUS_MTLS_ANNOTATION: json.dumps(strict, sort_keys=True), RELAXED_BY_ANNOTATION: note}
-    body = {"metadata": {"resourceVersion": _meta(policy).get("resourceVersion"), "annotations": annotations},
-            "spec": spec}
-    request = ApiRequest("PATCH", f"/apis/{PA_GROUP}/{PA_VERSION}/namespaces/{ns}/{PA_PLURAL}/{name}", MERGE_PATCH,
-                         body)
-    after = {k: "PERMISSIVE" for k in strict}
-    return Change(cluster, "relax-mtls", target, strict, after, request,
-                  reason=", ".join(f"{k} STRICT -> PERMISSIVE" for k in strict) + " (object kept; previous modes in "
-                  f"annotation {PREVIOUS_MTLS_ANNOTATION})")

@@ -99,12 +99,22 @@ class Sidecar(Strict):
         return {f"sidecar.istio.io/{k}": getattr(self, f) for f, k in keys.items() if getattr(self, f)}
 
 
+class Probe(Strict):
+    """The plaintext probe that proves STRICT is in force: a short-lived pod without a sidecar runs curl
+    against the workload's Service; only a connection reset by the workload's proxy (curl exit 56) proves it."""
+
+    image: str = Field("curlimages/curl:8.11.1", min_length=1,
+                       description="An image with curl; mirror it where clusters cannot pull from Docker Hub.")
+    timeout_seconds: Annotated[int, Field(ge=5, le=600)] = 90
+
+
 class Settings(Strict):
     """Knobs every service inherits from `defaults` unless it sets its own."""
 
     injection: Literal["workload", "namespace"] = "workload"
     soak_seconds: Seconds = 300
-    poke_interval_seconds: Seconds = 30
+    # 20 s, not 30: a breach must stay in the 60 s window for breaches_to_fail (3) polls to be confirmed
+    poke_interval_seconds: Seconds = 20
     query_window_seconds: Annotated[int, Field(ge=10, le=3600)] = 60
     rollout_timeout_seconds: Seconds = 600
     verify_seconds: Seconds = 120
@@ -114,6 +124,7 @@ class Settings(Strict):
     on_no_data: Literal["hold", "rollback"] = "hold"
     thresholds: Thresholds = Field(default_factory=Thresholds)
     sidecar: Sidecar = Field(default_factory=Sidecar)
+    probe: Probe = Field(default_factory=Probe)
 
 
 class Defaults(Settings):
@@ -148,6 +159,7 @@ class ServicePlan(Strict):
     on_no_data: Literal["hold", "rollback"] | None = None
     thresholds: Thresholds | None = None
     sidecar: Sidecar | None = None
+    probe: Probe | None = None
 
     _names = field_validator("cluster", "namespace", "workload")(rfc1123_label)
 

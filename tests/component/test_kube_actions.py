@@ -6,7 +6,6 @@ mode and the stopped lab get labs of their own.
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from collections.abc import Iterator
@@ -19,14 +18,10 @@ from kubernetes import client, config
 
 from meshlab.process import LabProcess
 from meshwave.kube import (
-    PA_GROUP,
-    PA_PLURAL,
-    PA_VERSION,
     ClusterUnreachable,
     InjectionBlocked,
     MeshKube,
     NotFound,
-    Rejected,
     RolloutState,
     WorkloadNotFound,
 )
@@ -139,57 +134,9 @@ def test_sidecar_resources_and_exclusions_are_idempotent(kube: MeshKube) -> None
     assert settle(kube, "shop", "ledger", expect_proxy=False).done
 
 
-def test_mtls_strict_is_idempotent_then_permissive(kube: MeshKube) -> None:
-    assert kube.current_mtls("shop", "auth") is None
-    created = kube.ensure_mtls("shop", "auth", {"app": "auth"}, "STRICT")
-    assert created.applied and created.request is not None and created.request.verb == "POST"
-    policy = kube.custom.get_namespaced_custom_object(PA_GROUP, PA_VERSION, "shop", PA_PLURAL, "meshwave-auth")
-    assert policy["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "meshwave"}
-    assert policy["spec"] == {"selector": {"matchLabels": {"app": "auth"}}, "mtls": {"mode": "STRICT"}}
-    assert kube.current_mtls("shop", "auth") == "STRICT"
-    again = kube.ensure_mtls("shop", "auth", {"app": "auth"}, "STRICT")
-    assert not again.applied and again.reason == "already STRICT"
-    back = kube.ensure_mtls("shop", "auth", {"app": "auth"}, "PERMISSIVE")
-    assert back.applied and back.before == {"mode": "STRICT", "selector": {"app": "auth"}}
-    assert back.request is not None and back.request.content_type == "application/merge-patch+json"
-    assert kube.current_mtls("shop", "auth") == "PERMISSIVE"
-
-
-def test_strict_without_a_selector_is_refused_and_writes_nothing(kube: MeshKube) -> None:
-    with pytest.raises(ValueError, match="selector_labels is empty"):
-        kube.ensure_mtls("shop", "user", {}, "STRICT")
-    assert kube.current_mtls("shop", "user") is None
-    assert kube.namespace_mtls("shop") is None
-
-
-def test_mtls_conflicts_are_retried(kube: MeshKube, monkeypatch: pytest.MonkeyPatch) -> None:
-    first = kube.ensure_mtls("shop", "ledger", {"app": "ledger"}, "PERMISSIVE")
-    stale = kube._get_policy("shop", "meshwave-ledger")
-    kube.custom.patch_namespaced_custom_object(PA_GROUP, PA_VERSION, "shop", PA_PLURAL, "meshwave-ledger",
-                                               {"metadata": {"annotations": {"touched": "by someone else"}}})
-    reads: list[str] = []
-    real_get = kube._get_policy
-
-    def stale_once(ns: str, name: str) -> dict[str, Any] | None:
-        reads.append(name)
-        return copy.deepcopy(stale) if len(reads) == 1 else real_get(ns, name)
-
-    monkeypatch.setattr(kube, "_get_policy", stale_once)
-    patched = kube.ensure_mtls("shop", "ledger", {"app": "ledger"}, "STRICT")  # 409 on the stale version, retried
-    assert first.applied and patched.applied and len(reads) == 2
-    assert kube.current_mtls("shop", "ledger") == "STRICT"
-
-    reads.clear()
-    monkeypatch.setattr(kube, "_get_policy", lambda ns, name: reads.append(name) or (
-        None if len(reads) == 1 else real_get(ns, name)))
-    adopted = kube.ensure_mtls("shop", "ledger", {"app": "ledger"}, "PERMISSIVE")  # 409 AlreadyExists on create
-    assert adopted.applied and adopted.request is not None and adopted.request.verb == "PATCH"
-    assert kube.current_mtls("shop", "ledger") == "PERMISSIVE"
-
-
 def versions(kube: MeshKube, workload: str) -> dict[str, Any]:
     ns = json.loads(kube.core.read_namespace("shop", _preload_content=False).data)
-    policies = kube.custom.list_namespaced_custom_object(PA_GROUP, PA_VERSION, "shop", PA_PLURAL)["items"]
+    policies = kube.mtls.list("shop")
     return {"namespace": ns["metadata"]["resourceVersion"],
             "deployment": raw_deployment(kube, "shop", workload)["metadata"]["resourceVersion"],
             "policies": sorted(p["metadata"]["name"] for p in policies)}
@@ -200,10 +147,9 @@ def test_dry_run_writes_nothing(lab: LabProcess, kube: MeshKube) -> None:
     dry = MeshKube(api_client(lab), "lab", dry_run=True)
     changes = [*dry.ensure_injected("shop", "user", "workload"), *dry.ensure_injected("shop", "user", "namespace"),
                *dry.remove_injection("shop", "user"), dry.ensure_sidecar_resources("shop", "user", memory="200Mi"),
-               dry.ensure_exclusions("shop", "user", inbound_ports=[9090]),
-               dry.ensure_mtls("shop", "user", {"app": "user"}, "STRICT")]
+               dry.ensure_exclusions("shop", "user", inbound_ports=[9090])]
     assert [c.action for c in changes] == ["label-workload", "label-namespace", "restart", "remove-injection",
-                                           "set-sidecar-resources", "set-exclusions", "set-mtls"]
+                                           "set-sidecar-resources", "set-exclusions"]
     for change in changes:
         assert change.dry_run and not change.applied and change.request is not None, change
         assert change.reason.startswith(f"dry run: would {change.request.verb} /"), change.reason
@@ -214,33 +160,6 @@ def test_dry_run_writes_nothing(lab: LabProcess, kube: MeshKube) -> None:
     restart = changes[2].request.body["spec"]["template"]["metadata"]["annotations"]  # type: ignore[union-attr]
     assert list(restart) == ["kubectl.kubernetes.io/restartedAt"]
     assert versions(kube, "user") == before
-
-
-def test_mesh_wide_and_namespace_mtls(kube: MeshKube) -> None:
-    def policy(ns: str, name: str, mode: str | None, selector: dict[str, str] | None = None) -> dict[str, Any]:
-        spec: dict[str, Any] = {"mtls": {"mode": mode}} if mode else {}
-        if selector:
-            spec["selector"] = {"matchLabels": selector}
-        return {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
-                "metadata": {"name": name, "namespace": ns}, "spec": spec}
-
-    create = kube.custom.create_namespaced_custom_object
-    assert kube.mesh_wide_mtls() is None
-    create(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, policy("istio-system", "workload-only", "DISABLE",
-                                                                     {"app": "istiod"}))
-    assert kube.mesh_wide_mtls() is None  # a selector policy is not mesh-wide
-    create(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, policy("istio-system", "zz-default", "STRICT"))
-    time.sleep(1.1)  # creationTimestamp has second resolution
-    create(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, policy("istio-system", "aa-newer", "PERMISSIVE"))
-    try:
-        assert kube.mesh_wide_mtls() == "STRICT"  # the oldest wins, not the first by name
-    finally:
-        for name in ("workload-only", "zz-default", "aa-newer"):
-            kube.custom.delete_namespaced_custom_object(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, name)
-    kube.core.create_namespace({"metadata": {"name": "scratch"}})
-    create(PA_GROUP, PA_VERSION, "scratch", PA_PLURAL, policy("scratch", "default", None))
-    assert kube.namespace_mtls("scratch") == "UNSET"
-    assert kube.mesh_wide_mtls() is None
 
 
 def test_disabled_namespace_blocks_injection(kube: MeshKube) -> None:
@@ -262,10 +181,6 @@ def test_missing_objects_and_api_errors_are_kube_errors(kube: MeshKube) -> None:
         kube.rollout("shop", "nope")
     with pytest.raises(NotFound, match='namespace nowhere.*namespaces "nowhere" not found'):
         kube.ensure_injected("nowhere", "auth", "workload")
-    with pytest.raises(Rejected, match="415 UnsupportedMediaType: strategic merge patch format is not supported"):
-        kube._call("PATCH", "peerauthentication shop/meshwave-auth", kube.custom.patch_namespaced_custom_object,
-                   PA_GROUP, PA_VERSION, "shop", PA_PLURAL, "meshwave-auth", {"spec": {}},
-                   _content_type="application/strategic-merge-patch+json")
 
 
 def test_namespace_mode_labels_the_namespace_and_restarts(tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ import yaml
 
 from meshwave import emergency as em
 from meshwave.fleet import Fleet, load_fleet
-from meshwave.kube import PREVIOUS_MTLS_ANNOTATION, WorkloadState, plan_relax, strict_parts
+from meshwave.kube import WorkloadState
+from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION, plan_relax, strict_parts
 from meshwave.prometheus import PrometheusUnavailable, Sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -170,13 +171,17 @@ class FakeKube:
         self.policies = policies
         self.written: list[str] = []
 
-    def list_policies(self, ns: str | None = None) -> list[dict[str, Any]]:
+    @property
+    def mtls(self) -> FakeKube:  # the PeerAuthentications of the cluster: list and relax
+        return self
+
+    def list(self, ns: str | None = None) -> list[dict[str, Any]]:
         return [p for p in self.policies if ns in (None, p["metadata"]["namespace"])]
 
     def workload(self, ns: str, name: str) -> WorkloadState:
         return WorkloadState("c1", ns, name, 1, template_labels={"app": name})
 
-    def relax_policy(self, ns: str, name: str, note: str, current: dict[str, Any] | None = None):
+    def relax(self, ns: str, name: str, note: str, current: dict[str, Any] | None = None):
         change = plan_relax(self.cluster, ns, name, current, note)
         change.applied, change.dry_run = not self.dry_run, self.dry_run
         self.written.append(f"{ns}/{name}")
