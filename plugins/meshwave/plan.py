@@ -127,6 +127,26 @@ class Settings(Strict):
     probe: Probe = Field(default_factory=Probe)
 
 
+def timing_problems(settings: Settings) -> list[str]:
+    """What is wrong with a (defaults or effective) settings' timing, as "field: problem"; [] when sound.
+
+    - a breach is seen in one query window, so it is seen by `query_window / poke` polls: fewer than
+      `breaches_to_fail` and it can never be confirmed (restarts and OOMs at the old defaults, review finding 11);
+    - a soak or a verification shorter than the window judges mostly data from before the change (finding 19).
+    """
+    s, problems = settings, []
+    polls = s.breaches_to_fail * s.poke_interval_seconds
+    if s.query_window_seconds < polls:
+        problems.append(f"query_window_seconds: {s.query_window_seconds} is shorter than breaches_to_fail "
+                        f"{s.breaches_to_fail} x poke_interval_seconds {s.poke_interval_seconds} = {polls}: a breach "
+                        "would leave the window before enough polls saw it to confirm it")
+    for name in ("soak_seconds", "verify_seconds"):
+        if getattr(s, name) < s.query_window_seconds:
+            problems.append(f"{name}: {getattr(s, name)} is shorter than query_window_seconds "
+                            f"{s.query_window_seconds}: its judgement would rest mostly on data from before the change")
+    return problems
+
+
 class Defaults(Settings):
     batch_size: Annotated[int, Field(ge=1, le=500)] = 5
     max_failures: Annotated[int, Field(ge=1)] = 2
@@ -297,6 +317,18 @@ class Plan(Strict):
                 seen[svc.key] = where
             if wave.after is not None and wave.after not in waves - {wave.name}:
                 raise ValueError(f"waves[{w}].after: {wave.after!r} is not an earlier wave of this plan")
+        return self
+
+    @model_validator(mode="after")
+    def _timing(self) -> Plan:
+        """The defaults, then every service's effective settings (its own values over the defaults)."""
+        if problems := timing_problems(self.defaults):
+            raise ValueError(f"defaults.{problems[0]}")
+        for w, wave in enumerate(self.waves):
+            for s, svc in enumerate(wave.services):
+                if problems := timing_problems(svc.settings(self.defaults)):
+                    raise ValueError(f"waves[{w}].services[{s}].{problems[0]} (the service's settings over the "
+                                     "defaults)")
         return self
 
     def dag_id(self, wave: Wave) -> str:

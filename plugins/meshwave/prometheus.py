@@ -227,6 +227,28 @@ def _sample(metric: Any, pair: Any, query: str, where: str) -> Sample:
                                     f"of {metric!r} ({exc}); query: {query}") from None
 
 
+def _same_prometheus(url: str) -> str:
+    """A URL as a key for "the same Prometheus": no credentials, case-insensitive scheme and host, no trailing /."""
+    parts = urlsplit(url.strip())
+    netloc = parts.netloc.rsplit("@", 1)[-1].lower()
+    return urlunsplit((parts.scheme.lower(), netloc, parts.path.rstrip("/"), parts.query, ""))
+
+
+def shared_without_cluster(connections: dict[str, tuple[str, str | None]]) -> list[str]:
+    """The clusters (sorted) whose Prometheus URL another cluster also uses while one of them has no `cluster` extra.
+
+    `connections` maps each plan cluster to (its Prometheus URL, its connection's `cluster` extra or None). Without
+    the extra every check of such a cluster sums the same-named workloads of all the clusters behind that
+    Prometheus: a failure in one is diluted by the others (fail-open; safety review finding 20).
+    """
+    by_url: dict[str, list[str]] = {}
+    for cluster, (url, _) in connections.items():
+        by_url.setdefault(_same_prometheus(url), []).append(cluster)
+    refused = [cluster for clusters in by_url.values() if len(clusters) > 1
+               and any(not connections[c][1] for c in clusters) for cluster in clusters]
+    return sorted(refused)
+
+
 # ---- validation -----------------------------------------------------------------------------------------
 def validate_label(name: str, value: object) -> str:
     """An RFC 1123 label (namespace, workload, cluster), else ValueError naming the field."""

@@ -689,3 +689,15 @@ def test_the_event_checks_travel_with_the_policy() -> None:
     none = c.GatePolicy.from_dict(c.GatePolicy(confirm_at_once=()).to_dict())
     tracker = c.BreachTracker(none)
     assert poll(tracker, v("restarts", "fail")).status is c.GateStatus.PENDING
+
+
+# ---- one Prometheus for several clusters (finding 20) ------------------------------------------------------------
+def test_clusters_sharing_a_prometheus_without_the_cluster_extra_are_named() -> None:
+    shared = "http://prometheus.monitoring:9090"
+    assert p.shared_without_cluster({"eu": (shared, None), "us": (shared + "/", "us")}) == ["eu", "us"]
+    assert p.shared_without_cluster({"eu": (shared, ""), "us": ("HTTP://user:pw@Prometheus.monitoring:9090", None),
+                                     "ap": ("http://other:9090", None)}) == ["eu", "us"]
+    assert p.shared_without_cluster({"eu": (shared, "eu"), "us": (shared, "us")}) == [], "each scoped to its own"
+    assert p.shared_without_cluster({"eu": (shared, None), "us": ("http://prom.us:9090", None)}) == [], \
+        "a Prometheus per cluster needs no extra"
+    assert p.shared_without_cluster({"lab": (shared, None)}) == []

@@ -5,19 +5,22 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
-from meshwave.plan import PlanError, load_plan, parse_plan
+from meshwave.plan import Defaults, PlanError, Settings, load_plan, parse_plan, timing_problems
+
+ROOT = Path(__file__).resolve().parents[2]
 
 BASE = {
     "migration": "shop-mesh",
     "clusters": {"lab": {"kubernetes_conn_id": "k8s_lab", "prometheus_conn_id": "prom_lab"}},
-    "defaults": {"soak_seconds": 30, "batch_size": 2},
+    "defaults": {"soak_seconds": 30, "poke_interval_seconds": 5, "query_window_seconds": 15, "batch_size": 2},
     "waves": [{"name": "wave-1", "services": [
         {"cluster": "lab", "namespace": "shop", "workload": "auth", "criticality": "critical"},
-        {"cluster": "lab", "namespace": "shop", "workload": "user", "soak_seconds": 10,
+        {"cluster": "lab", "namespace": "shop", "workload": "user", "soak_seconds": 20,
          "thresholds": {"max_success_drop": 0.1}},
     ]}],
 }
@@ -41,7 +44,7 @@ def test_effective_settings_inherit_and_override() -> None:
     plan = parse_plan(BASE)
     auth, user = plan.waves[0].services
     assert auth.settings(plan.defaults).soak_seconds == 30
-    assert user.settings(plan.defaults).soak_seconds == 10
+    assert user.settings(plan.defaults).soak_seconds == 20
     assert user.settings(plan.defaults).thresholds.max_success_drop == 0.1
     assert auth.settings(plan.defaults).thresholds.max_success_drop == 0.02
     assert plan.dag_id(plan.waves[0]) == "meshwave_shop_mesh_wave_1"
@@ -96,3 +99,65 @@ def test_a_plan_reads_the_same_with_libyaml_and_errors_keep_the_python_loaders_m
         yaml.safe_load(bad.read_text())
     except yaml.YAMLError as exc:
         assert str(info.value) == f"{bad}: not valid YAML: {exc}"
+
+
+# ---- timing across fields (findings 11 and 19) ------------------------------------------------------------------
+@pytest.mark.parametrize(("path", "value", "message"), [
+    # the old model defaults: window 60 s, poke 30 s, 3 breaches: an event is seen by 2 polls, 3 confirm it
+    ("defaults", {"poke_interval_seconds": 30, "query_window_seconds": 60, "breaches_to_fail": 3},
+     "defaults.query_window_seconds: 60 is shorter than breaches_to_fail 3 x poke_interval_seconds 30 = 90"),
+    ("defaults", {"soak_seconds": 10, "query_window_seconds": 15},
+     "defaults.soak_seconds: 10 is shorter than query_window_seconds 15"),
+    ("defaults", {"verify_seconds": 30, "query_window_seconds": 120, "soak_seconds": 300},
+     "defaults.verify_seconds: 30 is shorter than query_window_seconds 120"),
+    ("waves.0.services.1", {"soak_seconds": 10},
+     "waves[0].services[1].soak_seconds: 10 is shorter than query_window_seconds 15"),
+    ("waves.0.services.1", {"verify_seconds": 10},
+     "waves[0].services[1].verify_seconds: 10 is shorter than query_window_seconds 15"),
+    ("waves.0.services.0", {"poke_interval_seconds": 10},
+     "waves[0].services[0].query_window_seconds: 15 is shorter than breaches_to_fail 3 x poke_interval_seconds 10 "
+     "= 30"),
+    ("waves.0.services.0", {"query_window_seconds": 40},  # longer than the defaults' soak of 30 s
+     "waves[0].services[0].soak_seconds: 30 is shorter than query_window_seconds 40"),
+])
+def test_timing_across_fields_is_validated_for_the_defaults_and_every_service(path: str, value: dict[str, Any],
+                                                                               message: str) -> None:
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    target = data
+    for key in path.split("."):
+        target = target[int(key)] if key.isdigit() else target[key]
+    target.update(value)
+    with pytest.raises(PlanError) as info:
+        parse_plan(data, "plans/x.yaml")
+    assert str(info.value).startswith(f"plans/x.yaml: {message}")
+
+
+def test_the_model_defaults_are_sound_and_the_reviewed_defaults_were_not() -> None:
+    assert timing_problems(Settings()) == [] and timing_problems(Defaults()) == []
+    reviewed = Settings(soak_seconds=300, poke_interval_seconds=30, query_window_seconds=60, breaches_to_fail=3,
+                        verify_seconds=120)
+    assert [p.split(":")[0] for p in timing_problems(reviewed)] == ["query_window_seconds"]
+
+
+def test_a_window_equal_to_the_polls_and_to_the_stages_is_enough() -> None:
+    plan = parse_plan({**BASE, "defaults": {"soak_seconds": 15, "verify_seconds": 15, "query_window_seconds": 15,
+                                            "poke_interval_seconds": 5, "breaches_to_fail": 3}})
+    assert timing_problems(plan.waves[0].services[1].settings(plan.defaults)) == []
+
+
+PLANS = sorted([*ROOT.glob("include/plans/*.yaml"), *ROOT.glob("tests/e2e/plans/*.yaml"),
+                *ROOT.glob("tests/distributed/plans/*.yaml")])
+
+
+@pytest.mark.parametrize("path", PLANS, ids=[str(p.relative_to(ROOT)) for p in PLANS])
+def test_the_repository_s_own_plans_load(path: Path) -> None:
+    assert load_plan(path).waves
+
+
+def test_the_benchmarks_generated_plans_load() -> None:
+    sys.path.insert(0, str(ROOT))
+    from bench import soak
+    from bench.fleetgen import seed_plan, synthetic_plan
+
+    for name, data in (("seed", seed_plan()), ("synthetic", synthetic_plan(200)), ("soak", soak.plan_for(50, 60)[1])):
+        assert parse_plan(data, name).waves, name
