@@ -40,6 +40,7 @@ from meshwave.mtls import (
     port_modes,
     without,
 )
+from meshwave.names import rfc1123_label
 
 if TYPE_CHECKING:
     from meshwave.kube import MeshKube
@@ -122,6 +123,8 @@ class PeerAuthentications:
     def list(self, ns: str | None) -> list[dict[str, Any]]:
         """The policies of one namespace, or of every namespace (None) in one request."""
         custom = self.kube.custom
+        if ns is not None:
+            rfc1123_label(ns, "namespace")
         if ns is None:
             return self.kube.call("LIST", "peerauthentications (all namespaces)", custom.list_cluster_custom_object,
                                   PA_GROUP, self.version, PA_PLURAL).get("items", [])

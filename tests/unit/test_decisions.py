@@ -424,8 +424,8 @@ def test_a_failed_flip_is_undone_and_recorded_with_the_recovery() -> None:
     errors = {"flip_strict": "cluster lab: POST peerauthentication shop/meshwave-payment: 403 Forbidden: denied"}
     r = record(service(), results, st, errors)
     assert (r["outcome"], r["mtls"], r["sidecar"]) == ("rolled_back", "PERMISSIVE", True)
-    assert r["reason"] == ("STRICT undone, sidecar kept: the flip to STRICT did not complete or was not proven in force: make sure it is "
-                           "PERMISSIVE; recovery: unknown")
+    assert r["reason"] == ("STRICT undone, sidecar kept: the flip to STRICT did not complete or was not proven in "
+                           "force: make sure it is PERMISSIVE; recovery: unknown")
 
 
 def test_back_to_permissive_failing_is_failed_with_strict_maybe_left() -> None:

@@ -36,6 +36,7 @@ from meshwave.kube import (
     validate_name,
     workload_state,
 )
+from meshwave.mtls import Mode
 
 # ---- assess_rollout over hand-built states ----------------------------------------------------------
 
@@ -388,26 +389,21 @@ def offline() -> MeshKube:
     lambda k: k.workload("shop", 'x"} or vector(1)'),
     lambda k: k.ensure_injected("shop", "../etc", "workload"),
     lambda k: k.remove_injection("Shop", "auth"),
-    lambda k: k.ensure_mtls("shop", "../etc", {"app": "x"}, "STRICT"),
-    lambda k: k.namespace_mtls('x"} or vector(1)'),
-    lambda k: k.current_mtls("shop", ""),
+    lambda k: k.mtls.ensure_strict("shop", "../etc"),
+    lambda k: k.mtls.namespace_wide('x"} or vector(1)'),
+    lambda k: k.mtls.effective("shop", ""),
+    lambda k: k.mtls.ensure_permissive("Shop", "auth", "note"),
 ])
 def test_methods_validate_names_before_any_request(offline: MeshKube, call: Any) -> None:
     with pytest.raises(ValueError, match="namespace|workload"):
         call(offline)
 
 
-def test_mtls_input_checks(offline: MeshKube) -> None:
-    with pytest.raises(ValueError, match="selector_labels is empty.*STRICT"):
-        offline.ensure_mtls("shop", "auth", {}, "STRICT")
-    with pytest.raises(ValueError, match="selector_labels is empty"):
-        offline.ensure_mtls("shop", "auth", {}, "PERMISSIVE")
-    with pytest.raises(ValueError, match="mode"):
-        offline.ensure_mtls("shop", "auth", {"app": "auth"}, "DISABLE")  # type: ignore[arg-type]
+def test_input_checks(offline: MeshKube) -> None:
+    with pytest.raises(ValueError, match="no selector.matchLabels.*never writes"):
+        offline.mtls._check_writable("shop", {})
     with pytest.raises(ValueError, match="root namespace"):
-        offline.ensure_mtls("istio-system", "auth", {"app": "auth"}, "STRICT")
-    with pytest.raises(ValueError, match="label"):
-        offline.ensure_mtls("shop", "auth", {"app": 'x"}'}, "STRICT")
+        offline.mtls._check_writable("istio-system", {"app": "auth"})
     with pytest.raises(ValueError, match="mode must be"):
         offline.ensure_injected("shop", "auth", "mesh")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="quantity"):
@@ -424,19 +420,23 @@ def test_validate_labels() -> None:
             validate_labels(bad, "sel")
 
 
-def test_mtls_plan_creates_patches_or_does_nothing(offline: MeshKube) -> None:
-    create = offline._plan_mtls("shop", "meshwave-auth", None, {"app": "auth"}, "STRICT")
-    assert create.request is not None and create.request.verb == "POST"
+def test_mtls_plan_creates_patches_or_does_nothing_at_the_served_version(offline: MeshKube) -> None:
+    pa = offline.mtls
+    pa.__dict__["version"] = "v1beta1"  # as discovered on a cluster older than Istio 1.22 (no request here)
+    create = pa._plan_write("shop", "meshwave-auth", None, {"app": "auth"}, Mode.STRICT)
+    assert create.request is not None and create.request.verb == "POST" and create.before is None
+    assert create.request.path == "/apis/security.istio.io/v1beta1/namespaces/shop/peerauthentications"
+    assert create.request.body["apiVersion"] == "security.istio.io/v1beta1"
     assert create.request.body["metadata"]["labels"] == {"app.kubernetes.io/managed-by": "meshwave"}
     assert create.request.body["spec"] == {"selector": {"matchLabels": {"app": "auth"}}, "mtls": {"mode": "STRICT"}}
     existing = {"metadata": {"name": "meshwave-auth", "resourceVersion": "7"},
                 "spec": {"selector": {"matchLabels": {"app": "auth", "old": "x"}}, "mtls": {"mode": "PERMISSIVE"}}}
-    patch = offline._plan_mtls("shop", "meshwave-auth", existing, {"app": "auth"}, "STRICT")
+    patch = pa._plan_write("shop", "meshwave-auth", existing, {"app": "auth"}, Mode.STRICT)
     assert patch.request is not None and patch.request.content_type == "application/merge-patch+json"
     assert patch.request.body["metadata"]["resourceVersion"] == "7"  # a concurrent writer gets a 409, not lost
     assert patch.request.body["spec"]["selector"]["matchLabels"] == {"app": "auth", "old": None}
-    same = offline._plan_mtls("shop", "meshwave-auth", {**existing, "spec": {
-        "selector": {"matchLabels": {"app": "auth"}}, "mtls": {"mode": "STRICT"}}}, {"app": "auth"}, "STRICT")
+    same = pa._plan_write("shop", "meshwave-auth", {**existing, "spec": {
+        "selector": {"matchLabels": {"app": "auth"}}, "mtls": {"mode": "STRICT"}}}, {"app": "auth"}, Mode.STRICT)
     assert same.request is None and not same.applied and same.reason == "already STRICT"
 
 

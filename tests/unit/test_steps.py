@@ -177,7 +177,7 @@ def service(defaults: dict[str, Any] | None = None, **own: Any) -> Service:
     plan = parse_plan({
         "migration": "shop-mesh",
         "clusters": {"lab": {"kubernetes_conn_id": "k8s_lab", "prometheus_conn_id": "prom_lab"}},
-        "defaults": {"soak_seconds": 60, "batch_size": 2, **(defaults or {})},
+        "defaults": {"soak_seconds": 60, "batch_size": 2, "poke_interval_seconds": 5, **(defaults or {})},
         "waves": [{"name": "wave-1", "services": [
             {"cluster": "lab", "namespace": "shop", "workload": "auth"},
             {"cluster": "lab", "namespace": NS, "workload": WL, "criticality": "critical", **own},
