@@ -88,23 +88,35 @@ def pa(name: str, spec_: dict[str, Any]) -> dict[str, Any]:
 WORKLOAD = {"selector": {"matchLabels": {"app": "auth"}}, "mtls": {"mode": "STRICT"}}
 
 
+SELECTOR = 'spec: Invalid value: "object": portLevelMtls requires selector'
+PORTS = 'spec.portLevelMtls: Invalid value: "object": port must be between 1-65535'
+
+
 @pytest.mark.parametrize(("spec_", "message"), [
-    ({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}, "portLevelMtls requires selector"),
-    ({"selector": {"matchLabels": {}}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}},
-     "portLevelMtls requires selector"),
-    ({"selector": {}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}, "portLevelMtls requires selector"),
-    ({**WORKLOAD, "portLevelMtls": {}}, EMPTY),
-    ({**WORKLOAD, "portLevelMtls": {"0": {"mode": "DISABLE"}}}, "port must be between 1-65535"),
-    ({**WORKLOAD, "portLevelMtls": {"65536": {"mode": "DISABLE"}}}, "port must be between 1-65535"),
-    ({**WORKLOAD, "portLevelMtls": {"http": {"mode": "DISABLE"}}}, "port must be between 1-65535"),
-    ({**WORKLOAD, "portLevelMtls": {70000: {"mode": "DISABLE"}}}, "port must be between 1-65535"),
-], ids=["no-selector", "empty-match-labels", "selector-without-match-labels", "empty-port-map", "port-0",
-        "port-65536", "port-not-a-number", "int-port-70000"])
-def test_the_webhook_denies_invalid_policies_with_400(store: Store, spec_: dict[str, Any], message: str) -> None:
+    ({"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}, SELECTOR),
+    ({"selector": {"matchLabels": {}}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}, SELECTOR),
+    ({"selector": {}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}}, SELECTOR),
+    ({**WORKLOAD, "portLevelMtls": {"0": {"mode": "DISABLE"}}}, PORTS),
+    ({**WORKLOAD, "portLevelMtls": {"65536": {"mode": "DISABLE"}}}, PORTS),
+    ({**WORKLOAD, "portLevelMtls": {"http": {"mode": "DISABLE"}}}, PORTS),
+    ({**WORKLOAD, "portLevelMtls": {70000: {"mode": "DISABLE"}}}, PORTS),
+], ids=["no-selector", "empty-match-labels", "selector-without-match-labels", "port-0", "port-65536",
+        "port-not-a-number", "int-port-70000"])
+def test_the_crd_rules_refuse_invalid_policies_with_422(store: Store, spec_: dict[str, Any], message: str) -> None:
+    # Istio 1.22+ CRDs carry these as CEL rules (x-kubernetes-validations): the API server answers 422 Invalid,
+    # `The PeerAuthentication "bad" is invalid: spec: Invalid value: "object": portLevelMtls requires selector`.
     for dry_run in (True, False):
         with pytest.raises(ApiError) as err:
             store.create(r.PEER_AUTHENTICATIONS, "shop", pa("bad", spec_), dry_run=dry_run)
-        assert (err.value.code, err.value.message) == (400, DENIED + message)
+        assert (err.value.code, err.value.message) == (422, f'PeerAuthentication "bad" is invalid: {message}')
+    assert store.list(r.PEER_AUTHENTICATIONS, "shop") == []
+
+
+def test_the_webhook_denies_an_empty_port_map_with_400(store: Store) -> None:
+    for dry_run in (True, False):
+        with pytest.raises(ApiError) as err:
+            store.create(r.PEER_AUTHENTICATIONS, "shop", pa("bad", {**WORKLOAD, "portLevelMtls": {}}), dry_run=dry_run)
+        assert (err.value.code, err.value.message) == (400, DENIED + EMPTY)
         assert "reason" not in err.value.status(), "Istio's webhook gives no reason; kubectl prints none"
     assert store.list(r.PEER_AUTHENTICATIONS, "shop") == []
 
@@ -132,7 +144,7 @@ def test_patch_and_update_are_validated_too(store: Store) -> None:
     for dry_run in (True, False):
         with pytest.raises(ApiError) as err:
             store.patch(r.PEER_AUTHENTICATIONS, "shop", "auth", MERGE, {"spec": {"selector": None}}, dry_run=dry_run)
-        assert (err.value.code, err.value.message) == (400, DENIED + "portLevelMtls requires selector")
+        assert (err.value.code, err.value.message) == (422, f'PeerAuthentication "auth" is invalid: {SELECTOR}')
         with pytest.raises(ApiError) as err:
             store.patch(r.PEER_AUTHENTICATIONS, "shop", "auth", "application/json-patch+json",
                         [{"op": "replace", "path": "/spec/portLevelMtls", "value": {}}], dry_run=dry_run)
@@ -140,7 +152,7 @@ def test_patch_and_update_are_validated_too(store: Store) -> None:
         body = {**before, "spec": {"mtls": {"mode": "STRICT"}, **ports}}
         with pytest.raises(ApiError) as err:
             store.replace(r.PEER_AUTHENTICATIONS, "shop", "auth", body, dry_run=dry_run)
-        assert err.value.code == 400
+        assert err.value.code == 422
     assert store.get(r.PEER_AUTHENTICATIONS, "shop", "auth") == before
 
 
@@ -149,11 +161,10 @@ def test_other_kinds_are_not_sent_to_the_istio_webhook(store: Store) -> None:
     assert created["metadata"]["name"] == "web"
 
 
-def test_several_denials_are_listed_as_go_multierror_does(store: Store) -> None:
+def test_the_schema_and_rules_are_checked_before_the_webhook(store: Store) -> None:
     with pytest.raises(ApiError) as err:
         store.create(r.PEER_AUTHENTICATIONS, "shop", pa("bad", {"portLevelMtls": {}}))
-    assert err.value.message == DENIED + ("2 errors occurred:\n\t* portLevelMtls requires selector\n\t* " + EMPTY
-                                          + "\n\n")
+    assert (err.value.code, err.value.message) == (422, f'PeerAuthentication "bad" is invalid: {SELECTOR}')
 
 
 async def _post_each(app: web.Application, paths: list[str], body: dict[str, Any]) -> list[tuple[int, Any]]:
@@ -167,10 +178,10 @@ async def _post_each(app: web.Application, paths: list[str], body: dict[str, Any
 
 
 def test_the_api_answers_a_denial_as_a_400_status_dry_run_or_not(store: Store) -> None:
-    bad = pa("bad", {"mtls": {"mode": "STRICT"}, "portLevelMtls": {"8080": {"mode": "DISABLE"}}})
+    bad = pa("bad", {**WORKLOAD, "portLevelMtls": {}})
     url = "/apis/security.istio.io/v1/namespaces/shop/peerauthentications"
     for code, status in asyncio.run(_post_each(ApiServer(store).app, [url + "?dryRun=All", url], bad)):
         assert code == 400
         assert status == {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 400,
-                          "message": DENIED + "portLevelMtls requires selector"}
+                          "message": DENIED + EMPTY}
     assert store.list(r.PEER_AUTHENTICATIONS) == []

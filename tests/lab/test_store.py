@@ -92,7 +92,7 @@ def test_peer_authentication_mode_is_validated(store: Store) -> None:
     body = pa("y", "STRICT")
     body["spec"]["portLevelMtls"] = {"8080": {"mode": "DISABLE"}}
     err = error_of(lambda: store.create(r.PEER_AUTHENTICATIONS, "shop", body))
-    assert err.code == 422 and "requires a workload selector" in err.message
+    assert err.code == 422 and 'spec: Invalid value: "object": portLevelMtls requires selector' in err.message
 
 
 def test_stale_resource_version_is_409_conflict(store: Store) -> None:
