@@ -75,7 +75,7 @@ def kube_for(svc: Service, context: dict[str, Any]) -> Any:
 
     connection = BaseHook.get_connection(svc.cluster.kubernetes_conn_id)
     return mesh_kube(connection, svc.plan.cluster, svc.cluster.root_namespace,
-                     dry_run=bool(context["params"].get("dry_run")))
+                     dry_run=bool(context["params"].get("dry_run")), revision=svc.cluster.revision)
 
 
 def prometheus_for(svc: Service) -> Any:

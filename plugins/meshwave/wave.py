@@ -223,7 +223,8 @@ def _wave_preflight(plan: Plan, wave: Wave):
             _admit_wave(plan, wave, context)
             for name in sorted({s.cluster for s in wave.services}):
                 cfg = plan.clusters[name]
-                kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace)
+                kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace,
+                                 revision=cfg.revision)
                 version = kube.ping()
                 mesh = kube.mtls.mesh_wide()
                 if mesh is not None and mesh.mode == "STRICT":
