@@ -12,8 +12,11 @@ from kubernetes import client, config
 
 from meshlab.process import LabProcess
 from meshwave import emergency as em
-from meshwave.kube import PA_GROUP, PA_PLURAL, PA_VERSION, PREVIOUS_MTLS_ANNOTATION, MeshKube
+from meshwave.kube import MeshKube
+from meshwave.peer_auth import PA_GROUP, PA_PLURAL, PREVIOUS_MTLS_ANNOTATION
 from tests.conftest import eventually
+
+PA_VERSION = "v1"  # what the small lab serves
 
 pytestmark = pytest.mark.component
 
@@ -45,10 +48,10 @@ def test_stage_1_on_the_lab_relaxes_namespace_and_port_policies_and_rereads_a_st
     assert (mtls(small_lab, "auth"), mtls(small_lab, "user"), mtls(small_lab, "ledger")) == ("STRICT",) * 3
 
     # a stale listing (someone edited the mesh-wide policy since): 409, re-read, then patched
-    stale = kube.list_policies("istio-system")[0]
+    stale = kube.mtls.list("istio-system")[0]
     custom.patch_namespaced_custom_object(PA_GROUP, PA_VERSION, "istio-system", PA_PLURAL, "default",
                                           {"metadata": {"labels": {"edited": "yes"}}})
-    change = kube.relax_policy("istio-system", "default", "test", current=stale)
+    change = kube.mtls.relax("istio-system", "default", "test", current=stale)
     assert change.applied and change.before == {"mtls": "STRICT"}
 
     dry = em.relax_cluster(MeshKube(api, "lab", dry_run=True), em.Scope(("lab",), services=("shop/auth",)), "dry")

@@ -84,7 +84,7 @@ def test_seed_outage_recovered_by_stage_1_alone(tmp_path: Path) -> None:
         assert not any(r["status"] == "unhealthy" for r in healthy["rows"]), message
 
         # The object is kept, PERMISSIVE, with the previous mode annotated; a second run changes nothing.
-        policy = kubes["prod-eu-1"].list_policies("istio-system")[0]
+        policy = kubes["prod-eu-1"].mtls.list("istio-system")[0]
         assert policy["spec"]["mtls"]["mode"] == "PERMISSIVE"
         assert json.loads(policy["metadata"]["annotations"][PREVIOUS_MTLS_ANNOTATION]) == {"mtls": "STRICT"}
         again = [em.relax_cluster(k, scope, "second run") for k in kubes.values()]
