@@ -5,7 +5,8 @@
 - Istio standard metrics, only where a proxy handled the traffic: `istio_requests_total`,
   `istio_request_duration_milliseconds`, `istio_tcp_connections_opened_total` / `_closed_total`;
 - cAdvisor `container_memory_working_set_bytes`; kube-state-metrics pod restarts, termination and
-  waiting reasons, readiness, deployment replicas.
+  waiting reasons, readiness, deployment replicas, and the owner series that join a pod to its Deployment
+  (`kube_pod_owner`, `kube_replicaset_owner`, from the objects' ownerReferences as kube-state-metrics reads them).
 
 Counters grow by rate x elapsed time every tick, so a 10-30 s `rate()` window has data. Latencies are
 spread log-normally around the simulated value so `histogram_quantile` gives a believable p50/p99.
@@ -23,6 +24,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from meshlab import resources as r
 from meshlab.injection import parse_quantity
 from meshlab.mesh import EdgeFlow, Flows, Workload
+
+NONE = "<none>"  # kube-state-metrics' owner labels of an object without ownerReferences
+POD_OWNER_LABELS = ("cluster", "namespace", "pod", "uid", "owner_kind", "owner_name", "owner_is_controller")
+RS_OWNER_LABELS = ("cluster", "namespace", "replicaset", "owner_kind", "owner_name", "owner_is_controller")
 
 ISTIO_BUCKETS_MS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000)
 APP_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -132,7 +137,9 @@ class Telemetry:
     def families(self, clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
         yield from self._istio_families()
         yield from self._app_families()
-        yield from _cluster_families(clusters)
+        sources = list(clusters)  # read twice: the pods' own series, then their owners
+        yield from _cluster_families(sources)
+        yield from _owner_families(sources)
 
     def _istio_families(self) -> Iterator[Metric]:
         requests = CounterMetricFamily("istio_requests", "Requests handled by Istio proxies.", labels=ISTIO_LABELS)
@@ -223,3 +230,45 @@ def _cluster_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metr
             dep_metrics["status_replicas_updated"].add_metric(labels, st.get("updatedReplicas", 0))
             dep_metrics["status_replicas_unavailable"].add_metric(labels, st.get("unavailableReplicas", 0))
     yield from (memory, restarts, terminated, waiting, ready, limits, *dep_metrics.values())
+
+
+def _owner_values(obj: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(owner_kind, owner_name, owner_is_controller) per ownerReference, as kube-state-metrics writes them: one
+    series per owner, "false" for a reference without `controller`, one "<none>" series without any owner."""
+    refs = obj["metadata"].get("ownerReferences") or []
+    if not refs:
+        return [(NONE, NONE, NONE)]
+    return [(ref.get("kind", ""), ref.get("name", ""), "true" if ref.get("controller") else "false") for ref in refs]
+
+
+def _replicasets(store: Any) -> Iterator[tuple[str, str, list[tuple[str, str, str]]]]:
+    """(namespace, ReplicaSet, owners) of every ReplicaSet. The store's own ReplicaSets when it keeps them; a store
+    without them (older labs) has them derived from its pods' references, named `<deployment>-<hash>`: the
+    Deployment is the name without its last segment. That rule lives in the lab only, never in meshwave's queries."""
+    resource = getattr(r, "REPLICA_SETS", None)
+    if resource is not None:
+        for rs in store.items(resource):
+            yield rs["metadata"]["namespace"], rs["metadata"]["name"], _owner_values(rs)
+        return
+    seen = set()
+    for pod in store.items(r.PODS):
+        ns = pod["metadata"]["namespace"]
+        for kind, name, _ in _owner_values(pod):
+            if kind == "ReplicaSet" and (ns, name) not in seen:
+                seen.add((ns, name))
+                yield ns, name, [("Deployment", name.rsplit("-", 1)[0], "true")]
+
+
+def _owner_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
+    pod_owner = GaugeMetricFamily("kube_pod_owner", "Information about the Pod's owner.", labels=POD_OWNER_LABELS)
+    rs_owner = GaugeMetricFamily("kube_replicaset_owner", "Information about the ReplicaSet's owner.",
+                                 labels=RS_OWNER_LABELS)
+    for cluster, store, _ in clusters:
+        for pod in store.items(r.PODS):
+            meta = pod["metadata"]
+            for owner in _owner_values(pod):
+                pod_owner.add_metric((cluster, meta["namespace"], meta["name"], meta.get("uid", ""), *owner), 1.0)
+        for ns, name, owners in _replicasets(store):
+            for owner in owners:
+                rs_owner.add_metric((cluster, ns, name, *owner), 1.0)
+    yield from (pod_owner, rs_owner)

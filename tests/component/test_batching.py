@@ -16,6 +16,7 @@ from kubernetes import client, config
 from meshlab.process import LabProcess, PrometheusProcess
 from meshwave import checks as c
 from meshwave import prometheus as p
+from tests.component.test_checks_prometheus import LOOKALIKES, lookalike
 from tests.conftest import SMALL, eventually
 
 pytestmark = pytest.mark.component
@@ -51,6 +52,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabProcess
             apps.patch_namespaced_deployment(name, NS, {"spec": {"template": {"metadata": {"annotations": {
                 "kubectl.kubernetes.io/restartedAt": stamp}}}}})
         lab.admin("PATCH", "/services/lab/shop/user", {"error_rate": 0.2})
+        for spec in LOOKALIKES:  # other controllers' pods named like auth's, OOMKilled: never counted as auth's
+            core.create_namespaced_pod(NS, lookalike(*spec))
         seen = ('count(istio_requests_total{reporter="destination"}) and count('
                 'kube_pod_container_status_last_terminated_reason{reason="OOMKilled"} == 1)')
         eventually(lambda: prom.query(seen), timeout=90, what="Istio metrics and an OOMKilled pod")
@@ -114,3 +117,17 @@ def test_gates_of_many_workloads_share_one_query_per_template(stack) -> None:
         direct = {w: c.strict_gate(plain, ns, w, WINDOW)[0].outcome for ns, w in pairs}
     assert batched == direct
     assert batched["auth"] is c.Outcome.PASS and batched["auth-cache"] is c.Outcome.NO_DATA
+
+
+def test_the_batch_maps_pods_to_their_deployment_by_owner_not_by_name(stack) -> None:
+    _, prom = stack
+    names = {name for name, *_ in LOOKALIKES}
+    eventually(lambda: {r["metric"]["pod"] for r in prom.query(
+        'kube_pod_container_status_restarts_total{namespace="shop"} > 0')} >= names, timeout=60,
+        what="the look-alike pods restarting")
+    template = p.load_queries()["container_restarts"]
+    with p.PrometheusSource(prom.url, timeout=5, cluster="lab") as source:
+        split = template.batch.split(source.instant(template.batch.render(window="1m", cluster="lab")))
+    pods = {key: {s.labels["pod"] for s in samples} for key, samples in split.items()}
+    assert pods[(NS, "auth")] and all(pod.startswith("auth-") for pod in pods[(NS, "auth")])
+    assert not names & set().union(*pods.values()), "another controller's pod is nobody's deployment pod"

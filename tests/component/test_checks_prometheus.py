@@ -6,6 +6,7 @@ import http.server
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,6 +16,7 @@ from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess
 from meshwave import checks as c
+from meshwave import prometheus as p
 from meshwave.prometheus import PrometheusQueryError, PrometheusSource, PrometheusUnavailable
 from tests.conftest import SMALL, eventually
 
@@ -249,3 +251,66 @@ def test_a_prometheus_that_cannot_accept_fails_at_the_connect_timeout() -> None:
         finally:
             for filler in fillers:
                 filler.close()
+
+
+# ---- other controllers' pods named like the deployment's (finding 21) -------------------------------------------
+# A StatefulSet `auth-db`, a Job `auth-migrate` and a CronJob `auth`'s Job: all matched the old `auth-*-*` pod rule.
+LOOKALIKES = (("auth-db-0", "apps/v1", "StatefulSet", "auth-db"), ("auth-migrate-x7k2p", "batch/v1", "Job",
+                                                                    "auth-migrate"),
+              ("auth-28371234-x7k2p", "batch/v1", "Job", "auth-28371234"))
+OLD_RULE = 'pod=~"auth-[a-z0-9]+-[a-z0-9]+"'
+
+
+def lookalike(name: str, api_version: str, kind: str, owner: str) -> dict:
+    """A pod of another controller, without a sidecar, whose 1 Mi limit gets it OOMKilled over and over."""
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": NS,
+                         "labels": {"app": owner, "sidecar.istio.io/inject": "false"},
+                         "ownerReferences": [{"apiVersion": api_version, "kind": kind, "name": owner,
+                                              "uid": str(uuid.uuid4()), "controller": True,
+                                              "blockOwnerDeletion": True}]},
+            "spec": {"containers": [{"name": "main", "image": "busybox:1.36",
+                                     "resources": {"limits": {"memory": "1Mi"}}}]}}
+
+
+class At(PrometheusSource):
+    """Every query evaluated at one instant, to compare two queries on the same data."""
+
+    at: float | None = None
+
+    def instant(self, query: str, at: float | None = None) -> list:
+        return super().instant(query, at=self.at)
+
+
+def test_restarts_of_other_controllers_pods_named_like_the_deployment_do_not_count(stack, k8s) -> None:
+    _, prom = stack
+    core = k8s[0]
+    names = {name for name, *_ in LOOKALIKES}
+    for spec in LOOKALIKES:
+        core.create_namespaced_pod(NS, lookalike(*spec))
+    try:
+        series = f'kube_pod_container_status_restarts_total{{namespace="{NS}", {OLD_RULE}}}[{WINDOW}]'
+        restarted = f"max_over_time({series}) - min_over_time({series}) > 0"
+
+        raw = PrometheusSource(prom.url, timeout=5)
+
+        def all_restarting() -> float | None:  # an instant at which the old rule counts every look-alike
+            at = time.time() - 1
+            return at if {s.labels["pod"] for s in raw.instant(restarted, at=at)} >= names else None
+
+        at = eventually(all_restarting, timeout=90, interval=1, what="the look-alike pods restarting, OOMKilled")
+        raw.close()
+        base = c.Baseline(NS, "auth", WINDOW, success_rate=1.0, request_count=100.0, p50_ms=5.0, p99_ms=20.0)
+        with At(prom.url, timeout=5) as source:
+            source.at = at  # type: ignore[assignment]
+            verdicts = {v.check: v for v in c.verify_after_injection(source, base, NS, "auth", WINDOW)}
+            with p.BatchingSource(source, bucket=3600, shared=p.SharedBatches()) as batched:
+                batched_verdicts = {v.check: v for v in c.verify_after_injection(batched, base, NS, "auth", WINDOW)}
+        for seen in (verdicts, batched_verdicts):
+            counted = set(seen["restarts"].values["restarts"])
+            assert counted and all(pod.split("/")[0] not in names for pod in counted), counted
+            assert seen["restarts"].outcome is c.Outcome.PASS, seen["restarts"].reason
+            assert seen["oom_killed"].outcome is c.Outcome.PASS, seen["oom_killed"].reason
+    finally:
+        for name in names:
+            core.delete_namespaced_pod(name, NS)

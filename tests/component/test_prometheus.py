@@ -9,6 +9,7 @@ import pytest
 from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess
+from tests.component.test_checks_prometheus import lookalike
 from tests.conftest import SMALL, below, eventually
 
 pytestmark = pytest.mark.component
@@ -139,3 +140,38 @@ def test_undersized_pod_with_a_sidecar_shows_oomkilled_restarts(stack, k8s) -> N
     sidecar_memory = scalar(prom, 'max(container_memory_working_set_bytes{namespace="shop", pod=~"payment-.*", '
                                   'container="istio-proxy"})')
     assert sidecar_memory == pytest.approx(150 * 2**20), "the sidecar's working set is exposed"
+
+
+def test_owner_series_as_kube_state_metrics_exposes_them(stack, k8s) -> None:
+    """kube_pod_owner and kube_replicaset_owner, from the objects' ownerReferences: what the pod queries join on."""
+    _, prom = stack
+    core, apps, _ = k8s
+    core.create_namespaced_pod("shop", lookalike("auth-db-0", "apps/v1", "StatefulSet", "auth-db"))
+    core.create_namespaced_pod("shop", {"apiVersion": "v1", "kind": "Pod",
+                                        "metadata": {"name": "debug-shell", "namespace": "shop"},
+                                        "spec": {"containers": [{"name": "sh", "image": "busybox:1.36"}]}})
+
+    def owner_series() -> dict[str, dict[str, str]] | None:
+        found = {r["metric"]["pod"]: r["metric"]
+                 for r in prom.query('kube_pod_owner{namespace="shop", pod=~"auth-.*|debug-shell"}')}
+        return found if {"auth-db-0", "debug-shell"} <= found.keys() else None
+
+    try:
+        owners = eventually(owner_series, timeout=30, what="the look-alike and the bare pod's owner series")
+        assert isinstance(owners, dict)
+        db, bare = owners.pop("auth-db-0"), owners.pop("debug-shell")
+        assert (db["owner_kind"], db["owner_name"], db["owner_is_controller"]) == ("StatefulSet", "auth-db", "true")
+        assert db["uid"] == core.read_namespaced_pod("auth-db-0", "shop").metadata.uid
+        assert (bare["owner_kind"], bare["owner_name"], bare["owner_is_controller"]) == ("<none>",) * 3
+        pods = {pod.metadata.name: pod for pod in core.list_namespaced_pod("shop", label_selector="app=auth").items}
+        assert set(owners) == set(pods), "every pod of the deployment, and only those, besides the two"
+        for name, series in owners.items():
+            ref = pods[name].metadata.owner_references[0]
+            assert (series["owner_kind"], series["owner_name"], series["owner_is_controller"]) == \
+                ("ReplicaSet", ref.name, "true")
+            [rs] = prom.query(f'kube_replicaset_owner{{namespace="shop", replicaset="{ref.name}"}}')
+            assert (rs["metric"]["owner_kind"], rs["metric"]["owner_name"]) == ("Deployment", "auth")
+            assert apps.read_namespaced_replica_set(ref.name, "shop").metadata.owner_references[0].name == "auth"
+    finally:
+        core.delete_namespaced_pod("auth-db-0", "shop")
+        core.delete_namespaced_pod("debug-shell", "shop")

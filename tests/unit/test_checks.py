@@ -118,7 +118,24 @@ def test_rendered_queries_match_the_istio_facts() -> None:
     assert query == ('sum by (source_workload, source_workload_namespace) (rate(istio_requests_total{'
                      'reporter="destination", destination_workload="auth", destination_workload_namespace="shop", '
                      'connection_security_policy!="mutual_tls"}[5m]))')
-    assert 'pod=~"auth-[a-z0-9]+-[a-z0-9]+"' in p.render("container_restarts", namespace=NS, workload=WL, window=WIN)
+
+
+# ---- pods joined to their Deployment through their owner, not a name prefix (finding 21) -----------------------
+POD_QUERIES = ("container_restarts", "oom_killed", "sidecar_memory_bytes", "sidecar_memory_limit_bytes",
+               "app_memory_bytes")
+
+
+@pytest.mark.parametrize("name", POD_QUERIES)
+def test_pod_queries_join_the_deployment_through_its_replicasets_not_a_name_prefix(name: str) -> None:
+    template = p.load_queries()[name]
+    query = template.render(namespace=NS, workload=WL, window=WIN)
+    assert "pod=~" not in query and "[a-z0-9]" not in query, "no pod-name pattern"
+    assert 'kube_pod_owner{namespace="shop", owner_kind="ReplicaSet"}' in query.replace("max_over_time(", "")
+    assert 'kube_replicaset_owner{namespace="shop", owner_kind="Deployment", owner_name="auth"}' in query
+    batch = template.batch.render(window=WIN)
+    assert "pod=~" not in batch and "[a-z0-9]" not in batch
+    assert 'kube_pod_owner{owner_kind="ReplicaSet"}' in batch
+    assert 'kube_replicaset_owner{owner_kind="Deployment"}' in batch
 
 
 def test_the_loader_refuses_a_selector_without_the_cluster(tmp_path: Path) -> None:
