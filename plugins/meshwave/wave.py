@@ -221,6 +221,7 @@ def _wave_preflight(plan: Plan, wave: Wave):
         checked: dict[str, Any] = {}
         try:
             _admit_wave(plan, wave, context)
+            _one_cluster_per_prometheus(plan)
             for name in sorted({s.cluster for s in wave.services}):
                 cfg = plan.clusters[name]
                 kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace,
@@ -244,6 +245,24 @@ def _wave_preflight(plan: Plan, wave: Wave):
         return checked
 
     return wave_preflight()
+
+
+def _one_cluster_per_prometheus(plan: Plan) -> None:
+    """Every check of a cluster must read that cluster alone: a Prometheus shared by several clusters needs the
+    `cluster` extra on each of their connections, or a failure in one is diluted by the others' workloads."""
+    from meshwave.connections import prometheus_url
+    from meshwave.prometheus import shared_without_cluster
+
+    found = {}
+    for name, cfg in plan.clusters.items():
+        connection = BaseHook.get_connection(cfg.prometheus_conn_id)
+        found[name] = (prometheus_url(connection), (connection.extra_dejson or {}).get("cluster"))
+    shared = shared_without_cluster(found)
+    if shared:
+        raise AirflowFailException(
+            f"clusters {', '.join(shared)} read one Prometheus ({found[shared[0]][0]}) but not every connection sets "
+            'the extra {"cluster": "<name>"}: every check would sum the same-named workloads of all of them. Set it '
+            "on each of their Prometheus connections")
 
 
 def _namespace_wide_strict(kube: Any, wave: Wave, cluster: str) -> dict[str, str]:

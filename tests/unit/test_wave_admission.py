@@ -86,3 +86,23 @@ def test_a_service_does_not_start_once_the_window_has_closed(clock: list[datetim
     with pytest.raises(AirflowSkipException, match="the maintenance window closed at 2026-12-01T04:00:00"):
         wave._guard(plan)(svc, context(FakeTI(state)))
     wave._guard(plan)(svc, context(FakeTI({"override": True, "closes": None})))  # overridden: no closing time
+
+
+def test_clusters_sharing_a_prometheus_without_the_cluster_extra_stop_the_wave(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Safety review finding 20: each check must read one cluster; a shared Prometheus needs `cluster` on each."""
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    plan = parse_plan({**PLAN, "clusters": {
+        "eu": {"kubernetes_conn_id": "k_eu", "prometheus_conn_id": "p_eu"},
+        "us": {"kubernetes_conn_id": "k_us", "prometheus_conn_id": "p_us"}},
+        "waves": [{"name": "wave-1", "services": [{"cluster": "eu", "namespace": "shop", "workload": "cart"}]}]})
+    extras = {"p_eu": {"cluster": "eu"}, "p_us": {}}
+    connections = {c: SimpleNamespace(conn_id=c, host="http://prom:9090", port=None, schema=None, extra_dejson=e)
+                   for c, e in extras.items()}
+    monkeypatch.setattr(wave.BaseHook, "get_connection", lambda conn_id: connections[conn_id])
+    with pytest.raises(AirflowFailException, match=r"clusters eu, us read one Prometheus \(http://prom:9090\)"):
+        wave._one_cluster_per_prometheus(plan)
+    extras["p_us"]["cluster"] = "us"
+    wave._one_cluster_per_prometheus(plan)  # both scoped: fine
