@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from meshwave import guards
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.names import RFC1123_LABEL, rfc1123_label
-from meshwave.plan import ServicePlan
+from meshwave.plan import ServicePlan, timing_problems
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import ACTIONS, Service
 from meshwave.wave import dry_run_param
@@ -79,6 +79,8 @@ def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
         if not isinstance(soak, int) or not SOAK_RANGE[0] <= soak <= SOAK_RANGE[1]:
             raise ValueError(f"soak_seconds: {soak!r} is not a number of seconds in {SOAK_RANGE[0]}..{SOAK_RANGE[1]}")
         settings = settings.model_copy(update={"soak_seconds": soak})
+        if problems := timing_problems(settings):  # the plan's own settings were checked when it loaded
+            raise ValueError(f"{problems[0]} (the form's soak_seconds over the plan's settings)")
     return Service(plan_service, settings, fleet.clusters[cluster], batch=1, action=action)
 
 

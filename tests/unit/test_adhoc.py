@@ -41,9 +41,9 @@ def test_a_planned_service_runs_with_its_planned_settings() -> None:
 
 
 def test_an_unplanned_service_gets_the_defaults_of_the_plan_naming_its_cluster_and_the_form_s_soak() -> None:
-    svc = resolve_service(params(soak_seconds=30, action="strict_only"), fleet())
+    svc = resolve_service(params(soak_seconds=90, action="strict_only"), fleet())
     assert (svc.plan.key, svc.settings.soak_seconds, svc.settings.sidecar.expected_memory_mi) == \
-        ("lab/shop/cart", 30, 64)
+        ("lab/shop/cart", 90, 64)
     assert svc.strict is True
 
 
@@ -57,6 +57,8 @@ def test_an_unplanned_service_gets_the_defaults_of_the_plan_naming_its_cluster_a
     ({"action": "delete_everything"}, "action: 'delete_everything' is not one of migrate, inject_only"),
     ({"soak_seconds": 5}, "soak_seconds: 5 is not a number of seconds in 10..86400"),
     ({"soak_seconds": "60"}, "soak_seconds: '60' is not a number of seconds"),
+    ({"soak_seconds": 30}, "soak_seconds: 30 is shorter than query_window_seconds 60: its judgement would rest "
+                           "mostly on data from before the change (the form's soak_seconds over the plan's settings)"),
 ])
 def test_bad_input_is_refused_naming_the_field(given: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError) as exc:
