@@ -17,7 +17,8 @@ from kubernetes import config
 
 from meshlab.process import LabProcess, PrometheusProcess
 from meshwave import emergency as em
-from meshwave.kube import PREVIOUS_MTLS_ANNOTATION, MeshKube
+from meshwave.kube import MeshKube
+from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION
 from meshwave.prometheus import PrometheusSource
 from tests.component.seed_outage import inject_namespaces, mesh_wide_strict
 from tests.conftest import SEED, below, eventually

@@ -21,7 +21,7 @@ import yaml
 from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess, free_port
-from meshwave.kube import PREVIOUS_MTLS_ANNOTATION
+from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION
 from tests.component.test_emergency_seed import fleet_success, reproduce_outage
 from tests.conftest import SEED, below, eventually
 from tests.e2e.conftest import HERE, Stack
