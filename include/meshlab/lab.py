@@ -1,7 +1,9 @@
 """The lab: clusters built from a topology, ticked forward in real time.
 
 Each tick: every cluster's controller reconciles deployments and pods, the mesh computes the request
-flow from what is running and which policies apply, and the telemetry counters advance.
+flow from what is running and which policies apply, and the telemetry counters advance. Each cluster's store
+admits new pods as its API server would: Istio's injector (driven by the MutatingWebhookConfigurations the
+cluster's revisions install), metrics merging and image digest pinning where the topology turns them on.
 """
 
 from __future__ import annotations
@@ -13,22 +15,80 @@ from typing import Any
 from pydantic import ValidationError
 
 from meshlab import resources as r
-from meshlab.controller import MI, Behaviour, Controller, Timing
-from meshlab.injection import excluded_ports
+from meshlab.controller import MI, Behaviour, Controller, Timing, owner_name
+from meshlab.errors import ApiError
+from meshlab.injection import DEFAULT_REVISION, Admission, excluded_ports, webhook_configurations
 from meshlab.mesh import Flows, Workload, WorkloadKey, compute_flows, effective_mode
 from meshlab.store import Store
 from meshlab.telemetry import Telemetry
-from meshlab.topology import Service, Topology, TopologyError, format_errors
+from meshlab.topology import Cluster, Service, Topology, TopologyError, format_errors
 
 # Fault knobs the admin endpoint may change at run time.
 KNOBS = ("replicas", "ingress_rps", "latency_ms", "error_rate", "app_memory_mi", "sidecar_memory_mi", "legacy",
          "bypass_ports", "calls")
 
 
+class ClusterStore(Store):
+    """A cluster's store behind its admission chain: new pods are mutated as the cluster's webhooks would. The
+    webhook configurations are the install's, generated at start: read-only through the API."""
+
+    def __init__(self, cluster: str, admission: Admission, *args: Any, **kwargs: Any) -> None:
+        super().__init__(cluster, *args, **kwargs)
+        self.admission = admission
+        self.sealed = False
+
+    def create(self, res: r.Resource, namespace: str | None, body: Any, **kwargs: Any) -> dict[str, Any]:
+        self._writable(res)
+        if res is r.PODS:
+            body = self._admit(namespace, body)
+            if isinstance(body, dict):  # the API server ignores a status sent on create: a new pod is Pending
+                body = {**body, "status": {"phase": "Pending", "qosClass": qos_class(body.get("spec"))}}
+        return super().create(res, namespace, body, **kwargs)
+
+    def replace(self, res: r.Resource, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._writable(res)
+        return super().replace(res, *args, **kwargs)
+
+    def patch(self, res: r.Resource, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._writable(res)
+        return super().patch(res, *args, **kwargs)
+
+    def delete(self, res: r.Resource, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        self._writable(res)
+        return super().delete(res, *args, **kwargs)
+
+    def _writable(self, res: r.Resource) -> None:
+        if self.sealed and res is r.MUTATING_WEBHOOK_CONFIGURATIONS:
+            raise ApiError(405, "meshlab serves the injector's MutatingWebhookConfigurations read-only: they follow "
+                                "the topology's clusters[].revisions and default_revision", reason="MethodNotAllowed")
+
+    def _admit(self, namespace: str | None, body: Any) -> Any:
+        meta = body.get("metadata") if isinstance(body, dict) else None
+        ns = (meta.get("namespace") if isinstance(meta, dict) else None) or namespace or ""
+        ns_obj = self.peek(r.NAMESPACES, None, ns) or {"metadata": {}}
+        return self.admission.admit(body, ns, ns_obj["metadata"].get("labels") or {},
+                                    self.items(r.MUTATING_WEBHOOK_CONFIGURATIONS))
+
+
+def qos_class(spec: Any) -> str:
+    """The pod's QoS class as the API server computes it: Guaranteed (every container's cpu and memory limits equal
+    its requests), BestEffort (no requests or limits at all) or Burstable."""
+    containers = (spec.get("containers") or []) if isinstance(spec, dict) else []
+    resources = [c.get("resources") or {} for c in containers if isinstance(c, dict)]
+    if not any(res.get("requests") or res.get("limits") for res in resources):
+        return "BestEffort"
+    for res in resources:
+        limits = res.get("limits") or {}
+        requests = res.get("requests") or limits  # requests default to the limits
+        if any(limits.get(k) is None or requests.get(k, limits[k]) != limits[k] for k in ("cpu", "memory")):
+            return "Burstable"
+    return "Guaranteed"
+
+
 @dataclass
 class ClusterSim:
     name: str
-    store: Store
+    store: ClusterStore
     controller: Controller
 
 
@@ -41,7 +101,10 @@ def deployment_manifest(svc: Service) -> dict[str, Any]:
             "replicas": svc.replicas,
             "selector": {"matchLabels": {"app": svc.name}},
             "template": {
-                "metadata": {"labels": {"app": svc.name, "version": "v1"}},
+                # The application's own metrics (what metrics merging rewrites when a sidecar is injected).
+                "metadata": {"labels": {"app": svc.name, "version": "v1"},
+                             "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(svc.port),
+                                             "prometheus.io/path": "/metrics"}},
                 "spec": {"containers": [{
                     "name": svc.name,
                     "image": f"registry.meshlab.local/{svc.name}:1.0",
@@ -75,8 +138,9 @@ class Lab:
         }
         self.clusters: dict[str, ClusterSim] = {}
         for cluster in topology.clusters:
-            store = Store(cluster.name)
-            controller = Controller(store, self._behaviour_lookup(cluster.name), topology.mesh.revisions, self.timing)
+            store = ClusterStore(cluster.name, Admission(cluster.metrics_merge, cluster.image_digest))
+            controller = Controller(store, self._behaviour_lookup(cluster.name), self.timing,
+                                    topology.mesh.root_namespace)
             self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller)
         self.telemetry = Telemetry()
         self.flows = Flows({}, [])
@@ -96,8 +160,7 @@ class Lab:
                     wanted.setdefault(svc.namespace, {})
             for ns, labels in wanted.items():
                 store.create(r.NAMESPACES, None, {"metadata": {"name": ns, "labels": dict(labels)}})
-            istiod = Service(name="istiod", namespace=root, replicas=1, memory_limit_mi=2048, app_memory_mi=300)
-            store.create(r.DEPLOYMENTS, root, deployment_manifest(istiod))
+            self._install_istio(cluster, store)
         for i, svc in enumerate(self.topology.services):
             if svc.kind == "deployment":
                 store = self.clusters[svc.cluster or ""].store
@@ -115,13 +178,24 @@ class Lab:
             sim.controller.settle(now)
         self.tick(now)
 
+    def _install_istio(self, cluster: Cluster, store: ClusterStore) -> None:
+        """One istiod per revision and the injector's webhook configurations, as `istioctl install` leaves them."""
+        root = self.topology.mesh.root_namespace
+        for rev in cluster.revisions or []:
+            name = "istiod" if rev == DEFAULT_REVISION else f"istiod-{rev}"
+            istiod = Service(name=name, namespace=root, replicas=1, memory_limit_mi=2048, app_memory_mi=300)
+            store.create(r.DEPLOYMENTS, root, deployment_manifest(istiod))
+        for mwc in webhook_configurations(cluster.revisions or [], cluster.default_revision, root):
+            store.create(r.MUTATING_WEBHOOK_CONFIGURATIONS, None, mwc)
+        store.sealed = True
+
     def _behaviour_lookup(self, cluster: str):
         def lookup(namespace: str, deployment: str) -> Behaviour:
             svc = self.knobs.get((cluster, namespace, deployment))
             if svc is None:
                 return Behaviour(sidecar_memory_mi=self.topology.mesh.sidecar_memory_mi)
             return Behaviour(app_memory_mi=svc.app_memory_mi, sidecar_memory_mi=self._sidecar_memory(svc),
-                             legacy=svc.legacy)
+                             legacy=svc.legacy, bypass_ports=frozenset(svc.bypass_ports), gateway=svc.gateway)
         return lookup
 
     def _sidecar_memory(self, svc: Service) -> float:
@@ -176,8 +250,8 @@ class Lab:
         lookup = self._behaviour_lookup(cluster)
 
         def usage(pod: dict[str, Any]) -> dict[str, float]:
-            dep = pod["metadata"]["name"].rsplit("-", 2)[0]
-            b = lookup(pod["metadata"]["namespace"], dep)
+            owner = owner_name(pod)  # <deployment>-<hash>; a bare pod is nobody's workload
+            b = lookup(pod["metadata"]["namespace"], owner.rsplit("-", 1)[0] if owner else "")
             result = {}
             for c in pod["spec"].get("containers", []):
                 result[c["name"]] = (b.sidecar_memory_mi if c["name"] == "istio-proxy" else b.app_memory_mi) * MI

@@ -49,8 +49,13 @@ VIRTUAL_SERVICES = Resource("networking.istio.io", ("v1", "v1beta1", "v1alpha3")
                             "VirtualService", True, ("vs",), builtin=False,
                             categories=("istio-io", "networking-istio-io"))
 
+REPLICA_SETS = Resource("apps", ("v1",), "replicasets", "ReplicaSet", True, ("rs",), has_status=True,
+                        categories=("all",))
+MUTATING_WEBHOOK_CONFIGURATIONS = Resource("admissionregistration.k8s.io", ("v1",), "mutatingwebhookconfigurations",
+                                           "MutatingWebhookConfiguration", False, categories=("api-extensions",))
+
 ALL = (NAMESPACES, PODS, SERVICES, DEPLOYMENTS, PEER_AUTHENTICATIONS, DESTINATION_RULES, SIDECARS,
-       VIRTUAL_SERVICES)
+       VIRTUAL_SERVICES, REPLICA_SETS, MUTATING_WEBHOOK_CONFIGURATIONS)
 
 
 def groups() -> dict[str, list[str]]:

@@ -94,8 +94,34 @@ class Namespace(Strict):
 class Cluster(Strict):
     name: DnsLabel
     namespaces: list[Namespace] = Field(default_factory=list)
+    revisions: list[str] | None = Field(None, description="Istio control-plane revisions installed here (None: "
+                                                         "mesh.revisions; 'default' is an unrevisioned install).")
+    default_revision: str | None = Field(None, description="The revision the `default` tag points to (unset: "
+                                                          "'default' when installed, else a revision-only install).")
+    metrics_merge: bool = Field(False, description="Istio's metrics merging rewrites injected pods' prometheus.io "
+                                                   "annotations to the agent's :15020.")
+    image_digest: bool = Field(False, description="An admission webhook pins new pods' images to digests.")
 
     _check_name = field_validator("name")(_dns_label)
+
+    @field_validator("revisions")
+    @classmethod
+    def _check_revisions(cls, value: list[str] | None) -> list[str] | None:
+        for rev in value or []:
+            _dns_label(rev)
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError(f"duplicate revision in {value!r}")
+        return value
+
+    def resolve_revisions(self, mesh_revisions: list[str]) -> None:
+        """Fill in the mesh's revisions and the usual `default` tag; a tag must name an installed revision."""
+        if self.revisions is None:
+            self.revisions = list(mesh_revisions)
+        if "default_revision" not in self.model_fields_set:
+            self.default_revision = "default" if "default" in self.revisions else None
+        if self.default_revision is not None and self.default_revision not in self.revisions:
+            raise ValueError(f"default_revision: {self.default_revision!r} is not one of the cluster's revisions "
+                             f"{self.revisions!r}")
 
 
 class PolicySpec(Strict):
@@ -119,6 +145,11 @@ class Topology(Strict):
     def _references(self) -> Topology:
         cluster_names = [c.name for c in self.clusters]
         _no_duplicates(cluster_names, "clusters", "cluster")
+        for i, cluster in enumerate(self.clusters):
+            try:
+                cluster.resolve_revisions(self.mesh.revisions)
+            except ValueError as exc:
+                raise ValueError(f"clusters[{i}].{exc}") from None
         default_cluster = cluster_names[0]
         seen: set[tuple[str, str, str]] = set()
         for i, svc in enumerate(self.services):
