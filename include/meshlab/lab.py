@@ -138,7 +138,10 @@ class Lab:
         }
         self.clusters: dict[str, ClusterSim] = {}
         for cluster in topology.clusters:
-            store = ClusterStore(cluster.name, Admission(cluster.metrics_merge, cluster.image_digest))
+            served = {"security.istio.io": cluster.peer_authentication_versions} \
+                if cluster.peer_authentication_versions else None
+            store = ClusterStore(cluster.name, Admission(cluster.metrics_merge, cluster.image_digest),
+                                 served_versions=served)
             controller = Controller(store, self._behaviour_lookup(cluster.name), self.timing,
                                     topology.mesh.root_namespace)
             self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller)
@@ -170,8 +173,9 @@ class Lab:
             spec: dict[str, Any] = {"mtls": {"mode": pa.mode}}
             if pa.selector:
                 spec["selector"] = {"matchLabels": pa.selector}
-            self.clusters[pa.cluster or ""].store.create(r.PEER_AUTHENTICATIONS, pa.namespace, {
-                "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+            pa_store = self.clusters[pa.cluster or ""].store
+            pa_store.create(r.PEER_AUTHENTICATIONS, pa.namespace, {
+                "apiVersion": pa_store.api_version(r.PEER_AUTHENTICATIONS), "kind": "PeerAuthentication",
                 "metadata": {"name": pa.name, "namespace": pa.namespace}, "spec": spec})
         now = time.monotonic()
         for sim in self.clusters.values():

@@ -101,6 +101,9 @@ class Cluster(Strict):
     metrics_merge: bool = Field(False, description="Istio's metrics merging rewrites injected pods' prometheus.io "
                                                    "annotations to the agent's :15020.")
     image_digest: bool = Field(False, description="An admission webhook pins new pods' images to digests.")
+    peer_authentication_versions: list[Literal["v1", "v1beta1"]] | None = Field(
+        None, min_length=1, description="The security.istio.io versions served (None: v1 and v1beta1, Istio 1.22+; "
+                                        "[v1beta1]: an older Istio, which answers 404 at v1).")
 
     _check_name = field_validator("name")(_dns_label)
 

@@ -84,6 +84,7 @@ def probe_pod(ns: str, workload: str, image: str, url: str, deadline: int) -> di
             "containers": [{
                 "name": "probe", "image": image,
                 "command": ["curl", "-sS", "-o", "/dev/null", "--max-time", "5", url],
+                "terminationMessagePolicy": "FallbackToLogsOnError",  # curl's error line as the message
                 "resources": {"requests": {"cpu": "10m", "memory": "16Mi"},
                               "limits": {"cpu": "100m", "memory": "32Mi"}},
                 "securityContext": {"allowPrivilegeEscalation": False, "runAsNonRoot": True, "runAsUser": 100,

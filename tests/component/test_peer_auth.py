@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +18,11 @@ from kubernetes import client, config
 
 from meshlab.process import LabProcess
 from meshwave.kube import MeshKube
-from meshwave.kube_errors import MtlsRefused, Rejected
+from meshwave.kube_errors import MtlsRefused, NotFound, Rejected
 from meshwave.mtls import Mode
 from meshwave.peer_auth import PA_GROUP, PA_PLURAL, PREVIOUS_MTLS_ANNOTATION
-from tests.conftest import SMALL
+from meshwave.probe import PROBE_FOR_LABEL, PlaintextProbe, ProbeVerdict
+from tests.conftest import SMALL, eventually
 
 pytestmark = pytest.mark.component
 NS = "shop"
@@ -189,3 +191,56 @@ def test_a_patch_type_the_api_refuses_is_a_kube_error(kube: MeshKube) -> None:
                   PA_GROUP, "v1", NS, PA_PLURAL, "x", {"spec": {}},
                   _content_type="application/strategic-merge-patch+json")
     delete(kube, NS, "x")
+
+
+BETA_TOPOLOGY = """
+name: beta
+clusters:
+  - name: beta
+    peer_authentication_versions: [v1beta1]   # an Istio older than 1.22: security.istio.io/v1 answers 404
+services:
+  - {name: web, namespace: shop, replicas: 1}
+peer_authentications:
+  - {namespace: shop, name: default, mode: STRICT}
+"""
+
+
+def test_a_cluster_serving_only_v1beta1_is_read_and_written_at_v1beta1(tmp_path: Path) -> None:
+    """Safety review finding 23: security.istio.io/v1 hard-coded made every PeerAuthentication call fail there."""
+    (tmp_path / "beta.yaml").write_text(BETA_TOPOLOGY)
+    with LabProcess(tmp_path / "beta.yaml", tmp_path / "lab") as beta:
+        kube = MeshKube(config.new_client_from_config(config_file=beta.kubeconfig("beta")), "beta")
+        with pytest.raises(NotFound):  # what the old hard-coded version met
+            kube.call("LIST", "peerauthentications", kube.custom.list_namespaced_custom_object, PA_GROUP, "v1", NS,
+                      PA_PLURAL)
+        assert kube.mtls.version == "v1beta1"
+        assert kube.mtls.effective(NS, "web").mode == Mode.STRICT  # the namespace-wide policy, read at v1beta1
+        [exempt], state = kube.mtls.ensure_permissive(NS, "web", "test")
+        assert exempt.applied and exempt.request is not None
+        assert exempt.request.path == "/apis/security.istio.io/v1beta1/namespaces/shop/peerauthentications"
+        assert state is not None and state.mode == Mode.PERMISSIVE
+        relaxed = kube.mtls.relax(NS, "default", "emergency test")  # what the emergency rollback's stage 1 sends
+        assert relaxed.applied and kube.mtls.namespace_wide(NS) is not None
+        assert kube.mtls.namespace_wide(NS).mode == Mode.PERMISSIVE  # type: ignore[union-attr]
+
+
+def test_the_plaintext_probe_tells_strict_in_force_from_strict_on_paper(lab: LabProcess, kube: MeshKube) -> None:
+    """Safety review finding 3: the share of mTLS requests proves nothing; a plaintext request refused does."""
+    kube.ensure_injected(NS, "ledger", "workload")
+    eventually(lambda: kube.rollout(NS, "ledger").done, timeout=60, what="ledger injected")
+    probe = PlaintextProbe(kube, "curlimages/curl:8.11.1", timeout_seconds=30, poll_seconds=0.25)
+    reached = probe.run(NS, "ledger")
+    assert (reached.verdict, reached.exit_code) == (ProbeVerdict.REACHED, 0), reached
+    assert reached.url == "http://ledger.shop.svc.cluster.local:8080/"
+    change, state = kube.mtls.ensure_strict(NS, "ledger")
+    try:
+        refused = probe.run(NS, "ledger")
+        assert (refused.verdict, refused.exit_code) == (ProbeVerdict.REFUSED, 56), refused
+        assert "Connection reset by peer" in refused.message
+        left = kube.core.list_namespaced_pod(NS, label_selector=f"{PROBE_FOR_LABEL}=ledger").items
+        assert left == [], "the probe pods are deleted"
+    finally:
+        kube.mtls.ensure_permissive(NS, "ledger", "test")
+        kube.remove_injection(NS, "ledger")
+    no_service = probe.run("istio-system", "istiod")
+    assert no_service.verdict == ProbeVerdict.INCONCLUSIVE and "no Service" in no_service.message
