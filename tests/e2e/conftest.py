@@ -40,8 +40,8 @@ class Stack:
             f'"""airflow dag: waves of {name}.yaml"""\nfrom meshwave.wave import wave_dags\n\n'
             f'globals().update(wave_dags("{name}.yaml"))\n')
 
-    def k8s(self) -> tuple[client.CoreV1Api, client.AppsV1Api, client.CustomObjectsApi]:
-        api = config.new_client_from_config(config_file=self.lab.kubeconfig("lab"))
+    def k8s(self, cluster: str = "lab") -> tuple[client.CoreV1Api, client.AppsV1Api, client.CustomObjectsApi]:
+        api = config.new_client_from_config(config_file=self.lab.kubeconfig(cluster))
         return client.CoreV1Api(api), client.AppsV1Api(api), client.CustomObjectsApi(api)
 
     def run(self, dag_id: str, conf: dict | None = None, timeout: float = 900) -> tuple[str, str]:
@@ -68,6 +68,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
             "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
         }
+        for cluster in ("rev", "beta"):  # tests/e2e/plans/clusters.yaml
+            connections[f"meshlab_{cluster}"] = {"conn_type": "kubernetes",
+                                                 "extra": {"kube_config_path": lab.kubeconfig(cluster)}}
+            connections[f"meshlab_prometheus_{cluster}"] = {"conn_type": "http", "host": prom.url,
+                                                            "extra": {"cluster": cluster}}
         plans, dags = work / "plans", dags_folder(work)
         shutil.copytree(HERE / "plans", plans)
         env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),

@@ -47,13 +47,14 @@ def assert_callers_kept(stack: Stack, callers: dict[tuple[str, str], float], sin
         assert lowest >= baseline - 0.02, f"caller {ns}/{app} fell to {lowest} (baseline {baseline})"
 
 
-def data_plane(stack: Stack, ns: str, workload: str) -> dict[str, Any]:
-    return stack.lab.admin("GET", f"/services/lab/{ns}/{workload}")
+def data_plane(stack: Stack, ns: str, workload: str, cluster: str = "lab") -> dict[str, Any]:
+    """What the lab's simulated proxies do for a workload: its sidecar share and the mode they enforce."""
+    return stack.lab.admin("GET", f"/services/{cluster}/{ns}/{workload}")
 
 
 def assert_records_match_the_data_plane(stack: Stack, records: dict[str, dict[str, Any]]) -> None:
     for workload, record in records.items():
-        seen = data_plane(stack, record["namespace"], workload)
+        seen = data_plane(stack, record["namespace"], workload, record["cluster"])
         if record["sidecar"]:
             assert seen["sidecar_fraction"] == 1.0, (workload, seen)
             assert (record["mtls"] or "").split(",")[0] == seen["mtls_mode"], (workload, record["mtls"], seen)
