@@ -65,6 +65,11 @@ ON_PATH = {
 Resolve = Callable[[dict[str, Any], str], Service]  # (context, the map index's key) -> the service
 Guard = Callable[[Service, dict[str, Any]], None]
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
+# An undo outlasts a managed control-plane upgrade: 5 s doubling to 5 min between tries, 12 retries, over 30 minutes
+# in all (5+10+20+40+80+160+6x300 s, before Airflow's jitter) before it fails, loudly, in the outcome and the report.
+# Airflow 3.3 reads retry_exponential_backoff as a multiplier (True would be 1: no backoff at all).
+UNDO_RETRIES = {"retries": 12, "retry_delay": timedelta(seconds=5), "retry_exponential_backoff": 2.0,
+                "max_retry_delay": timedelta(minutes=5)}
 # Every task may be retried: a worker that dies or an API that times out must not decide a migration.
 # A refusal (AirflowFailException) is never retried.
 DEFAULT_ARGS = {"owner": "meshwave", **RETRIES}
@@ -344,9 +349,10 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
         flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.flip_strict(svc, kube_for(svc, c))),
                      on_path(prefix, "flip_strict"), final=(NotInForce,))
         verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
-                                   watch=_gate_watch(prefix, "verify_strict"), on_path=flipped(prefix), **RETRIES)
+                                   watch=_gate_watch(prefix, "verify_strict"), on_path=flipped(prefix),
+                                   retries=0)  # STRICT unverified goes back to PERMISSIVE, not to a second try
         # an undo waits for everything that could call for it, and runs when something did
-        undo = {"trigger_rule": TriggerRule.ALL_DONE, "retries": 5, "retry_delay": timedelta(seconds=3)}
+        undo = {"trigger_rule": TriggerRule.ALL_DONE, **UNDO_RETRIES}
         back = _step("back_to_permissive", prefix,
                      lambda svc, c: logged(steps.back_to_permissive(svc, kube_for(svc, c), _note(c))),
                      strict_undone_if_needed(prefix), **undo)

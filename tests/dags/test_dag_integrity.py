@@ -169,3 +169,22 @@ def test_a_window_start_is_not_lost_when_the_dag_is_parsed_again_just_after_it()
     restriction = TimeRestriction(earliest=dag.start_date, latest=None, catchup=dag.catchup)
     info = dag.timetable.next_dagrun_info(last_automated_data_interval=None, restriction=restriction)
     assert info is not None and info.run_after == start
+
+
+def test_undo_outlasts_a_control_plane_upgrade_and_an_unverified_strict_is_not_retried() -> None:
+    """Safety review findings 9 and 15: an undo kept trying for about a minute; a verify_strict task that failed
+    (trigger crash, deferral timeout, lost worker) started over from zero while STRICT stayed unverified."""
+    from datetime import timedelta
+
+    dag = dagbag(DAGS).dags["meshwave_seed_fleet_wave_1"]
+    tasks = {t.task_id.removeprefix("batch_1."): t for t in dag.tasks if t.task_id.startswith("batch_1.")}
+    for undo in ("back_to_permissive", "rollback_injection"):
+        task = tasks[undo]
+        # Airflow 3.3's TaskInstance.next_retry_datetime: retry_delay x multiplier^(try - 1), plus a jitter of up
+        # to as much again, capped at max_retry_delay; a multiplier of 1 (or True) is no backoff at all
+        multiplier = task.retry_exponential_backoff
+        assert multiplier > 1 and task.max_retry_delay == timedelta(minutes=5), undo
+        delays = [min(task.retry_delay.total_seconds() * multiplier ** (attempt - 1),
+                      task.max_retry_delay.total_seconds()) for attempt in range(1, task.retries + 1)]
+        assert sum(delays) >= 30 * 60, (undo, delays)  # the least it waits: the jitter only adds
+    assert tasks["verify_strict"].retries == 0
