@@ -12,7 +12,9 @@ from typing import Any
 from meshwave.steps import Service
 
 RAN = ("success",)
-RED = ("rolled_back", "blocked", "failed")  # outcomes that fail the group's outcome task (red in the UI)
+# Outcomes that fail the group's outcome task (red in the UI). `held`: injected, but the soak could not judge it
+# (no data, Prometheus down): it counts against the failure budget and stops the next wave.
+RED = ("rolled_back", "blocked", "failed", "held")
 BROKEN = ("failed", "upstream_failed")
 
 # What a deciding task chooses: the next path's first task, or an end (not_started, hold_permissive,
@@ -236,8 +238,9 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
         return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
                 "reason": decisions.get("after_strict_gate", "")}
     if decisions.get("after_soak_to") == HOLD:
-        return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
-                "reason": decisions.get("after_soak", "")}
+        judged = states.get("soak") == "success" and (results.get("soak") or {}).get("status") == "pass"
+        return {"outcome": "permissive" if judged else "held", "mtls": mtls_in_force(results) or "PERMISSIVE",
+                "sidecar": True, "reason": decisions.get("after_soak", "")}
     broken = [s for s, st in states.items() if st in BROKEN]
     return {"outcome": "failed", "mtls": None, "sidecar": None,
             "reason": "; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state"}

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-OUTCOME_ORDER = ["strict", "permissive", "removed", "rolled_back", "blocked", "failed", "skipped", "planned"]
+OUTCOME_ORDER = ["strict", "permissive", "removed", "held", "rolled_back", "blocked", "failed", "skipped", "planned"]
 COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "success_before",
            "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
 

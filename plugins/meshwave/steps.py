@@ -190,9 +190,19 @@ def _memory_headroom(svc: Service, limit: int | None, container: str | None, sou
     return f"{numbers} >= the sidecar's expected {need:g}Mi"
 
 
+# What the soak compares with: without them a service would be injected blind (safety review finding 7).
+BASELINE_NEEDED = ("app_success_rate", "app_request_rate", "app_latency_p99_ms")
+
+
 def baseline(svc: Service, source: PrometheusSource) -> dict[str, Any]:
+    """The application's own metrics before any change; a service whose baseline could not be measured is
+    blocked before injection ("no baseline: <query>: <why>"), never injected blind."""
     started = time.time()
     base = measure_baseline(source, svc.plan.namespace, svc.plan.workload, svc.window)
+    missing = [n for n in base.notes if n.check.removeprefix("baseline.") in BASELINE_NEEDED]
+    if missing:
+        raise Blocked("no baseline: " + "; ".join(f"{next(iter(n.queries.values()), n.check)}: {n.reason}"
+                                                  for n in missing))
     return stamp({"baseline": base.to_dict()}, started)
 
 

@@ -40,7 +40,7 @@ from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
-FAILED = ("rolled_back", "failed")
+FAILED = ("rolled_back", "failed", "held")  # what counts against a wave's failure budget (held: judged blind)
 
 
 def dry_run_param() -> Param:
@@ -234,9 +234,11 @@ def _wave_preflight(plan: Plan, wave: Wave):
                         "off. Set it to PERMISSIVE before migrating (STRICT goes per workload, after validation)")
                 for svc in (s for s in wave.services if s.cluster == name):
                     kube.workload(svc.namespace, svc.workload)
+                without_metrics = _app_metrics_missing(cfg, [s for s in wave.services if s.cluster == name])
                 checked[name] = {"version": version, "mesh_wide_mtls": str(mesh.mode) if mesh else None,
                                  "peer_authentication_version": kube.mtls.version,
-                                 "namespace_wide_strict": _namespace_wide_strict(kube, wave, name)}
+                                 "namespace_wide_strict": _namespace_wide_strict(kube, wave, name),
+                                 "without_app_metrics": without_metrics}
         except (AirflowFailException, KubeError, ValueError) as exc:
             context["ti"].xcom_push(key="error", value=f"wave preflight: {exc}")
             if isinstance(exc, KubeError) and getattr(exc, "code", None) not in (404,):
@@ -245,6 +247,30 @@ def _wave_preflight(plan: Plan, wave: Wave):
         return checked
 
     return wave_preflight()
+
+
+def _app_metrics_missing(cfg: Any, services: list[Any]) -> list[str]:
+    """The services of one cluster that Prometheus has no application request metrics for (each is blocked at its
+    baseline); a Prometheus that does not answer stops the wave: no service is injected blind."""
+    from meshwave.connections import prometheus_source
+    from meshwave.prometheus import PrometheusError, render
+
+    source = prometheus_source(BaseHook.get_connection(cfg.prometheus_conn_id))
+    missing = []
+    for svc in services:
+        query = render("app_request_rate", namespace=svc.namespace, workload=svc.workload, window="5m",
+                       cluster=source.cluster)
+        try:
+            found = source.instant(query)
+        except PrometheusError as exc:
+            raise AirflowFailException(f"cluster {svc.cluster}: Prometheus does not answer ({exc}): no service is "
+                                       "injected without a baseline to judge it by") from None
+        if not found:
+            missing.append(f"{svc.namespace}/{svc.workload}")
+    if missing:
+        print(f"no application request metrics in Prometheus for {', '.join(missing)} (query: app_request_rate): "
+              "they are blocked at their baseline")
+    return missing
 
 
 def _one_cluster_per_prometheus(plan: Plan) -> None:
@@ -327,8 +353,9 @@ def _report(plan: Plan, services: list[Service]):
         preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error")
         if preflight_error:
             raise AirflowFailException(preflight_error)
-        if len(failed) >= plan.defaults.max_failures or any(r["outcome"] == "failed" for r in records):
-            raise AirflowFailException(f"wave over its failure budget or with services in an unknown state: {counts}")
+        if len(failed) >= plan.defaults.max_failures or any(r["outcome"] in ("failed", "held") for r in records):
+            raise AirflowFailException(f"wave over its failure budget, with services in an unknown state or held "
+                                       f"without data: {counts}")
         return {"counts": counts, "report": str(path)}
 
     return report()
@@ -358,6 +385,10 @@ def _publish(plan: Plan, wave: Wave, services: list[Service]):
         left = [r["service"] for r in records if r["outcome"] in ("skipped", "planned")]
         if left:
             raise AirflowSkipException(f"{len(left)} services not attempted ({', '.join(left)}): the next wave waits")
+        held = [r["service"] for r in records if r["outcome"] == "held"]
+        if held:
+            raise AirflowSkipException(f"{len(held)} services held without data ({', '.join(held)}): the next wave "
+                                       "waits")
         counts = reports.summary(reports.report_frame(records))
         print(f"{plan.dag_id(wave)} ended within its failure budget ({counts}): updating "
               f"{wave_asset(plan, wave).uri}, the next wave starts")

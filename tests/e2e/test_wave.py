@@ -161,8 +161,17 @@ def test_prometheus_down_during_the_soak_holds_and_never_flips(stack: Stack) -> 
 
     eventually(soaking, timeout=300, interval=1, what="the soak deferred")
     stack.prometheus.stop()
-    assert stack.airflow.wait_for_run(HOLD, run_id, timeout=600) == "success"
+    # judged blind is not green (safety review finding 7): held, red, and the wave's report fails
+    assert stack.airflow.wait_for_run(HOLD, run_id, timeout=600) == "failed"
     record = stack.records(HOLD, run_id)["store"]
-    assert record["outcome"] == "permissive", record
+    assert record["outcome"] == "held", record
     assert "error" in record["reason"] and "hold" in record["reason"]
     assert pa_mode(stack, "hold", "store") is None, "no STRICT flip while Prometheus is down"
+
+
+def test_a_wave_does_not_start_while_prometheus_is_down(stack: Stack) -> None:
+    """After the test above: Prometheus is still stopped. No service is injected without a baseline."""
+    run_id, state = stack.run(HOLD, timeout=300)
+    record = stack.records(HOLD, run_id)["store"]
+    assert state == "failed" and record["outcome"] == "skipped" and record["changes"] == [], record
+    assert "Prometheus does not answer" in record["reason"], record["reason"]

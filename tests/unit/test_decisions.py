@@ -459,19 +459,21 @@ def test_held_permissive_when_plaintext_callers_remain() -> None:
     assert r["steps"]["strict_gate"] == 600.0
 
 
-@pytest.mark.parametrize(("own", "soak", "reason"), [
-    ({"strict": False}, SOAK_PASS, "soak passed; the plan keeps this service PERMISSIVE (strict: false)"),
-    ({}, SOAK_NO_DATA, "soak ended no_data; the plan says hold (sidecar kept, PERMISSIVE): "
-                       "deadline reached without data for app_latency_p99, app_success_rate: pending"),
+@pytest.mark.parametrize(("own", "soak", "outcome", "reason"), [
+    ({"strict": False}, SOAK_PASS, "permissive", "soak passed; the plan keeps this service PERMISSIVE (strict: false)"),
+    # judged blind is not green (safety review finding 7): its own outcome, red, against the failure budget
+    ({}, SOAK_NO_DATA, "held", "soak ended no_data; the plan says hold (sidecar kept, PERMISSIVE): "
+                               "deadline reached without data for app_latency_p99, app_success_rate: pending"),
 ], ids=["strict false", "soak no_data, hold"])
-def test_held_permissive_after_the_soak(own: dict[str, Any], soak: dict[str, Any], reason: str) -> None:
+def test_held_permissive_after_the_soak(own: dict[str, Any], soak: dict[str, Any], outcome: str, reason: str) -> None:
     results = {"preflight": PREFLIGHT, "baseline": BASELINE, "inject": INJECT,
                "wait_rollout": rollout("done", "2/2 pods updated and available, 2 proxies ready"), "soak": soak}
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "hold_permissive")
     r = record(service(**own), results, st)
     assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
-        {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True, "reason": reason}
+        {"outcome": outcome, "mtls": "PERMISSIVE", "sidecar": True, "reason": reason}
+    assert (outcome in d.RED) == (outcome == "held")
 
 
 def test_skipped_by_the_circuit_breaker() -> None:

@@ -445,11 +445,19 @@ def test_baseline_measures_the_app_over_the_plan_s_window() -> None:
     assert "seconds" in result
 
 
-def test_baseline_without_prometheus_records_why_instead_of_failing() -> None:
-    source = FakeSource().set("app_success_rate", down())
-    base = steps.baseline(service(), source)["baseline"]  # type: ignore[arg-type]
-    assert base["success_rate"] is None and base["p99_ms"] is None
-    assert base["notes"][0]["outcome"] == "error" and "Connection refused" in base["notes"][0]["reason"]
+def test_a_baseline_that_could_not_be_measured_blocks_the_service_naming_the_query() -> None:
+    """Safety review finding 7: an empty baseline let injection proceed, judged blind."""
+    source = FakeSource()
+    for name, value in (("app_success_rate", down()), ("app_request_rate", 38.5), ("app_latency_p99_ms", 14.2)):
+        source.set(name, value)
+    with pytest.raises(Blocked) as info:
+        steps.baseline(service(), source)  # type: ignore[arg-type]
+    assert str(info.value).startswith(f"no baseline: {source.query('app_success_rate')}: Prometheus could not "
+                                      "answer: Prometheus at http://prometheus.lab:9090: cannot connect")
+    no_traffic = FakeSource().set("app_success_rate", 0.99).set("app_latency_p99_ms", 14.2)
+    with pytest.raises(Blocked) as info:
+        steps.baseline(service(), no_traffic)  # type: ignore[arg-type]
+    assert str(info.value) == f"no baseline: {no_traffic.query('app_request_rate')}: app_request_rate: no series"
 
 
 @pytest.mark.parametrize(("own", "mode", "actions"), [
