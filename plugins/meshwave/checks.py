@@ -536,6 +536,23 @@ def inbound_rate(source: Source, namespace: str, workload: str, window: str | in
 CallerRef = tuple[str, str] | Caller
 
 
+def caller_success_rates(source: Source, namespace: str, workload: str, callers: Sequence[CallerRef],
+                         window: str | int, cluster: str | None = None) -> dict[str, float]:
+    """Each named caller's own success rate now ("namespace/workload": ratio), before STRICT: what it is compared
+    with after the flip, so a caller already failing some requests does not undo a good STRICT. A caller without
+    application metrics (a gateway) is read through its proxy; one with no usable value is left out (compared
+    with 1.0 then)."""
+    reader = _Reader(source, namespace, workload, window, cluster)
+    found = {}
+    for ns, wl in _caller_keys(callers):
+        success = reader.read("app_success_rate", namespace=ns, workload=wl)
+        if not success.error and not success.samples:
+            success = reader.read("caller_outbound_success_rate", namespace=ns, workload=wl)
+        if _usable(success.scalar):
+            found[f"{ns}/{wl}"] = float(success.scalar)  # type: ignore[arg-type]
+    return found
+
+
 def _caller_keys(callers: Iterable[CallerRef]) -> list[tuple[str, str]]:
     """(namespace, workload) pairs, validated, de-duplicated; callers without sidecar cannot be named."""
     keys: list[tuple[str, str]] = []

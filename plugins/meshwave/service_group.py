@@ -272,8 +272,11 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
         else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
             gate = _xcom(context, prefix, "strict_gate").get("extra", {})
             own = _xcom(context, prefix, "baseline").get("baseline", {}).get("success_rate")
+            # each caller against its own rate before STRICT (as the gate saw it), the workload against its baseline
+            before = {**(gate.get("callers_success_before") or {}),
+                      **({f"{p.namespace}/{p.workload}": own} if own is not None else {})}
             params.update(callers=gate.get("callers", []), inbound_before=gate.get("inbound_before"),
-                          success_before={f"{p.namespace}/{p.workload}": own} if own is not None else None)
+                          success_before=before or None)
             if stage == "verify_strict":
                 wait, minimum = 2 * s.verify_seconds, s.verify_seconds
             else:

@@ -19,6 +19,7 @@ from meshwave.checks import (
     Caller,
     Thresholds,
     Verdict,
+    caller_success_rates,
     inbound_rate,
     mtls_callers,
     strict_gate,
@@ -92,4 +93,5 @@ def on_pass(stage: str, source: Source, params: dict[str, Any]) -> dict[str, Any
         inbound = inbound_rate(source, **_common(params))
     except PrometheusError as exc:
         return {"callers": [], "inbound_before": None, "callers_error": str(exc)}
-    return {"callers": [c.to_dict() for c in callers], "inbound_before": inbound}
+    success = caller_success_rates(source, callers=callers, **_common(params))
+    return {"callers": [c.to_dict() for c in callers], "inbound_before": inbound, "callers_success_before": success}

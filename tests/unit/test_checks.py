@@ -452,6 +452,24 @@ def test_after_strict_the_callers_own_before_rate_is_the_reference() -> None:
     assert verdicts["caller_success_rate[shop/user]"].outcome is Outcome.PASS
 
 
+def test_the_strict_gate_hands_each_caller_s_own_rate_before_strict_to_the_verification() -> None:
+    """A caller already at 0.95 before STRICT was compared with 1.0 after it: a good STRICT undone (part 2, 10)."""
+    from meshwave import stages
+
+    src = after_strict(caller_success=0.95)
+    src.set("mtls_http_callers", [p.Sample({"source_workload": "user", "source_workload_namespace": NS}, 20.0)])
+    src.set("caller_outbound_success_rate", 0.97, workload="istio-ingressgateway")
+    handed = stages.on_pass("strict_gate", src, {"namespace": NS, "workload": WL, "window": WIN})
+    assert handed["callers_success_before"] == {"shop/user": 0.95}
+    assert c.caller_success_rates(src, NS, WL, [(NS, "istio-ingressgateway")], WIN) == {
+        "shop/istio-ingressgateway": 0.97}, "a caller without application metrics is read through its proxy"
+    with_own = by_check(c.verify_after_strict(src, NS, WL, [(NS, "user")], 40.0, WIN,
+                                              success_before=handed["callers_success_before"]))
+    assert with_own["caller_success_rate[shop/user]"].outcome is Outcome.PASS
+    against_one = by_check(c.verify_after_strict(src, NS, WL, [(NS, "user")], 40.0, WIN))
+    assert against_one["caller_success_rate[shop/user]"].outcome is Outcome.FAIL
+
+
 def test_after_strict_inbound_collapse_fails() -> None:
     verdicts = by_check(c.verify_after_strict(after_strict(inbound=15.0), NS, WL, [], 40.0, WIN))
     assert verdicts["inbound_rate"].outcome is Outcome.FAIL
