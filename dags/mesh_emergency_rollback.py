@@ -150,6 +150,8 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
             log_changes(result["changes"])
             for key in result["missing_services"]:
                 print(f"{key}: no such deployment in {target['cluster']}")
+            for key, sources in result["still_strict"].items():  # from every policy, after the writes
+                print(f"STILL STRICT: {target['cluster']}/{key}: {'; '.join(sources)}")
             print(f"stage 1 on {target['cluster']}: {result['ended'] - result['started']:.2f}s")
             return result
 

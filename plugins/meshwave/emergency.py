@@ -24,7 +24,7 @@ from meshwave.changes import Change
 from meshwave.fleet import Fleet
 from meshwave.gitops import revert_note, reverted_by
 from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState
-from meshwave.mtls import match_labels
+from meshwave.mtls import effective_mtls, match_labels
 from meshwave.names import rfc1123_label
 from meshwave.peer_auth import strict_parts
 from meshwave.plan import CONN_ID
@@ -299,7 +299,22 @@ def relax_cluster(kube: MeshKube, scope: Scope, note: str) -> dict[str, Any]:
                 change.reason += revert_note(owner)
             changes.append(change)
     return {"cluster": kube.cluster, "started": started, "ended": time.time(), "policies": seen,
-            "changes": [c.to_dict() for c in changes], "missing_services": missing, "dry_run": kube.dry_run}
+            "changes": [c.to_dict() for c in changes], "missing_services": missing, "dry_run": kube.dry_run,
+            "still_strict": _still_strict(kube, scope, labels)}
+
+
+def _still_strict(kube: MeshKube, scope: Scope, labels: dict[str, dict[str, str]]) -> dict[str, list[str]]:
+    """The services in scope whose pods Istio still makes STRICT somewhere, computed from every policy after the
+    writes (a policy out of scope, one that could not be written): the data plane, not the changes, decides."""
+    if kube.dry_run or not scope.services:
+        return {}
+    found = {}
+    for key, pod_labels in labels.items():
+        ns = key.split("/")[0]
+        state = effective_mtls(kube.mtls.applying_to(ns), kube.root_namespace, ns, pod_labels)
+        if state.strict_anywhere:
+            found[key] = state.strict_sources()
+    return found
 
 
 # ---- stage 2: sidecars out, critical first ------------------------------------------------------------------

@@ -178,6 +178,9 @@ class FakeKube:
     def list(self, ns: str | None = None) -> list[dict[str, Any]]:
         return [p for p in self.policies if ns in (None, p["metadata"]["namespace"])]
 
+    def applying_to(self, ns: str) -> list[dict[str, Any]]:
+        return self.list(ns) + self.list(self.root_namespace)
+
     def workload(self, ns: str, name: str) -> WorkloadState:
         return WorkloadState("c1", ns, name, 1, template_labels={"app": name})
 
@@ -202,6 +205,25 @@ def test_stage_1_relaxes_only_what_is_strict_and_in_scope_and_a_second_run_chang
     assert result["ended"] >= result["started"]
     assert em.relax_cluster(kube, scope, "run-2")["changes"] == []  # type: ignore[arg-type]
     assert kube.written == ["istio-system/default", "shop/meshwave-cart"]
+
+
+def test_stage_1_reports_what_istio_still_makes_strict_after_its_writes() -> None:
+    """The data plane decides, not the changes: a policy put back at once (a controller fighting the write)."""
+    kube = FakeKube([policy("shop", "meshwave-cart", selector={"app": "cart"}),
+                     policy("shop", "meshwave-pricing", selector={"app": "pricing"})])
+    scope = em.Scope(("c1",), services=("shop/cart", "shop/pricing"))
+    relax = kube.relax
+
+    def put_back_cart(ns: str, name: str, note: str, current: dict[str, Any] | None = None):
+        change = relax(ns, name, note, current)
+        if name == "meshwave-cart":
+            kube.policies[0]["spec"] = {"selector": {"matchLabels": {"app": "cart"}}, "mtls": {"mode": "STRICT"}}
+        return change
+
+    kube.relax = put_back_cart  # type: ignore[method-assign]
+    result = em.relax_cluster(kube, scope, "run-1")  # type: ignore[arg-type]
+    assert result["still_strict"] == {"shop/cart": ["all ports: peerauthentication shop/meshwave-cart (workload, "
+                                                    "STRICT; not meshwave's)"]}
 
 
 def test_stage_1_names_the_gitops_tool_that_will_put_strict_back(capsys: pytest.CaptureFixture[str]) -> None:
