@@ -67,7 +67,7 @@ def runs(stack: Stack, dag_id: str) -> list[dict[str, Any]]:
 
 
 def conf(**given: Any) -> dict[str, Any]:
-    return {"cluster": "lab", "namespace": "adhoc", "service": "solo", "action": "migrate", "soak_seconds": 10,
+    return {"cluster": "lab", "namespace": "adhoc", "service": "solo", "action": "migrate", "soak_seconds": 15,
             "dry_run": False, **given}
 
 
