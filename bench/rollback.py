@@ -109,8 +109,9 @@ def measure() -> dict[str, Any]:
         strict_seen = time.time()
         patch_reporting(s, annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "8080"})
         fault = time.time()
-        permissive_seen = until(lambda: pa_mode(s) == "PERMISSIVE" and time.time(), 180, 0.25,
-                                "reviews back to PERMISSIVE")
+        # meshwave created reviews' policy (none existed before it): undoing STRICT deletes it
+        permissive_seen = until(lambda: pa_mode(s) is None and time.time(), 180, 0.25,
+                                "reviews back to PERMISSIVE (its policy deleted)")
         until(lambda: (v := success_series(s, time.time() - 2, time.time(), window)) and v[-1][1] >= 1.0, 120, 1,
               "reporting recovered")
         state = retried(lambda: s.airflow.wait_for_run(dag_id, run_id, timeout=600))
