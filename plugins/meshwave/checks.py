@@ -111,6 +111,7 @@ class Thresholds:
     sidecar_memory_limit_mi: float | None = None
     min_requests: float = 10            # per window; fewer is no_data for success and latency
     min_inbound_ratio: float = 0.5      # after STRICT, of the inbound rate before it
+    max_traffic_drop: float = 0.2       # in the soak, fraction of the baseline request rate that may go missing
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -118,8 +119,9 @@ class Thresholds:
             if value is not None and (not isinstance(value, int | float) or isinstance(value, bool) or value < 0
                                       or not math.isfinite(value)):
                 raise ValueError(f"thresholds.{f.name}: {value!r} must be a finite number >= 0")
-        if self.max_success_drop > 1 or self.min_inbound_ratio > 1:
-            raise ValueError("thresholds: max_success_drop and min_inbound_ratio are fractions (<= 1)")
+        if self.max_success_drop > 1 or self.min_inbound_ratio > 1 or self.max_traffic_drop > 1:
+            raise ValueError("thresholds: max_success_drop, min_inbound_ratio and max_traffic_drop are fractions "
+                             "(<= 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -324,6 +326,7 @@ def verify_after_injection(source: Source, baseline: Baseline, namespace: str, w
     restarts, oom = reader.read("container_restarts", window=events), reader.read("oom_killed", window=events)
     sidecar, limit = reader.read("sidecar_memory_bytes"), reader.read("sidecar_memory_limit_bytes")
     return [
+        _traffic_verdict(reader.read("app_request_rate"), baseline.request_rate, th),
         _success_verdict("app_success_rate", success, count, baseline.success_rate, baseline.request_count, th,
                          reader.window),
         _p99_verdict(p99, p50, count, baseline, th, reader.window),
@@ -331,6 +334,28 @@ def verify_after_injection(source: Source, baseline: Baseline, namespace: str, w
         _oom_verdict(oom, restarts, events),
         _sidecar_memory_verdict(sidecar, limit, th),
     ]
+
+
+def _traffic_verdict(rate: _Reading, before: float | None, th: Thresholds) -> Verdict:
+    """Requests refused by the new proxy never reach the application: its success rate stays 1.0 while its
+    request rate falls. The rate is compared with the baseline's (safety review finding 1)."""
+    check = "app_request_rate"
+    floor = None if not _usable(before) else before * (1 - th.max_traffic_drop)  # type: ignore[operator]
+    expectation = f"request rate >= (1 - {th.max_traffic_drop:g}) x baseline {_fmt(before)}/s"
+    if err := _error(check, expectation, rate):
+        return err
+    current = rate.scalar
+    values = {"request_rate": current, "baseline": before, "floor": floor}
+    if floor is None or not before:
+        return Verdict(check, Outcome.NO_DATA, f"no request rate before injection to compare with ({_fmt(before)})",
+                       values, expectation, _queries(rate))
+    if not _usable(current):
+        return Verdict(check, Outcome.NO_DATA, f"no request rate in the window ({_fmt(current)})", values,
+                       expectation, _queries(rate))
+    lost = current + EPSILON < floor  # type: ignore[operator]
+    reason = (f"request rate {current:.3g}/s {'<' if lost else '>='} {1 - th.max_traffic_drop:g} x baseline "
+              f"{before:.3g}/s" + (": requests are lost before they reach the application" if lost else ""))
+    return Verdict(check, Outcome.FAIL if lost else Outcome.PASS, reason, values, expectation, _queries(rate))
 
 
 def _low_traffic(count: float | None, th: Thresholds, window: str) -> str | None:

@@ -80,6 +80,8 @@ class Thresholds(Strict):
     max_p99_ratio: float = Field(2.0, ge=1)
     max_restarts: int = Field(0, ge=0)
     min_inbound_ratio: float = Field(0.5, ge=0, le=1, description="After STRICT, inbound rate kept at least this.")
+    max_traffic_drop: float = Field(0.2, ge=0, le=1, description="In the soak, fraction of the baseline request "
+                                                                 "rate that may go missing before it is a rollback.")
     sidecar_memory_limit_mi: float | None = Field(None, gt=0)
 
 

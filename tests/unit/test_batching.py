@@ -84,11 +84,13 @@ def test_batched_verdicts_equal_the_per_workload_verdicts_with_one_query_per_tem
         direct = c.verify_after_injection(fakes[w], baseline(), NS, w, WIN, c.Thresholds())
         batched = c.verify_after_injection(source, baseline(), NS, w, WIN, c.Thresholds())
         assert comparable(batched) == comparable(direct), w
-    soak_templates = {"app_request_count", "app_success_rate", "app_latency_p50_ms", "app_latency_p99_ms",
-                      "container_restarts", "oom_killed", "sidecar_memory_bytes", "sidecar_memory_limit_bytes"}
+    soak_templates = {"app_request_count", "app_request_rate", "app_success_rate", "app_latency_p50_ms",
+                      "app_latency_p99_ms", "container_restarts", "oom_killed", "sidecar_memory_bytes",
+                      "sidecar_memory_limit_bytes"}
     assert len(inner.calls) == len(soak_templates), "one query per template, not per workload"
     assert len({at for _, at in inner.calls}) == 1, "every batched query is evaluated at the bucket's start"
-    assert c.verify_after_injection(source, baseline(), NS, "svc-007", WIN)[0].outcome is c.Outcome.FAIL
+    verdicts = {v.check: v for v in c.verify_after_injection(source, baseline(), NS, "svc-007", WIN)}
+    assert verdicts["app_success_rate"].outcome is c.Outcome.FAIL
 
 
 @pytest.mark.parametrize("n", [1, 10, 50])

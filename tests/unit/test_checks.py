@@ -222,9 +222,26 @@ def test_baseline_round_trip() -> None:
 def test_after_injection_healthy_passes_everything() -> None:
     verdicts = c.verify_after_injection(healthy(), baseline(), NS, WL, WIN, c.Thresholds())
     assert {v.check: v.outcome for v in verdicts} == {
-        "app_success_rate": Outcome.PASS, "app_latency_p99": Outcome.PASS, "restarts": Outcome.PASS,
-        "oom_killed": Outcome.PASS, "sidecar_memory": Outcome.PASS}
+        "app_request_rate": Outcome.PASS, "app_success_rate": Outcome.PASS, "app_latency_p99": Outcome.PASS,
+        "restarts": Outcome.PASS, "oom_killed": Outcome.PASS, "sidecar_memory": Outcome.PASS}
     assert all(v.query and v.expectation and v.reason and v.at for v in verdicts)
+
+
+def test_traffic_lost_before_the_application_fails_the_soak() -> None:
+    """Safety review finding 1: 90 % of the requests refused by the new proxy, the 10 % left all succeed."""
+    lost = by_check(c.verify_after_injection(healthy().set("app_request_rate", 4.0), baseline(), NS, WL, WIN))
+    assert lost["app_success_rate"].outcome is Outcome.PASS, "the application sees nothing wrong"
+    verdict = lost["app_request_rate"]
+    assert verdict.outcome is Outcome.FAIL
+    assert verdict.reason == ("request rate 4/s < 0.8 x baseline 40/s: requests are lost before they reach the "
+                              "application")
+    kept = by_check(c.verify_after_injection(healthy().set("app_request_rate", 33.0), baseline(), NS, WL, WIN))
+    assert kept["app_request_rate"].outcome is Outcome.PASS
+    loose = c.Thresholds(max_traffic_drop=0.95)
+    assert by_check(c.verify_after_injection(healthy().set("app_request_rate", 4.0), baseline(), NS, WL, WIN,
+                                             loose))["app_request_rate"].outcome is Outcome.PASS
+    blind = by_check(c.verify_after_injection(healthy(), baseline(request_rate=None), NS, WL, WIN))
+    assert blind["app_request_rate"].outcome is Outcome.NO_DATA
 
 
 def test_a_success_drop_fails_with_the_numbers() -> None:
@@ -326,7 +343,7 @@ def test_sidecar_memory() -> None:
 def test_prometheus_down_gives_error_verdicts_never_pass() -> None:
     src = healthy().set("app_request_count", down())
     verdicts = c.verify_after_injection(src, baseline(), NS, WL, WIN)
-    assert [v.outcome for v in verdicts] == [Outcome.ERROR] * 5
+    assert [v.outcome for v in verdicts] == [Outcome.ERROR] * 6
     assert len(src.seen) == 1
     assert "Connection refused" in verdicts[0].reason
 

@@ -489,7 +489,7 @@ def test_service_settings_thresholds_and_gate_policy() -> None:
     assert svc.plan.key == "lab/shop/payment" and svc.cluster.prometheus_conn_id == "prom_lab" and svc.batch == 1
     assert svc.thresholds() == {"max_success_drop": 0.05, "max_p99_increase_ms": 250, "max_p99_ratio": 2.0,
                                 "max_restarts": 0, "sidecar_memory_limit_mi": 200, "min_requests": 25,
-                                "min_inbound_ratio": 0.5}
+                                "min_inbound_ratio": 0.5, "max_traffic_drop": 0.2}
     assert svc.gate_policy() == {"breaches_to_fail": 4, "default": {"on_no_data": "wait", "on_error": "wait"}}
     assert svc.gate_policy("fail")["default"]["on_no_data"] == "fail"
 
