@@ -230,8 +230,8 @@ def _wave_preflight(plan: Plan, wave: Wave):
                 mesh = kube.mtls.mesh_wide()
                 if mesh is not None and mesh.mode == "STRICT":
                     raise AirflowFailException(
-                        f"cluster {name}: the mesh-wide {mesh} is STRICT: every workload without a sidecar is cut "
-                        "off. Set it to PERMISSIVE before migrating (STRICT goes per workload, after validation)")
+                        f"cluster {name}: {mesh} is STRICT: every workload without a sidecar is cut off. Set it to "
+                        "PERMISSIVE before migrating (STRICT goes per workload, after validation)")
                 for svc in (s for s in wave.services if s.cluster == name):
                     kube.workload(svc.namespace, svc.workload)
                 without_metrics = _app_metrics_missing(cfg, [s for s in wave.services if s.cluster == name])

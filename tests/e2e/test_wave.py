@@ -134,7 +134,7 @@ def test_a_mesh_wide_strict_policy_stops_the_wave_before_any_change(stack: Stack
                                                "default")
     record = stack.records(HOLD, run_id)["store"]
     assert state == "failed" and record["outcome"] == "skipped", record
-    assert "mesh-wide PeerAuthentication in istio-system is STRICT" in record["reason"]
+    assert "peerauthentication istio-system/default (mesh-wide, STRICT; not meshwave's) is STRICT" in record["reason"]
     assert not any(proxies(stack, "hold", "store"))
 
 
