@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from meshlab import resources as r
 from meshlab.injection import injection_applies
 from meshlab.lab import Lab
 from meshlab.mesh import effective_mode
-from meshlab.store import Store
-from meshlab.topology import TopologyError, load_topology
-from tests.conftest import SMALL
+from meshlab.topology import TopologyError
+from tests.lab.sim import Clock, store
 
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 
 
-class Clock:
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.now = time.monotonic()
-
-    def run(self, seconds: float, step: float = 0.5) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.now += step
-            self.lab.tick(self.now)
-
-
-@pytest.fixture
-def lab() -> Lab:
-    return Lab(load_topology(SMALL))
-
-
-@pytest.fixture
-def clock(lab: Lab) -> Clock:
-    return Clock(lab)
-
-
-def store(lab: Lab) -> Store:
-    return lab.clusters["lab"].store
 
 
 def restart(lab: Lab, ns: str, name: str, stamp: str = "2026-11-25T02:00:00Z") -> None:

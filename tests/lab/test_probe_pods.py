@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,39 +11,15 @@ import yaml
 from meshlab import resources as r
 from meshlab.lab import Lab
 from meshlab.process import LabProcess
-from meshlab.store import Store
-from meshlab.topology import load_topology, parse_topology
-from tests.conftest import SMALL, eventually
+from meshlab.topology import parse_topology
+from tests.conftest import eventually
+from tests.lab.sim import Clock, store
 
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 LEDGER = "http://ledger.shop.svc.cluster.local:8080/"
 
 
-class Clock:
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.now = time.monotonic()
-
-    def run(self, seconds: float, step: float = 0.5) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.now += step
-            self.lab.tick(self.now)
-
-
-@pytest.fixture
-def lab() -> Lab:
-    return Lab(load_topology(SMALL))
-
-
-@pytest.fixture
-def clock(lab: Lab) -> Clock:
-    return Clock(lab)
-
-
-def store(lab: Lab) -> Store:
-    return lab.clusters["lab"].store
 
 
 def probe_body(name: str, command: list[str] | None = None, inject: bool = False, **container: object) -> dict:

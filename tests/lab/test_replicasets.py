@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -13,39 +12,14 @@ import pytest
 from meshlab import resources as r
 from meshlab.lab import Lab
 from meshlab.process import LabProcess
-from meshlab.store import Store
-from meshlab.topology import load_topology
 from tests.conftest import SMALL, VENV_BIN, eventually
+from tests.lab.sim import Clock, store
 
 MERGE = "application/merge-patch+json"
 STRATEGIC = "application/strategic-merge-patch+json"
 REVISION = "deployment.kubernetes.io/revision"
 
 
-class Clock:
-    def __init__(self, lab: Lab) -> None:
-        self.lab = lab
-        self.now = time.monotonic()
-
-    def run(self, seconds: float, step: float = 0.5) -> None:
-        end = self.now + seconds
-        while self.now < end:
-            self.now += step
-            self.lab.tick(self.now)
-
-
-@pytest.fixture
-def lab() -> Lab:
-    return Lab(load_topology(SMALL))
-
-
-@pytest.fixture
-def clock(lab: Lab) -> Clock:
-    return Clock(lab)
-
-
-def store(lab: Lab) -> Store:
-    return lab.clusters["lab"].store
 
 
 def restart(lab: Lab, name: str, stamp: str) -> None:
