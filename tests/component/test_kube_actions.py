@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from kubernetes import client, config
 
 from meshlab.process import LabProcess
 from meshwave.kube import (
@@ -25,6 +23,7 @@ from meshwave.kube import (
     RolloutState,
     WorkloadNotFound,
 )
+from tests.component.kubes import api_client
 from tests.conftest import SMALL, eventually
 
 pytestmark = pytest.mark.component
@@ -32,19 +31,6 @@ pytestmark = pytest.mark.component
 MI = 2**20
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabProcess]:
-    with LabProcess(SMALL, tmp_path_factory.mktemp("lab")) as running:
-        yield running
-
-
-def api_client(lab: LabProcess) -> client.ApiClient:
-    return config.new_client_from_config(config_file=lab.kubeconfig())
-
-
-@pytest.fixture
-def kube(lab: LabProcess) -> MeshKube:
-    return MeshKube(api_client(lab), "lab")
 
 
 def settle(kube: MeshKube, ns: str, name: str, expect_proxy: bool | None, timeout: float = 30) -> RolloutState:

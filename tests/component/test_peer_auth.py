@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import copy
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from kubernetes import client, config
+from kubernetes import config
 
 from meshlab.process import LabProcess
 from meshwave.kube import MeshKube
@@ -22,25 +21,13 @@ from meshwave.kube_errors import MtlsRefused, NotFound, Rejected
 from meshwave.mtls import Mode
 from meshwave.peer_auth import PA_GROUP, PA_PLURAL, PREVIOUS_MTLS_ANNOTATION
 from meshwave.probe import PROBE_FOR_LABEL, PlaintextProbe, ProbeVerdict
-from tests.conftest import SMALL, eventually
+from tests.component.kubes import api_client
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.component
 NS = "shop"
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabProcess]:
-    with LabProcess(SMALL, tmp_path_factory.mktemp("lab")) as running:
-        yield running
-
-
-def api_client(lab: LabProcess) -> client.ApiClient:
-    return config.new_client_from_config(config_file=lab.kubeconfig())
-
-
-@pytest.fixture
-def kube(lab: LabProcess) -> MeshKube:
-    return MeshKube(api_client(lab), "lab")
 
 
 def policy(ns: str, name: str, mode: str | None, selector: dict[str, str] | None = None) -> dict[str, Any]:
