@@ -665,10 +665,6 @@ class MeshKube:
         deployment = self._deployment(ns, name)
         return workload_state(self.cluster, deployment, self._pods_of(deployment), self._replicasets_of(deployment))
 
-    def selector(self, ns: str, name: str) -> dict[str, str]:
-        """The deployment's spec.selector.matchLabels: what a workload PeerAuthentication must select."""
-        return dict(((self._deployment(ns, name).get("spec") or {}).get("selector") or {}).get("matchLabels") or {})
-
     def rollout(self, ns: str, name: str, expect_proxy: bool | None = True) -> RolloutState:
         return assess_rollout(self.workload(ns, name), expect_proxy)
 
