@@ -36,6 +36,7 @@ from meshwave.kube_errors import (  # noqa: F401 (re-exported: callers catch the
 )
 from meshwave.names import rfc1123_label
 from meshwave.peer_auth import PeerAuthentications
+from meshwave.pending import PENDING_ANNOTATION, Pending
 
 PROXY = "istio-proxy"
 INJECT_LABEL = "sidecar.istio.io/inject"
@@ -544,6 +545,29 @@ def label_selector(selector: dict[str, Any]) -> str:
     return ",".join(parts)
 
 
+def _pending_of(deployment: dict[str, Any], cluster: str) -> Pending | None:
+    meta = _meta(deployment)
+    text = (meta.get("annotations") or {}).get(PENDING_ANNOTATION)
+    if text is None:
+        return None
+    return Pending.from_annotation(text, f"cluster {cluster}: deployment {meta.get('namespace')}/{meta.get('name')}")
+
+
+# The kubernetes client's urllib3 pool retries a GET, PUT or DELETE three more times after a read timeout, unseen:
+# four read timeouts per call (a minute at 15 s) before the step hears of it. One quick retry is kept (a pooled
+# connection the server just closed, a refused connect); waiting out an outage is Airflow's job, with backoff, and
+# every step reads before it writes. No sleeping on a Retry-After: a 429 or 503 is the step's error, retried the same.
+CLIENT_RETRIES = urllib3.util.Retry(total=1, redirect=0, status=0, respect_retry_after_header=False,
+                                    raise_on_status=False)
+
+
+def bound_retries(api_client: client.ApiClient) -> None:
+    """Make the client's connection pools (those created from now on) retry as CLIENT_RETRIES says."""
+    pools = getattr(getattr(api_client, "rest_client", None), "pool_manager", None)
+    if pools is not None:
+        pools.connection_pool_kw["retries"] = CLIENT_RETRIES
+
+
 # ---- the cluster ----------------------------------------------------------------------------------
 class MeshKube:
     """One cluster, through a kubernetes-client ApiClient."""
@@ -671,6 +695,49 @@ class MeshKube:
     def _deployment_names(self, ns: str) -> list[str]:
         items = self._call("LIST", f"deployments {ns}", self.apps.list_namespaced_deployment, ns).get("items", [])
         return sorted(_meta(d).get("name", "") for d in items)
+
+    # ---- what meshwave expects next (pending.py) ---------------------------------------------------
+    def pending(self, ns: str, name: str) -> Pending | None:
+        """The workload's pending state, None when meshwave expects nothing of it."""
+        return _pending_of(self._deployment(ns, name), self.cluster)
+
+    def list_pending(self) -> tuple[list[tuple[str, str, Pending]], list[str]]:
+        """(namespace, workload, pending) of every Deployment of the cluster that carries a pending state, and the
+        annotations meshwave cannot read (each named: one of them must not hide the others)."""
+        items = self._call("LIST", "deployments (all namespaces)",
+                           self.apps.list_deployment_for_all_namespaces).get("items", [])
+        found, problems = [], []
+        for d in items:
+            try:
+                pending = _pending_of(d, self.cluster)
+            except ValueError as exc:
+                problems.append(str(exc))
+                continue
+            if pending is not None:
+                found.append((_meta(d).get("namespace", ""), _meta(d).get("name", ""), pending))
+        return sorted(found, key=lambda t: t[:2]), problems
+
+    def set_pending(self, ns: str, name: str, pending: Pending) -> Change:
+        """Write what meshwave expects next, before the change it covers (a metadata annotation: no pod restarts)."""
+        return self._annotate(ns, name, "set-pending", pending.to_annotation(),
+                              f"expected next: {pending.describe()}")
+
+    def clear_pending(self, ns: str, name: str, why: str) -> Change:
+        """The pending state is settled (confirmed or undone): the annotation goes."""
+        target = f"deployment {ns}/{name}"
+        current = self.pending(ns, name)
+        if current is None:
+            return self._noop("clear-pending", target, None, "nothing pending")
+        return self._annotate(ns, name, "clear-pending", None, f"settled: {why} (was: {current.describe()})")
+
+    def _annotate(self, ns: str, name: str, action: str, value: str | None, reason: str) -> Change:
+        body = {"metadata": {"annotations": {PENDING_ANNOTATION: value}}}  # null deletes
+        target = f"deployment {ns}/{name}"
+        request = ApiRequest("PATCH", f"/apis/apps/v1/namespaces/{ns}/deployments/{name}", SMP, body)
+        change = Change(self.cluster, action, target, None, value, request, reason=reason)
+        call = functools.partial(self._call, "PATCH", target, self.apps.patch_namespaced_deployment, name, ns, body,
+                                 _content_type=SMP)
+        return self._send(change, call)
 
     # ---- pod template writes -----------------------------------------------------------------------
     def _patch_template(self, w: WorkloadState, action: str, reason: str, *, labels: dict[str, Any] | None = None,

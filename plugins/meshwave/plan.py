@@ -121,6 +121,9 @@ class Settings(Strict):
     rollout_timeout_seconds: Seconds = 600
     verify_seconds: Seconds = 120
     strict_gate_timeout_seconds: Seconds = 600
+    # How long past its own deadlines a run may take to confirm or undo a change before mesh_reconcile undoes it
+    # (a paused wave, a broken plan file, an undo out of retries): see pending.py.
+    reconcile_grace_seconds: Seconds = 600
     breaches_to_fail: Annotated[int, Field(ge=1, le=100)] = 3
     min_requests: Annotated[int, Field(ge=0)] = 10
     on_no_data: Literal["hold", "rollback"] = "hold"
@@ -176,6 +179,7 @@ class ServicePlan(Strict):
     rollout_timeout_seconds: Seconds | None = None
     verify_seconds: Seconds | None = None
     strict_gate_timeout_seconds: Seconds | None = None
+    reconcile_grace_seconds: Seconds | None = None
     breaches_to_fail: Annotated[int, Field(ge=1, le=100)] | None = None
     min_requests: Annotated[int, Field(ge=0)] | None = None
     on_no_data: Literal["hold", "rollback"] | None = None

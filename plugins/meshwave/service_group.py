@@ -30,16 +30,18 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable, Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import BaseHook, TriggerRule, task, task_group
+from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import decisions, steps
 from meshwave.changes import Change
 from meshwave.kube_errors import KubeError, NotInForce
+from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
+from meshwave.plan import Settings
 from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
 from meshwave.steps import ACTIONS, Service
 
@@ -187,6 +189,71 @@ def _note(context: dict[str, Any]) -> str:
     return f"meshwave {context['dag'].dag_id} {context['run_id']}"
 
 
+def _run_of(context: dict[str, Any]) -> str:
+    return f"{context['dag'].dag_id}/{context['run_id']}"
+
+
+# What a run leaves on a workload before a change it has yet to confirm (pending.py): mesh_reconcile undoes it
+# when the run has not settled it by then (paused, plan file broken, undo out of retries).
+TRIAL, UNVERIFIED = "sidecar on trial (the soak has not accepted it yet)", "STRICT, not verified yet"
+
+
+def _trial_seconds(s: Settings) -> int:
+    """Until the run's own decisions should have settled the sidecar: rollout, soak, STRICT gate, flip, verify."""
+    return (s.rollout_timeout_seconds + s.soak_seconds + s.verify_seconds + s.strict_gate_timeout_seconds
+            + s.probe.timeout_seconds + 2 * s.verify_seconds + s.reconcile_grace_seconds)
+
+
+def _unverified_seconds(s: Settings) -> int:
+    return s.probe.timeout_seconds + 2 * s.verify_seconds + s.reconcile_grace_seconds
+
+
+def _expect(svc: Service, kube: Any, context: dict[str, Any], state: str, undo: Undo, seconds: int) -> dict[str, Any]:
+    """Write what is expected next onto the workload, before the change it covers."""
+    change = kube.set_pending(svc.plan.namespace, svc.plan.workload,
+                              expecting(state, undo, seconds, _run_of(context), svc.to_dict()))
+    print(change.summary())
+    return change.to_dict()
+
+
+def _settle(svc: Service, kube: Any, why: str, only: Undo | None = None) -> dict[str, Any] | None:
+    """The pending state is settled (an undo done): its annotation goes. `only`: settle only that undo (going back
+    to PERMISSIVE does not settle a sidecar still on trial)."""
+    p = svc.plan
+    current = kube.pending(p.namespace, p.workload)
+    if current is None or (only is not None and current.undo != only):
+        return None
+    change = kube.clear_pending(p.namespace, p.workload, why)
+    print(change.summary())
+    return change.to_dict()
+
+
+def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+    kube = kube_for(svc, context)
+    pending = None
+    if svc.action != "strict_only":
+        pending = _expect(svc, kube, context, TRIAL, Undo.REMOVE_SIDECAR, _trial_seconds(svc.settings))
+    return {**logged(steps.inject(svc, kube)), "pending": pending}
+
+
+def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+    kube = kube_for(svc, context)
+    pending = _expect(svc, kube, context, UNVERIFIED, Undo.PERMISSIVE, _unverified_seconds(svc.settings))
+    return {**logged(steps.flip_strict(svc, kube)), "pending": pending}
+
+
+def _back(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+    kube = kube_for(svc, context)
+    result = logged(steps.back_to_permissive(svc, kube, _note(context)))
+    return {**result, "pending": _settle(svc, kube, "back to PERMISSIVE", only=Undo.PERMISSIVE)}
+
+
+def _rollback(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+    kube = kube_for(svc, context)
+    result = logged(steps.rollback_injection(svc, kube))
+    return {**result, "pending": _settle(svc, kube, "sidecar removed")}
+
+
 def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
     return _pull(context, prefix, step) or {}
 
@@ -204,12 +271,26 @@ def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
         if group.states.get("flip_strict") in (None, "skipped"):
             raise AirflowSkipException("back_to_permissive: not on this service's path (STRICT was not attempted)")
         to, why = decisions.after_strict(group.service, group.results, group.states)
+        if to == decisions.STRICT_DONE:
+            to, why = _confirm_strict(group.service, context, why)
         context["ti"].xcom_push(key="decision", value={"to": to, "why": why})
         print(f"after_strict: -> {to}: {why}")
         if to != decisions.BACK:
             raise AirflowSkipException(f"STRICT stays: {why}")
 
     return check
+
+
+def _confirm_strict(svc: Service, context: dict[str, Any], why: str) -> tuple[str, str]:
+    """Verified: STRICT stays, unless it was undone while this run waited (mesh_reconcile, an operator): the
+    record must say what the data plane does."""
+    kube, p = kube_for(svc, context), svc.plan
+    state = kube.mtls.effective(p.namespace, p.workload)
+    if not state.strict_everywhere:
+        return decisions.BACK, (f"verified, but STRICT is no longer in force ({state.describe()}): undone while "
+                                "this run waited (mesh_reconcile or an operator)")
+    _settle(svc, kube, "STRICT verified")
+    return decisions.STRICT_DONE, why
 
 
 def _service(context: dict[str, Any], prefix: str) -> Service:
@@ -302,6 +383,45 @@ def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[
     return step()
 
 
+# Outcomes in which the run's own decision stands: what it left pending is confirmed (or was never changed).
+SETTLED = ("strict", "permissive", "held", "blocked", "skipped", "rolled_back", "removed")
+
+
+def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+    """Settle what this run left pending on the workload. A run that could not (an undo out of retries, a step
+    that broke) makes its undo due now for mesh_reconcile, and the record says what is left, as the cluster has it."""
+    p = svc.plan
+    try:
+        kube = kube_for(svc, context)
+        current = kube.pending(p.namespace, p.workload)
+        if current is None or current.run != _run_of(context):
+            return record  # nothing of this run's (mesh_reconcile's runs undo another run's)
+        if record["outcome"] in SETTLED:
+            print(kube.clear_pending(p.namespace, p.workload, f"{record['outcome']}: {record['reason']}"[:300])
+                  .summary())
+            return record
+        due = current.model_copy(update={"until": datetime.now(UTC)})
+        print(kube.set_pending(p.namespace, p.workload, due).summary())
+        left = _what_is_left(kube, svc)
+    except (KubeError, ValueError) as exc:
+        return {**record, "reason": f"{record['reason']}; what is left could not be read ({exc}): see annotation "
+                                    f"{PENDING_ANNOTATION} on deployment {p.namespace}/{p.workload}"}
+    print(f"LEFT: {p.key}: {left['describe']}; {current.undo} is due now for mesh_reconcile")
+    return {**record, "mtls": left["mtls"], "sidecar": left["sidecar"],
+            "reason": f"{record['reason']}; LEFT: {left['describe']}; mesh_reconcile carries out {current.undo}"}
+
+
+def _what_is_left(kube: Any, svc: Service) -> dict[str, Any]:
+    """The workload as the cluster has it now: its sidecars and the mTLS mode its pods enforce."""
+    p = svc.plan
+    w, mtls = kube.workload(p.namespace, p.workload), kube.mtls.effective(p.namespace, p.workload)
+    sidecar = None if 0 < w.pods_with_proxy < w.pods_total else w.pods_with_proxy > 0
+    mode = str(mtls.mode) + "".join(f", port {port} {m}" for port, m in sorted(mtls.ports.items()))
+    return {"mtls": mode,
+            "sidecar": sidecar, "describe": f"{w.pods_with_proxy} of {w.pods_total} pods with a sidecar, mTLS "
+                                            f"{mtls.describe()}"}
+
+
 def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: Any):
     @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
     def outcome(key: str, **context: Any) -> dict[str, Any]:
@@ -313,8 +433,10 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         if svc is None:  # refused or never admitted: name it as well as the input allows
             with contextlib.suppress(ValueError):
                 svc = resolve(context, key)
-        record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions,
-                                   bool(context["params"].get("dry_run")))
+        dry_run = bool(context["params"].get("dry_run"))
+        record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run)
+        if state.service is not None and not dry_run:
+            record = _settle_outcome(state.service, record, context)
         context["ti"].xcom_push(key="record", value=record)
         print(f"{record['service']}: {record['outcome']}: {record['reason']}")
         if record["outcome"] in decisions.RED:
@@ -324,7 +446,7 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
     return outcome(key)
 
 
-def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], label: str, *,
+def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | XComArg, label: str, *,
                   guard: Guard | None = None, wave_error_task: str | None = None) -> DAGNode:
     """Build the mapped service group in the current DAG context, one map index per entry of `keys`.
 
@@ -341,7 +463,7 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
                                                                                      prometheus_for(svc))),
                           on_path(prefix, "preflight"))
         baseline = _step("baseline", prefix, lambda svc, c: steps.baseline(svc, prometheus_for(svc)))
-        inject = _step("inject", prefix, lambda svc, c: logged(steps.inject(svc, kube_for(svc, c))))
+        inject = _step("inject", prefix, _inject)
         wait_rollout = RolloutSensor(task_id="wait_rollout", watch=_rollout_watch(prefix), expect_proxy=True,
                                      **RETRIES)
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
@@ -349,21 +471,16 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str], la
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
                                  on_path=on_path(prefix, "strict_gate"), **RETRIES)
         # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
-        flip = _step("flip_strict", prefix, lambda svc, c: logged(steps.flip_strict(svc, kube_for(svc, c))),
-                     on_path(prefix, "flip_strict"), final=(NotInForce,))
+        flip = _step("flip_strict", prefix, _flip, on_path(prefix, "flip_strict"), final=(NotInForce,))
         verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
                                    watch=_gate_watch(prefix, "verify_strict"), on_path=flipped(prefix),
                                    retries=0)  # STRICT unverified goes back to PERMISSIVE, not to a second try
         # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, **UNDO_RETRIES}
-        back = _step("back_to_permissive", prefix,
-                     lambda svc, c: logged(steps.back_to_permissive(svc, kube_for(svc, c), _note(c))),
-                     strict_undone_if_needed(prefix), **undo)
+        back = _step("back_to_permissive", prefix, _back, strict_undone_if_needed(prefix), **undo)
         verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
                                      watch=_gate_watch(prefix, "verify_recovery"), **RETRIES)
-        rollback = _step("rollback_injection", prefix,
-                         lambda svc, c: logged(steps.rollback_injection(svc, kube_for(svc, c))),
-                         on_path(prefix, "rollback_injection"), **undo)
+        rollback = _step("rollback_injection", prefix, _rollback, on_path(prefix, "rollback_injection"), **undo)
         wait_rollback = RolloutSensor(task_id="wait_rollback", watch=_rollout_watch(prefix), expect_proxy=False,
                                       **RETRIES)
 

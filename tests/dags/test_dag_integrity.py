@@ -16,7 +16,7 @@ from meshwave.wave import ROOT, label_template, wave_dag
 DAGS = ROOT / "dags"
 SEED_PLAN = ROOT / "include" / "plans" / "seed-fleet.yaml"
 GROUP_TASKS = 17
-OPERATOR_DAGS = {"mesh_service", "mesh_emergency_rollback"}  # beside one DAG per wave
+OPERATOR_DAGS = {"mesh_service", "mesh_emergency_rollback", "mesh_reconcile"}  # beside one DAG per wave
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import pytest
 from airflow.sdk.exceptions import AirflowSkipException
 
 from meshwave import service_group as sg
+from meshwave.mtls import Mode
 from meshwave.plan import parse_plan
 from meshwave.wave import services_of
 
@@ -38,6 +39,28 @@ class FakeTI:
                               if i == map_index}}
 
 
+class FakeMtls:
+    def __init__(self, mode: Mode) -> None:
+        self.mode = mode
+
+    def effective(self, ns: str, workload: str) -> Any:
+        from meshwave.mtls import EffectiveMtls
+        return EffectiveMtls(mode=self.mode)
+
+
+class FakeKube:
+    """What the after-STRICT decision reads of the cluster: the mode in force and the pending annotation."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.mtls, self.cleared = FakeMtls(mode), []
+
+    def pending(self, ns: str, workload: str) -> Any:
+        return None  # nothing left to settle
+
+    def clear_pending(self, ns: str, workload: str, why: str) -> Any:
+        self.cleared.append(why)
+
+
 def service() -> dict[str, Any]:
     plan = parse_plan(PLAN)
     return services_of(plan, plan.waves[0])[0].to_dict()
@@ -59,13 +82,17 @@ def test_a_path_runs_only_when_its_own_map_index_chose_it() -> None:
         sg.on_path(GROUP, "soak")(context(FakeTI(0, xcoms, {})))
 
 
-@pytest.mark.parametrize(("flip", "verify", "expect"), [
-    (None, None, "skip"),  # STRICT never attempted
-    ("success", {"status": "pass", "reason": "ok"}, "skip"),  # verified: STRICT stays
-    ("success", {"status": "fail", "reason": "caller_success_rate"}, "back"),
-    ("failed", None, "back"),  # a flip that did not complete: make sure it is PERMISSIVE
+@pytest.mark.parametrize(("flip", "verify", "expect", "in_force"), [
+    (None, None, "skip", Mode.PERMISSIVE),  # STRICT never attempted
+    ("success", {"status": "pass", "reason": "ok"}, "skip", Mode.STRICT),  # verified: STRICT stays
+    # verified, but undone while the run waited (mesh_reconcile): the record must follow the data plane
+    ("success", {"status": "pass", "reason": "ok"}, "back", Mode.PERMISSIVE),
+    ("success", {"status": "fail", "reason": "caller_success_rate"}, "back", Mode.STRICT),
+    ("failed", None, "back", Mode.STRICT),  # a flip that did not complete: make sure it is PERMISSIVE
 ])
-def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify: dict | None, expect: str) -> None:
+def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify: dict | None, expect: str,
+                                                         in_force: Mode, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sg, "kube_for", lambda svc, c: FakeKube(in_force))
     xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
                                               ("admit", 0, "decision"): {"to": "preflight"}}
     states = {("admit", 0): "success"}
