@@ -114,6 +114,11 @@ class LabProcess:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return json.loads(resp.read())
 
+    def outage(self, cluster: str, seconds: float) -> dict[str, Any]:
+        """Make one cluster's API server unreachable for `seconds` from now (0 ends an outage); its data plane and
+        the other clusters keep running. Returns the outage's status (`down`, `seconds_left`, `port`)."""
+        return self.admin("POST", f"/clusters/{cluster}/outage", {"seconds": seconds})
+
     def stop(self) -> None:
         _stop(self.proc)
 

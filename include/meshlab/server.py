@@ -1,4 +1,9 @@
-"""Serving the lab: one API port per cluster, one port for `/metrics` and `/admin`, all on loopback."""
+"""Serving the lab: one API port per cluster, one port for `/metrics` and `/admin`, all on loopback.
+
+A cluster's API server can be taken away for a while (`POST /admin/clusters/<cluster>/outage`), as a control-plane
+upgrade or a crashed API server looks to a client: its port refuses connections and the open ones are reset. Only
+the control plane goes: the cluster's pods, proxies and telemetry keep running (they never depend on the API server).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -65,8 +71,99 @@ class Exposition:
             self.render()
 
 
-def admin_app(lab: Lab, exposition: Exposition | None = None) -> web.Application:
+class ControlPlane:
+    """One cluster's API server on its own port, which an outage closes and then opens again on the same port."""
+
+    MAX_OUTAGE_SECONDS = 24 * 3600
+
+    def __init__(self, cluster: str, runner: web.AppRunner, host: str, port: int = 0) -> None:
+        self.cluster = cluster
+        self.runner = runner
+        self.host = host
+        self.port = port
+        self.site: web.SockSite | None = None
+        self.until = 0.0  # time.monotonic() at which an outage ends
+        self.outages = 0
+        self._restore: asyncio.Task[None] | None = None
+
+    async def start(self) -> int:
+        """Listen (again) on the cluster's port; the first start picks the port when it was 0."""
+        sock = _bind(self.port, self.host)
+        self.port = sock.getsockname()[1]
+        self.site = web.SockSite(self.runner, sock)
+        await self.site.start()
+        return self.port
+
+    @property
+    def down(self) -> bool:
+        return self.site is None
+
+    def status(self) -> dict[str, Any]:
+        left = max(0.0, self.until - time.monotonic()) if self.down else 0.0
+        return {"cluster": self.cluster, "port": self.port, "down": self.down, "seconds_left": round(left, 1),
+                "outages": self.outages}
+
+    async def outage(self, seconds: float) -> dict[str, Any]:
+        """Unreachable for `seconds` from now (a running outage is extended or shortened to that); 0 ends it."""
+        if not 0 <= seconds <= self.MAX_OUTAGE_SECONDS:
+            raise ValueError(f"seconds must be between 0 and {self.MAX_OUTAGE_SECONDS}, not {seconds}")
+        self.until = time.monotonic() + seconds
+        if seconds == 0:
+            if self._restore is not None:
+                self._restore.cancel()
+            await self._up()
+        elif not self.down:
+            await self._go_down()
+            self._restore = asyncio.create_task(self._up_when_over())
+        return self.status()
+
+    def close(self) -> None:
+        """The lab stops: no outage left to end."""
+        if self._restore is not None:
+            self._restore.cancel()
+
+    async def _go_down(self) -> None:
+        assert self.site is not None
+        await self.site.stop()  # the listening socket is closed: new connections are refused
+        self.site = None
+        self.outages += 1
+        server = self.runner.server
+        for handler in server.connections if server is not None else []:
+            _reset(handler.transport)  # kept-alive connections and watches end as a dying server ends them
+        log.warning("cluster %s: API server unreachable for %.0fs (port %s closed)", self.cluster,
+                    self.until - time.monotonic(), self.port)
+
+    async def _up_when_over(self) -> None:
+        while (left := self.until - time.monotonic()) > 0:
+            await asyncio.sleep(left)
+        await self._up()
+
+    async def _up(self) -> None:
+        """Back on the same port (the kubeconfigs name it); retried while something else holds the port."""
+        while self.down:
+            try:
+                await self.start()
+                log.warning("cluster %s: API server back on port %s", self.cluster, self.port)
+            except OSError as exc:
+                log.warning("cluster %s: cannot listen on port %s again (%s): retrying", self.cluster, self.port, exc)
+                await asyncio.sleep(0.5)
+
+
+def _reset(transport: asyncio.BaseTransport | None) -> None:
+    """Close a connection with a TCP reset (SO_LINGER 0), not a clean FIN: the peer's next read fails at once."""
+    if transport is None or transport.is_closing():
+        return
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    transport.abort()  # type: ignore[attr-defined]
+
+
+def admin_app(lab: Lab, exposition: Exposition | None = None,
+              control_planes: dict[str, ControlPlane] | None = None) -> web.Application:
     exposition = exposition or Exposition(lab)
+    planes = control_planes or {}
 
     async def metrics(request: web.Request) -> web.Response:
         return web.Response(body=exposition.for_scrape(), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -99,19 +196,50 @@ def admin_app(lab: Lab, exposition: Exposition | None = None) -> web.Application
         lab.tick()
         return web.json_response(lab.describe(key))
 
+    def _plane(request: web.Request) -> ControlPlane:
+        name = request.match_info["cluster"]
+        if name not in planes:
+            raise web.HTTPNotFound(text=json.dumps({"error": f"unknown cluster {name} (known: {sorted(planes)})"}),
+                                   content_type="application/json")
+        return planes[name]
+
+    async def outage_status(request: web.Request) -> web.Response:
+        return web.json_response(_plane(request).status())
+
+    async def outage(request: web.Request) -> web.Response:
+        plane = _plane(request)
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        seconds = body.get("seconds") if isinstance(body, dict) else None
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            return web.json_response({"error": 'the body must be {"seconds": N}: the cluster\'s API server is '
+                                               "unreachable for N seconds from now (0 ends an outage)"}, status=400)
+        try:
+            return web.json_response(await plane.outage(float(seconds)))
+        except ValueError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+
     app = web.Application()
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", lambda request: web.Response(text="ok"))
     app.router.add_get("/admin/services", services)
     app.router.add_get("/admin/services/{cluster}/{namespace}/{name}", service)
     app.router.add_patch("/admin/services/{cluster}/{namespace}/{name}", change)
+    app.router.add_get("/admin/clusters/{cluster}/outage", outage_status)
+    app.router.add_post("/admin/clusters/{cluster}/outage", outage)
     return app
 
 
 def _bind(port: int, host: str = HOST) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
@@ -140,15 +268,15 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
     """
     advertise = advertise_host or host
     runners: list[web.AppRunner] = []
+    planes: dict[str, ControlPlane] = {}
     state: dict[str, Any] = {"pid": os.getpid(), "clusters": {}}
     try:
         for name, sim in lab.clusters.items():
             runner = web.AppRunner(ApiServer(sim.store).app, access_log=None)
             await runner.setup()
-            sock = _bind((api_ports or {}).get(name, 0), host)
-            await web.SockSite(runner, sock).start()
             runners.append(runner)
-            url = f"http://{advertise}:{sock.getsockname()[1]}"
+            planes[name] = ControlPlane(name, runner, host, (api_ports or {}).get(name, 0))
+            url = f"http://{advertise}:{await planes[name].start()}"
             state["clusters"][name] = {"server": url}
             if kubeconfig_dir is not None:
                 kubeconfig_dir.mkdir(parents=True, exist_ok=True)
@@ -156,7 +284,7 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
                 _write_atomic(path, yaml.safe_dump(kubeconfig(name, url), sort_keys=False))
                 state["clusters"][name]["kubeconfig"] = str(path.resolve())
         exposition = Exposition(lab)
-        runner = web.AppRunner(admin_app(lab, exposition), access_log=None)
+        runner = web.AppRunner(admin_app(lab, exposition, planes), access_log=None)
         await runner.setup()
         sock = _bind(metrics_port, host)
         await web.SockSite(runner, sock).start()
@@ -168,6 +296,8 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
         print(json.dumps(state), flush=True)
         await _tick_forever(lab, tick_seconds, stop or asyncio.Event(), exposition)
     finally:
+        for plane in planes.values():
+            plane.close()
         for runner in runners:
             await runner.cleanup()
 

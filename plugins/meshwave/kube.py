@@ -587,6 +587,7 @@ class MeshKube:
         self.custom = client.CustomObjectsApi(api_client)
         self.admission = client.AdmissionregistrationV1Api(api_client)
         self.api_client = api_client
+        bound_retries(api_client)
 
     # ---- transport ---------------------------------------------------------------------------------
     def _call(self, verb: str, target: str, fn: Callable[..., Any], *args: Any,
