@@ -25,7 +25,7 @@ from meshlab.topology import Cluster, Service, Topology, TopologyError, format_e
 
 # Fault knobs the admin endpoint may change at run time.
 KNOBS = ("replicas", "ingress_rps", "latency_ms", "error_rate", "app_memory_mi", "sidecar_memory_mi", "legacy",
-         "bypass_ports", "calls")
+         "bypass_ports", "calls", "proxy_drop", "app_metrics_label")
 
 
 class ClusterStore(Store):
@@ -148,6 +148,7 @@ class Lab:
         self.telemetry = Telemetry()
         self.flows = Flows({}, [])
         self._last_tick: float | None = None
+        self._epoch: float | None = None  # the lab's first tick: callers' bursts are timed from it
         self._bootstrap()
 
     # ---- set-up --------------------------------------------------------------------------------
@@ -209,10 +210,15 @@ class Lab:
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         dt = 0.0 if self._last_tick is None else max(0.0, now - self._last_tick)
+        start = now - dt
         self._last_tick = now
+        epoch = self._epoch = now if self._epoch is None else self._epoch
         for sim in self.clusters.values():
             sim.controller.reconcile(now)
-        self.flows = compute_flows({key: self.workload(key) for key in self.knobs})
+        # The counters advance by this tick's flows over [start, now]: a bursty call sends what its bursts in that
+        # interval hold, so a burst is counted whole whatever the tick length.
+        self.flows = compute_flows({key: self.workload(key) for key in self.knobs},
+                                   lambda call: call.burst_factor(start - epoch, now - epoch))
         if dt:
             self.telemetry.advance(self.flows, dt)
 
@@ -247,7 +253,7 @@ class Lab:
             key, svc, bool(ready), len(proxied) / len(ready) if ready else 0.0, mode_for_port,
             inbound_bypass=set(svc.bypass_ports) | excluded_ports(annotations, "Inbound"),
             outbound_excluded=excluded_ports(annotations, "Outbound"),
-            sidecar_latency_ms=latency,
+            sidecar_latency_ms=latency, proxy_drop=svc.proxy_drop,
         )
 
     def memory_of(self, cluster: str):

@@ -7,6 +7,9 @@ Rules (istio-facts.md):
 - Auto-mTLS: a caller with a sidecar speaks mTLS to pods with sidecars and plaintext to the rest.
   STRICT, enforced by the server's proxy, resets plaintext; the caller's own success rate shows it.
 - Ports excluded from capture bypass the proxy: no policy, no Istio telemetry.
+- A server proxy that fails what it accepted (`proxy_drop`: its upstream, the app, unreachable) answers 503 with
+  response flag UF itself: those requests never reach the app. The lab models no Envoy retries.
+- A call in bursts sends its average rate in short bursts (`Call.burst_factor` over the tick's interval).
 - Each proxy on a hop adds latency; a request's latency includes its calls, one after another.
 """
 
@@ -15,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from meshlab import resources as r
 from meshlab.selectors import matches_labels
@@ -116,6 +119,7 @@ class Workload:
     inbound_bypass: set[int] = field(default_factory=set)
     outbound_excluded: set[int] = field(default_factory=set)
     sidecar_latency_ms: float = 0.5
+    proxy_drop: float = 0.0  # of what its own proxy accepts, failed by that proxy (never reaches the app)
 
     def proxied_inbound(self, port: int) -> float:
         return 0.0 if port in self.inbound_bypass else self.sidecar_fraction
@@ -135,11 +139,28 @@ class EdgeFlow:
     offered: float = 0.0
     mtls: float = 0.0            # caller proxy -> server proxy: both report, mutual_tls
     plaintext: float = 0.0       # no caller proxy -> server proxy, accepted (PERMISSIVE): server reports "none"
+    dropped_mtls: float = 0.0    # caller proxy -> server proxy, accepted, then failed by the server proxy (503 UF)
+    dropped_plaintext: float = 0.0  # no caller proxy -> server proxy, accepted, then failed by it (503 UF)
     reset: float = 0.0           # no caller proxy -> server proxy in STRICT: refused, nobody reports a request
     to_unproxied: float = 0.0    # any caller -> server pod without proxy (only a caller proxy reports)
     client_proxied: float = 0.0  # fraction of the caller's requests that leave through its proxy
     unavailable: float = 0.0     # no ready pod: the caller's proxy (if any) reports 503 UH
     latency_ms: float = 0.0      # seen by the caller, proxies included
+    bytes_per_second: float = 0.0           # TCP: sent by the caller over its connection(s), however many opened
+    response_bytes_per_second: float = 0.0  # TCP: sent back by the service
+
+    def shares(self) -> EdgeShares:
+        """Where one unit offered on this edge goes: what the TCP bytes follow (they need no request rate)."""
+        unit = EdgeFlow(self.source, self.dest, self.port, self.protocol)
+        _split(unit, 1.0)
+        return EdgeShares(unit.mtls, unit.plaintext, unit.to_unproxied * unit.client_proxied)
+
+
+@dataclass(frozen=True)
+class EdgeShares:
+    mtls: float          # both proxies report, mutual_tls
+    plaintext: float     # the server proxy reports, none
+    source_only: float   # only the caller's proxy reports (the server has none)
 
 
 @dataclass
@@ -155,6 +176,17 @@ class Flows:
     workloads: dict[WorkloadKey, WorkloadFlow]
     edges: list[EdgeFlow]
     gateways: set[WorkloadKey] = field(default_factory=set)  # Envoy only: no application metrics
+    app_labels: dict[WorkloadKey, str] = field(default_factory=dict)  # the label the app's own metrics name it by
+
+
+class Bursts(Protocol):
+    def __call__(self, call: Call) -> float:
+        """How much of its average rate a call sends during this tick (1.0 for a steady caller)."""
+        ...
+
+
+def steady(call: Call) -> float:
+    return 1.0
 
 
 def topological_order(workloads: dict[WorkloadKey, Workload]) -> list[WorkloadKey]:
@@ -182,7 +214,7 @@ def _key(call: Call) -> WorkloadKey:
     return cluster, ns, name
 
 
-def compute_flows(workloads: dict[WorkloadKey, Workload]) -> Flows:
+def compute_flows(workloads: dict[WorkloadKey, Workload], bursts: Bursts = steady) -> Flows:
     order = topological_order(workloads)
     flows = {k: WorkloadFlow() for k in workloads}
     # Callees first: what fraction of the requests reaching a workload succeed, and how long they take.
@@ -211,11 +243,14 @@ def compute_flows(workloads: dict[WorkloadKey, Workload]) -> Flows:
             if callee is None:
                 continue
             edge = _edge(w, callee, call.port, call.protocol, flows[callee.key])
-            _split(edge, flows[key].reached * call.per_request)
+            _split(edge, flows[key].reached * call.per_request * bursts(call))
+            edge.bytes_per_second, edge.response_bytes_per_second = call.bytes_per_second, \
+                call.response_bytes_per_second
             edges.append(edge)
             if call.protocol == "http":
                 flows[callee.key].reached += edge.mtls + edge.plaintext + edge.to_unproxied
-    return Flows(flows, edges, {k for k, w in workloads.items() if w.service.gateway})
+    return Flows(flows, edges, {k for k, w in workloads.items() if w.service.gateway},
+                 {k: w.service.app_metrics_label for k, w in workloads.items() if w.service.app_metrics_label != "app"})
 
 
 def _edge(source: Workload | None, dest: Workload, port: int, protocol: str, dest_flow: WorkloadFlow) -> EdgeFlow:
@@ -236,13 +271,15 @@ def _split(edge: EdgeFlow, rate: float) -> None:
     client = edge.source.proxied_outbound(edge.port) if edge.source else 0.0
     server = edge.dest.proxied_inbound(edge.port)
     strict = edge.dest.mode_for_port(edge.port) == "STRICT"
-    edge.mtls = rate * client * server
+    drop = edge.dest.proxy_drop  # the server proxy fails a share of what it accepted (after any TLS handshake)
+    mtls_into_proxy = rate * client * server
+    edge.mtls, edge.dropped_mtls = mtls_into_proxy * (1 - drop), mtls_into_proxy * drop
     edge.to_unproxied = rate * (1 - server)
     plaintext_into_proxy = rate * (1 - client) * server
-    if strict:
+    if strict:  # refused at the handshake: the proxy never routes it, so it cannot fail it either
         edge.reset = plaintext_into_proxy
     else:
-        edge.plaintext = plaintext_into_proxy
+        edge.plaintext, edge.dropped_plaintext = plaintext_into_proxy * (1 - drop), plaintext_into_proxy * drop
 
 
 def _calls_succeed(success: float, per_request: float) -> float:

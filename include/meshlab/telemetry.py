@@ -3,7 +3,10 @@
 - the application's own metrics (exist before and after injection): `http_requests_total`,
   `http_request_duration_seconds`;
 - Istio standard metrics, only where a proxy handled the traffic: `istio_requests_total`,
-  `istio_request_duration_milliseconds`, `istio_tcp_connections_opened_total` / `_closed_total`;
+  `istio_request_duration_milliseconds`, `istio_tcp_connections_opened_total` / `_closed_total`,
+  `istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` (bytes from / to the downstream caller, both
+  reporters, while a connection is open: a long-lived one keeps counting bytes and opens nothing new);
+  a request the server's proxy failed itself (`proxy_drop`) is a 503 with response flag UF at the destination;
 - cAdvisor `container_memory_working_set_bytes`; kube-state-metrics pod restarts, termination and
   waiting reasons, readiness, deployment replicas, and the owner series that join a pod to its Deployment
   (`kube_pod_owner`, `kube_replicaset_owner`, from the objects' ownerReferences as kube-state-metrics reads them).
@@ -40,8 +43,8 @@ ISTIO_LABELS = (
     "destination_cluster", "request_protocol", "response_code", "response_flags", "connection_security_policy",
 )
 TCP_LABELS = tuple(label for label in ISTIO_LABELS if label not in ("request_protocol", "response_code"))
-APP_LABELS = ("cluster", "namespace", "app", "code")
-APP_HIST_LABELS = ("cluster", "namespace", "app")
+APP_LABEL = "app"  # the label the application's metrics name it by, unless its service says otherwise
+DROPPED = "UF"  # Envoy's upstream connection failure: the server proxy could not reach the app
 
 
 def _cdf(bounds: tuple[float, ...], median: float) -> list[float]:
@@ -75,6 +78,10 @@ class Telemetry:
         self.requests: dict[tuple[str, ...], float] = defaultdict(float)
         self.durations: dict[tuple[str, ...], Histogram] = {}
         self.tcp_opened: dict[tuple[str, ...], float] = defaultdict(float)
+        self.tcp_closed: dict[tuple[str, ...], float] = defaultdict(float)
+        self.tcp_received: dict[tuple[str, ...], float] = defaultdict(float)
+        self.tcp_sent: dict[tuple[str, ...], float] = defaultdict(float)
+        # keyed (cluster, namespace, the app's label name, app[, code]): an app may name itself by another label
         self.app_requests: dict[tuple[str, ...], float] = defaultdict(float)
         self.app_durations: dict[tuple[str, ...], Histogram] = {}
 
@@ -84,12 +91,13 @@ class Telemetry:
             if f.reached <= 0 or key in flows.gateways:
                 continue
             cluster, ns, app = key
+            named = (cluster, ns, flows.app_labels.get(key, APP_LABEL), app)
             amount = f.reached * dt
             fail = 1 - f.ok
             for code, share in (("200", f.ok), ("500", min(f.own_error, fail)), ("503", max(0.0, fail - f.own_error))):
                 if share > 1e-12:
-                    self.app_requests[(cluster, ns, app, code)] += amount * share
-            hist = self.app_durations.setdefault((cluster, ns, app), Histogram(len(APP_BUCKETS_S)))
+                    self.app_requests[(*named, code)] += amount * share
+            hist = self.app_durations.setdefault(named, Histogram(len(APP_BUCKETS_S)))
             hist.observe(APP_BUCKETS_S, _cdf(APP_BUCKETS_S, f.latency_ms / 1000), amount, f.latency_ms / 1000)
         for edge in flows.edges:
             self._edge(edge, flows, dt)
@@ -107,22 +115,55 @@ class Telemetry:
                          e.latency_ms, dt)
         if e.unavailable * e.client_proxied:
             self._report("source", e, e.source, e.unavailable * e.client_proxied, "unknown", 0.0, 1.0, dt, flags="UH")
+        # Failed by the server's proxy: it answers 503 UF itself, the caller's proxy relays the 503 it received.
+        failed_latency = 2 * e.dest.sidecar_latency_ms
+        if e.dropped_mtls:
+            self._report("destination", e, e.source, e.dropped_mtls, "mutual_tls", 0.0, failed_latency, dt, DROPPED)
+            self._report("source", e, e.source, e.dropped_mtls, "unknown", 0.0, failed_latency, dt,
+                         upstream_failed=True)
+        if e.dropped_plaintext:
+            self._report("destination", e, None, e.dropped_plaintext, "none", 0.0, failed_latency, dt, DROPPED)
+        if e.protocol == "tcp" and (e.bytes_per_second or e.response_bytes_per_second):
+            self._bytes(e, dt)
 
-    def _report(self, reporter: str, e: EdgeFlow, source: Workload | None, rate: float, security: str,
-                ok: float, latency_ms: float, dt: float, flags: str = "-") -> None:
-        dest, amount = e.dest, rate * dt
+    def _bytes(self, e: EdgeFlow, dt: float) -> None:
+        """Bytes of the edge's open connection(s), split like its connections; one that no request rate opens is a
+        long-lived connection: opened once (its first byte), never closed."""
+        shares = e.shares()
+        reports = (("destination", e.source, shares.mtls, "mutual_tls"), ("source", e.source, shares.mtls, "unknown"),
+                   ("destination", None, shares.plaintext, "none"), ("source", e.source, shares.source_only, "unknown"))
+        for reporter, source, share, security in reports:
+            if share <= 1e-12 or (reporter == "source" and e.source is None):
+                continue
+            labels = (*self._base(reporter, e, source, security), "-", security)
+            self.tcp_received[labels] += e.bytes_per_second * share * dt
+            self.tcp_sent[labels] += e.response_bytes_per_second * share * dt
+            if e.offered <= 0 and labels not in self.tcp_opened:
+                self.tcp_opened[labels] = 1.0
+
+    def _base(self, reporter: str, e: EdgeFlow, source: Workload | None, security: str) -> tuple[str, ...]:
+        """The Istio labels up to destination_cluster, as `reporter` writes them."""
+        dest = e.dest
         cluster = dest.key[0] if reporter == "destination" else (source.key[0] if source else dest.key[0])
         src_name, src_ns, src_principal, src_cluster = ("unknown",) * 4
         if source is not None and (reporter == "source" or security == "mutual_tls"):
             src_name, src_ns, src_principal, src_cluster = (source.key[2], source.key[1], _principal(source),
                                                             source.key[0])
         dest_host = f"{dest.key[2]}.{dest.key[1]}.svc.cluster.local"
-        base = (cluster, reporter, src_name, src_ns, src_principal, src_name, src_cluster, dest.key[2], dest.key[1],
+        return (cluster, reporter, src_name, src_ns, src_principal, src_name, src_cluster, dest.key[2], dest.key[1],
                 _principal(dest), dest.key[2], dest_host, dest.key[2], dest.key[1], dest.key[0])
+
+    def _report(self, reporter: str, e: EdgeFlow, source: Workload | None, rate: float, security: str,
+                ok: float, latency_ms: float, dt: float, flags: str = "-", upstream_failed: bool = False) -> None:
+        """`flags`: what this proxy itself did to the request ("-": nothing). `upstream_failed`: the 503 came from the
+        next proxy (a relayed answer carries no flag of this proxy's)."""
+        dest, amount = e.dest, rate * dt
+        base = self._base(reporter, e, source, security)
         if e.protocol == "tcp":
             self.tcp_opened[(*base, flags, security)] += amount
+            self.tcp_closed[(*base, flags, security)] += amount  # short connections: closed as they open
             return
-        own = 0.0 if flags == "UH" else min(dest.service.error_rate, 1 - ok)
+        own = 0.0 if flags != "-" or upstream_failed else min(dest.service.error_rate, 1 - ok)
         for code, share in (("200", ok), ("500", own), ("503", max(0.0, 1 - ok - own))):
             if share <= 1e-12:
                 continue
@@ -151,25 +192,35 @@ class Telemetry:
         for labels, h in self.durations.items():
             durations.add_metric(labels, _buckets(ISTIO_BUCKETS_MS, h), h.sum)
         yield durations
-        opened = CounterMetricFamily("istio_tcp_connections_opened", "TCP connections opened.", labels=TCP_LABELS)
-        closed = CounterMetricFamily("istio_tcp_connections_closed", "TCP connections closed.", labels=TCP_LABELS)
-        for labels, value in self.tcp_opened.items():
-            opened.add_metric(labels, value)
-            closed.add_metric(labels, value)
-        yield opened
-        yield closed
+        for name, doc, values in (("istio_tcp_connections_opened", "TCP connections opened.", self.tcp_opened),
+                                  ("istio_tcp_connections_closed", "TCP connections closed.", self.tcp_closed),
+                                  ("istio_tcp_received_bytes", "Bytes received from the downstream (the caller).",
+                                   self.tcp_received),
+                                  ("istio_tcp_sent_bytes", "Bytes sent to the downstream (the caller).",
+                                   self.tcp_sent)):
+            family = CounterMetricFamily(name, doc, labels=TCP_LABELS)
+            for labels, value in values.items():
+                family.add_metric(labels, value)
+            yield family
 
     def _app_families(self) -> Iterator[Metric]:
+        """One family per metric for every app: each names itself by its own label (others' are empty, which
+        Prometheus stores as absent)."""
+        names = sorted({key[2] for key in self.app_requests} | {APP_LABEL})
         requests = CounterMetricFamily("http_requests", "Requests served, by the application itself.",
-                                       labels=APP_LABELS)
-        for labels, value in self.app_requests.items():
-            requests.add_metric(labels, value)
+                                       labels=("cluster", "namespace", *names, "code"))
+        for (cluster, ns, label, app, code), value in self.app_requests.items():
+            requests.add_metric((cluster, ns, *_named(names, label, app), code), value)
         yield requests
         durations = HistogramMetricFamily("http_request_duration_seconds", "Request duration, by the application.",
-                                          labels=APP_HIST_LABELS)
-        for labels, h in self.app_durations.items():
-            durations.add_metric(labels, _buckets(APP_BUCKETS_S, h), h.sum)
+                                          labels=("cluster", "namespace", *names))
+        for (cluster, ns, label, app), h in self.app_durations.items():
+            durations.add_metric((cluster, ns, *_named(names, label, app)), _buckets(APP_BUCKETS_S, h), h.sum)
         yield durations
+
+
+def _named(names: list[str], label: str, app: str) -> list[str]:
+    return [app if name == label else "" for name in names]
 
 
 def _buckets(bounds: tuple[float, ...], h: Histogram) -> list[tuple[str, float]]:

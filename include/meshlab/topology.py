@@ -54,6 +54,46 @@ class Call(Strict):
     per_request: float = Field(1.0, gt=0)
     port: Port = 8080
     protocol: Literal["http", "tcp"] = "http"
+    # A caller that calls in bursts (a batch job, a blackbox probe): the same average rate, all of it within the
+    # first `burst_seconds` of every `burst_every_seconds` of the lab's clock.
+    burst_every_seconds: float | None = Field(None, gt=0, description="Calls only in bursts, one per period.")
+    burst_seconds: float = Field(3, gt=0, description="How long each burst lasts.")
+    # TCP: bytes flow while a connection is open, whether or not new ones are opened. With no request rate of its
+    # own the caller keeps one long-lived connection open (opened once, never closed).
+    bytes_per_second: float = Field(0, ge=0, description="TCP: bytes the caller sends the service per second.")
+    response_bytes_per_second: float = Field(0, ge=0, description="TCP: bytes the service sends back per second.")
+
+    @model_validator(mode="after")
+    def _check_burst(self) -> Call:
+        if self.burst_every_seconds is not None and self.burst_seconds > self.burst_every_seconds:
+            raise ValueError(f"burst_seconds {self.burst_seconds:g} is longer than burst_every_seconds "
+                             f"{self.burst_every_seconds:g}")
+        if (self.bytes_per_second or self.response_bytes_per_second) and self.protocol != "tcp":
+            raise ValueError("bytes_per_second and response_bytes_per_second are for protocol tcp")
+        return self
+
+    def burst_factor(self, start: float, end: float) -> float:
+        """How much of its average rate the call sends over [start, end] (seconds of the lab's clock): 1 without
+        bursts; with them, period / burst_seconds times the share of the interval inside a burst."""
+        every = self.burst_every_seconds
+        if every is None:
+            return 1.0
+        peak = every / self.burst_seconds
+        if end <= start:  # an instant: inside a burst or not
+            return peak if start % every < self.burst_seconds else 0.0
+        return peak * _inside_bursts(start, end, every, self.burst_seconds) / (end - start)
+
+
+def _inside_bursts(start: float, end: float, every: float, length: float) -> float:
+    """Seconds of [start, end] inside the bursts [k x every, k x every + length)."""
+    def until(t: float) -> float:  # burst seconds in [0, t]
+        whole, rest = divmod(t, every)
+        return whole * length + min(rest, length)
+    return until(end) - until(start)
+
+
+# Prometheus label names (the data model's rule); the ones the app metrics already carry are refused.
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 
 class Service(Strict):
@@ -75,6 +115,19 @@ class Service(Strict):
     ingress_rps: float = Field(0, ge=0, description="Plaintext requests per second from outside the mesh.")
     latency_ms: float = Field(5, ge=0)
     error_rate: float = Field(0, ge=0, le=1)
+    proxy_drop: float = Field(0, ge=0, le=1, description="Fraction of inbound requests (and TCP connections) the "
+                              "service's own sidecar fails (503, response flag UF): they never reach the app. Only "
+                              "pods with a sidecar.")
+    app_metrics_label: str = Field("app", description="The label the application's own metrics name it by (an app "
+                                   "that exports `service` instead of `app`, say).")
+
+    @field_validator("app_metrics_label")
+    @classmethod
+    def _check_label(cls, value: str) -> str:
+        if not LABEL_NAME.match(value) or value.startswith("__") or value in ("cluster", "namespace", "code", "le"):
+            raise ValueError(f"{value!r} is not a Prometheus label name the app metrics can use for the app")
+        return value
+
     sidecar_memory_mi: float | None = Field(None, ge=0, description="Overrides mesh.sidecar_memory_mi.")
     legacy: bool = Field(False, description="Cannot take a sidecar: with one, the app crash-loops.")
     gateway: bool = Field(False, description="An Envoy of its own (ingress gateway): always mTLS-capable.")
