@@ -411,8 +411,12 @@ def _rate(name: str, salt: str, low: float = 0.2, high: float = 1.0) -> float:
     return round(low + 0.05 * _pick(name, salt, 0, steps), 2)
 
 
+PROXY_MEMORY_LIMIT = "sidecar.istio.io/proxyMemoryLimit"
+
+
 def _fits(s: Svc) -> bool:
-    """Whether the pod's memory limit has room for its sidecar (the lab's pod budget)."""
+    """Whether the pod's memory budget has room for its sidecar: a pod without room has its sidecar capped at what
+    the budget leaves (sidecar.istio.io/proxyMemoryLimit), which Envoy's 150-300 MB then exceeds."""
     return s.app_memory_mi + s.sidecar_memory_mi <= s.memory_limit_mi
 
 
@@ -607,6 +611,9 @@ def _service_dict(s: Svc) -> dict[str, object]:
         d["app_memory_mi"] = s.app_memory_mi
         if not s.gateway:
             d["sidecar_memory_mi"] = s.sidecar_memory_mi
+        if not s.gateway and not _fits(s):
+            # The team gave the sidecar what its 512Mi budget had left: a limit of its own, below what Envoy uses.
+            d["annotations"] = {PROXY_MEMORY_LIMIT: f"{s.memory_limit_mi - s.app_memory_mi}Mi"}
     if s.gateway:
         d["gateway"] = True
     if s.legacy:
@@ -640,9 +647,12 @@ HEADER = """\
 #     cross-cluster calls are rare (regional edges call identity and payments in the first cluster).
 #   - critical services auth-service, payment-service, user-service, api-gateway (the seed's recovery list).
 #   - "Memory Limit: 512Mi" and "Each Envoy sidecar consumed 150-300MB RAM": critical pods have a 512Mi limit
-#     and use 380-450Mi, sidecar_memory_mi per service is 150-300, so they are OOMKilled once injected (the
-#     lab charges the sidecar against the pod's limit unless sidecar.istio.io/proxyMemoryLimit gives it its
-#     own). {fits} of the {deployments} deployments have room for their sidecar (smaller apps, or 1Gi pods).
+#     and use 380-450Mi, sidecar_memory_mi per service is 150-300. Each container has its own limit in
+#     Kubernetes, so the seed's "app OOMKilled by its sidecar" is reproduced the way it happens on a real
+#     cluster: those teams capped the sidecar at what the 512Mi budget left (sidecar.istio.io/proxyMemoryLimit
+#     = 512Mi - app), Envoy uses more, and the istio-proxy container is OOMKilled once injected.
+#     {fits} of the {deployments} deployments have room for their sidecar (smaller apps, or 1Gi pods), and
+#     get Istio's default proxy limit (1024Mi).
 #   - "Envoy proxy added 35-50ms per hop", "deep call chains (up to 8 hops)": mesh.sidecar_latency_ms 20
 #     (the lab adds it once per proxy on a hop: a hop with a sidecar at both ends costs 40ms), and the longest
 #     chain from an ingress gateway is {longest} hops, for instance

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshlab import resources as r
+from meshlab.admission import Scheduler, sync_quota_status
+from meshlab.errors import ApiError
 from meshlab.injection import excluded_ports, image_digest, parse_quantity
 from meshlab.mesh import effective_mode
 from meshlab.selectors import matches_labels
@@ -208,6 +210,7 @@ class ReplicaSets:
         # namespace's ReplicaSets for each new template is quadratic at a fleet's start.
         self._by_owner: dict[str, set[Key]] = {}
         self._owner_of: dict[Key, str] = {}
+        self.failed_create: dict[Key, str] = {}  # the controller's: refused pod creations by ReplicaSet
         for rs in store.items(r.REPLICA_SETS):
             self._index((rs["metadata"]["namespace"], rs["metadata"]["name"]), rs)
         store.on_change.append(self._on_event)
@@ -326,6 +329,10 @@ class ReplicaSets:
         if ready:
             status["readyReplicas"] = status["availableReplicas"] = ready
         status["observedGeneration"] = rs["metadata"].get("generation", 1)
+        failure = self.failed_create.get((rs["metadata"]["namespace"], rs["metadata"]["name"]))
+        if failure:
+            old = {c["type"]: c for c in (rs.get("status") or {}).get("conditions", [])}.get("ReplicaFailure")
+            status["conditions"] = [_condition(old, "ReplicaFailure", "True", "FailedCreate", failure)]
         self.store.set_status(r.REPLICA_SETS, rs["metadata"]["namespace"], rs["metadata"]["name"], status)
 
     def _clean_history(self, dep: dict[str, Any], current_name: str) -> None:
@@ -368,6 +375,11 @@ class Controller:
         self.root_namespace = root_namespace
         self.runtime: dict[str, PodRuntime] = {}
         self.replicasets = ReplicaSets(store)
+        self.scheduler = Scheduler(store)
+        # The last refusal of a ReplicaSet's pod creation (quota, limit range), by (namespace, ReplicaSet): the
+        # ReplicaSet and its Deployment show it as a ReplicaFailure condition, and the rollout stalls on it.
+        self.failed_create: dict[Key, str] = {}
+        self.replicasets.failed_create = self.failed_create
         self._progress: dict[tuple[str, str], tuple[float, tuple[str, int, int]]] = {}
         self._hashes: dict[Any, tuple[int | None, tuple[str, int, int]]] = {}
         self._settling = False
@@ -405,6 +417,7 @@ class Controller:
         live = {p["metadata"]["uid"] for p in self.store.items(r.PODS)}
         for uid in set(self.runtime) - live:
             del self.runtime[uid]
+        sync_quota_status(self.store)
 
     def settle(self, now: float) -> None:
         """Bring every deployment to its steady state at once (the lab's start, not a rollout). Nobody watches yet:
@@ -466,7 +479,14 @@ class Controller:
             },
             "spec": template.get("spec", {}),
         }
-        created = self.store.create(r.PODS, ns, pod)
+        try:
+            created = self.store.create(r.PODS, ns, pod)
+        except ApiError as exc:  # quota or limit range: the ReplicaSet controller retries, the rollout stalls
+            if exc.code != 403:
+                raise
+            self.failed_create[(ns, rs_name)] = f"Error creating: {exc.message}"
+            return
+        self.failed_create.pop((ns, rs_name), None)
         self.runtime[created["metadata"]["uid"]] = PodRuntime(start_at=now + self.timing.pod_start_seconds,
                                                               curl=curl_command(created))
         self._kubelet(self.store.peek(r.PODS, ns, created["metadata"]["name"]), now)
@@ -507,6 +527,7 @@ class Controller:
         available = ("True", "MinimumReplicasAvailable", "Deployment has minimum availability.") \
             if ready >= replicas - unavailable else \
             ("False", "MinimumReplicasUnavailable", "Deployment does not have minimum availability.")
+        failure = self.failed_create.get((meta["namespace"], f"{meta['name']}-{current}"))
         status = {
             "observedGeneration": meta.get("generation", 1),
             "replicas": len(pods),
@@ -517,6 +538,9 @@ class Controller:
             "conditions": [_condition(conditions.get("Available"), "Available", *available),
                            _condition(conditions.get("Progressing"), "Progressing", *progressing)],
         }
+        if failure:  # the deployment controller copies its new ReplicaSet's ReplicaFailure condition
+            status["conditions"].append(_condition(conditions.get("ReplicaFailure"), "ReplicaFailure", "True",
+                                                   "FailedCreate", failure))
         if not ready:
             status.pop("readyReplicas")
             status.pop("availableReplicas")
@@ -532,6 +556,13 @@ class Controller:
         if rt is None:  # a pod created through the API: it starts after the usual delay
             rt = self.runtime[meta["uid"]] = PodRuntime(start_at=now + self.timing.pod_start_seconds,
                                                         curl=curl_command(pod))
+        if not pod["spec"].get("nodeName"):
+            node, why = self.scheduler.schedule(pod)
+            if node is None:  # stays Pending until a node has room; the kubelet does not start it
+                self.store.set_status(r.PODS, meta["namespace"], meta["name"], _unschedulable(pod, why))
+                rt.start_at = now + self.timing.pod_start_seconds
+                return
+            pod = self.store.bind(meta["namespace"], meta["name"], node) or pod
         status = self._curl_pod(pod, rt, now) if rt.curl is not None else self._service_pod(pod, rt, now)
         self.store.set_status(r.PODS, meta["namespace"], meta["name"], status)
 
@@ -561,21 +592,19 @@ class Controller:
         return min(self.timing.backoff_base_seconds * 2 ** (restarts - 1), self.timing.backoff_max_seconds)
 
     def _failing_container(self, pod: dict[str, Any], b: Behaviour) -> tuple[str, str, int] | None:
+        """The container that cannot run: a legacy app next to a proxy, or a container whose own working set is over
+        its own memory limit (each container is a cgroup of its own: the kernel OOM-kills it, nothing else)."""
         containers = pod["spec"].get("containers", [])
         app = containers[0]
         proxy = next((c for c in containers if c["name"] == "istio-proxy"), None)
         if proxy is not None and b.legacy:
             return app["name"], "Error", 1
-        app_limit = parse_quantity(((app.get("resources") or {}).get("limits") or {}).get("memory"))
-        proxy_limit = parse_quantity(((proxy or {}).get("resources", {}).get("limits") or {}).get("memory"))
-        app_bytes = b.app_memory_mi * MI
-        proxy_bytes = b.sidecar_memory_mi * MI if proxy is not None else 0.0
-        if proxy is not None and proxy_limit is not None:
-            if proxy_bytes > proxy_limit:
-                return "istio-proxy", "OOMKilled", 137
-            proxy_bytes = 0.0  # the sidecar has a budget of its own
-        if app_limit is not None and app_bytes + proxy_bytes > app_limit:
-            return app["name"], "OOMKilled", 137
+        for container, used_mi in ((app, b.app_memory_mi), (proxy, b.sidecar_memory_mi)):
+            if container is None:
+                continue
+            limit = parse_quantity(((container.get("resources") or {}).get("limits") or {}).get("memory"))
+            if limit is not None and used_mi * MI > limit:
+                return container["name"], "OOMKilled", 137
         return None
 
     def _pod_status(self, pod: dict[str, Any], rt: PodRuntime, now: float,
@@ -693,6 +722,17 @@ def _pod_status_body(pod: dict[str, Any], phase: str, ready: str,
                        {"type": "ContainersReady", **readiness}, {"type": "Ready", **readiness}],
         "containerStatuses": statuses,
     }
+
+
+def _unschedulable(pod: dict[str, Any], message: str) -> dict[str, Any]:
+    """A pod no node has room for: Pending, PodScheduled False (Unschedulable), no container status yet."""
+    old = pod.get("status") or {}
+    scheduled = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message,
+                 "lastProbeTime": None}
+    previous = next((c for c in old.get("conditions", []) if c["type"] == "PodScheduled"), None)
+    scheduled["lastTransitionTime"] = previous.get("lastTransitionTime") if previous and \
+        previous.get("message") == message else now_rfc3339()
+    return {"phase": "Pending", "conditions": [scheduled], "qosClass": old.get("qosClass", "Burstable")}
 
 
 def _condition(old: dict[str, Any] | None, kind: str, status: str, reason: str, message: str) -> dict[str, Any]:

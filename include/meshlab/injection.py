@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from typing import Any
 
 PROXY_IMAGE = "docker.io/istio/proxyv2:1.24.0"
-PROXY_DEFAULTS = {"cpu": "100m", "memory": "128Mi"}
+# Istio's install default, values.global.proxy.resources (manifests/charts/istio-control/istio-discovery/values.yaml).
+PROXY_DEFAULTS = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "2000m", "memory": "1024Mi"}}
 DEFAULT_REVISION = "default"
 REV_LABEL = "istio.io/rev"
 INJECT_LABEL = "sidecar.istio.io/inject"
@@ -208,36 +209,53 @@ def excluded_ports(annotations: dict[str, str], direction: str) -> set[int]:
     return {int(p) for p in raw.replace(" ", "").split(",") if p.isdigit()}
 
 
-def proxy_container(annotations: dict[str, str]) -> dict[str, Any]:
-    """The istio-proxy container, sized from the sidecar.istio.io/proxy* annotations."""
-    requests = {
-        "cpu": annotations.get("sidecar.istio.io/proxyCPU", PROXY_DEFAULTS["cpu"]),
-        "memory": annotations.get("sidecar.istio.io/proxyMemory", PROXY_DEFAULTS["memory"]),
-    }
-    limits = {}
-    if "sidecar.istio.io/proxyCPULimit" in annotations:
-        limits["cpu"] = annotations["sidecar.istio.io/proxyCPULimit"]
-    if "sidecar.istio.io/proxyMemoryLimit" in annotations:
-        limits["memory"] = annotations["sidecar.istio.io/proxyMemoryLimit"]
-    resources: dict[str, Any] = {"requests": requests}
-    if limits:
-        resources["limits"] = limits
-    return {
+PROXY_ANNOTATIONS = {"sidecar.istio.io/proxyCPU": ("requests", "cpu"),
+                     "sidecar.istio.io/proxyMemory": ("requests", "memory"),
+                     "sidecar.istio.io/proxyCPULimit": ("limits", "cpu"),
+                     "sidecar.istio.io/proxyMemoryLimit": ("limits", "memory")}
+
+
+def proxy_resources(annotations: Mapping[str, str], template: Mapping[str, Mapping[str, str]] | None = None
+                    ) -> dict[str, dict[str, str]]:
+    """The injection template's `resources` (injection-template.yaml, define "resources"): any of the four
+    sidecar.istio.io/proxy* annotations and only what they say (a request without its limit has no limit);
+    none, and values.global.proxy.resources as a whole."""
+    if any(key in annotations for key in PROXY_ANNOTATIONS):
+        resources: dict[str, dict[str, str]] = {}
+        for key, (kind, name) in PROXY_ANNOTATIONS.items():
+            if key in annotations:
+                resources.setdefault(kind, {})[name] = annotations[key]
+        return resources
+    template = PROXY_DEFAULTS if template is None else template
+    return {kind: dict(values) for kind, values in template.items() if values}
+
+
+def proxy_container(annotations: dict[str, str], template: Mapping[str, Mapping[str, str]] | None = None
+                    ) -> dict[str, Any]:
+    """The istio-proxy container, sized as the injection template sizes it."""
+    container: dict[str, Any] = {
         "name": "istio-proxy",
         "image": PROXY_IMAGE,
         "args": ["proxy", "sidecar"],
         "ports": [{"containerPort": 15090, "name": "http-envoy-prom", "protocol": "TCP"}],
-        "resources": resources,
     }
+    resources = proxy_resources(annotations, template)
+    if resources:
+        container["resources"] = resources
+    return container
 
 
-def inject(pod: dict[str, Any], revision: str = DEFAULT_REVISION, metrics_merge: bool = False) -> None:
-    """Mutate a pod as the injection webhook does: init container, proxy container, labels, annotations."""
+def inject(pod: dict[str, Any], revision: str = DEFAULT_REVISION, metrics_merge: bool = False,
+           template: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    """Mutate a pod as the injection webhook does: init container, proxy container, labels, annotations. Both
+    containers get the template's resources (istio-init too: `{{ template "resources" . }}`)."""
     meta, spec = pod["metadata"], pod["spec"]
     annotations = meta.setdefault("annotations", {})
-    spec["initContainers"] = [*spec.get("initContainers", []),
-                              {"name": "istio-init", "image": PROXY_IMAGE, "args": ["istio-iptables"]}]
-    spec["containers"] = [*spec["containers"], proxy_container(annotations)]
+    init: dict[str, Any] = {"name": "istio-init", "image": PROXY_IMAGE, "args": ["istio-iptables"]}
+    if resources := proxy_resources(annotations, template):
+        init["resources"] = resources
+    spec["initContainers"] = [*spec.get("initContainers", []), init]
+    spec["containers"] = [*spec["containers"], proxy_container(annotations, template)]
     labels = meta.setdefault("labels", {})
     labels.setdefault("security.istio.io/tlsMode", "istio")
     labels.setdefault("service.istio.io/canonical-name", labels.get("app", meta.get("name", "")))
@@ -270,6 +288,20 @@ def merge_metrics(pod: dict[str, Any]) -> None:
                         "prometheus.io/scrape": "true"})
 
 
+def injector_config_map(revision: str, root_namespace: str,
+                        proxy_resources: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, Any]:
+    """The injector's ConfigMap as istiod reads it: `values` is the install's values as JSON (global.proxy.resources
+    among them), `config` the templates (here only the policy line: the lab injects in code)."""
+    name = "istio-sidecar-injector" if revision == DEFAULT_REVISION else f"istio-sidecar-injector-{revision}"
+    values = {"global": {"proxy": {"resources": proxy_resources if proxy_resources is not None else PROXY_DEFAULTS}},
+              "revision": "" if revision == DEFAULT_REVISION else revision}
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": root_namespace,
+                         "labels": {"app": "sidecar-injector", "istio.io/rev": revision, "release": "istio"}},
+            "data": {"values": json.dumps(values, indent=2),
+                     "config": "defaultTemplates: [sidecar]\npolicy: enabled\n"}}
+
+
 def image_digest(image: str) -> str:
     """The digest a registry would answer for an image reference (deterministic: the lab has no registry)."""
     return hashlib.sha256(image.encode()).hexdigest()
@@ -290,6 +322,7 @@ class Admission:
 
     metrics_merge: bool = False
     image_digest: bool = False
+    proxy_resources: Mapping[str, Mapping[str, str]] | None = None  # values.global.proxy.resources (None: Istio's)
 
     def admit(self, body: Any, namespace: str, ns_labels: Mapping[str, str],
               configurations: Iterable[Mapping[str, Any]]) -> Any:
@@ -310,7 +343,7 @@ class Admission:
         pod = copy.deepcopy(body)
         pod.setdefault("metadata", {})
         if revision is not None:
-            inject(pod, revision, self.metrics_merge)
+            inject(pod, revision, self.metrics_merge, self.proxy_resources)
         if self.image_digest:
             pin_digests(pod)
         return pod

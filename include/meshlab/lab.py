@@ -14,10 +14,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from meshlab import admission as resource_admission
 from meshlab import resources as r
 from meshlab.controller import MI, Behaviour, Controller, Timing, owner_name
 from meshlab.errors import ApiError
-from meshlab.injection import DEFAULT_REVISION, Admission, excluded_ports, webhook_configurations
+from meshlab.injection import DEFAULT_REVISION, Admission, excluded_ports, injector_config_map, webhook_configurations
 from meshlab.mesh import Flows, Workload, WorkloadKey, compute_flows, effective_mode
 from meshlab.store import Store
 from meshlab.telemetry import Telemetry
@@ -66,8 +67,10 @@ class ClusterStore(Store):
         meta = body.get("metadata") if isinstance(body, dict) else None
         ns = (meta.get("namespace") if isinstance(meta, dict) else None) or namespace or ""
         ns_obj = self.peek(r.NAMESPACES, None, ns) or {"metadata": {}}
-        return self.admission.admit(body, ns, ns_obj["metadata"].get("labels") or {},
+        body = resource_admission.mutate_before_webhooks(self, ns, body)
+        body = self.admission.admit(body, ns, ns_obj["metadata"].get("labels") or {},
                                     self.items(r.MUTATING_WEBHOOK_CONFIGURATIONS))
+        return resource_admission.validate_after_webhooks(self, ns, body)
 
 
 def qos_class(spec: Any) -> str:
@@ -104,7 +107,7 @@ def deployment_manifest(svc: Service) -> dict[str, Any]:
                 # The application's own metrics (what metrics merging rewrites when a sidecar is injected).
                 "metadata": {"labels": {"app": svc.name, "version": "v1"},
                              "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(svc.port),
-                                             "prometheus.io/path": "/metrics"}},
+                                             "prometheus.io/path": "/metrics", **svc.annotations}},
                 "spec": {"containers": [{
                     "name": svc.name,
                     "image": f"registry.meshlab.local/{svc.name}:1.0",
@@ -140,8 +143,8 @@ class Lab:
         for cluster in topology.clusters:
             served = {"security.istio.io": cluster.peer_authentication_versions} \
                 if cluster.peer_authentication_versions else None
-            store = ClusterStore(cluster.name, Admission(cluster.metrics_merge, cluster.image_digest),
-                                 served_versions=served)
+            store = ClusterStore(cluster.name, Admission(cluster.metrics_merge, cluster.image_digest,
+                                                         cluster.proxy_resources), served_versions=served)
             controller = Controller(store, self._behaviour_lookup(cluster.name), self.timing,
                                     topology.mesh.root_namespace)
             self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller)
@@ -164,6 +167,9 @@ class Lab:
                     wanted.setdefault(svc.namespace, {})
             for ns, labels in wanted.items():
                 store.create(r.NAMESPACES, None, {"metadata": {"name": ns, "labels": dict(labels)}})
+            resource_admission.create_nodes(store, cluster)
+            for ns_spec in cluster.namespaces:
+                resource_admission.create_namespace_limits(store, ns_spec)
             self._install_istio(cluster, store)
         for i, svc in enumerate(self.topology.services):
             if svc.kind == "deployment":
@@ -192,6 +198,8 @@ class Lab:
             store.create(r.DEPLOYMENTS, root, deployment_manifest(istiod))
         for mwc in webhook_configurations(cluster.revisions or [], cluster.default_revision, root):
             store.create(r.MUTATING_WEBHOOK_CONFIGURATIONS, None, mwc)
+        for rev in cluster.revisions or []:
+            store.create(r.CONFIG_MAPS, root, injector_config_map(rev, root, cluster.proxy_resources))
         store.sealed = True
 
     def _behaviour_lookup(self, cluster: str):

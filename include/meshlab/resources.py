@@ -54,8 +54,16 @@ REPLICA_SETS = Resource("apps", ("v1",), "replicasets", "ReplicaSet", True, ("rs
 MUTATING_WEBHOOK_CONFIGURATIONS = Resource("admissionregistration.k8s.io", ("v1",), "mutatingwebhookconfigurations",
                                            "MutatingWebhookConfiguration", False, categories=("api-extensions",))
 
+# What admission and the scheduler read: a namespace's quotas and limit ranges, the nodes, and the injector's
+# ConfigMap (Istio keeps the injection template and its values, global.proxy.resources among them, there).
+RESOURCE_QUOTAS = Resource("", ("v1",), "resourcequotas", "ResourceQuota", True, ("quota",), has_status=True)
+LIMIT_RANGES = Resource("", ("v1",), "limitranges", "LimitRange", True, ("limits",))
+NODES = Resource("", ("v1",), "nodes", "Node", False, ("no",), has_status=True)
+CONFIG_MAPS = Resource("", ("v1",), "configmaps", "ConfigMap", True, ("cm",))
+
 ALL = (NAMESPACES, PODS, SERVICES, DEPLOYMENTS, PEER_AUTHENTICATIONS, DESTINATION_RULES, SIDECARS,
-       VIRTUAL_SERVICES, REPLICA_SETS, MUTATING_WEBHOOK_CONFIGURATIONS)
+       VIRTUAL_SERVICES, REPLICA_SETS, MUTATING_WEBHOOK_CONFIGURATIONS, RESOURCE_QUOTAS, LIMIT_RANGES, NODES,
+       CONFIG_MAPS)
 
 
 def groups() -> dict[str, list[str]]:

@@ -20,6 +20,7 @@ from typing import Any
 from meshlab import resources as r
 from meshlab.errors import ApiError, already_exists, invalid, not_found, webhook_denied
 from meshlab.patching import apply_patch
+from meshlab.quota import defaulted_limit_range
 from meshlab.selectors import parse_field_selector, parse_selector
 
 DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -130,13 +131,15 @@ class Store:
         if not name and meta.get("generateName"):
             name = meta["generateName"] + uuid.uuid4().hex[:5]
             meta["name"] = name
+        if res in DEFAULTERS:
+            obj = DEFAULTERS[res](obj)
         self._validate(res, obj)
         key = (meta.get("namespace", ""), name)
         if key in self._objects[res]:
             raise already_exists(res.plural, name, res.group)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
         meta.pop("resourceVersion", None)
-        if res is not r.PODS and res is not r.NAMESPACES and res is not r.SERVICES:
+        if res not in _NO_GENERATION:
             meta["generation"] = 1
         if res is r.NAMESPACES:
             obj["status"] = {"phase": "Active"}
@@ -188,6 +191,16 @@ class Store:
         updated = copy.deepcopy(obj)
         updated["status"] = copy.deepcopy(status)
         self._commit("MODIFIED", res, (namespace or "", name), updated)
+
+    def bind(self, namespace: str, name: str, node: str) -> dict[str, Any] | None:
+        """The scheduler's pods/binding: spec.nodeName set once, a MODIFIED event like any other write."""
+        obj = self._objects[r.PODS].get((namespace, name))
+        if obj is None or obj["spec"].get("nodeName"):
+            return obj
+        bound = copy.deepcopy(obj)
+        bound["spec"]["nodeName"] = node
+        self._commit("MODIFIED", r.PODS, (namespace, name), bound)
+        return self._objects[r.PODS][(namespace, name)]
 
     # ---- watching ------------------------------------------------------------------------------
     def watch(self, res: r.Resource, namespace: str | None, label_selector: str | None,
@@ -306,6 +319,8 @@ class Store:
             if "generation" in old_meta:
                 changed = obj.get("spec") != current.get("spec")
                 meta["generation"] = old_meta["generation"] + (1 if changed else 0)
+        if res in DEFAULTERS:
+            obj = DEFAULTERS[res](obj)
         self._validate(res, obj)
         if dry_run:
             return obj
@@ -442,6 +457,15 @@ def _multierror(messages: list[str]) -> str:
     points = "\n\t".join(f"* {m}" for m in messages)
     return f"{len(messages)} errors occurred:\n\t{points}\n\n"
 
+
+# Core kinds without metadata.generation (only objects with a spec the controllers act on count generations).
+_NO_GENERATION = frozenset({r.PODS, r.NAMESPACES, r.SERVICES, r.CONFIG_MAPS, r.NODES, r.RESOURCE_QUOTAS,
+                            r.LIMIT_RANGES})
+
+# The API's defaulting of a kind, applied to what is stored (create and update alike).
+DEFAULTERS: dict[r.Resource, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    r.LIMIT_RANGES: defaulted_limit_range,
+}
 
 VALIDATORS: dict[r.Resource, Callable[[dict[str, Any]], list[tuple[str, str]]]] = {
     r.DEPLOYMENTS: _validate_deployment,

@@ -13,6 +13,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from meshlab.quota import quantity
+
 # RFC 1123 label (namespaces, services, clusters) as Kubernetes checks it.
 DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -133,15 +135,79 @@ class Service(Strict):
     gateway: bool = Field(False, description="An Envoy of its own (ingress gateway): always mTLS-capable.")
     bypass_ports: list[Port] = Field(default_factory=list, description="Inbound ports that skip the sidecar.")
     calls: list[Call] = Field(default_factory=list)
+    annotations: dict[str, str] = Field(default_factory=dict, description="Pod template annotations, such as "
+                                        "sidecar.istio.io/proxyMemoryLimit (the istio-proxy's own limit).")
 
     _check_name = field_validator("name", "namespace")(_dns_label)
+
+
+ResourceList = dict[str, str]
+
+
+class ResourceQuotaSpec(Strict):
+    """A ResourceQuota of the namespace: `hard` as in the API (pods, requests.memory, limits.cpu, ...)."""
+
+    name: DnsLabel = "compute"
+    hard: ResourceList
+
+    @field_validator("hard")
+    @classmethod
+    def _check_hard(cls, value: ResourceList) -> ResourceList:
+        return _quantities(value)
+
+
+class LimitRangeItem(Strict):
+    """One `spec.limits[]` entry of type Container (the kind the lab enforces)."""
+
+    type: Literal["Container"] = "Container"
+    default: ResourceList = Field(default_factory=dict)
+    defaultRequest: ResourceList = Field(default_factory=dict)  # noqa: N815 (the API's field name)
+    max: ResourceList = Field(default_factory=dict)
+    min: ResourceList = Field(default_factory=dict)
+
+    @field_validator("default", "defaultRequest", "max", "min")
+    @classmethod
+    def _check(cls, value: ResourceList) -> ResourceList:
+        return _quantities(value)
+
+
+class LimitRangeSpec(Strict):
+    name: DnsLabel = "limits"
+    limits: list[LimitRangeItem] = Field(min_length=1)
 
 
 class Namespace(Strict):
     name: DnsLabel
     labels: dict[str, str] = Field(default_factory=dict)
+    resource_quotas: list[ResourceQuotaSpec] = Field(default_factory=list)
+    limit_ranges: list[LimitRangeSpec] = Field(default_factory=list)
 
     _check_name = field_validator("name")(_dns_label)
+
+
+class NodeSpec(Strict):
+    """A node's allocatable resources (what the scheduler fits pods' requests into)."""
+
+    name: DnsLabel
+    cpu: str = "8"
+    memory: str = "32Gi"
+    pods: int = Field(110, ge=1)
+
+    @field_validator("cpu", "memory")
+    @classmethod
+    def _check_quantity(cls, value: str) -> str:
+        return _quantities({"value": value})["value"]
+
+
+# Istio's install default for every injected proxy (istio-discovery values.yaml global.proxy.resources).
+ISTIO_PROXY_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "2000m", "memory": "1024Mi"}}
+
+
+def _quantities(value: ResourceList) -> ResourceList:
+    for key, text in value.items():
+        if quantity(text) is None:
+            raise ValueError(f"{key}: {text!r} is not a Kubernetes quantity")
+    return value
 
 
 class Cluster(Strict):
@@ -157,6 +223,12 @@ class Cluster(Strict):
     peer_authentication_versions: list[Literal["v1", "v1beta1"]] | None = Field(
         None, min_length=1, description="The security.istio.io versions served (None: v1 and v1beta1, Istio 1.22+; "
                                         "[v1beta1]: an older Istio, which answers 404 at v1).")
+    proxy_resources: dict[Literal["requests", "limits"], ResourceList] = Field(
+        default_factory=lambda: {k: dict(v) for k, v in ISTIO_PROXY_RESOURCES.items()},
+        description="The injector's values.global.proxy.resources: every proxy's requests and limits unless a "
+                    "sidecar.istio.io/proxy* annotation is set (Istio's default: 100m/128Mi, limits 2000m/1024Mi).")
+    nodes: list[NodeSpec] | None = Field(None, description="Nodes and their allocatable resources (None: one node "
+                                                           "too large to ever be full).")
 
     _check_name = field_validator("name")(_dns_label)
 

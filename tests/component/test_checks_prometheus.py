@@ -149,7 +149,7 @@ def test_the_migration_of_auth_through_the_checks(stack, source: PrometheusSourc
 
 def test_an_undersized_pod_fails_on_restarts_and_oomkilled(stack, source: PrometheusSource, k8s) -> None:
     base = c.Baseline(NS, "payment", WINDOW, success_rate=1.0, request_count=100.0, p50_ms=12.0, p99_ms=30.0)
-    restart(k8s, "payment")  # 400 Mi app + 150 Mi sidecar in a 512 Mi pod: OOMKilled, CrashLoopBackOff
+    restart(k8s, "payment")  # a 150 Mi sidecar over its own 128 Mi limit: OOMKilled, CrashLoopBackOff
 
     def breaking() -> dict[str, c.Verdict] | None:
         verdicts = {v.check: v for v in c.verify_after_injection(source, base, NS, "payment", WINDOW)}
@@ -158,7 +158,7 @@ def test_an_undersized_pod_fails_on_restarts_and_oomkilled(stack, source: Promet
     verdicts: dict[str, c.Verdict] = eventually(breaking, timeout=40, interval=1,
                                                 what="payment OOMKilled and restarting")  # type: ignore[assignment]
     assert verdicts["restarts"].outcome is c.Outcome.FAIL
-    assert any(name.startswith("payment-") and name.endswith("/payment") for name in verdicts["oom_killed"].values[
+    assert any(name.startswith("payment-") and name.endswith("/istio-proxy") for name in verdicts["oom_killed"].values[
         "oom_killed"]), verdicts["oom_killed"].values
 
 

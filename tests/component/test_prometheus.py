@@ -132,11 +132,13 @@ def test_the_story_in_prometheus(stack, k8s) -> None:
 def test_undersized_pod_with_a_sidecar_shows_oomkilled_restarts(stack, k8s) -> None:
     _, prom = stack
     inject(k8s, "payment")
-    oom = ('kube_pod_container_status_last_terminated_reason{namespace="shop", container="payment", '
-           'reason="OOMKilled"}')
-    eventually(lambda: prom.query(oom), timeout=40, what="OOMKilled payment container")
-    restarts = 'sum(increase(kube_pod_container_status_restarts_total{namespace="shop", container="payment"}[30s]))'
-    eventually(lambda: (scalar(prom, restarts) or 0) > 0, timeout=30, what="payment restarts increasing")
+    # The sidecar (150Mi) is over its own limit (128Mi, the pod's proxyMemoryLimit): its container is OOMKilled.
+    oom = ('kube_pod_container_status_last_terminated_reason{namespace="shop", pod=~"payment-.*", '
+           'container="istio-proxy", reason="OOMKilled"}')
+    eventually(lambda: prom.query(oom), timeout=40, what="OOMKilled istio-proxy container of payment")
+    restarts = ('sum(increase(kube_pod_container_status_restarts_total{namespace="shop", pod=~"payment-.*", '
+                'container="istio-proxy"}[30s]))')
+    eventually(lambda: (scalar(prom, restarts) or 0) > 0, timeout=30, what="payment's proxy restarts increasing")
     sidecar_memory = scalar(prom, 'max(container_memory_working_set_bytes{namespace="shop", pod=~"payment-.*", '
                                   'container="istio-proxy"})')
     assert sidecar_memory == pytest.approx(150 * 2**20), "the sidecar's working set is exposed"
