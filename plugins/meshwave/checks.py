@@ -141,8 +141,10 @@ class Caller:
 
     namespace: str   # source_workload_namespace ("unknown" without a sidecar)
     workload: str    # source_workload ("unknown": a caller without a sidecar)
-    protocol: str    # http (requests/s) or tcp (connections opened/s)
-    rate: float
+    protocol: str    # http (requests/s), tcp (connections opened/s) or tcp_bytes (bytes received/s)
+    rate: float      # per second; over a lookback (the STRICT gate): its total divided by the lookback
+    total: float | None = None  # requests, connections or bytes over `over` (the STRICT gate's lookback)
+    over: str | None = None
 
     @property
     def has_sidecar(self) -> bool:
@@ -153,16 +155,25 @@ class Caller:
         return f"{self.namespace}/{self.workload}"
 
     def describe(self) -> str:
-        unit = "rps" if self.protocol == "http" else "conn/s"
+        protocol, unit, noun = _UNITS.get(self.protocol, (self.protocol, "/s", "events"))
         who = self.key if self.has_sidecar else "unknown (a caller without sidecar)"
-        return f"{who} {self.protocol} {self.rate:.3g} {unit}"
+        if self.total is None:
+            return f"{who} {protocol} {self.rate:.3g} {unit}"
+        return f"{who} {protocol} {_fmt(self.total)} {noun} in the last {self.over}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rate": encode_float(self.rate)}
+        return {**asdict(self), "rate": encode_float(self.rate), "total": encode_float(self.total)}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Caller:
-        return cls(data["namespace"], data["workload"], data["protocol"], float(data["rate"]))
+        total = decode_float(data.get("total"))
+        return cls(data["namespace"], data["workload"], data["protocol"], float(data["rate"]), total,
+                   data.get("over"))
+
+
+# protocol -> (what the report calls it, the unit of a rate, what a total counts)
+_UNITS = {"http": ("http", "rps", "requests"), "tcp": ("tcp", "conn/s", "connections"),
+          "tcp_bytes": ("tcp", "B/s", "bytes")}
 
 
 # ---- reading Prometheus ------------------------------------------------------------------------------
@@ -312,7 +323,8 @@ def _baseline_note(name: str, reading: _Reading) -> Verdict:
 def verify_after_injection(source: Source, baseline: Baseline, namespace: str, workload: str, window: str | int,
                            thresholds: Thresholds | None = None, cluster: str | None = None,
                            events_window: str | int | None = None) -> list[Verdict]:
-    """App success rate and p99 against the baseline, restarts, OOMKilled, sidecar memory.
+    """App request rate, app success rate and p99 against the baseline, the Istio destination-side success rate
+    (proxy-generated failures included) against the baseline success rate, restarts, OOMKilled, sidecar memory.
 
     Restarts and OOMKills are events, counted over `events_window` (the soak so far plus one query window, see
     stages.events_window; default: `window`): an event seen once stays in every later poll of the soak.
@@ -329,6 +341,9 @@ def verify_after_injection(source: Source, baseline: Baseline, namespace: str, w
         _traffic_verdict(reader.read("app_request_rate"), baseline.request_rate, th),
         _success_verdict("app_success_rate", success, count, baseline.success_rate, baseline.request_count, th,
                          reader.window),
+        # What the new proxy failed itself (response flags) never reaches the app: only its own reports show it.
+        _istio_success_verdict(reader, baseline.success_rate, th, window_seconds(reader.window),
+                               baseline.request_count, "baseline"),
         _p99_verdict(p99, p50, count, baseline, th, reader.window),
         _restarts_verdict(restarts, th, events),
         _oom_verdict(oom, restarts, events),
@@ -505,38 +520,55 @@ def _sum(*readings: _Reading) -> float | None:
     return sum(values) if values else None
 
 
-def strict_gate(source: Source, namespace: str, workload: str, window: str | int,
-                cluster: str | None = None) -> tuple[Verdict, list[Caller]]:
-    """Pass only with positive proof: zero plaintext (HTTP and TCP) AND Istio-reported inbound traffic.
+# The STRICT gate's plaintext queries (amounts over its lookback) and the protocol each names a caller with.
+PLAINTEXT_QUERIES = (("plaintext_http_requests", "http"), ("plaintext_tcp_connections", "tcp"),
+                     ("plaintext_tcp_bytes", "tcp_bytes"))
 
-    Returns the verdict and the plaintext callers seen in the window (rate > 0), for the report.
+
+def _plaintext_callers(reading: _Reading, protocol: str, lookback: str) -> list[Caller]:
+    seconds = window_seconds(lookback)
+    return [Caller(s.labels.get("source_workload_namespace", NO_SIDECAR), s.labels.get("source_workload", NO_SIDECAR),
+                   protocol, s.value / seconds, s.value, lookback) for s in reading.samples or []]
+
+
+def strict_gate(source: Source, namespace: str, workload: str, window: str | int,
+                cluster: str | None = None, lookback: str | int | None = None) -> tuple[Verdict, list[Caller]]:
+    """Pass only with positive proof: zero plaintext over the lookback AND Istio-reported inbound traffic now.
+
+    Plaintext is counted over `lookback` (default: `window`), which the gate keeps as long as the sidecar has been
+    there (stages.strict_lookback): HTTP requests, TCP connections opened and TCP bytes received (a long-lived
+    connection opens nothing new). One query window would miss a caller that calls in bursts (safety review,
+    finding 8). Returns the verdict and the plaintext callers seen in the lookback, for the report.
     """
     check = "strict_plaintext"
     reader = _Reader(source, namespace, workload, window, cluster)
-    http, tcp = reader.read("plaintext_http_callers"), reader.read("plaintext_tcp_callers")
+    over = validate_window(lookback, "lookback") if lookback is not None else reader.window
+    plain = [(reader.read(name, window=over), protocol) for name, protocol in PLAINTEXT_QUERIES]
     inbound_http, inbound_tcp = reader.read("istio_inbound_request_rate"), reader.read("istio_inbound_tcp_rate")
-    expectation = (f"no plaintext HTTP request or TCP connection into {reader.namespace}/{reader.workload} "
-                   f"in {reader.window}, and Istio-reported inbound traffic to prove it")
-    if err := _error(check, expectation, http, tcp, inbound_http, inbound_tcp):
+    readings = [r for r, _ in plain] + [inbound_http, inbound_tcp]
+    target = f"{reader.namespace}/{reader.workload}"
+    expectation = (f"no plaintext HTTP request, TCP connection or TCP byte into {target} in the last {over}, and "
+                   f"Istio-reported inbound traffic in {reader.window} to prove it")
+    if err := _error(check, expectation, *readings):
         return err, []
-    seen = _callers(http, "http") + _callers(tcp, "tcp")
-    plaintext = [c for c in seen if not c.rate <= 0]  # a NaN rate proves no zero: it counts
+    seen = [c for reading, protocol in plain for c in _plaintext_callers(reading, protocol, over)]
+    plaintext = [c for c in seen if not c.rate <= 0]  # a NaN proves no zero: it counts
     plaintext.sort(key=lambda c: -c.rate if math.isfinite(c.rate) else 0.0)
     inbound = _sum(inbound_http, inbound_tcp)
     values = {"plaintext_callers": [c.to_dict() for c in plaintext],
-              "drained_callers": [c.to_dict() for c in seen if c.rate <= 0],
+              "drained_callers": [c.to_dict() for c in seen if c.rate <= 0], "lookback": over,
               "inbound_request_rate": inbound_http.scalar, "inbound_tcp_rate": inbound_tcp.scalar}
-    queries = _queries(http, tcp, inbound_http, inbound_tcp)
+    queries = _queries(*readings)
     if plaintext:
         listed = "; ".join(c.describe() for c in plaintext)
-        return Verdict(check, Outcome.FAIL, f"plaintext into {reader.namespace}/{reader.workload} in "
-                       f"{reader.window}: {listed}", values, expectation, queries), plaintext
+        return Verdict(check, Outcome.FAIL, f"plaintext into {target} in the last {over}: {listed}", values,
+                       expectation, queries), plaintext
     if not _usable(inbound) or inbound <= 0:
-        return Verdict(check, Outcome.NO_DATA, f"no Istio-reported traffic into {reader.namespace}/{reader.workload} "
-                       f"in {reader.window} (inbound {_fmt(inbound)}): zero plaintext proves nothing", values,
-                       expectation, queries), []
-    return Verdict(check, Outcome.PASS, f"all {_fmt(inbound)}/s inbound is mutual TLS, no plaintext caller in "
-                   f"{reader.window}", values, expectation, queries), []
+        return Verdict(check, Outcome.NO_DATA, f"no Istio-reported traffic into {target} in {reader.window} "
+                       f"(inbound {_fmt(inbound)}): zero plaintext proves nothing", values, expectation,
+                       queries), []
+    return Verdict(check, Outcome.PASS, f"all {_fmt(inbound)}/s inbound is mutual TLS, no plaintext caller in the "
+                   f"last {over}", values, expectation, queries), []
 
 
 def mtls_callers(source: Source, namespace: str, workload: str, window: str | int,
@@ -621,12 +653,15 @@ def verify_after_strict(source: Source, namespace: str, workload: str, callers: 
     return verdicts
 
 
-def _istio_success_verdict(reader: _Reader, reference: float, th: Thresholds, seconds: float) -> Verdict:
+def _istio_success_verdict(reader: _Reader, reference: float | None, th: Thresholds, seconds: float,
+                           reference_count: float | None = None, reference_name: str = "before") -> Verdict:
+    """The workload's success rate as its own proxy reports it, 5xx, code 0 and response flags all failures."""
     success, rate = reader.read("istio_success_rate"), reader.read("istio_inbound_request_rate")
     # The request count is rate x window here: one query fewer, same min_requests meaning.
     count = _Reading(rate.name, rate.query, error=rate.error, samples=None if rate.samples is None else [
         Sample(s.labels, s.value * seconds, s.timestamp) for s in rate.samples])
-    return _success_verdict("istio_success_rate", success, count, reference, None, th, reader.window, "before")
+    return _success_verdict("istio_success_rate", success, count, reference, reference_count, th, reader.window,
+                            reference_name)
 
 
 def _inbound_verdict(reader: _Reader, inbound_before: float | None, th: Thresholds) -> Verdict:

@@ -37,7 +37,7 @@ from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from meshwave import decisions, steps
+from meshwave import decisions, stages, steps
 from meshwave.changes import Change
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
@@ -348,8 +348,10 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
         if stage == "soak":
             params["baseline"] = _xcom(context, prefix, "baseline")["baseline"]
             wait, minimum = s.soak_seconds + s.verify_seconds, s.soak_seconds
-        elif stage == "strict_gate":  # plaintext callers may drain: they never "confirm" a failure
+        elif stage == "strict_gate":  # plaintext is counted since the sidecar came; it never "confirms" a failure
             policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds
+            params["sidecar_seconds"] = stages.sidecar_seconds(_xcom(context, prefix, "wait_rollout"),
+                                                               _xcom(context, prefix, "soak"), s.soak_seconds)
         else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
             gate = _xcom(context, prefix, "strict_gate").get("extra", {})
             own = _xcom(context, prefix, "baseline").get("baseline", {}).get("success_rate")

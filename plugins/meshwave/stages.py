@@ -1,8 +1,10 @@
 """What each gated stage of a service checks in Prometheus, on plain JSON params (trigger kwargs).
 
-- soak:             the application's own metrics against its baseline, sidecar memory, and restarts and
+- soak:             the application's own metrics against its baseline, the Istio destination-side success rate
+                    (what the new proxy failed itself never reaches the app), sidecar memory, and restarts and
                     OOMKills counted over the whole soak so far (`events_window`);
-- strict_gate:      no plaintext HTTP or TCP into the workload (positive proof, not an empty vector);
+- strict_gate:      no plaintext HTTP request, TCP connection or TCP byte into the workload since it got its sidecar
+                    (`strict_lookback`), and Istio-reported traffic as positive proof (not an empty vector);
 - verify_strict:    after the flip: the workload's Istio success rate, each caller's own success rate,
                     and an inbound rate that did not collapse;
 - verify_recovery:  after going back to PERMISSIVE: the callers' success rates are back.
@@ -11,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,11 +61,36 @@ def events_window(window: str, elapsed: float) -> str:
     return f"{math.ceil(seconds / EVENTS_STEP_SECONDS) * EVENTS_STEP_SECONDS}s"
 
 
+def strict_lookback(window: str, sidecar_seconds: float, elapsed: float) -> str:
+    """The range the STRICT gate counts plaintext over: since the service got its sidecar (`sidecar_seconds` before
+    the gate started: the rollout and the soak) plus the gate so far, plus one query window; so never less than
+    the window. A caller that calls in bursts is in it whenever it last called (safety review, finding 8). Rounded
+    up like the events window: the gates of a wave share one batched query per step."""
+    return events_window(window, max(0.0, sidecar_seconds) + max(0.0, elapsed))
+
+
+def sidecar_seconds(rollout: dict[str, Any], soak: dict[str, Any], soak_seconds: float,
+                    now: float | None = None) -> float:
+    """How long the service has had its sidecar when the STRICT gate starts: since its rollout began (the rollout
+    wait's start: the first new pod may take plaintext from then on), else since its soak began, else the plan's
+    soak (the events of a run that did not record them)."""
+    now = time.time() if now is None else now
+    for started in (rollout.get("started"), soak.get("started")):
+        if isinstance(started, int | float) and 0 < started <= now:
+            return now - float(started)
+    return float(soak_seconds)
+
+
 def poll_params(stage: str, params: dict[str, Any], elapsed: float) -> dict[str, Any]:
-    """The params of one poll, `elapsed` seconds after the stage started: the soak counts events since then."""
-    if stage != "soak" or "window" not in params:  # not a soak, or params evaluate() will refuse anyway
+    """The params of one poll, `elapsed` seconds after the stage started: the soak counts events since then, the
+    STRICT gate plaintext since the sidecar."""
+    if "window" not in params:  # params evaluate() will refuse anyway
         return params
-    return {**params, "events_window": events_window(params["window"], elapsed)}
+    if stage == "soak":
+        return {**params, "events_window": events_window(params["window"], elapsed)}
+    if stage == "strict_gate" and "sidecar_seconds" in params:
+        return {**params, "lookback": strict_lookback(params["window"], float(params["sidecar_seconds"]), elapsed)}
+    return params
 
 
 def evaluate(stage: str, source: Source, params: dict[str, Any]) -> Poll:
@@ -71,7 +99,7 @@ def evaluate(stage: str, source: Source, params: dict[str, Any]) -> Poll:
         return Poll(verify_after_injection(source, Baseline.from_dict(params["baseline"]), thresholds=thresholds,
                                            events_window=params.get("events_window"), **_common(params)))
     if stage == "strict_gate":
-        verdict, plaintext = strict_gate(source, **_common(params))
+        verdict, plaintext = strict_gate(source, lookback=params.get("lookback"), **_common(params))
         return Poll([verdict], {"plaintext_callers": [c.describe() for c in plaintext]})
     if stage in ("verify_strict", "verify_recovery"):
         inbound = params.get("inbound_before") if stage == "verify_strict" else None

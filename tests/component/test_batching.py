@@ -52,6 +52,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabProcess
             apps.patch_namespaced_deployment(name, NS, {"spec": {"template": {"metadata": {"annotations": {
                 "kubectl.kubernetes.io/restartedAt": stamp}}}}})
         lab.admin("PATCH", "/services/lab/shop/user", {"error_rate": 0.2})
+        # plaintext TCP bytes into ledger over a long-lived connection, beside batch-processor's HTTP calls
+        lab.admin("PATCH", "/services/lab/external/batch-processor", {"calls": [
+            {"service": "shop/ledger"}, {"service": "shop/ledger", "protocol": "tcp", "port": 5432,
+                                         "bytes_per_second": 1000}]})
         for spec in LOOKALIKES:  # other controllers' pods named like auth's, OOMKilled: never counted as auth's
             core.create_namespaced_pod(NS, lookalike(*spec))
         seen = ('count(istio_requests_total{reporter="destination"}) and count('
@@ -85,8 +89,9 @@ def test_the_split_batch_equals_the_per_workload_query(stack, name: str) -> None
                                    at=at)
             assert same(split.get((ns, workload), []), plain), (name, ns, workload, split.get((ns, workload)), plain)
             answered += bool(plain)
-    if name not in ("oom_killed", "sidecar_memory_limit_bytes", "plaintext_tcp_callers", "mtls_tcp_callers",
-                    "istio_inbound_tcp_rate", "caller_outbound_success_rate", "caller_outbound_request_count"):
+    if name not in ("oom_killed", "sidecar_memory_limit_bytes", "plaintext_tcp_connections", "plaintext_tcp_bytes",
+                    "mtls_tcp_callers", "istio_inbound_tcp_rate", "caller_outbound_success_rate",
+                    "caller_outbound_request_count"):
         assert answered >= 2, f"{name}: the comparison saw data"
 
 
@@ -111,8 +116,8 @@ def test_gates_of_many_workloads_share_one_query_per_template(stack) -> None:
     for ns, w in pairs:  # one source per gate, as one trigger per service has
         with p.BatchingSource(Counting(prom.url, timeout=5, cluster="lab"), bucket=bucket, shared=shared) as src:
             batched[w] = c.strict_gate(src, ns, w, WINDOW)[0].outcome
-    assert Counting.sent == 4, "4 templates, whatever the number of workloads"
-    assert shared.queries == 4
+    assert Counting.sent == 5, "5 templates, whatever the number of workloads"
+    assert shared.queries == 5
     with At(prom.url, timeout=5, cluster="lab") as plain:
         direct = {w: c.strict_gate(plain, ns, w, WINDOW)[0].outcome for ns, w in pairs}
     assert batched == direct

@@ -86,7 +86,7 @@ def test_batched_verdicts_equal_the_per_workload_verdicts_with_one_query_per_tem
         assert comparable(batched) == comparable(direct), w
     soak_templates = {"app_request_count", "app_request_rate", "app_success_rate", "app_latency_p50_ms",
                       "app_latency_p99_ms", "container_restarts", "oom_killed", "sidecar_memory_bytes",
-                      "sidecar_memory_limit_bytes"}
+                      "sidecar_memory_limit_bytes", "istio_success_rate", "istio_inbound_request_rate"}
     assert len(inner.calls) == len(soak_templates), "one query per template, not per workload"
     assert len({at for _, at in inner.calls}) == 1, "every batched query is evaluated at the bucket's start"
     verdicts = {v.check: v for v in c.verify_after_injection(source, baseline(), NS, "svc-007", WIN)}
@@ -103,7 +103,7 @@ def test_the_number_of_queries_does_not_grow_with_the_workloads(n: int) -> None:
         t.start()
     for t in threads:
         t.join()
-    assert len(inner.calls) == 4  # plaintext http + tcp, inbound http + tcp: single-flight across threads
+    assert len(inner.calls) == 5  # plaintext http, tcp and bytes, inbound http + tcp: single-flight across threads
 
 
 def test_a_workload_missing_from_the_batch_is_no_series() -> None:
@@ -212,7 +212,7 @@ def test_any_failure_of_the_shared_batch_is_the_error_of_every_waiting_and_later
     from tests.unit.test_checks import plaintext
 
     fakes = {w: FakeSource().set("istio_inbound_request_rate", 40.0, workload=w) for w in ("payment", "ledger")}
-    fakes["ledger"].set("plaintext_http_callers", plaintext(2.5), workload="ledger")
+    fakes["ledger"].set("plaintext_http_requests", plaintext(25.0), workload="ledger")
     inner, shared = SlowFirstFailure(BatchedFake(fakes)), Arrivals()
     results: dict[str, Any] = {}
 
@@ -240,7 +240,7 @@ def test_any_failure_of_the_shared_batch_is_the_error_of_every_waiting_and_later
         assert "batched query failed with TypeError" in verdict.reason
     later = c.strict_gate(p.BatchingSource(inner, bucket=3600, shared=shared), NS, "ledger", WIN)[0]  # type: ignore[arg-type]
     assert later.outcome is c.Outcome.FAIL, "a later gate asks again: it sees the plaintext caller"
-    assert "unknown (a caller without sidecar) http 2.5 rps" in later.reason
+    assert "unknown (a caller without sidecar) http 25 requests in the last 10s" in later.reason
 
 
 def test_an_interrupted_owner_leaves_its_waiters_an_error_not_an_empty_answer() -> None:

@@ -27,8 +27,10 @@ class FakeSource:
         self.answers: dict[str, Response] = {}
         self.seen: list[str] = []
 
-    def set(self, name: str, value: Response, namespace: str = NS, workload: str = WL) -> FakeSource:
-        query = p.render(name, namespace=namespace, workload=workload, window=self.window, cluster=self.cluster)
+    def set(self, name: str, value: Response, namespace: str = NS, workload: str = WL,
+            window: str | None = None) -> FakeSource:
+        query = p.render(name, namespace=namespace, workload=workload, window=window or self.window,
+                         cluster=self.cluster)
         self.answers[query] = value
         return self
 
@@ -45,11 +47,12 @@ class FakeSource:
 
 
 def healthy(source: FakeSource | None = None, workload: str = WL) -> FakeSource:
-    """A workload at 40 rps, all 2xx, 6/14 ms, one pod with a 80 Mi sidecar, no restarts."""
+    """A workload at 40 rps, all 2xx (its proxy too), 6/14 ms, one pod with a 80 Mi sidecar, no restarts."""
     src = source or FakeSource()
     pod = f"{workload}-5d8f7-x7k2p"
     for name, value in (("app_success_rate", 1.0), ("app_request_rate", 40.0), ("app_request_count", 400.0),
                         ("app_latency_p50_ms", 6.0), ("app_latency_p99_ms", 14.0),
+                        ("istio_success_rate", 1.0), ("istio_inbound_request_rate", 40.0),
                         ("sidecar_memory_bytes", 80.0 * MI), ("sidecar_memory_limit_bytes", 1024.0 * MI)):
         src.set(name, value, workload=workload)
     src.set("container_restarts", [p.Sample({"namespace": NS, "pod": pod, "container": c_}, 0.0)
@@ -107,17 +110,18 @@ def test_every_selector_of_every_query_gets_the_cluster() -> None:
 
 def test_the_queries_the_checks_need_are_there() -> None:
     needed = {"app_success_rate", "app_request_rate", "app_request_count", "app_latency_p50_ms", "app_latency_p99_ms",
-              "container_restarts", "oom_killed", "sidecar_memory_bytes", "app_memory_bytes", "plaintext_http_callers",
-              "plaintext_tcp_callers", "mtls_http_callers", "mtls_tcp_callers", "istio_inbound_request_rate",
-              "istio_inbound_tcp_rate", "istio_success_rate"}
+              "container_restarts", "oom_killed", "sidecar_memory_bytes", "app_memory_bytes", "plaintext_http_requests",
+              "plaintext_tcp_connections", "plaintext_tcp_bytes", "mtls_http_callers", "mtls_tcp_callers",
+              "istio_inbound_request_rate", "istio_inbound_tcp_rate", "istio_success_rate"}
     assert needed <= set(p.load_queries())
 
 
 def test_rendered_queries_match_the_istio_facts() -> None:
-    query = p.render("plaintext_http_callers", namespace=NS, workload=WL, window="5m")
-    assert query == ('sum by (source_workload, source_workload_namespace) (rate(istio_requests_total{'
-                     'reporter="destination", destination_workload="auth", destination_workload_namespace="shop", '
-                     'connection_security_policy!="mutual_tls"}[5m]))')
+    query = p.render("plaintext_http_requests", namespace=NS, workload=WL, window="5m")
+    selector = ('istio_requests_total{reporter="destination", destination_workload="auth", '
+                'destination_workload_namespace="shop", connection_security_policy!="mutual_tls"}')
+    assert query == (f'sum by (source_workload, source_workload_namespace) ( (max_over_time({selector}[5m]) '
+                     f'unless {selector} offset 5m) or increase({selector}[5m]))')
 
 
 # ---- pods joined to their Deployment through their owner, not a name prefix (finding 21) -----------------------
@@ -223,7 +227,8 @@ def test_after_injection_healthy_passes_everything() -> None:
     verdicts = c.verify_after_injection(healthy(), baseline(), NS, WL, WIN, c.Thresholds())
     assert {v.check: v.outcome for v in verdicts} == {
         "app_request_rate": Outcome.PASS, "app_success_rate": Outcome.PASS, "app_latency_p99": Outcome.PASS,
-        "restarts": Outcome.PASS, "oom_killed": Outcome.PASS, "sidecar_memory": Outcome.PASS}
+        "istio_success_rate": Outcome.PASS, "restarts": Outcome.PASS, "oom_killed": Outcome.PASS,
+        "sidecar_memory": Outcome.PASS}
     assert all(v.query and v.expectation and v.reason and v.at for v in verdicts)
 
 
@@ -343,7 +348,7 @@ def test_sidecar_memory() -> None:
 def test_prometheus_down_gives_error_verdicts_never_pass() -> None:
     src = healthy().set("app_request_count", down())
     verdicts = c.verify_after_injection(src, baseline(), NS, WL, WIN)
-    assert [v.outcome for v in verdicts] == [Outcome.ERROR] * 6
+    assert [v.outcome for v in verdicts] == [Outcome.ERROR] * 7
     assert len(src.seen) == 1
     assert "Connection refused" in verdicts[0].reason
 
@@ -393,15 +398,16 @@ def plaintext(rate: float, workload: str = "unknown", namespace: str = "unknown"
 
 
 def test_strict_gate_fails_on_plaintext_from_a_caller_without_sidecar() -> None:
-    src = FakeSource().set("plaintext_http_callers", plaintext(20.0)).set("istio_inbound_request_rate", 40.0)
+    src = FakeSource().set("plaintext_http_requests", plaintext(200.0)).set("istio_inbound_request_rate", 40.0)
     verdict, callers = c.strict_gate(src, NS, WL, WIN)
     assert verdict.outcome is Outcome.FAIL and verdict.check == "strict_plaintext"
-    assert callers == [c.Caller("unknown", "unknown", "http", 20.0)] and not callers[0].has_sidecar
-    assert "unknown (a caller without sidecar) http 20 rps" in verdict.reason
+    assert callers == [c.Caller("unknown", "unknown", "http", 20.0, 200.0, WIN)] and not callers[0].has_sidecar
+    assert "unknown (a caller without sidecar) http 200 requests in the last 10s" in verdict.reason
 
 
 def test_strict_gate_fails_on_plaintext_tcp() -> None:
-    src = FakeSource().set("plaintext_tcp_callers", plaintext(0.2, "batch", "jobs")).set("istio_inbound_tcp_rate", 1.0)
+    src = FakeSource().set("plaintext_tcp_connections", plaintext(2.0, "batch", "jobs"))
+    src.set("istio_inbound_tcp_rate", 1.0)
     verdict, callers = c.strict_gate(src, NS, WL, WIN)
     assert verdict.outcome is Outcome.FAIL and callers[0].protocol == "tcp" and callers[0].key == "jobs/batch"
 
@@ -420,14 +426,14 @@ def test_strict_gate_without_istio_traffic_is_no_data(inbound: float | None) -> 
 
 
 def test_strict_gate_a_drained_plaintext_series_is_not_a_caller() -> None:
-    src = FakeSource().set("plaintext_http_callers", plaintext(0.0)).set("istio_inbound_request_rate", 40.0)
+    src = FakeSource().set("plaintext_http_requests", plaintext(0.0)).set("istio_inbound_request_rate", 40.0)
     verdict, callers = c.strict_gate(src, NS, WL, WIN)
     assert verdict.outcome is Outcome.PASS and callers == []
     assert verdict.values["drained_callers"][0]["workload"] == "unknown"
 
 
 def test_strict_gate_error() -> None:
-    verdict, callers = c.strict_gate(FakeSource().set("plaintext_http_callers", down()), NS, WL, WIN)
+    verdict, callers = c.strict_gate(FakeSource().set("plaintext_http_requests", down()), NS, WL, WIN)
     assert verdict.outcome is Outcome.ERROR and callers == []
 
 
@@ -693,7 +699,7 @@ def test_a_malformed_sample_is_prometheus_unavailable_never_an_empty_answer(answ
 
 def test_a_malformed_plaintext_answer_makes_the_strict_gate_an_error() -> None:
     source = p.PrometheusSource("http://127.0.0.1:9")
-    answers = {"plaintext_http_callers": [{"metric": {"source_workload": "unknown"}, "value": [1.5, None]}],
+    answers = {"plaintext_http_requests": [{"metric": {"source_workload": "unknown"}, "value": [1.5, None]}],
                "istio_inbound_request_rate": [{"metric": {}, "value": [1.5, "40"]}]}
     by_query = {p.render(name, namespace=NS, workload=WL, window=WIN): answer for name, answer in answers.items()}
     source._client.custom_query = lambda query, params=None: by_query.get(query, [])  # type: ignore[method-assign]

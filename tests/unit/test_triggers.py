@@ -143,7 +143,8 @@ class StandIn:
         labels = {"namespace": "shop", "pod": POD}
         healthy = {"app_success_rate": 1.0, "app_request_rate": 40.0, "app_request_count": 40.0 * seconds,
                    "app_latency_p50_ms": 6.0, "app_latency_p99_ms": 14.0, "sidecar_memory_bytes": 80.0 * 2**20,
-                   "sidecar_memory_limit_bytes": 1024.0 * 2**20}
+                   "sidecar_memory_limit_bytes": 1024.0 * 2**20, "istio_success_rate": 1.0,
+                   "istio_inbound_request_rate": 40.0}
         if name in healthy:
             return [p.Sample({}, healthy[name], now)]
         restarts = {"payment": self._restarts(now, seconds), "istio-proxy": 0.0}

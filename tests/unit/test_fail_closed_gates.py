@@ -1,0 +1,136 @@
+"""Issue 13, items 1 and 3 (safety review findings 1 and 8): the soak sees what the new proxy fails itself, and the
+STRICT gate counts plaintext since the sidecar came, so a caller that calls in bursts is never missed."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from meshwave import checks as c
+from meshwave import prometheus as p
+from meshwave import stages
+from meshwave.checks import Outcome
+from tests.unit.test_checks import NS, WIN, WL, FakeSource, baseline, by_check, healthy, plaintext
+
+
+# ---- the soak: Istio's destination-side success rate -----------------------------------------------------------
+def test_failures_the_new_proxy_generates_fail_the_soak_when_the_app_sees_nothing_wrong() -> None:
+    """15 % failed by the new proxy (503 UF): the app's rate is within max_traffic_drop, its success rate 1.0."""
+    src = healthy().set("app_request_rate", 34.0).set("istio_success_rate", 0.85)
+    verdicts = by_check(c.verify_after_injection(src, baseline(), NS, WL, WIN))
+    assert verdicts["app_request_rate"].outcome is Outcome.PASS
+    assert verdicts["app_success_rate"].outcome is Outcome.PASS
+    verdict = verdicts["istio_success_rate"]
+    assert verdict.outcome is Outcome.FAIL
+    assert verdict.reason == "success rate 0.85 < baseline 1.00 - 0.02"
+    assert verdict.values["baseline"] == 1.0 and verdict.values["requests"] == 400.0  # 40/s x 10 s
+
+
+@pytest.mark.parametrize("rate, count, why", [
+    (None, 40.0, "success rate is none"),
+    (1.0, None, "too little traffic to judge"),
+    (1.0, 0.5, "too little traffic to judge: 5 requests in 10s"),
+])
+def test_the_soak_s_istio_success_rate_without_data_never_passes(rate: float | None, count: float | None,
+                                                                 why: str) -> None:
+    src = healthy().set("istio_success_rate", rate).set("istio_inbound_request_rate", count)
+    verdict = by_check(c.verify_after_injection(src, baseline(), NS, WL, WIN))["istio_success_rate"]
+    assert verdict.outcome is Outcome.NO_DATA and why in verdict.reason
+
+
+def test_the_baseline_s_own_request_count_gates_the_comparison() -> None:
+    verdict = by_check(c.verify_after_injection(healthy().set("istio_success_rate", 0.5),
+                                                baseline(request_count=3.0), NS, WL, WIN))["istio_success_rate"]
+    assert verdict.outcome is Outcome.NO_DATA and "the baseline saw only 3 requests" in verdict.reason
+
+
+def test_one_definition_of_success_counts_5xx_code_0_and_every_response_flag_as_failure() -> None:
+    template = p.load_queries()["istio_success_rate"]
+    for promql in (template.promql, template.batch.promql):  # type: ignore[union-attr]
+        good = re.findall(r'istio_requests_total\{[^}]*response_code!~"5\.\.\|0", response_flags="-"', promql)
+        assert len(good) == 1, promql
+
+
+# ---- the STRICT gate: a lookback since the sidecar --------------------------------------------------------------
+LOOKBACK = "330s"
+
+
+def test_the_gate_counts_plaintext_over_its_lookback_not_one_window() -> None:
+    src = FakeSource().set("istio_inbound_request_rate", 40.0)
+    src.set("plaintext_http_requests", plaintext(45.0), window=LOOKBACK)  # one burst, minutes ago
+    assert c.strict_gate(src, NS, WL, WIN)[0].outcome is Outcome.PASS, "one window: nothing seen (the old gate)"
+    verdict, callers = c.strict_gate(src, NS, WL, WIN, lookback=LOOKBACK)
+    assert verdict.outcome is Outcome.FAIL
+    assert verdict.reason == ("plaintext into shop/auth in the last 330s: unknown (a caller without sidecar) http 45 "
+                              "requests in the last 330s")
+    assert callers == [c.Caller("unknown", "unknown", "http", 45.0 / 330, 45.0, LOOKBACK)]
+    assert 'offset 330s' in verdict.queries["plaintext_http_requests"]
+    assert "[10s]" in verdict.queries["istio_inbound_request_rate"], "the proof of traffic is today's window"
+
+
+def test_a_long_lived_plaintext_connection_is_seen_by_its_bytes() -> None:
+    src = FakeSource().set("istio_inbound_tcp_rate", 0.5)
+    src.set("plaintext_tcp_bytes", plaintext(66000.0, "etl", "jobs"), window=LOOKBACK)
+    src.set("plaintext_tcp_connections", plaintext(0.0, "etl", "jobs"), window=LOOKBACK)  # opened long ago
+    verdict, callers = c.strict_gate(src, NS, WL, WIN, lookback=LOOKBACK)
+    assert verdict.outcome is Outcome.FAIL and [caller.protocol for caller in callers] == ["tcp_bytes"]
+    assert "jobs/etl tcp 6.6e+04 bytes in the last 330s" in verdict.reason
+
+
+def test_plaintext_callers_round_trip_with_their_totals() -> None:
+    caller = c.Caller("unknown", "unknown", "tcp", 0.01, 3.0, LOOKBACK)
+    assert c.Caller.from_dict(caller.to_dict()) == caller
+    assert c.Caller.from_dict({"namespace": "a", "workload": "b", "protocol": "http", "rate": 2.0}) == \
+        c.Caller("a", "b", "http", 2.0), "records written before the lookback still read"
+
+
+@pytest.mark.parametrize("sidecar, elapsed, expected", [
+    (0.0, 0.0, "30s"),          # never less than the query window (rounded up to the step)
+    (95.0, 0.0, "120s"),        # the rollout and the soak before the gate: 95 + 15 -> 120
+    (95.0, 200.0, "330s"),      # and the gate so far: 95 + 200 + 15 -> 330
+])
+def test_the_lookback_reaches_back_to_the_sidecar(sidecar: float, elapsed: float, expected: str) -> None:
+    params = {"namespace": NS, "workload": WL, "window": "15s", "sidecar_seconds": sidecar}
+    assert stages.poll_params("strict_gate", params, elapsed)["lookback"] == expected
+    assert "lookback" not in stages.poll_params("verify_strict", params, elapsed)
+
+
+def test_the_sidecar_s_age_comes_from_the_rollout_then_the_soak_then_the_plan() -> None:
+    now = 10_000.0
+    assert stages.sidecar_seconds({"started": now - 140}, {"started": now - 100}, 60, now) == 140
+    assert stages.sidecar_seconds({}, {"started": now - 100}, 60, now) == 100
+    assert stages.sidecar_seconds({"status": "done"}, {"status": "pass"}, 60, now) == 60
+    assert stages.sidecar_seconds({"started": now + 5}, {}, 60, now) == 60, "a clock from the future is not trusted"
+
+
+class Bursts:
+    """A Prometheus where one caller without a sidecar sends 45 plaintext requests in a 3 s burst every 90 s (at
+    0, 90, 180 ... s): each plaintext query answers with what its own range holds at the poll's time."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.pattern = re.compile(r"offset (\d+)s\)|\[(\d+)s\]\)\)$")
+
+    def instant(self, query: str) -> list[p.Sample]:
+        if query.startswith("sum(rate("):
+            return [p.Sample({}, 40.0)]  # the inbound rates: steady mTLS traffic, the gate's positive proof
+        if "connection_security_policy!=" not in query or "istio_requests_total" not in query:
+            return []
+        seconds = float(next(g for g in self.pattern.search(query).groups() if g))  # type: ignore[union-attr]
+        bursts = sum(1 for start in range(0, 100_000, 90) if self.now - seconds < start + 1.5 <= self.now)
+        return plaintext(45.0 * bursts)
+
+
+def test_a_caller_that_calls_every_90_s_keeps_the_gate_failing_at_every_poll() -> None:
+    """Finding 8's reproduction (window 60 s, poke 30 s): the old gate passed at its third poll, in a gap."""
+    prom, window, soak = Bursts(), "60s", 300.0
+    one_window, lookback = [], []
+    for poll in range(8):
+        prom.now = soak + 10 + 30 * poll  # the gate starts 10 s after the last burst of the soak
+        one_window.append(c.strict_gate(prom, NS, WL, window)[0].outcome)
+        params = stages.poll_params("strict_gate", {"namespace": NS, "workload": WL, "window": window,
+                                                    "sidecar_seconds": soak}, 30.0 * poll)
+        lookback.append(c.strict_gate(prom, NS, WL, window, lookback=params["lookback"])[0].outcome)
+    assert Outcome.PASS in one_window, "one query window misses the caller between its bursts"
+    assert set(lookback) == {Outcome.FAIL}
