@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from meshwave import headroom
 from meshwave.checks import Thresholds, measure_baseline
 from meshwave.gitops import reverted_by
 from meshwave.kube_errors import InjectionBlocked, MtlsRefused, NotInForce
@@ -100,10 +101,7 @@ def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> dict[st
     if svc.strict and mtls.foreign_workload_policies:
         result["notes"].append(f"STRICT will not be flipped: {mtls.foreign_workload_policies[0]} selects the pods "
                                "and decides their mode")
-    if sidecar.memory_limit:
-        result["headroom"] = f"the sidecar gets its own memory limit {sidecar.memory_limit} (plan)"
-    else:
-        result["headroom"] = _memory_headroom(svc, w.memory_limit_bytes, w.app_container, source)
+    result["headroom"] = _headroom(svc, kube, injected)
     if sidecar.annotations:
         change = kube.ensure_sidecar_resources(p.namespace, p.workload, **_sidecar_kwargs(svc))
         result["changes"].append(change.to_dict())
@@ -161,33 +159,15 @@ def _sidecar_kwargs(svc: Service) -> dict[str, str]:
                               "memory_limit": s.memory_limit}.items() if v}
 
 
-def _mi(value: float) -> str:
-    """Mebibytes without a rounding that could contradict a comparison ('128' for 127.6 is not shown)."""
-    return f"{value:.0f}" if abs(value - round(value)) < 0.05 else f"{value:.1f}"
-
-
-def _memory_headroom(svc: Service, limit: int | None, container: str | None, source: PrometheusSource) -> str:
-    p, need = svc.plan, svc.settings.sidecar.expected_memory_mi
-    if limit is None:
-        return f"the app container has no memory limit: a {need:g}Mi sidecar fits"
-    query = render("app_memory_bytes", namespace=p.namespace, workload=p.workload, window=svc.window,
-                   cluster=getattr(source, "cluster", None))
+def _headroom(svc: Service, kube: MeshKube, injected: bool) -> str:
+    """The sidecar's own limit, the namespace's quotas and limit ranges, and the nodes (meshwave.headroom)."""
+    p, sidecar = svc.plan, svc.settings.sidecar
     try:
-        samples = source.instant(query)
-    except PrometheusError as exc:
-        raise Blocked(f"cannot check memory headroom: {exc}") from None
-    # The app container's own working set: its limit is the budget (another container has its own).
-    usage = max((s.value for s in samples if s.finite and s.labels.get("container") in (container, None)),
-                default=None)
-    if usage is None:
-        raise Blocked(f"no memory data for {p.namespace}/{p.workload} in Prometheus: cannot check that a "
-                      f"{need:g}Mi sidecar fits (query: {query})")
-    headroom = (limit - usage) / MI
-    numbers = f"limit {_mi(limit / MI)}Mi, app uses up to {_mi(usage / MI)}Mi, headroom {_mi(headroom)}Mi"
-    if headroom < need:
-        raise Blocked(f"{numbers} < the sidecar's expected {need:g}Mi: the pod would be OOMKilled. Raise the "
-                      "memory limit, or give the sidecar a limit of its own in the plan (sidecar.memory_limit)")
-    return f"{numbers} >= the sidecar's expected {need:g}Mi"
+        found = headroom.check(kube, p.namespace, p.workload, sidecar.annotations, sidecar.expected_memory_mi,
+                               injected)
+    except headroom.HeadroomBlocked as exc:
+        raise Blocked(str(exc)) from None
+    return found.summary()
 
 
 # What the soak compares with: without them a service would be injected blind (safety review finding 7).
