@@ -86,18 +86,27 @@ def _still_due(svc: Service, context: dict[str, Any]) -> None:
     print(f"{p.key}: {current.describe()}: carrying out {current.undo}")
 
 
+UNDONE = ("permissive", "removed", "skipped")  # skipped: settled meanwhile (read again before acting)
+
+
+def not_reconciled(problems: list[str], records: list[dict[str, Any]]) -> list[str]:
+    """What this run could not settle: clusters or annotations it could not read, undos that did not complete."""
+    return problems + [f"{r['service']}: {r['outcome']}: {r['reason']}" for r in records if r["outcome"] not in UNDONE]
+
+
 def _summary():
     @task(task_id="summary", trigger_rule="all_done")
     def summary(**context: Any) -> dict[str, Any]:
         ti = context["ti"]
-        problems = ti.xcom_pull(task_ids="find_due", key="problems") or []
-        records = [r for r in (ti.xcom_pull(task_ids=f"{GROUP}.outcome", key="record") or []) if r]
-        left = [f"{r['cluster']}/{r['namespace']}/{r['workload']}: {r['outcome']}: {r['reason']}" for r in records
-                if r["outcome"] not in ("permissive", "removed", "skipped")]
+        keys = ti.xcom_pull(task_ids="find_due") or []
+        # explicit map indexes: a pull of all of them returns a lone record bare, not in a list
+        records = [r for r in ti.xcom_pull(task_ids=f"{GROUP}.outcome", key="record",
+                                           map_indexes=list(range(len(keys)))) if r] if keys else []
         for r in records:
-            print(f"{r['cluster']}/{r['namespace']}/{r['workload']}: {r['outcome']}: {r['reason']}")
-        if problems or left:
-            raise AirflowFailException("NOT RECONCILED (the next run tries again): " + "; ".join(problems + left))
+            print(f"{r['service']}: {r['outcome']}: {r['reason']}")
+        left = not_reconciled(ti.xcom_pull(task_ids="find_due", key="problems") or [], records)
+        if left:
+            raise AirflowFailException("NOT RECONCILED (the next run tries again): " + "; ".join(left))
         return {"undone": len(records)}
 
     return summary()

@@ -229,16 +229,22 @@ def _settle(svc: Service, kube: Any, why: str, only: Undo | None = None) -> dict
 
 
 def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
-    kube = kube_for(svc, context)
+    """A sidecar this run puts on trial is marked first; pods that all run one already are not this run's change
+    (a re-run changes nothing)."""
+    kube, p = kube_for(svc, context), svc.plan
     pending = None
-    if svc.action != "strict_only":
+    w = kube.workload(p.namespace, p.workload)
+    if svc.action != "strict_only" and not (w.pods_total > 0 and w.pods_with_proxy == w.pods_total):
         pending = _expect(svc, kube, context, TRIAL, Undo.REMOVE_SIDECAR, _trial_seconds(svc.settings))
     return {**logged(steps.inject(svc, kube)), "pending": pending}
 
 
 def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
-    kube = kube_for(svc, context)
-    pending = _expect(svc, kube, context, UNVERIFIED, Undo.PERMISSIVE, _unverified_seconds(svc.settings))
+    """STRICT this run is about to write is marked first; pods already STRICT are not this run's change."""
+    kube, p = kube_for(svc, context), svc.plan
+    pending = None
+    if not kube.mtls.effective(p.namespace, p.workload).strict_everywhere:
+        pending = _expect(svc, kube, context, UNVERIFIED, Undo.PERMISSIVE, _unverified_seconds(svc.settings))
     return {**logged(steps.flip_strict(svc, kube)), "pending": pending}
 
 

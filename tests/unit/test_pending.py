@@ -114,3 +114,29 @@ def test_another_run_s_pending_state_is_not_this_run_s_to_settle(monkeypatch: py
     theirs = expecting(sg.TRIAL, Undo.REMOVE_SIDECAR, 600, "other/run", service().to_dict())
     record, kube = settle("permissive", theirs, monkeypatch)
     assert kube.writes == [] and kube.annotation == theirs and record["reason"] == "r"
+
+
+def test_mesh_reconcile_runs_the_undo_on_the_service_the_run_admitted() -> None:
+    from meshwave import reconcile
+
+    pending = expecting(sg.TRIAL, Undo.REMOVE_SIDECAR, 0, RUN, service().to_dict())
+
+    class TI:
+        def xcom_pull(self, task_ids: str, key: str = "return_value") -> Any:
+            assert (task_ids, key) == ("find_due", "pending")
+            return {"lab/shop/cart": pending.model_dump(mode="json")}
+
+    svc = reconcile._resolve({"ti": TI()}, "lab/shop/cart")
+    assert (svc.action, svc.plan.key, svc.settings.reconcile_grace_seconds) == ("remove_sidecar", "lab/shop/cart", 30)
+    with pytest.raises(ValueError, match="lab/shop/other: no pending state"):
+        reconcile._resolve({"ti": TI()}, "lab/shop/other")
+
+
+def test_mesh_reconcile_names_what_it_could_not_settle() -> None:
+    from meshwave.reconcile import not_reconciled
+
+    done = {"service": "lab/shop/cart", "outcome": "permissive", "reason": "set to PERMISSIVE on request"}
+    failed = {"service": "lab/shop/pay", "outcome": "failed", "reason": "could not set PERMISSIVE: 503"}
+    assert not_reconciled([], [done]) == []
+    assert not_reconciled(["cluster eu: cannot list pending states: timeout"], [done, failed]) == [
+        "cluster eu: cannot list pending states: timeout", "lab/shop/pay: failed: could not set PERMISSIVE: 503"]
