@@ -25,6 +25,7 @@ from meshwave import report
 WORK = ROOT / ".demo"
 STATE = WORK / "stack.json"
 PLAN, WAVE_DAG, NEXT_DAG = "seed-fleet.yaml", "meshwave_seed_fleet_wave_1", "meshwave_seed_fleet_wave_2"
+RECONCILE_DAG = "mesh_reconcile"
 CLUSTERS = ("prod-eu-1", "prod-us-1", "prod-ap-1")
 
 
@@ -69,10 +70,20 @@ def start() -> int:
         print(f"\n{NEXT_DAG} was started by wave-1's Asset ({chained[0]['run_type']}); follow it in the UI.")
     else:
         print(f"\n{NEXT_DAG} did not start: wave-1 did not end within its failure budget.")
+    _reconcile(airflow)
     print(f"\nAirflow UI: {airflow.url}  (login: admin / {airflow.password})")
     print(f"Prometheus: {prom.url}   lab kubeconfigs: {WORK / 'lab' / 'kube'}")
     print("Everything keeps running until `make stop`.")
     return 0
+
+
+def _reconcile(airflow: AirflowProcess) -> None:
+    """mesh_reconcile runs every 10 minutes; once now, to show what a wave left pending (normally nothing)."""
+    run_id = airflow.trigger(RECONCILE_DAG)
+    state = airflow.wait_for_run(RECONCILE_DAG, run_id, timeout=600)
+    due = airflow.xcom(RECONCILE_DAG, run_id, "find_due") or []
+    print(f"\n{RECONCILE_DAG}: run {state}: {len(due)} pending undo(s) past their deadline"
+          + (f" ({', '.join(due)})" if due else "") + "; it runs every 10 minutes.")
 
 
 def _follow(airflow: AirflowProcess, run_id: str) -> str:
