@@ -356,8 +356,8 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
             wait, minimum = s.soak_seconds + s.verify_seconds, s.soak_seconds
         elif stage == "strict_gate":  # plaintext is counted since the sidecar came; it never "confirms" a failure
             policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds
-            params["sidecar_seconds"] = stages.sidecar_seconds(_xcom(context, prefix, "wait_rollout"),
-                                                               _xcom(context, prefix, "soak"), s.soak_seconds)
+            params["sidecar_seconds"] = stages.sidecar_seconds(_xcom(context, prefix, "soak"),
+                                                               _xcom(context, prefix, "wait_rollout"), s.soak_seconds)
         else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
             gate = _xcom(context, prefix, "strict_gate").get("extra", {})
             own = _xcom(context, prefix, "baseline").get("baseline", {}).get("success_rate")

@@ -35,6 +35,7 @@ STAGES = ("soak", "strict_gate", "verify_strict", "verify_recovery")
 # The events window is rounded up to this step so the gates of one wave whose soaks started within the same step
 # share one batched query; rounding up only looks further back, it never misses an event.
 EVENTS_STEP_SECONDS = 30
+LOOKBACK_STEP_SECONDS = 5  # the STRICT gate's lookback: a poke at the plan defaults' fastest
 
 
 @dataclass
@@ -62,20 +63,26 @@ def events_window(window: str, elapsed: float) -> str:
 
 
 def strict_lookback(window: str, sidecar_seconds: float, elapsed: float) -> str:
-    """The range the STRICT gate counts plaintext over: since the service got its sidecar (`sidecar_seconds` before
-    the gate started: the rollout and the soak) plus the gate so far, plus one query window; so never less than
-    the window. A caller that calls in bursts is in it whenever it last called (safety review, finding 8). Rounded
-    up like the events window: the gates of a wave share one batched query per step."""
-    return events_window(window, max(0.0, sidecar_seconds) + max(0.0, elapsed))
+    """The range the STRICT gate counts plaintext over: since the service's pods all had their sidecar
+    (`sidecar_seconds` before the gate started: the soak) plus the gate so far, never less than one query window.
+    A caller that calls in bursts is in it whenever it last called since then (safety review, finding 8).
+
+    It starts when the rollout was done, not when it began: while the service's and its callers' pods roll (a batch
+    migrates a caller and its callee at once), plaintext from a caller's pods that had no sidecar yet is transient.
+    Rounded up to LOOKBACK_STEP_SECONDS, so that gates whose soaks started within one step share a batched query,
+    without reaching far back into a rollout."""
+    seconds = max(0.0, sidecar_seconds) + max(0.0, elapsed)
+    seconds = max(math.ceil(seconds / LOOKBACK_STEP_SECONDS) * LOOKBACK_STEP_SECONDS,
+                  math.ceil(window_seconds(validate_window(window))))
+    return f"{seconds}s"
 
 
-def sidecar_seconds(rollout: dict[str, Any], soak: dict[str, Any], soak_seconds: float,
+def sidecar_seconds(soak: dict[str, Any], rollout: dict[str, Any], soak_seconds: float,
                     now: float | None = None) -> float:
-    """How long the service has had its sidecar when the STRICT gate starts: since its rollout began (the rollout
-    wait's start: the first new pod may take plaintext from then on), else since its soak began, else the plan's
-    soak (the events of a run that did not record them)."""
+    """How long the service's pods have all had their sidecar when the STRICT gate starts: since its soak began
+    (the rollout done), else since the rollout wait ended, else the plan's soak (a run that recorded neither)."""
     now = time.time() if now is None else now
-    for started in (rollout.get("started"), soak.get("started")):
+    for started in (soak.get("started"), rollout.get("ended")):
         if isinstance(started, int | float) and 0 < started <= now:
             return now - float(started)
     return float(soak_seconds)

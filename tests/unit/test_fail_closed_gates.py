@@ -86,9 +86,9 @@ def test_plaintext_callers_round_trip_with_their_totals() -> None:
 
 
 @pytest.mark.parametrize("sidecar, elapsed, expected", [
-    (0.0, 0.0, "30s"),          # never less than the query window (rounded up to the step)
-    (95.0, 0.0, "120s"),        # the rollout and the soak before the gate: 95 + 15 -> 120
-    (95.0, 200.0, "330s"),      # and the gate so far: 95 + 200 + 15 -> 330
+    (0.0, 0.0, "15s"),          # never less than the query window
+    (95.0, 0.0, "95s"),         # the soak before the gate
+    (97.0, 201.0, "300s"),      # and the gate so far, rounded up to a 5 s step
 ])
 def test_the_lookback_reaches_back_to_the_sidecar(sidecar: float, elapsed: float, expected: str) -> None:
     params = {"namespace": NS, "workload": WL, "window": "15s", "sidecar_seconds": sidecar}
@@ -96,11 +96,13 @@ def test_the_lookback_reaches_back_to_the_sidecar(sidecar: float, elapsed: float
     assert "lookback" not in stages.poll_params("verify_strict", params, elapsed)
 
 
-def test_the_sidecar_s_age_comes_from_the_rollout_then_the_soak_then_the_plan() -> None:
+def test_the_sidecar_s_age_comes_from_the_soak_then_the_rollout_then_the_plan() -> None:
+    """From when every pod had its sidecar: plaintext from a caller's pods while they rolled beside it is not
+    counted (a caller and its callee migrated in one batch)."""
     now = 10_000.0
-    assert stages.sidecar_seconds({"started": now - 140}, {"started": now - 100}, 60, now) == 140
-    assert stages.sidecar_seconds({}, {"started": now - 100}, 60, now) == 100
-    assert stages.sidecar_seconds({"status": "done"}, {"status": "pass"}, 60, now) == 60
+    assert stages.sidecar_seconds({"started": now - 100}, {"ended": now - 105}, 60, now) == 100
+    assert stages.sidecar_seconds({}, {"started": now - 140, "ended": now - 105}, 60, now) == 105
+    assert stages.sidecar_seconds({"status": "pass"}, {"status": "done"}, 60, now) == 60
     assert stages.sidecar_seconds({"started": now + 5}, {}, 60, now) == 60, "a clock from the future is not trusted"
 
 
