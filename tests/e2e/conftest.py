@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 from kubernetes import client, config
@@ -16,8 +17,19 @@ HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
 # Scenarios that spend minutes waiting (soaks, outages) and touch only their own namespaces: triggered as soon as the
 # stack is up, so they run beside the other modules' runs; their test waits for the run (`Stack.early_run`).
-# DAG id -> conf.
-EARLY: dict[str, dict] = {}
+# Name -> conf (the name is the DAG id), or -> Early (a DAG that several runs share, a fault started first).
+EARLY: dict[str, dict | Early] = {
+    "meshwave_e2e_gates_gates": {},  # test_gates.py: a 100 s soak and a 60 s STRICT gate
+}
+
+
+@dataclass(frozen=True)
+class Early:
+    """An early run of `dag_id` with `conf`; `before(stack)`, when given, runs just before the trigger."""
+
+    dag_id: str
+    conf: dict[str, Any]
+    before: Callable[[Stack], object] | None = None
 
 
 def dags_folder(work: Path) -> Path:
@@ -36,16 +48,19 @@ class Stack:
     airflow: AirflowProcess
     plans: Path  # a writable copy of tests/e2e/plans (MESHWAVE_PLANS_DIR)
     dags: Path  # the DAG folder: tests may add a plan and its thin DAG file at run time
-    early: dict[str, str] = field(default_factory=dict)  # DAG id -> the run triggered at start (EARLY)
+    early: dict[str, tuple[str, str]] = field(default_factory=dict)  # EARLY name -> (DAG id, run id)
 
     def start_early(self) -> None:
-        for dag_id, conf in EARLY.items():
-            self.airflow.wait_for_dag(dag_id)
-            self.early[dag_id] = self.airflow.trigger(dag_id, conf)
+        for name, entry in EARLY.items():
+            early = entry if isinstance(entry, Early) else Early(name, entry)
+            self.airflow.wait_for_dag(early.dag_id)
+            if early.before is not None:
+                early.before(self)
+            self.early[name] = (early.dag_id, self.airflow.trigger(early.dag_id, early.conf))
 
-    def early_run(self, dag_id: str, timeout: float = 900) -> tuple[str, str]:
-        """The run of an EARLY DAG triggered at start, once it has ended: (run id, state)."""
-        run_id = self.early[dag_id]
+    def early_run(self, name: str, timeout: float = 900) -> tuple[str, str]:
+        """The EARLY run triggered at start, once it has ended: (run id, state)."""
+        dag_id, run_id = self.early[name]
         return run_id, self.airflow.wait_for_run(dag_id, run_id, timeout)
 
     def add_wave_dags(self, name: str, plan_yaml: str) -> None:
@@ -83,7 +98,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
             "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
         }
-        for cluster in ("rev", "beta"):  # tests/e2e/plans/clusters.yaml
+        for cluster in ("rev", "beta", "down"):  # tests/e2e/plans/clusters.yaml
             connections[f"meshlab_{cluster}"] = {"conn_type": "kubernetes",
                                                  "extra": {"kube_config_path": lab.kubeconfig(cluster)}}
             connections[f"meshlab_prometheus_{cluster}"] = {"conn_type": "http", "host": prom.url,
