@@ -16,6 +16,7 @@ from airflow.sdk import DAG, BaseHook, Param, TaskGroup, TriggerRule, get_curren
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import emergency as em
+from meshwave.access import connection_prefixes, operator_access_control
 from meshwave.connections import mesh_kube
 from meshwave.emergency_tasks import RemoveSidecarsOperator, VerifyHealthOperator, log_changes, request_of
 from meshwave.fleet import load_fleet, plans_dir
@@ -44,7 +45,9 @@ PARAMS = {
     "cluster_connections": Param(None, type=["null", "object"], title="Cluster connections (only if not in a plan)",
                                  section=SCOPE,
                                  description='For clusters no plan names (or whose plan file is broken): {"prod-x-1":'
-                                             ' {"kubernetes_conn_id": "...", "prometheus_conn_id": "..."}}.'),
+                                             ' {"kubernetes_conn_id": "...", "prometheus_conn_id": "..."}}. Only '
+                                             'connection ids starting with '
+                                             f'{" or ".join(connection_prefixes())} (MESHWAVE_CONNECTION_PREFIXES).'),
     "remove_sidecars": Param(False, type="boolean", title="Remove sidecars (restarts pods)", section=STAGE_2,
                              description="Stage 2: label sidecar.istio.io/inject=false and roll the pods of every "
                                          "workload in scope that has a sidecar, critical services first. Off: "
@@ -112,6 +115,8 @@ def _kube(target: dict[str, Any], dry_run: bool) -> Any:
 
 with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
          max_active_runs=1, params=PARAMS, doc_md=_doc(), tags=["meshwave", "emergency"],
+         # under FAB only the operator role (and roles with every DAG) may trigger it: meshwave.access
+         access_control=operator_access_control(),
          # retries for a worker that could not start (an API server stalled) or a transient API error; a refused
          # form or change is not retried
          default_args={"owner": "meshwave", "retries": 2, "retry_delay": timedelta(seconds=10),

@@ -243,6 +243,9 @@ def _bind(port: int, host: str = HOST) -> socket.socket:
     return sock
 
 
+KUBECONFIG_MODE = 0o600
+
+
 def kubeconfig(cluster: str, server: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1", "kind": "Config", "current-context": cluster, "preferences": {},
@@ -253,9 +256,15 @@ def kubeconfig(cluster: str, server: str) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _write_atomic(path: Path, text: str, mode: int | None = None) -> None:
+    """Write `text` to `path` whole (a reader never sees half a file); with `mode`, exactly that mode whatever
+    the umask, else the umask's."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666 if mode is None else mode)
+    with os.fdopen(fd, "w") as out:
+        if mode is not None:
+            os.fchmod(out.fileno(), mode)  # a tmp file left by an earlier run keeps its old mode otherwise
+        out.write(text)
     os.replace(tmp, path)
 
 
@@ -281,7 +290,8 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
             if kubeconfig_dir is not None:
                 kubeconfig_dir.mkdir(parents=True, exist_ok=True)
                 path = kubeconfig_dir / f"{name}.kubeconfig"
-                _write_atomic(path, yaml.safe_dump(kubeconfig(name, url), sort_keys=False))
+                # credentials (the lab's token; the same helper must never spread real ones): owner only
+                _write_atomic(path, yaml.safe_dump(kubeconfig(name, url), sort_keys=False), KUBECONFIG_MODE)
                 state["clusters"][name]["kubeconfig"] = str(path.resolve())
         exposition = Exposition(lab)
         runner = web.AppRunner(admin_app(lab, exposition, planes), access_log=None)

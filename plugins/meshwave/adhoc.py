@@ -16,6 +16,7 @@ from airflow.sdk.exceptions import AirflowSkipException
 from pydantic import ValidationError
 
 from meshwave import guards
+from meshwave.access import operator_access_control
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.names import RFC1123_LABEL, rfc1123_label
 from meshwave.plan import ServicePlan, timing_problems
@@ -126,7 +127,9 @@ def mesh_service_dag() -> DAG:
     fleet = load_fleet()
     with DAG(dag_id=DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
              max_active_runs=1, params=form(fleet), doc_md=DOC + _fleet_doc(fleet),
-             tags=["meshwave", "ad-hoc"], default_args=DEFAULT_ARGS) as dag:
+             tags=["meshwave", "ad-hoc"], default_args=DEFAULT_ARGS,
+             # under FAB only the operator role (and roles with every DAG) may trigger it: meshwave.access
+             access_control=operator_access_control()) as dag:
         # mapped over one entry: the service comes from the form, at run time
         group = service_group(GROUP, _resolve, "The service from the trigger form, through the wave's task group.",
                               [FORM], label=LABEL, guard=_guard)

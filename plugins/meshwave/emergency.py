@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from string import Template
 from typing import Any
 
+from meshwave.access import check_connection_id, connection_prefixes
 from meshwave.changes import Change
 from meshwave.fleet import Fleet
 from meshwave.gitops import revert_note, reverted_by
@@ -169,6 +170,8 @@ def _extra_targets(value: Any) -> dict[str, Target]:
         for key in ("kubernetes_conn_id", "prometheus_conn_id"):
             if not isinstance(cfg.get(key), str) or not CONN_ID.match(cfg[key]):
                 raise ValueError(f"{where}.{key}: {cfg.get(key)!r} is not an Airflow connection id")
+            # the form may name only connections of the allow-list, not any credentials Airflow holds
+            check_connection_id(cfg[key], f"{where}.{key}", connection_prefixes())
         root = rfc1123_label(cfg.get("root_namespace", "istio-system"), f"{where}.root_namespace")
         found[cluster] = Target(cluster, cfg["kubernetes_conn_id"], cfg["prometheus_conn_id"], root)
     return found

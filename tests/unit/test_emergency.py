@@ -93,12 +93,12 @@ def test_without_any_plan_the_clusters_come_from_cluster_connections(tmp_path: P
     with pytest.raises(em.ScopeError) as err:
         em.parse_request({}, fleet)
     assert "no plan file names a cluster" in str(err.value) and "broken.yaml" in str(err.value)
-    conns = {"prod-x-1": {"kubernetes_conn_id": "k8s_x", "prometheus_conn_id": "prom_x"}}
+    conns = {"prod-x-1": {"kubernetes_conn_id": "meshlab_x", "prometheus_conn_id": "meshlab_prom_x"}}
     request = em.parse_request({"clusters": ["prod-x-1"], "cluster_connections": conns}, fleet)
-    assert request.targets == [em.Target("prod-x-1", "k8s_x", "prom_x", "istio-system")]
+    assert request.targets == [em.Target("prod-x-1", "meshlab_x", "meshlab_prom_x", "istio-system")]
     assert any("broken.yaml" in n for n in request.notes)
     with pytest.raises(em.ScopeError, match="cluster_connections.prod-x-1.prometheus_conn_id: 'a b'"):
-        em.parse_request({"cluster_connections": {"prod-x-1": {"kubernetes_conn_id": "k",
+        em.parse_request({"cluster_connections": {"prod-x-1": {"kubernetes_conn_id": "meshlab_k",
                                                                "prometheus_conn_id": "a b"}}}, fleet)
 
 
