@@ -34,6 +34,7 @@ from meshwave.kube_errors import (  # noqa: F401 (re-exported: callers catch the
     ServerError,
     WorkloadNotFound,
 )
+from meshwave.lease import Leases
 from meshwave.names import rfc1123_label
 from meshwave.peer_auth import PeerAuthentications
 from meshwave.pending import PENDING_ANNOTATION, Pending
@@ -696,6 +697,12 @@ class MeshKube:
     def _deployment_names(self, ns: str) -> list[str]:
         items = self._call("LIST", f"deployments {ns}", self.apps.list_namespaced_deployment, ns).get("items", [])
         return sorted(_meta(d).get("name", "") for d in items)
+
+    # ---- one writer per workload (lease.py) -------------------------------------------------------
+    @functools.cached_property
+    def leases(self) -> Leases:
+        """The meshwave.io/lease annotations of this cluster's Deployments, written conditionally."""
+        return Leases(self)
 
     # ---- what meshwave expects next (pending.py) ---------------------------------------------------
     def pending(self, ns: str, name: str) -> Pending | None:
