@@ -40,6 +40,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from meshwave import decisions, stages, steps
 from meshwave.changes import Change
 from meshwave.kube_errors import KubeError, NotInForce
+from meshwave.lease import LeaseRefused
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
 from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
@@ -260,6 +261,74 @@ def _rollback(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     return {**result, "pending": _settle(svc, kube, "sidecar removed")}
 
 
+# ---- one writer per workload (lease.py) ----------------------------------------------------------------
+Run = Callable[[Service, dict[str, Any]], dict[str, Any]]
+Seconds = Callable[[Settings], int]
+
+
+def _undo_seconds(s: Settings) -> int:
+    """An undo and the wait after it: the rollout (or the recovery check), plus the grace."""
+    return s.rollout_timeout_seconds + 2 * s.verify_seconds + s.reconcile_grace_seconds
+
+
+def _take_lease(svc: Service, context: dict[str, Any]) -> None:
+    """admit: this run becomes the workload's one writer, for as long as its whole path may take (LeaseRefused
+    names the holder). In a dry run it is only checked: nothing is written."""
+    p = svc.plan
+    change = kube_for(svc, context).leases.take(p.namespace, p.workload, _run_of(context), p.key,
+                                                _trial_seconds(svc.settings))
+    print(change.summary())
+
+
+def _dry(context: dict[str, Any]) -> bool:
+    return bool(context["params"].get("dry_run"))
+
+
+def holding(run: Run, seconds: Seconds) -> Run:
+    """A forward write: renewed first, up to the deadline of the pending state it is about to leave, and refused
+    (blocked, nothing written) when this run no longer holds the workload (taken over, broken by the emergency)."""
+
+    def step(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+        if not _dry(context):
+            p = svc.plan
+            try:
+                print(kube_for(svc, context).leases.renew(p.namespace, p.workload, _run_of(context),
+                                                          seconds(svc.settings)).summary())
+            except LeaseRefused as exc:
+                raise steps.Blocked(f"lease: {exc}") from None
+        return run(svc, context)
+
+    return step
+
+
+def undoing(run: Run) -> Run:
+    """An undo: renewed when this run holds the lease, carried out when it does not (a lease keeps a second run
+    out; it never keeps an undo from making the workload safer)."""
+
+    def step(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+        if not _dry(context):
+            p = svc.plan
+            try:
+                print(kube_for(svc, context).leases.renew(p.namespace, p.workload, _run_of(context),
+                                                          _undo_seconds(svc.settings)).summary())
+            except LeaseRefused as exc:
+                print(f"the undo goes ahead: {exc}")
+        return run(svc, context)
+
+    return step
+
+
+def _release_lease(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> None:
+    """The outcome: the workload is free for the next run. A release that fails leaves a lease that expires by
+    itself (no later than the pending deadline): said, not failed."""
+    p = svc.plan
+    try:
+        change = kube_for(svc, context).leases.release(p.namespace, p.workload, _run_of(context), record["outcome"])
+        print(change.summary())
+    except (KubeError, ValueError) as exc:
+        print(f"{p.key}: the lease could not be released ({exc}); it expires by itself")
+
+
 def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
     return _pull(context, prefix, step) or {}
 
@@ -310,7 +379,8 @@ def _service(context: dict[str, Any], prefix: str) -> Service:
 def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
     @task(task_id="admit")
     def admit(key: str, **context: Any) -> dict[str, str]:
-        """Resolve the service, refuse bad input, apply the guards, route by action. Changes nothing."""
+        """Resolve the service, refuse bad input, apply the guards, take the workload's lease, route by action.
+        Changes nothing but the lease annotation."""
         ti = context["ti"]
         try:
             svc = resolve(context, key)
@@ -324,6 +394,11 @@ def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
                 ti.xcom_push(key="error", value=str(exc))
                 print(f"{svc.plan.key}: not started: {exc}")
                 raise
+            except ValueError as exc:  # the guard refuses the service (mesh_service: a gateway)
+                ti.xcom_push(key="error", value=f"refused: {exc}")
+                raise AirflowFailException(f"refused before any change: {exc}") from None
+        with recording(context):  # a lease held by another run refuses the service (LeaseRefused: a ValueError)
+            _take_lease(svc, context)
         ti.xcom_push(key="service", value=svc.to_dict())
         print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
         chosen = {"to": ROUTES[svc.action], "why": f"action {svc.action}"}
@@ -445,6 +520,7 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run)
         if state.service is not None and not dry_run:
             record = _settle_outcome(state.service, record, context)
+            _release_lease(state.service, record, context)
         context["ti"].xcom_push(key="record", value=record)
         print(f"{record['service']}: {record['outcome']}: {record['reason']}")
         if record["outcome"] in decisions.RED:
@@ -459,7 +535,8 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
     """Build the mapped service group in the current DAG context, one map index per entry of `keys`.
 
     `resolve(context, key)` gives the service at run time (a ValueError refuses it before any change);
-    `guard(service, context)` may raise AirflowSkipException to keep it from starting (freeze, window);
+    `guard(service, context)` may raise AirflowSkipException to keep it from starting (freeze, window), or a
+    ValueError to refuse it before any change;
     `label` is the Jinja template that names a map index in the UI (rendered before each task runs).
     """
     @task_group(group_id=group_id, tooltip=doc.split("\n")[0][:200], doc_md=doc,
@@ -471,7 +548,7 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
                                                                                      prometheus_for(svc))),
                           on_path(prefix, "preflight"))
         baseline = _step("baseline", prefix, lambda svc, c: steps.baseline(svc, prometheus_for(svc)))
-        inject = _step("inject", prefix, _inject)
+        inject = _step("inject", prefix, holding(_inject, _trial_seconds))
         wait_rollout = RolloutSensor(task_id="wait_rollout", watch=_rollout_watch(prefix), expect_proxy=True,
                                      **RETRIES)
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
@@ -479,16 +556,18 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
                                  on_path=on_path(prefix, "strict_gate"), **RETRIES)
         # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
-        flip = _step("flip_strict", prefix, _flip, on_path(prefix, "flip_strict"), final=(NotInForce,))
+        flip = _step("flip_strict", prefix, holding(_flip, _unverified_seconds), on_path(prefix, "flip_strict"),
+                     final=(NotInForce,))
         verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
                                    watch=_gate_watch(prefix, "verify_strict"), on_path=flipped(prefix),
                                    retries=0)  # STRICT unverified goes back to PERMISSIVE, not to a second try
         # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, **UNDO_RETRIES}
-        back = _step("back_to_permissive", prefix, _back, strict_undone_if_needed(prefix), **undo)
+        back = _step("back_to_permissive", prefix, undoing(_back), strict_undone_if_needed(prefix), **undo)
         verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
                                      watch=_gate_watch(prefix, "verify_recovery"), **RETRIES)
-        rollback = _step("rollback_injection", prefix, _rollback, on_path(prefix, "rollback_injection"), **undo)
+        rollback = _step("rollback_injection", prefix, undoing(_rollback), on_path(prefix, "rollback_injection"),
+                         **undo)
         wait_rollback = RolloutSensor(task_id="wait_rollback", watch=_rollout_watch(prefix), expect_proxy=False,
                                       **RETRIES)
 
