@@ -69,6 +69,10 @@ def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
     action = params.get("action", "migrate")
     if action not in ACTIONS:
         raise ValueError(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+    root = fleet.clusters[cluster].root_namespace
+    if namespace == root:  # Istio's own: the control plane and its gateways, never migrated one by one (finding 22)
+        raise ValueError(f"namespace: {namespace} is cluster {cluster}'s Istio root namespace: mesh_service does not "
+                         "change it (the emergency rollback leaves it alone too)")
     planned = fleet.services.get(f"{cluster}/{namespace}/{workload}")
     if planned:
         plan_service, settings = planned.service, planned.service.settings(planned.plan.defaults)
@@ -92,7 +96,47 @@ def _resolve(context: dict[str, Any], key: str) -> Service:
         raise ValueError(str(exc)) from None
 
 
+# How Istio's gateways show in their pod template: the `istio` label of the istio-ingressgateway/egressgateway charts
+# (what the emergency rollback goes by), and the injection template `gateway` of Istio's gateway chart, whose
+# container image `auto` only the injector fills in: taking the injection away leaves pods that cannot pull it.
+GATEWAY_TEMPLATE = "inject.istio.io/templates"
+
+
+def gateway_reason(deployment: dict[str, Any]) -> str | None:
+    """Why a Deployment is an Istio gateway (a gateway IS a proxy: never injected, flipped or un-injected), or None."""
+    from meshwave.emergency import GATEWAY_LABEL
+
+    template = (deployment.get("spec") or {}).get("template") or {}
+    meta, spec = template.get("metadata") or {}, template.get("spec") or {}
+    labels, annotations = meta.get("labels") or {}, meta.get("annotations") or {}
+    if GATEWAY_LABEL in labels:
+        return f"its pods carry the gateway label {GATEWAY_LABEL}={labels[GATEWAY_LABEL]}"
+    if "gateway" in str(annotations.get(GATEWAY_TEMPLATE, "")).split(","):
+        return f"its pods are injected with Istio's gateway template ({GATEWAY_TEMPLATE}: gateway)"
+    auto = [c.get("name") for c in spec.get("containers") or [] if c.get("image") == "auto"]
+    if auto:
+        return f"its container {auto[0]} has image `auto`, which only Istio's gateway injection fills in"
+    return None
+
+
+def _refuse_gateway(svc: Service, context: dict[str, Any]) -> None:
+    """A ValueError refuses the run before any change (admit). A workload that does not exist is the preflight's
+    to block, as before."""
+    from meshwave.kube_errors import WorkloadNotFound
+    from meshwave.service_group import kube_for
+
+    p = svc.plan
+    try:
+        deployment = kube_for(svc, context).deployment(p.namespace, p.workload)
+    except WorkloadNotFound:
+        return
+    if why := gateway_reason(deployment):
+        raise ValueError(f"service: {p.namespace}/{p.workload} is an Istio gateway ({why}): mesh_service does not "
+                         "change gateways")
+
+
 def _guard(svc: Service, context: dict[str, Any]) -> None:
+    _refuse_gateway(svc, context)
     fleet = load_fleet()
     planned = fleet.services.get(svc.plan.key)
     reason = guards.frozen(planned.plan.freeze if planned else False)

@@ -33,7 +33,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from airflow.timetables.events import EventsTimetable
 
 from meshwave import guards
-from meshwave.fleet import ROOT, plans_dir
+from meshwave.fleet import ROOT, check_unique, plans_dir
 from meshwave.kube_errors import KubeError
 from meshwave.plan import Plan, Wave, load_plan
 from meshwave.service_group import DEFAULT_ARGS, service_group
@@ -367,6 +367,7 @@ def wave_dags(plan_file: str) -> dict[str, DAG]:
     start parses the file again, and a plan of thousands of services has dozens of waves)."""
     path = plans_dir() / plan_file
     plan = load_plan(path)
+    check_unique(plan, path)  # a workload another plan file names too: this file's import error names both
     source = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
     wanted = get_parsing_context().dag_id
     waves = [w for w in plan.waves if plan.dag_id(w) == wanted] or plan.waves
