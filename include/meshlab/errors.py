@@ -6,6 +6,7 @@ from typing import Any
 
 REASONS = {
     400: "BadRequest",
+    403: "Forbidden",
     404: "NotFound",
     405: "MethodNotAllowed",
     406: "NotAcceptable",
@@ -91,3 +92,10 @@ def webhook_denied(webhook: str, message: str) -> ApiError:
     no reason, so the Status has none.
     """
     return ApiError(400, f'admission webhook "{webhook}" denied the request: {message}', reason="")
+
+
+def gatekeeper_denied(constraint: str, message: str) -> ApiError:
+    """Gatekeeper's refusal (validation.gatekeeper.sh): its webhook answers with code 403 and, since Gatekeeper
+    3.8, reason Forbidden; the API server prefixes the webhook's name and relays both."""
+    return ApiError(403, f'admission webhook "validation.gatekeeper.sh" denied the request: [{constraint}] {message}',
+                    reason="Forbidden")

@@ -9,6 +9,7 @@ cluster's revisions install), metrics merging and image digest pinning where the
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 from meshlab import admission as resource_admission
 from meshlab import resources as r
 from meshlab.controller import MI, Behaviour, Controller, Timing, owner_name
-from meshlab.errors import ApiError
+from meshlab.errors import ApiError, gatekeeper_denied
 from meshlab.injection import DEFAULT_REVISION, Admission, excluded_ports, injector_config_map, webhook_configurations
 from meshlab.mesh import Flows, Workload, WorkloadKey, compute_flows, effective_mode
 from meshlab.store import Store
@@ -33,10 +34,12 @@ class ClusterStore(Store):
     """A cluster's store behind its admission chain: new pods are mutated as the cluster's webhooks would. The
     webhook configurations are the install's, generated at start: read-only through the API."""
 
-    def __init__(self, cluster: str, admission: Admission, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, cluster: str, admission: Admission, *args: Any, keep_strict: Iterable[str] = (),
+                 **kwargs: Any) -> None:
         super().__init__(cluster, *args, **kwargs)
         self.admission = admission
         self.sealed = False
+        self.keep_strict = frozenset(keep_strict)  # "namespace/name": a Gatekeeper constraint keeps them STRICT
 
     def create(self, res: r.Resource, namespace: str | None, body: Any, **kwargs: Any) -> dict[str, Any]:
         self._writable(res)
@@ -57,6 +60,21 @@ class ClusterStore(Store):
     def delete(self, res: r.Resource, *args: Any, **kwargs: Any) -> dict[str, Any]:
         self._writable(res)
         return super().delete(res, *args, **kwargs)
+
+    def _validate(self, res: r.Resource, obj: dict[str, Any]) -> None:
+        """The API server's own checks and Istio's webhook, then Gatekeeper's (validating webhooks run after the
+        schema, on create and update, dry runs included)."""
+        super()._validate(res, obj)
+        if res is not r.PEER_AUTHENTICATIONS or not self.keep_strict:
+            return
+        meta = obj["metadata"]
+        ref = f"{meta.get('namespace', '')}/{meta['name']}"
+        spec = obj.get("spec") or {}
+        modes = [(spec.get("mtls") or {}).get("mode"), *((p or {}).get("mode") for p in
+                                                          (spec.get("portLevelMtls") or {}).values())]
+        if ref in self.keep_strict and any(m != "STRICT" for m in modes):
+            raise gatekeeper_denied("meshlab-keep-strict", f"peerauthentication {ref} must stay STRICT "
+                                    "(mtls.mode and every portLevelMtls mode)")
 
     def _writable(self, res: r.Resource) -> None:
         if self.sealed and res is r.MUTATING_WEBHOOK_CONFIGURATIONS:
@@ -144,7 +162,8 @@ class Lab:
             served = {"security.istio.io": cluster.peer_authentication_versions} \
                 if cluster.peer_authentication_versions else None
             store = ClusterStore(cluster.name, Admission(cluster.metrics_merge, cluster.image_digest,
-                                                         cluster.proxy_resources), served_versions=served)
+                                                         cluster.proxy_resources), served_versions=served,
+                                 keep_strict=cluster.keep_strict)
             controller = Controller(store, self._behaviour_lookup(cluster.name), self.timing,
                                     topology.mesh.root_namespace)
             self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller)

@@ -229,8 +229,23 @@ class Cluster(Strict):
                     "sidecar.istio.io/proxy* annotation is set (Istio's default: 100m/128Mi, limits 2000m/1024Mi).")
     nodes: list[NodeSpec] | None = Field(None, description="Nodes and their allocatable resources (None: one node "
                                                            "too large to ever be full).")
+    keep_strict: list[str] = Field(
+        default_factory=list, description="PeerAuthentications ('namespace/name') a validating admission webhook "
+        "(Gatekeeper, validation.gatekeeper.sh) keeps STRICT: a create or update leaving their mode or a port anything "
+        "but STRICT is denied, 403, as a Gatekeeper constraint denies it.")
 
     _check_name = field_validator("name")(_dns_label)
+
+    @field_validator("keep_strict")
+    @classmethod
+    def _check_keep_strict(cls, value: list[str]) -> list[str]:
+        for ref in value:
+            parts = ref.split("/")
+            if len(parts) != 2:
+                raise ValueError(f"keep_strict: {ref!r} is not namespace/name")
+            for part in parts:
+                _dns_label(part)
+        return value
 
     @field_validator("revisions")
     @classmethod
