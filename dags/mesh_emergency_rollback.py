@@ -16,6 +16,7 @@ from airflow.sdk import DAG, BaseHook, Param, TaskGroup, TriggerRule, get_curren
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import emergency as em
+from meshwave import guards
 from meshwave.access import connection_prefixes, operator_access_control
 from meshwave.connections import mesh_kube
 from meshwave.emergency_tasks import RemoveSidecarsOperator, VerifyHealthOperator, log_changes, request_of
@@ -80,9 +81,16 @@ def _doc() -> str:
 Puts the mesh back to where every caller reaches every service, fast, **without the wave DAGs** (they may
 be paused or broken; this DAG only reads the plans' cluster list and criticality).
 
+0. **freeze** (not in a dry run): `validate` sets the Airflow Variable `meshwave_freeze` (an existing one is
+   kept) before anything is relaxed: every wave re-reads it just before each inject or flip to STRICT, so a
+   service in flight stops PERMISSIVE (outcome `frozen`). It stays until an operator deletes it.
 1. **stage_1** (seconds, no restart): every PeerAuthentication in scope whose mode or any port is STRICT goes
-   to PERMISSIVE; the mesh-wide one in the root namespace always. The object is kept and annotated with its
-   previous modes (`meshwave.io/emergency-previous-mtls`). One task per cluster, in parallel.
+   to PERMISSIVE, the mesh-wide one (root namespace) first, then namespace-wide, then workload policies. The
+   object is kept and annotated with its previous modes (`meshwave.io/emergency-previous-mtls`) and the run
+   (`meshwave.io/emergency-rollback`); meshwave never makes a policy so marked STRICT again until an operator
+   runs `mesh_service` `clear_emergency` on the workload. A policy that cannot be written (webhook denial,
+   RBAC, conflict) is recorded and the rest are still tried; the cluster's task then fails listing what is
+   still STRICT and why. One task per cluster, in parallel.
 2. **stage_2** (optional, `remove_sidecars`): `sidecar.istio.io/inject=false` and a rollout for every workload
    in scope with a sidecar, critical first, at most `max_parallel` at a time; waits deferrably.
 3. **stage_3**: the application's own success rate per workload from Prometheus (one query per cluster)
@@ -106,6 +114,15 @@ def _problems(summary: dict[str, Any], prometheus_errors: dict[str, str]) -> lis
         problems.append(f"stage 3: {summary['health']}: {len(summary['unhealthy'])} service(s) below the floor"
                         + "".join(f"; Prometheus of {c}: {e}" for c, e in prometheus_errors.items()))
     return problems
+
+
+def _not_relaxed(cluster: str, left: list[dict[str, Any]]) -> str:
+    """The task's failure: every policy still STRICT on the cluster, and why (each other one was relaxed)."""
+    for item in left:
+        print(f"STILL STRICT: {cluster}: peerauthentication {item['policy']} ({item['scope']}): {item['why']}: "
+              f"{item['message']}")
+    return (f"stage 1 on {cluster}: {len(left)} polic(ies) still STRICT, every other one relaxed: "
+            + "; ".join(f"{i['policy']} ({i['scope']}): {i['why']}" for i in left))
 
 
 def _kube(target: dict[str, Any], dry_run: bool) -> Any:
@@ -134,6 +151,11 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
         mode = "DRY RUN: nothing will be changed" if request.dry_run else "APPLYING"
         print(f"{mode}: {request.scope.describe()}; stage 2 (remove sidecars): "
               f"{'on, ' + str(request.max_parallel) + ' at a time' if request.remove_sidecars else 'off'}")
+        if not request.dry_run:  # before stage 1: no wave may write inject or STRICT from here on
+            why = guards.freeze_for_emergency(f"{DAG_ID} {context['run_id']}: emergency rollback of "
+                                              f"{request.scope.describe()}")
+            print(f"FREEZE: {why}; every wave's next inject or flip to STRICT stops there (outcome frozen). Lift it "
+                  f"when the incident is over: airflow variables delete {guards.FREEZE_VARIABLE}")
         context["ti"].xcom_push(key="request", value=request.to_dict())
         return [t.to_dict() for t in request.targets]  # stage 1 maps over them
 
@@ -158,6 +180,9 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
             for key, sources in result["still_strict"].items():  # from every policy, after the writes
                 print(f"STILL STRICT: {target['cluster']}/{key}: {'; '.join(sources)}")
             print(f"stage 1 on {target['cluster']}: {result['ended'] - result['started']:.2f}s")
+            context["ti"].xcom_push(key="result", value=result)  # kept when the task fails below
+            if result["not_relaxed"]:  # every policy was tried; a retry would be refused the same way
+                raise AirflowFailException(_not_relaxed(target["cluster"], result["not_relaxed"]))
             return result
 
         @task(trigger_rule=TriggerRule.ALL_DONE)

@@ -25,6 +25,7 @@ from meshwave.changes import Change
 from meshwave.fleet import Fleet
 from meshwave.gitops import revert_note, reverted_by
 from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState
+from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError
 from meshwave.mtls import effective_mtls, match_labels
 from meshwave.names import rfc1123_label
 from meshwave.peer_auth import strict_parts
@@ -281,29 +282,79 @@ def _scope_policies(kube: MeshKube, scope: Scope) -> list[dict[str, Any]]:
     return found
 
 
+SCOPE_ORDER = ("mesh-wide", "namespace-wide", "workload")  # the widest first: it cuts off the most callers
+
+
+def _in_order(policies: list[dict[str, Any]], scope: Scope, root: str, labels: dict[str, dict[str, str]]
+              ) -> list[tuple[str, dict[str, Any]]]:
+    """(why in scope, policy) for every policy in scope, mesh-wide first, then namespace-wide, then workload
+    (a cluster-wide LIST is sorted by namespace, which would put istio-system/default nearly last)."""
+    found = [(why, p) for p in policies if (why := policy_in_scope(p, scope, root, labels)) is not None]
+    return sorted(found, key=lambda wp: (SCOPE_ORDER.index(wp[0]), _ref(wp[1])))
+
+
+def _ref(policy: dict[str, Any]) -> str:
+    meta = policy.get("metadata") or {}
+    return f"{meta.get('namespace')}/{meta.get('name')}"
+
+
+def refusal(exc: KubeError) -> str:
+    """Why a write was refused, in an SRE's words: webhook denial, RBAC, conflict, or the API's code."""
+    text = f"{exc.api_message or exc}"
+    if "admission webhook" in text:
+        return "webhook denial"
+    if isinstance(exc, AccessDenied):
+        return "RBAC"
+    if isinstance(exc, Conflict):
+        return "conflict"
+    return f"error {exc.code}" if exc.code else "error"
+
+
 def relax_cluster(kube: MeshKube, scope: Scope, note: str) -> dict[str, Any]:
-    """Stage 1 on one cluster: every STRICT policy in scope to PERMISSIVE. No restart; idempotent."""
+    """Stage 1 on one cluster: every STRICT policy in scope to PERMISSIVE, the widest first. No restart; idempotent.
+
+    A policy that cannot be written (a webhook, RBAC on its namespace, someone else writing it) is recorded in
+    `failed` and the others are still tried; `not_relaxed` is what is still STRICT after the writes and why. An
+    API server that stops answering ends the cluster's attempt (the task is retried; relaxed policies stay so)."""
     started = time.time()
     labels, missing = _service_labels(kube, scope) if scope.services else ({}, [])
-    policies = _scope_policies(kube, scope)
     changes: list[Change] = []
-    seen = []
-    for policy in policies:
-        why = policy_in_scope(policy, scope, kube.root_namespace, labels)
-        if why is None:
+    seen, failed = [], {}
+    for why, policy in _in_order(_scope_policies(kube, scope), scope, kube.root_namespace, labels):
+        meta, owner = policy.get("metadata") or {}, reverted_by(policy)
+        seen.append({"policy": _ref(policy), "scope": why, "strict": strict_parts(policy), "reverted_by": owner})
+        if not strict_parts(policy):
             continue
-        meta = policy.get("metadata") or {}
-        owner = reverted_by(policy)
-        seen.append({"policy": f"{meta.get('namespace')}/{meta.get('name')}", "scope": why,
-                     "strict": strict_parts(policy), "reverted_by": owner})
-        if strict_parts(policy):
+        try:
             change = kube.mtls.relax(meta["namespace"], meta["name"], note, current=policy)
-            if change.request is not None:  # Argo CD or Flux self-heal puts STRICT back: say so with the change
-                change.reason += revert_note(owner)
-            changes.append(change)
+        except ClusterUnreachable:
+            raise
+        except KubeError as exc:  # recorded; the next policy is still tried
+            failed[_ref(policy)] = {"policy": _ref(policy), "scope": why, "why": refusal(exc), "code": exc.code,
+                                    "message": str(exc)}
+            continue
+        if change.request is not None:  # Argo CD or Flux self-heal puts STRICT back: say so with the change
+            change.reason += revert_note(owner)
+        changes.append(change)
     return {"cluster": kube.cluster, "started": started, "ended": time.time(), "policies": seen,
             "changes": [c.to_dict() for c in changes], "missing_services": missing, "dry_run": kube.dry_run,
+            "failed": list(failed.values()), "not_relaxed": _not_relaxed(kube, scope, labels, failed),
             "still_strict": _still_strict(kube, scope, labels)}
+
+
+def _not_relaxed(kube: MeshKube, scope: Scope, labels: dict[str, dict[str, str]],
+                 failed: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The policies in scope still STRICT after the writes (read again: a controller may have put one back), each
+    with why: the write's refusal, or that it is STRICT again. A dry run changed nothing: its refusals only."""
+    if kube.dry_run:
+        return list(failed.values())
+    left = []
+    for why, policy in _in_order(_scope_policies(kube, scope), scope, kube.root_namespace, labels):
+        if strict_parts(policy):
+            ref = _ref(policy)
+            left.append(failed.get(ref) or {"policy": ref, "scope": why, "why": "STRICT again after the write",
+                                            "code": None, "message": f"STRICT again{revert_note(reverted_by(policy))}"})
+    return left
 
 
 def _still_strict(kube: MeshKube, scope: Scope, labels: dict[str, dict[str, str]]) -> dict[str, list[str]]:

@@ -1,8 +1,11 @@
 """What may stop changes from starting: the migration-wide freeze and the maintenance window.
 
 Both are checked at run time, before a change: by the wave preflight (the whole run) and by each
-service's `admit` task (a service that has not started yet). A service already in flight is never
-stopped half-way by them: it finishes or rolls back.
+service's `admit` task (a service that has not started yet). The freeze is also read again immediately
+before each write that makes the mesh stricter (inject, flip to STRICT): a service in flight when the
+freeze comes stops where it is safe (PERMISSIVE), its outcome `frozen` with the freeze's reason. Undo
+steps (back to PERMISSIVE, remove a sidecar) never look at it: they make the mesh safer. The emergency
+rollback sets the freeze (when not a dry run) before it relaxes anything.
 """
 
 from __future__ import annotations
@@ -26,6 +29,29 @@ def frozen(plan_freeze: bool | str = False) -> str | None:
     if value is None or str(value).strip().lower() in OFF:
         return None
     return f"the Airflow Variable {FREEZE_VARIABLE} is set: {str(value).strip()}"
+
+
+def frozen_now(service_key: str) -> str | None:
+    """The freeze read again immediately before a write (inject, flip to STRICT): the Variable first (what the
+    emergency rollback sets), then the service's plan file as it is now."""
+    if reason := frozen():
+        return reason
+    from meshwave.fleet import load_fleet  # the plan files, only when the Variable says nothing
+
+    planned = load_fleet().services.get(service_key)
+    return frozen(planned.plan.freeze) if planned else None
+
+
+def freeze_for_emergency(why: str) -> str:
+    """Set the freeze for an emergency rollback, before it changes anything; a freeze already set stays as it is (an
+    operator's reason is not overwritten). Returns the reason in force. Lifted only by an operator (delete the
+    Variable): the incident is over when a person says so, not when the rollback's run ends."""
+    current = frozen()
+    if current is not None:
+        return current
+    Variable.set(FREEZE_VARIABLE, why, description="set by mesh_emergency_rollback: delete it when the incident is "
+                 "over (airflow variables delete meshwave_freeze)")
+    return frozen() or f"the Airflow Variable {FREEZE_VARIABLE} is set: {why}"
 
 
 def now() -> datetime:
