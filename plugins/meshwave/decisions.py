@@ -186,8 +186,18 @@ def _requested_undo(svc: Service, results: dict[str, Any], states: dict[str, str
         problem = errors.get("rollback_injection") or errors.get("wait_rollback") or rollout.get("message")
         return {"outcome": "failed", "mtls": None, "sidecar": None,
                 "reason": f"sidecar removal did not complete: {problem or 'see the task logs'}"}
+    after = results.get("after_removal") or {}
+    if after.get("status") == "worse":  # done as asked, but the workload is worse off: red, and it says so
+        return {"outcome": "failed", "mtls": "PERMISSIVE", "sidecar": False,
+                "reason": f"sidecar removed on request, but {after['reason']}"}
     return {"outcome": "removed", "mtls": "PERMISSIVE", "sidecar": False,
-            "reason": f"sidecar removed on request: {rollout.get('message', 'rolled out')}"}
+            "reason": f"sidecar removed on request: {rollout.get('message', 'rolled out')}{_after_note(results)}"}
+
+
+def _after_note(results: dict[str, Any]) -> str:
+    """What the workload's own success rate did once its sidecar was gone (empty when it was not checked)."""
+    after = results.get("after_removal") or {}
+    return f"; after the removal: {after['reason']}" if after.get("reason") else ""
 
 
 def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, str | None],
@@ -219,7 +229,11 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
                 f"rollback_injection {states.get('rollback_injection')}, wait_rollback {states.get('wait_rollback')}"
             return {"outcome": "failed", "mtls": None, "sidecar": None,
                     "reason": f"rollback did not complete ({problem}); it was rolled back because {why}"}
-        return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": False, "reason": why}
+        after = results.get("after_removal") or {}
+        if after.get("status") == "worse":
+            why = f"{after['reason']}; it was rolled back because {why}"
+        return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": False,
+                "reason": f"{why}{'' if after.get('status') == 'worse' else _after_note(results)}"}
     if states.get("back_to_permissive") in RAN or states.get("back_to_permissive") in BROKEN:
         if not done("back_to_permissive"):
             return {"outcome": "failed", "mtls": "STRICT?", "sidecar": True,

@@ -23,10 +23,12 @@ from airflow.sdk.exceptions import AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from meshwave import emergency as em
+from meshwave import outbound
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.fleet import load_fleet
 from meshwave.kube import KubeError, MeshKube
+from meshwave.prometheus import PrometheusError, Source
 
 POLL_SECONDS = 2.0
 MARGIN = 120  # seconds the task timeout leaves a trigger to report its own deadline
@@ -108,6 +110,7 @@ class RemoveSidecarsOperator(BaseOperator):
         super().__init__(**kwargs)
         self.poke_interval = poke_interval
         self._kubes: dict[str, MeshKube] = {}
+        self._sources: dict[str, Source] = {}
 
     def _kube(self, request: em.Request, cluster: str) -> MeshKube:
         if cluster not in self._kubes:
@@ -115,6 +118,13 @@ class RemoveSidecarsOperator(BaseOperator):
             self._kubes[cluster] = mesh_kube(BaseHook.get_connection(target.kubernetes_conn_id), cluster,
                                              target.root_namespace, dry_run=request.dry_run)
         return self._kubes[cluster]
+
+    def _source(self, request: em.Request, cluster: str) -> Source:
+        """The cluster's Prometheus: where each workload's proxy calls, before its sidecar goes."""
+        if cluster not in self._sources:
+            target = next(t for t in request.targets if t.cluster == cluster)
+            self._sources[cluster] = prometheus_source(BaseHook.get_connection(target.prometheus_conn_id))
+        return self._sources[cluster]
 
     def execute(self, context: Any) -> dict[str, Any]:
         request = request_of(context)
@@ -157,8 +167,17 @@ class RemoveSidecarsOperator(BaseOperator):
         wait = []
         for w in chunk:
             try:
-                changes = self._kube(request, w["cluster"]).remove_injection(w["namespace"], w["workload"])
-            except KubeError as exc:
+                kube = self._kube(request, w["cluster"])
+                # its STRICT destinations first: meshwave's own relaxed, any other refuses (outbound.py)
+                note = f"meshwave emergency stage 2 ({request.scope.describe()})"
+                changes, _ = outbound.prepare_removal(kube, self._source(request, w["cluster"]), w["namespace"],
+                                                      w["workload"], note)
+                changes += kube.remove_injection(w["namespace"], w["workload"])
+            except outbound.RemovalRefused as exc:  # the sidecar stays; stage 1 left the workload PERMISSIVE
+                results[key(w)] = {"status": "refused", "message": str(exc), "criticality": w["criticality"]}
+                print(f"  {key(w)}: REFUSED: {exc}")
+                continue
+            except (KubeError, PrometheusError) as exc:
                 results[key(w)] = {"status": "error", "message": str(exc), "criticality": w["criticality"]}
                 print(f"  {key(w)}: {exc}")
                 continue
@@ -180,7 +199,7 @@ class RemoveSidecarsOperator(BaseOperator):
     @staticmethod
     def _summary(request: em.Request, plan: list[list[dict[str, Any]]], results: dict[str, dict[str, Any]]
                  ) -> dict[str, Any]:
-        failed = {k: r for k, r in results.items() if r["status"] in ("error", "failed", "timeout")}
+        failed = {k: r for k, r in results.items() if r["status"] in ("error", "failed", "timeout", "refused")}
         print(f"stage 2 {'planned (dry run)' if request.dry_run else 'done'}: {len(results)} workload(s), "
               f"{len(failed)} not rolled out: {', '.join(failed) or 'none'}")
         return {"order": [key(w) for c in plan for w in c], "chunks": len(plan), "results": results,

@@ -37,7 +37,7 @@ from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from meshwave import decisions, stages, steps
+from meshwave import decisions, outbound, stages, steps
 from meshwave.changes import Change
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
@@ -257,8 +257,29 @@ def _back(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
 
 def _rollback(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     kube = kube_for(svc, context)
-    result = logged(steps.rollback_injection(svc, kube))
+    result = logged(steps.rollback_injection(svc, kube, prometheus_for(svc), _note(context)))
     return {**result, "pending": _settle(svc, kube, "sidecar removed")}
+
+
+def _after_removal(svc: Service, state: GroupState) -> dict[str, Any] | None:
+    """Once the pods run without a sidecar: the workload's own success rate against its rate before the removal
+    (else its baseline), so that a removal that made things worse says so in the outcome."""
+    removed, rollout = state.results.get("rollback_injection") or {}, state.results.get("wait_rollback") or {}
+    if state.states.get("wait_rollback") != "success" or rollout.get("status") != "done" or rollout.get("dry_run"):
+        return None
+    before = removed.get("success_before")
+    if before is None:
+        before = ((state.results.get("baseline") or {}).get("baseline") or {}).get("success_rate")
+    p = svc.plan
+    try:
+        with contextlib.closing(prometheus_for(svc)) as source:
+            found = outbound.after_removal(source, p.namespace, p.workload, svc.window, before,
+                                           svc.settings.thresholds.max_success_drop, rollout.get("ended"))
+    except Exception as exc:  # the outcome must still be recorded: an unchecked removal says so, never "fine"
+        found = outbound.AfterRemoval(status="no_data", before=before, after=None,
+                                      reason=f"not checked: {type(exc).__name__}: {exc}")
+    print(f"after the removal: {found.status}: {found.reason}")
+    return found.model_dump()
 
 
 # ---- one writer per workload (lease.py) ----------------------------------------------------------------
@@ -517,6 +538,9 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
             with contextlib.suppress(ValueError):
                 svc = resolve(context, key)
         dry_run = bool(context["params"].get("dry_run"))
+        if state.service is not None and not dry_run:
+            state.results["after_removal"] = _after_removal(state.service, state)
+
         record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run)
         if state.service is not None and not dry_run:
             record = _settle_outcome(state.service, record, context)

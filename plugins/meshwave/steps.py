@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from meshwave import headroom
+from meshwave import headroom, outbound
 from meshwave.checks import Thresholds, measure_baseline
 from meshwave.gitops import reverted_by
 from meshwave.kube_errors import InjectionBlocked, MtlsRefused, NotInForce
@@ -20,7 +20,7 @@ from meshwave.probe import PlaintextProbe, ProbeVerdict
 if TYPE_CHECKING:  # the client is imported by whoever builds a MeshKube (at run time, not at parse time)
     from meshwave.kube import MeshKube
 from meshwave.plan import ClusterConfig, ServicePlan, Settings
-from meshwave.prometheus import PrometheusError, PrometheusSource, render
+from meshwave.prometheus import PrometheusError, PrometheusSource, Source, render
 
 MI = 2**20
 
@@ -246,10 +246,25 @@ def back_to_permissive(svc: Service, kube: MeshKube, note: str) -> dict[str, Any
     return stamp(result, started)
 
 
-def rollback_injection(svc: Service, kube: MeshKube) -> dict[str, Any]:
-    """Back to where it started: meshwave's own policy deleted (or relaxed), then no sidecar."""
+def rollback_injection(svc: Service, kube: MeshKube, source: Source, note: str = "meshwave rollback") -> dict[str, Any]:
+    """Back to where it started: the STRICT destinations it calls relaxed (meshwave's own) or the removal refused
+    (outbound.py), meshwave's own policy on it deleted (or relaxed), then no sidecar.
+
+    Refused: the sidecar stays and the workload is made PERMISSIVE (a proxy still enforces its mode), and the
+    RemovalRefused says what is left. A Prometheus that does not answer fails the try (retried): never removed blind.
+    """
     started = time.time()
     p = svc.plan
-    changes, _ = kube.mtls.ensure_permissive(p.namespace, p.workload, "meshwave rollback", exempt=False)
+    before = outbound.success_rate(source, p.namespace, p.workload, svc.window)  # what after_removal compares with
+    try:
+        relaxed, check = outbound.prepare_removal(kube, source, p.namespace, p.workload, note)
+    except outbound.RemovalRefused as exc:
+        kept, state = kube.mtls.ensure_permissive(p.namespace, p.workload, note)
+        for change in kept:
+            print(change.summary())
+        mode = state.describe() if state is not None else "PERMISSIVE once applied (dry run)"
+        raise outbound.RemovalRefused(f"{exc}. LEFT: the sidecar stays, mTLS {mode}") from None
+    changes, _ = kube.mtls.ensure_permissive(p.namespace, p.workload, note, exempt=False)
     changes += kube.remove_injection(p.namespace, p.workload)
-    return stamp({"changes": [c.to_dict() for c in changes]}, started)
+    return stamp({"changes": [c.to_dict() for c in relaxed + changes], "outbound": check.summary(),
+                  "success_before": before}, started)

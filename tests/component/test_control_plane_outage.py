@@ -33,6 +33,18 @@ from meshwave.steps import Service
 from tests.component.kubes import api_client
 from tests.conftest import eventually
 
+
+class NoCalls:
+    """A Prometheus in which web's proxy reported no outbound call (this lab runs no Prometheus): the removal's
+    outbound check finds nothing to relax, and the test is about the API server's outage."""
+
+    cluster = None
+
+    def instant(self, query: str) -> list[Any]:
+        return []
+
+
+NO_CALLS = NoCalls()
 TOPOLOGY = {
     "name": "outage",
     "clusters": [{"name": "a", "namespaces": [{"name": "undo", "labels": {"istio-injection": "enabled"}}]},
@@ -154,7 +166,7 @@ def test_undo_steps_fail_retryably_during_an_outage_and_complete_after_it(lab: L
     assert lab.admin("GET", "/services/a/undo/api")["mtls_mode"] == "STRICT"
     lab.outage("a", 6)
     for undo in (lambda: steps.back_to_permissive(back, kube, "meshwave test"),
-                 lambda: steps.rollback_injection(remove, kube)):
+                 lambda: steps.rollback_injection(remove, kube, NO_CALLS)):
         ti = TaskInstance()
         started = time.monotonic()
         # recording() is how every undo step runs: an AirflowFailException here would end the undo for good
@@ -167,11 +179,11 @@ def test_undo_steps_fail_retryably_during_an_outage_and_complete_after_it(lab: L
     relaxed = steps.back_to_permissive(back, kube, "meshwave test")
     assert [(c["action"], c["applied"]) for c in relaxed["changes"]] == [("relax-mtls", True)], relaxed
     assert lab.admin("GET", "/services/a/undo/api")["mtls_mode"] == "PERMISSIVE"
-    removed = steps.rollback_injection(remove, kube)
+    removed = steps.rollback_injection(remove, kube, NO_CALLS)
     assert [(c["action"], c["applied"]) for c in removed["changes"]][-1] == ("remove-injection", True), removed
     # a retry of a step that did complete (its answer lost) reads first and changes nothing
     again = [*steps.back_to_permissive(back, kube, "meshwave test")["changes"],
-             *steps.rollback_injection(remove, kube)["changes"]]
+             *steps.rollback_injection(remove, kube, NO_CALLS)["changes"]]
     assert not any(c["applied"] for c in again), again
     eventually(lambda: lab.admin("GET", "/services/a/undo/web")["sidecar_fraction"] == 0.0, timeout=30,
                what="web's pods rolled without a sidecar")

@@ -400,6 +400,7 @@ def test_stage_2_defers_once_per_chunk_and_never_starts_the_next_chunk_early(fle
     kube = InjectedKube()
     op = RemoveSidecarsOperator(task_id="remove_sidecars")
     op._kubes["prod-eu-1"] = kube  # type: ignore[assignment]
+    op._sources["prod-eu-1"] = FakeSource("prod-eu-1", [])  # no outbound call reported: nothing to relax
     items = [{"cluster": "prod-eu-1", "namespace": "a", "workload": w, "criticality": "medium",
               "kubernetes_conn_id": "k"} for w in ("w1", "w2", "w3")]
     plan = em.chunks(items, 2)

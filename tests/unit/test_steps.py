@@ -452,7 +452,7 @@ def test_inject_uses_the_plan_s_injection_mode(own: dict[str, Any], mode: str, a
 
 def test_rollback_removes_meshwave_s_policy_without_creating_one_then_the_sidecar() -> None:
     kube = FakeKube()
-    result = steps.rollback_injection(service(), kube)  # type: ignore[arg-type]
+    result = steps.rollback_injection(service(), kube, FakeSource())  # type: ignore[arg-type]
     assert kube.calls == [("mtls.ensure_permissive", (NS, WL, False)), ("remove_injection", (NS, WL))]
     assert [c["action"] for c in result["changes"]] == ["delete-mtls", "remove-injection"]
     assert result["changes"][1]["after"] == {INJECT_LABEL: "false"}
