@@ -23,6 +23,27 @@ AIRFLOW_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-proce
                     "airflow-worker", "airflow-init")
 # name:MAJOR.MINOR.PATCH[-variant]; PostgreSQL's own versions are MAJOR.MINOR (16.4). Never latest or 7.2.
 PINNED = re.compile(r"^(postgres:\d+\.\d+|[\w./-]+:v?\d+\.\d+\.\d+)(-[a-z0-9.]+)?$")
+FAB = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+# The compose shape runs FAB's auth manager (DAG-level access control); the native test the SimpleAuthManager
+# (FAB is not in .venv: `make setup` does not install it).
+AUTH_SETTINGS = ("AIRFLOW__CORE__AUTH_MANAGER", "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS")
+SECRET = {
+    "AIRFLOW__API_AUTH__JWT_SECRET": "${AIRFLOW_JWT_SECRET:?",
+    "AIRFLOW__CORE__FERNET_KEY": "${AIRFLOW_FERNET_KEY:?",
+    "AIRFLOW__API__SECRET_KEY": "${AIRFLOW_API_SECRET_KEY:?",
+    "AIRFLOW_ADMIN_PASSWORD": "${AIRFLOW_ADMIN_PASSWORD:?",
+}
+# Who needs which secret in Airflow 3.3 (README "Who may press which button"): the api-server signs and checks
+# every JWT, serves decrypted connections and signs UI sessions; the scheduler's executor signs task tokens; the
+# DAG processor and the triggerer decrypt (their Execution API is in-process); the workers run DAG code: none.
+NEEDS = {
+    "airflow-apiserver": {"AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API__SECRET_KEY"},
+    "airflow-scheduler": {"AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY"},
+    "airflow-dag-processor": {"AIRFLOW__CORE__FERNET_KEY"},
+    "airflow-triggerer": {"AIRFLOW__CORE__FERNET_KEY"},
+    "airflow-worker": set(),
+    "airflow-init": {"AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_ADMIN_PASSWORD"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +61,7 @@ def test_the_services_of_the_official_shape_plus_prometheus_and_the_lab(compose:
         service = compose["services"][name]
         assert service["image"] == compose["x-airflow-common"]["image"], name
         assert name == "airflow-init" or "healthcheck" in service, name
-    assert compose["services"]["airflow-worker"]["command"] == "celery worker"
+    assert compose["services"]["airflow-worker"]["command"].startswith("celery worker")
     assert compose["services"]["airflow-worker"]["deploy"]["replicas"] == 2, "two workers, as the native test"
     for name in ("airflow-apiserver", "airflow-scheduler", "airflow-worker"):
         assert compose["services"][name]["depends_on"]["airflow-init"]["condition"] == "service_completed_successfully"
@@ -54,7 +75,13 @@ def test_images_are_pinned_and_the_project_image_is_built_on_airflow_3_3_2(compo
     assert compose["services"]["meshlab"]["image"] == compose["x-airflow-common"]["image"]
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^FROM apache/airflow:3\.3\.2-python3\.11$", dockerfile, re.M), "the official image, exact tag"
-    assert "-r requirements.txt -c constraints.txt" in dockerfile, "the project's pins"
+    assert "-r requirements.txt -r requirements-compose.txt -c /tmp/constraints-compose.txt" in dockerfile, \
+        "the project's pins, plus FAB's"
+    assert "grep -v '^python-dateutil==' constraints.txt > /tmp/constraints-compose.txt" in dockerfile, \
+        "only the pin FAB cannot take gives way"
+    compose_pins = [line for line in (ROOT / "requirements-compose.txt").read_text().splitlines()
+                    if line and not line.startswith("#")]
+    assert compose_pins == ["apache-airflow-providers-fab==3.10.2", "python-dateutil==2.9.0.post0"]
     instructions = "\n".join(line for line in dockerfile.splitlines() if not line.startswith("#"))
     assert not re.search(r"(?i)(fernet|jwt|password|secret|AIRFLOW_CONN_)", instructions), "no secrets in the image"
 
@@ -62,6 +89,8 @@ def test_images_are_pinned_and_the_project_image_is_built_on_airflow_3_3_2(compo
 def test_the_same_settings_as_the_native_distributed_test(compose: dict[str, Any]) -> None:
     env = env_of(compose, "airflow-scheduler")
     for name, value in SHARED_SETTINGS.items():
+        if name in AUTH_SETTINGS:
+            continue
         assert env.get(name, "").lower() == value.lower(), f"{name}: {env.get(name)!r} != native {value!r}"
     for name in TEST_ONLY_SETTINGS:
         assert int(env[name]) >= int(TEST_ONLY_SETTINGS[name]), f"{name}: production waits at least as long"
@@ -71,14 +100,13 @@ def test_the_same_settings_as_the_native_distributed_test(compose: dict[str, Any
         env["AIRFLOW__CELERY__BROKER_URL"]
     assert env["AIRFLOW__CORE__EXECUTION_API_SERVER_URL"] == "http://airflow-apiserver:8080/execution/"
     assert env["AIRFLOW__CELERY__WORKER_CONCURRENCY"]
-    for service in AIRFLOW_SERVICES:  # every component, the same settings (the workers add one of their own)
-        assert {k: v for k, v in env_of(compose, service).items() if k in env} == env, service
+    common = {k: v for k, v in env.items() if k not in SECRET}
+    for service in AIRFLOW_SERVICES:  # every component, the same settings (secrets: only where needed)
+        assert {k: v for k, v in env_of(compose, service).items() if k in common} == common, service
 
 
 def test_auth_on_secrets_from_the_environment_ports_on_loopback(compose: dict[str, Any]) -> None:
     env = env_of(compose, "airflow-apiserver")
-    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS"] == "admin:admin"
-    assert env["AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS"] == "False", "no open admin"
     for name in ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__API__SECRET_KEY"):
         assert re.fullmatch(r"\$\{\w+:\?[^}]+\}", env[name]), f"{name} must come from the environment"
     assert "${AIRFLOW_ADMIN_PASSWORD:?" in env_of(compose, "airflow-init")["AIRFLOW_ADMIN_PASSWORD"]
@@ -129,3 +157,47 @@ def test_the_labs_container_options_bind_and_advertise(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_each_secret_only_in_the_services_that_need_it(compose: dict[str, Any]) -> None:
+    text = COMPOSE.read_text()
+    assert "passwords.json" not in text and "airflow-auth" not in text, "no password file: FAB keeps users"
+    for name, service in compose["services"].items():
+        env = env_of(compose, name)
+        given = {k for k, v in env.items() if k in SECRET or any(v.startswith(ref) for ref in SECRET.values())}
+        assert given == NEEDS.get(name, set()), f"{name}: {sorted(given)}"
+        for key in given:
+            assert env[key].startswith(SECRET[key]), f"{name}: {key} from the environment"
+        for mount in service.get("volumes", []):
+            assert "auth" not in str(mount), f"{name}: {mount}"
+    worker, triggerer = compose["services"]["airflow-worker"], compose["services"]["airflow-triggerer"]
+    # a log server would need [api] secret_key (FAB's UI session key): none on the components without it
+    assert worker["command"] == "celery worker --skip-serve-logs"
+    assert triggerer["command"] == "triggerer --skip-serve-logs"
+
+
+def test_fab_limits_the_buttons_to_the_operator_role_created_before_the_dags_are_parsed(
+        compose: dict[str, Any]) -> None:
+    for name in AIRFLOW_SERVICES:
+        env = env_of(compose, name)
+        assert env["AIRFLOW__CORE__AUTH_MANAGER"] == FAB, name
+        assert env["MESHWAVE_OPERATOR_ROLE"] == "${MESHWAVE_OPERATOR_ROLE:-meshwave-operator}", name
+        assert env["MESHWAVE_CONNECTION_PREFIXES"] == "${MESHWAVE_CONNECTION_PREFIXES:-meshlab_}", name
+        assert not any(k.startswith("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER") for k in env), name
+    init = "\n".join(compose["services"]["airflow-init"]["command"])
+    migrate = init.index("airflow db migrate")
+    role = init.index('airflow roles create "$${MESHWAVE_OPERATOR_ROLE}"')
+    admin = init.index("airflow users create --username admin --role Admin")
+    assert migrate < role < admin, "the role after FAB's tables exist"
+    assert '--password "$${AIRFLOW_ADMIN_PASSWORD}"' in init, "the shell's variable, not compose's interpolation"
+    # FAB refuses to sync access_control naming a role that does not exist, and the DAG is broken: the DAG
+    # processor starts only once airflow-init created the role
+    assert compose["services"]["airflow-dag-processor"]["depends_on"]["airflow-init"]["condition"] == \
+        "service_completed_successfully"
+
+
+def test_the_lab_writes_kubeconfigs_as_the_uid_that_reads_them(compose: dict[str, Any]) -> None:
+    """The kubeconfigs are 0600 (tests/lab/test_kubeconfig_mode.py): the lab runs as the Airflow components' uid."""
+    assert compose["services"]["meshlab"]["user"] == compose["x-airflow-common"]["user"] == "${AIRFLOW_UID:-50000}:0"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "mkdir -p /opt/meshlab/kube && chown airflow:0 /opt/meshlab/kube" in dockerfile
