@@ -26,7 +26,8 @@ from meshwave.wave import dry_run_param
 
 DAG_ID = "mesh_service"
 GROUP = "service"
-CHANGES_UNDER_FREEZE = ("permissive", "remove_sidecar")  # undoing is allowed while frozen
+# undoing is allowed while frozen; so is the all-clear of the emergency mark (it changes no mode)
+CHANGES_UNDER_FREEZE = ("permissive", "remove_sidecar", "clear_emergency")
 SOAK_RANGE = (10, 24 * 3600)
 FORM = "trigger-form"  # the group's one map index: the service named by the trigger form
 LABEL = "{{ params.cluster }}/{{ params.namespace }}/{{ params.service }}"
@@ -159,7 +160,13 @@ is checked again when the run starts (`service.admit`): a bad name or an unknown
 any change, with the reason in that task's log. A planned service runs with its planned settings.
 
 The freeze switch (Airflow Variable `{guards.FREEZE_VARIABLE}` or a plan's `freeze`) stops `migrate`,
-`inject_only` and `strict_only`; the undo actions still run. One run at a time.
+`inject_only` and `strict_only`; the undo actions and `clear_emergency` still run. One run at a time.
+
+After an emergency rollback (`mesh_emergency_rollback`), a policy it relaxed carries its mark
+(`meshwave.io/emergency-rollback`) and meshwave refuses to make it STRICT again (`flip_strict`: not flipped,
+naming the run). When the incident is over, `clear_emergency` removes the mark from the workload's own
+policies (meshwave's and any workload policy selecting its pods; namespace- and mesh-wide ones keep theirs)
+and changes no mode; the next wave or `strict_only` may then make it STRICT.
 
 REST: `POST /api/v2/dags/{DAG_ID}/dagRuns` with `{{"logical_date": null, "conf": {{"cluster": "prod-eu-1",
 "namespace": "payments", "service": "payment-service", "action": "migrate"}}}}`; CLI:

@@ -12,7 +12,9 @@ from typing import Any
 from meshwave.steps import Service
 
 RAN = ("success",)
-# Outcomes that fail the group's outcome task (red in the UI). `held`: injected, but the soak could not judge it
+# Outcomes that fail the group's outcome task (red in the UI). `frozen` is not among them: the freeze (an operator's,
+# or the emergency rollback's) stopped the service before a write that would make it stricter, and it stays as it
+# was, PERMISSIVE: safe, and what was asked for. `held`: injected, but the soak could not judge it
 # (no data, Prometheus down): it counts against the failure budget and stops the next wave.
 RED = ("rolled_back", "blocked", "failed", "held")
 BROKEN = ("failed", "upstream_failed")
@@ -135,7 +137,7 @@ def _identity(svc: Service | None) -> dict[str, Any]:
 
 def outcome(svc: Service | None, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
             decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
-    """The final state and why: strict, permissive, removed, rolled_back, blocked, failed, skipped, planned.
+    """The final state and why: strict, permissive, frozen, removed, rolled_back, blocked, failed, skipped, planned.
 
     `svc` is None when the input was refused before a service could be named.
     """
@@ -162,6 +164,8 @@ def _final_state(svc: Service | None, results: dict[str, Any], states: dict[str,
     if svc is None or states.get("admit") != "success":
         why = errors.get("admit") or errors.get("wave") or "the wave stopped before this batch"
         return {"outcome": "skipped", "mtls": None, "sidecar": False, "reason": f"not started: {why}"}
+    if svc.action == "clear_emergency":
+        return _cleared(results, states, errors, dry_run)
     if svc.action in ("permissive", "remove_sidecar"):
         return _requested_undo(svc, results, states, errors, dry_run)
     return _migration_state(svc, results, states, errors, decisions, dry_run)
@@ -215,6 +219,8 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
     if dry_run:
         return {"outcome": "planned", "mtls": None, "sidecar": False,
                 "reason": "dry run: the changes listed were logged, none applied"}
+    if frozen := _frozen(results, errors):
+        return frozen
     if states.get("inject") in BROKEN and str(errors.get("inject", "")).startswith("blocked:"):
         return {"outcome": "blocked", "mtls": None, "sidecar": False,
                 "reason": f"inject: {errors['inject'].removeprefix('blocked: ')}"}
@@ -258,3 +264,29 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
     broken = [s for s, st in states.items() if st in BROKEN]
     return {"outcome": "failed", "mtls": None, "sidecar": None,
             "reason": "; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state"}
+
+
+def _frozen(results: dict[str, Any], errors: dict[str, str]) -> dict[str, Any] | None:
+    """The freeze came while the service was in flight: read again just before the injection or the flip to STRICT
+    (service_group._not_frozen), that write was not made. The service stays as it was (PERMISSIVE)."""
+    for step, what, sidecar in (("inject", "not injected", False), ("flip_strict", "sidecar kept, not STRICT", True)):
+        error = str(errors.get(step, ""))
+        if error.startswith("frozen:"):
+            return {"outcome": "frozen", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": sidecar,
+                    "reason": f"{what}: {error}"}
+    return None
+
+
+def _cleared(results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+             dry_run: bool) -> dict[str, Any]:
+    """The operator's all-clear after an emergency rollback (mesh_service clear_emergency): no mode changes."""
+    if dry_run:
+        return {"outcome": "planned", "mtls": None, "sidecar": None,
+                "reason": "dry run of clear_emergency: the changes listed were logged, none applied"}
+    if states.get("back_to_permissive") != "success":
+        return {"outcome": "failed", "mtls": None, "sidecar": None,
+                "reason": f"could not clear the emergency mark: {errors.get('back_to_permissive', 'see the task log')}"}
+    cleared = [c["target"] for c in (results.get("back_to_permissive") or {}).get("changes", []) if c.get("applied")]
+    return {"outcome": "cleared", "mtls": mtls_in_force(results), "sidecar": None,
+            "reason": f"emergency mark cleared on {', '.join(cleared)}: meshwave may make them STRICT again"
+            if cleared else "no policy of the workload carried the emergency mark"}

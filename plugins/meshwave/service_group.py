@@ -37,7 +37,7 @@ from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
-from meshwave import decisions, outbound, stages, steps
+from meshwave import decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
@@ -54,7 +54,8 @@ STEPS = ("admit", "preflight", "baseline", "inject", "wait_rollout", "soak", "st
 NEVER = 10**9
 TO_PERMISSIVE, TO_REMOVE = "to_permissive", "to_remove"
 ROUTES = {"migrate": "preflight", "inject_only": "preflight", "strict_only": "preflight",
-          "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE}
+          "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE,
+          "clear_emergency": TO_PERMISSIVE}  # its one write, in back_to_permissive's place (no mode changes)
 # The first task of each path, and the decisions (deciding task: what it chose) that put a service on it.
 ON_PATH = {
     "preflight": {"admit": "preflight"},
@@ -108,6 +109,8 @@ def recording(context: dict[str, Any], final: tuple[type[Exception], ...] = ()) 
     type is not retried."""
     try:
         yield
+    except AirflowSkipException:  # frozen: the step pushed its own reason
+        raise
     except steps.Blocked as exc:
         context["ti"].xcom_push(key="error", value=f"blocked: {exc}")
         raise AirflowFailException(str(exc)) from None
@@ -229,10 +232,22 @@ def _settle(svc: Service, kube: Any, why: str, only: Undo | None = None) -> dict
     return change.to_dict()
 
 
+def _not_frozen(svc: Service, kube: Any, context: dict[str, Any], write: str) -> None:
+    """The freeze, read again immediately before a write that makes the mesh stricter: a service in flight when
+    it came (the emergency rollback sets it) stops here, as it is, and its outcome says `frozen` and why."""
+    if kube.dry_run:
+        return
+    if reason := guards.frozen_now(svc.plan.key):
+        context["ti"].xcom_push(key="error", value=f"frozen: {reason}")
+        raise AirflowSkipException(f"frozen before {write}: {reason}")
+
+
 def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     """A sidecar this run puts on trial is marked first; pods that all run one already are not this run's change
     (a re-run changes nothing)."""
     kube, p = kube_for(svc, context), svc.plan
+    if svc.action != "strict_only":
+        _not_frozen(svc, kube, context, "the injection")
     pending = None
     w = kube.workload(p.namespace, p.workload)
     if svc.action != "strict_only" and not (w.pods_total > 0 and w.pods_with_proxy == w.pods_total):
@@ -243,6 +258,7 @@ def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
 def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     """STRICT this run is about to write is marked first; pods already STRICT are not this run's change."""
     kube, p = kube_for(svc, context), svc.plan
+    _not_frozen(svc, kube, context, "the flip to STRICT")
     pending = None
     if not kube.mtls.effective(p.namespace, p.workload).strict_everywhere:
         pending = _expect(svc, kube, context, UNVERIFIED, Undo.PERMISSIVE, _unverified_seconds(svc.settings))
@@ -251,6 +267,8 @@ def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
 
 def _back(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     kube = kube_for(svc, context)
+    if svc.action == "clear_emergency":
+        return logged(steps.clear_emergency(svc, kube))
     result = logged(steps.back_to_permissive(svc, kube, _note(context)))
     return {**result, "pending": _settle(svc, kube, "back to PERMISSIVE", only=Undo.PERMISSIVE)}
 
@@ -488,7 +506,7 @@ def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[
 
 
 # Outcomes in which the run's own decision stands: what it left pending is confirmed (or was never changed).
-SETTLED = ("strict", "permissive", "held", "blocked", "skipped", "rolled_back", "removed")
+SETTLED = ("strict", "permissive", "held", "blocked", "skipped", "rolled_back", "removed", "frozen", "cleared")
 
 
 def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -540,7 +558,6 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         dry_run = bool(context["params"].get("dry_run"))
         if state.service is not None and not dry_run:
             state.results["after_removal"] = _after_removal(state.service, state)
-
         record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run)
         if state.service is not None and not dry_run:
             record = _settle_outcome(state.service, record, context)

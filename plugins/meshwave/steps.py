@@ -35,6 +35,8 @@ ACTIONS = {
     "strict_only": "STRICT only: the sidecar is already there; gate, flip to STRICT, verify",
     "permissive": "Back to PERMISSIVE: undo STRICT for this service, keep the sidecar",
     "remove_sidecar": "Remove the sidecar: back to PERMISSIVE, no injection, restart",
+    "clear_emergency": "Clear the emergency mark: the emergency rollback's annotations off the workload's policies, "
+                       "modes unchanged (meshwave may make them STRICT again)",
 }
 
 
@@ -268,3 +270,13 @@ def rollback_injection(svc: Service, kube: MeshKube, source: Source, note: str =
     changes += kube.remove_injection(p.namespace, p.workload)
     return stamp({"changes": [c.to_dict() for c in relaxed + changes], "outbound": check.summary(),
                   "success_before": before}, started)
+
+
+def clear_emergency(svc: Service, kube: MeshKube) -> dict[str, Any]:
+    """The operator's all-clear after an emergency rollback: the mark off the workload's own policies, so that a
+    later run may make them STRICT again. No mode changes."""
+    started = time.time()
+    p = svc.plan
+    changes = kube.mtls.clear_emergency(p.namespace, p.workload)
+    state = None if kube.dry_run else kube.mtls.effective(p.namespace, p.workload).summary()
+    return stamp({"changes": [c.to_dict() for c in changes], "mtls_in_force": state}, started)

@@ -383,7 +383,7 @@ def _publish(plan: Plan, wave: Wave, services: list[Service]):
         if context["params"].get("dry_run"):
             raise AirflowSkipException("dry run: the next wave is not started")
         records = _records(context, services)
-        left = [r["service"] for r in records if r["outcome"] in ("skipped", "planned")]
+        left = [r["service"] for r in records if r["outcome"] in ("skipped", "planned", "frozen")]
         if left:
             raise AirflowSkipException(f"{len(left)} services not attempted ({', '.join(left)}): the next wave waits")
         held = [r["service"] for r in records if r["outcome"] == "held"]
