@@ -75,7 +75,7 @@ def test_the_form_offers_the_plans_clusters_and_validates_names_like_the_run_doe
     f = form(fleet())
     assert f["cluster"].value == "lab" and f["cluster"].schema["enum"] == ["lab"]
     assert set(f["action"].schema["enum"]) == {"migrate", "inject_only", "strict_only", "permissive",
-                                               "remove_sidecar"}
+                                               "remove_sidecar", "clear_emergency"}
     for bad in ('x"} or vector(1)', "../etc", ""):
         with pytest.raises(Exception, match="does not match|should be non-empty|is too short"):
             f["namespace"].resolve(bad)
