@@ -166,6 +166,12 @@ class PeerAuthentications:
                 "it. Its owners can make it STRICT, or delete it and let meshwave manage the workload",
                 cluster=self.cluster, verb="PATCH", target=f"peerauthentication {ns}/{foreign[0].name}")
         own = _find(policies, ns, policy_name(workload))
+        if own is not None and RELAXED_BY_ANNOTATION in (_meta(own).get("annotations") or {}):
+            raise MtlsRefused(
+                f"cluster {self.cluster}: peerauthentication {ns}/{own['metadata']['name']} was relaxed by the "
+                f"emergency rollback ({_meta(own)['annotations'][RELAXED_BY_ANNOTATION]}): meshwave does not make it "
+                "STRICT again until an operator clears the mark (mesh_service, action clear_emergency)",
+                cluster=self.cluster, verb="PATCH", target=f"peerauthentication {ns}/{own['metadata']['name']}")
         if state.strict_everywhere and (own is None or own_mode(own) == Mode.STRICT):
             return self.kube.noop("set-mtls", f"peerauthentication {ns}/{policy_name(workload)}",
                                   state.summary(), f"already STRICT: {state.describe()}"), state
@@ -225,6 +231,32 @@ class PeerAuthentications:
                 if retried:
                     raise
                 retried, current = True, None
+
+    def clear_emergency(self, ns: str, workload: str) -> list[Change]:
+        """The operator's all-clear for one workload: the emergency rollback's mark (both annotations) removed from
+        every workload policy selecting its pods, meshwave's own included; modes are left as they are. Namespace-
+        and mesh-wide policies are not the workload's and keep theirs."""
+        labels, _ = self.kube.template_labels(ns, workload)
+        changes = []
+        for policy in self.list(ns):
+            match = match_labels(policy)
+            marked = {k: v for k, v in (_meta(policy).get("annotations") or {}).items()
+                      if k in (RELAXED_BY_ANNOTATION, PREVIOUS_MTLS_ANNOTATION)}
+            if match and marked and all(labels.get(k) == v for k, v in match.items()):
+                changes.append(self._patch(ns, _meta(policy)["name"], self._plan_clear(ns, policy, marked)))
+        if not changes:
+            return [self.kube.noop("clear-emergency", f"workload policies of {ns}/{workload}", None,
+                                   "no policy selecting the workload carries the emergency rollback's mark")]
+        return changes
+
+    def _plan_clear(self, ns: str, policy: dict[str, Any], marked: dict[str, str]) -> Change:
+        name = _meta(policy)["name"]
+        body = {"metadata": {"resourceVersion": _meta(policy).get("resourceVersion"),
+                             "annotations": dict.fromkeys(marked)}}  # merge patch: null deletes
+        return Change(self.cluster, "clear-emergency", f"peerauthentication {ns}/{name}", marked, None,
+                      ApiRequest("PATCH", _path(self.version, ns, name), MERGE_PATCH, body),
+                      reason=f"emergency mark cleared by an operator (mode left {own_mode(policy)}): meshwave may "
+                             "make it STRICT again")
 
     # ---- writes ------------------------------------------------------------------------------------
     def _check_writable(self, ns: str, selector: dict[str, str]) -> None:
