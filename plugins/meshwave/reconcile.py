@@ -44,7 +44,9 @@ def _find_due():
         fleet = load_fleet()
         due: dict[str, Any] = {}
         problems = [f"plan file: {e}" for e in fleet.errors]
-        for name, cfg in sorted(fleet.clusters.items()):
+        wanted = list(context["params"].get("clusters") or fleet.clusters)
+        problems += [f"cluster {c}: not a cluster of the plan files" for c in wanted if c not in fleet.clusters]
+        for name, cfg in sorted((c, fleet.clusters[c]) for c in wanted if c in fleet.clusters):
             try:
                 kube = mesh_kube(BaseHook.get_connection(cfg.kubernetes_conn_id), name, cfg.root_namespace,
                                  revision=cfg.revision)
@@ -122,14 +124,16 @@ deadline it carries out the undo (`permissive`, or `remove_sidecar`) through the
 with the same checks. An undo that fails stays due and fails this run, naming it; the next run tries again.
 
 Scheduled every 10 minutes (environment `{SCHEDULE_ENV}`: another cron expression, or `none`); trigger it by hand
-after pausing a wave. `dry_run` lists and logs, and changes nothing.
+after pausing a wave. `clusters` limits it to some clusters; `dry_run` lists and logs, and changes nothing.
 """
 
 
 def mesh_reconcile_dag() -> DAG:
     with DAG(dag_id=DAG_ID, schedule=schedule(), start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
              max_active_runs=1, doc_md=DOC, tags=["meshwave", "reconcile"], default_args=DEFAULT_ARGS,
-             params={"dry_run": Param(False, type="boolean", title="Dry run",
+             params={"clusters": Param([], type="array", items={"type": "string"}, title="Clusters",
+                                       description="Only these clusters (as the plan files name them); empty: all."),
+                     "dry_run": Param(False, type="boolean", title="Dry run",
                                       description="List what is due and log the undo's requests; change nothing.")}
              ) as dag:
         keys = _find_due()

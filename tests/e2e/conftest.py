@@ -106,7 +106,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         plans, dags = work / "plans", dags_folder(work)
         shutil.copytree(HERE / "plans", plans)
         env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-               "MESHWAVE_REPORT_DIR": str(work / "reports")}
+               "MESHWAVE_REPORT_DIR": str(work / "reports"),
+               "MESHWAVE_RECONCILE_SCHEDULE": "none"}  # tests trigger mesh_reconcile when they need it
         airflow = AirflowProcess(work / "airflow", connections, env)
         try:
             airflow.start(timeout=360)  # a busy 2-core machine can take minutes to start all components
