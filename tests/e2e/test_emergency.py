@@ -21,6 +21,7 @@ import yaml
 from kubernetes import client, config
 
 from meshlab.process import LabProcess, PrometheusProcess, free_port
+from meshwave.guards import FREEZE_VARIABLE
 from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION
 from tests.component.test_emergency_seed import fleet_success, reproduce_outage
 from tests.conftest import SEED, below, eventually
@@ -67,6 +68,28 @@ def seed(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[See
         reproduce_outage(lab, prom)
         eventually(lambda: below(fleet_success(prom), 0.9), timeout=40, what="the seed outage in Prometheus")
         yield Seed(lab, prom)
+
+
+def lift_freeze(stack: Stack) -> None:
+    """Delete the freeze a rollback (not a dry run) set before stage 1: it is one Variable for every wave, and the other
+    modules' waves would end frozen. The incident is over when a person says so: here, the test."""
+    try:
+        patiently(lambda: stack.airflow.api("DELETE", f"/variables/{FREEZE_VARIABLE}"))
+    except urllib.error.HTTPError as exc:
+        if exc.code != 404:  # 404: not set (a dry run, or a form refused before validate set it)
+            raise
+
+
+@pytest.fixture(autouse=True)
+def freeze_lifted(stack: Stack) -> Iterator[None]:
+    """The button is pressed only once the stack's early runs (other modules' waves running beside this module) have
+    ended, as the freeze would stop their flips too; afterwards the freeze is lifted whatever happened."""
+    for name in stack.early:
+        stack.early_run(name)
+    try:
+        yield
+    finally:
+        lift_freeze(stack)
 
 
 def patiently(call: Callable[[], T], tries: int = 4) -> T:
