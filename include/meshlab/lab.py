@@ -199,10 +199,13 @@ class Lab:
             spec: dict[str, Any] = {"mtls": {"mode": pa.mode}}
             if pa.selector:
                 spec["selector"] = {"matchLabels": pa.selector}
+            meta: dict[str, Any] = {"name": pa.name, "namespace": pa.namespace}
+            if pa.labels:
+                meta["labels"] = dict(pa.labels)
             pa_store = self.clusters[pa.cluster or ""].store
             pa_store.create(r.PEER_AUTHENTICATIONS, pa.namespace, {
                 "apiVersion": pa_store.api_version(r.PEER_AUTHENTICATIONS), "kind": "PeerAuthentication",
-                "metadata": {"name": pa.name, "namespace": pa.namespace}, "spec": spec})
+                "metadata": meta, "spec": spec})
         now = time.monotonic()
         for sim in self.clusters.values():
             sim.controller.settle(now)

@@ -275,6 +275,7 @@ class PolicySpec(Strict):
     name: DnsLabel
     mode: Literal["UNSET", "DISABLE", "PERMISSIVE", "STRICT"] = "PERMISSIVE"
     selector: dict[str, str] | None = None
+    labels: dict[str, str] = Field(default_factory=dict)  # e.g. app.kubernetes.io/managed-by: meshwave (as it writes)
 
 
 class Topology(Strict):
