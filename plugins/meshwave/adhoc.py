@@ -12,11 +12,12 @@ from typing import Any
 
 import pendulum
 from airflow.sdk import DAG, Param, task
-from airflow.sdk.exceptions import AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 from pydantic import ValidationError
 
 from meshwave import guards
 from meshwave.access import operator_access_control
+from meshwave.decisions import RED
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.names import RFC1123_LABEL, rfc1123_label
 from meshwave.plan import ServicePlan, timing_problems
@@ -203,6 +204,8 @@ def _report():
         if not record:
             return {"record": None}
         print(reports.render(reports.report_frame([record])))
+        if record["outcome"] in RED:  # the leaf decides the run's state: a refused or failed action fails the run
+            raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
         return {"outcome": record["outcome"], "reason": record["reason"]}
 
     return report()
