@@ -170,9 +170,11 @@ class RemoveSidecarsOperator(BaseOperator):
                 kube = self._kube(request, w["cluster"])
                 # its STRICT destinations first: meshwave's own relaxed, any other refuses (outbound.py)
                 note = f"meshwave emergency stage 2 ({request.scope.describe()})"
-                changes, _ = outbound.prepare_removal(kube, self._source(request, w["cluster"]), w["namespace"],
-                                                      w["workload"], note)
-                changes += kube.remove_injection(w["namespace"], w["workload"])
+                # the red button overrides any run's lease: broken, so the holder's next write is refused
+                changes = [kube.leases.break_(w["namespace"], w["workload"], note)]
+                more, _ = outbound.prepare_removal(kube, self._source(request, w["cluster"]), w["namespace"],
+                                                   w["workload"], note)
+                changes += more + kube.remove_injection(w["namespace"], w["workload"])
             except outbound.RemovalRefused as exc:  # the sidecar stays; stage 1 left the workload PERMISSIVE
                 results[key(w)] = {"status": "refused", "message": str(exc), "criticality": w["criticality"]}
                 print(f"  {key(w)}: REFUSED: {exc}")

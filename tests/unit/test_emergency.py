@@ -379,13 +379,24 @@ class FakeTI:
 
 
 class InjectedKube:
+    """Sidecar removals and lease breaks, in the order they happen."""
+
     def __init__(self) -> None:
         self.removed: list[str] = []
+        self.events: list[str] = []
+        self.leases = self
+
+    def break_(self, ns: str, name: str, by: str) -> object:
+        from meshwave.changes import Change
+
+        self.events.append(f"break {ns}/{name}")
+        return Change("c1", "break-lease", f"deployment {ns}/{name}", applied=True, reason=f"broken by {by}")
 
     def remove_injection(self, ns: str, name: str) -> list:
         from meshwave.changes import Change
 
         self.removed.append(f"{ns}/{name}")
+        self.events.append(f"remove {ns}/{name}")
         return [Change("c1", "remove-injection", f"deployment {ns}/{name}", applied=True)]
 
 
@@ -407,6 +418,8 @@ def test_stage_2_defers_once_per_chunk_and_never_starts_the_next_chunk_early(fle
     with pytest.raises(TaskDeferred) as first:
         op._next(context, request, plan, 0, {})
     assert kube.removed == ["a/w1", "a/w2"], "the second chunk waits for the first"
+    # the red button overrides leases: each workload's lease is broken before its sidecar goes
+    assert kube.events == ["break a/w1", "remove a/w1", "break a/w2", "remove a/w2"]
     assert [i["workload"] for i in first.value.trigger.items] == ["w1", "w2"]
     done = {"results": {f"prod-eu-1/a/{w}": {"status": "done", "message": "ok", "ended": 1.0} for w in ("w1", "w2")}}
     with pytest.raises(TaskDeferred) as second:
