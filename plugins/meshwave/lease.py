@@ -35,8 +35,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from meshwave.annotations import WorkloadAnnotation, iso
 from meshwave.changes import ApiRequest, Change
 from meshwave.kube_errors import Conflict, WorkloadNotFound
 
@@ -55,8 +54,8 @@ class LeaseRefused(ValueError):
     service group fails the step at once, it is not retried."""
 
 
-class Lease(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Lease(WorkloadAnnotation):
+    ANNOTATION = LEASE_ANNOTATION
 
     holder: str  # "<dag id>/<run id>"
     service: str  # "cluster/namespace/workload"
@@ -69,23 +68,8 @@ class Lease(BaseModel):
         return self.broken is None and now < self.expires
 
     def describe(self) -> str:
-        state = f"broken by {self.broken}" if self.broken else f"until {_iso(self.expires)}"
-        return f"held by {self.holder} since {_iso(self.taken)}, {state}"
-
-    def to_annotation(self) -> str:
-        return self.model_dump_json()
-
-    @classmethod
-    def from_annotation(cls, text: str, where: str) -> Lease:
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ValueError(f"{where}: annotation {LEASE_ANNOTATION} is not meshwave's: {exc.errors()[0]['msg']} "
-                             f"({text[:200]!r})") from None
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        state = f"broken by {self.broken}" if self.broken else f"until {iso(self.expires)}"
+        return f"held by {self.holder} since {iso(self.taken)}, {state}"
 
 
 # ---- the decisions, pure: (the lease as read, now) -> the new value, or KEEP (nothing to write) --------------
@@ -100,10 +84,10 @@ def taking(holder: str, service: str, seconds: float) -> Decision:
                                f"{current.describe()}); one run at a time per workload")
         lease = Lease(holder=holder, service=service, taken=now, expires=now + timedelta(seconds=seconds))
         if current is None:
-            return lease, f"taken until {_iso(lease.expires)}"
+            return lease, f"taken until {iso(lease.expires)}"
         if current.holder == holder and current.broken is None:
-            return current.model_copy(update={"expires": lease.expires}), f"held again until {_iso(lease.expires)}"
-        return lease, f"taken over until {_iso(lease.expires)} (was {current.describe()})"
+            return current.model_copy(update={"expires": lease.expires}), f"held again until {iso(lease.expires)}"
+        return lease, f"taken over until {iso(lease.expires)} (was {current.describe()})"
 
     return decide
 
@@ -118,7 +102,7 @@ def renewing(holder: str, seconds: float) -> Decision:
         if current.broken is not None:
             raise LeaseRefused(f"this run's lease was broken by {current.broken}: nothing written")
         until = now + timedelta(seconds=seconds)
-        return current.model_copy(update={"expires": until}), f"renewed until {_iso(until)}"
+        return current.model_copy(update={"expires": until}), f"renewed until {iso(until)}"
 
     return decide
 

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from meshwave.annotations import WorkloadAnnotation, iso
 
 PENDING_ANNOTATION = "meshwave.io/pending"
 
@@ -34,8 +34,8 @@ class Undo(StrEnum):
     REMOVE_SIDECAR = "remove_sidecar"
 
 
-class Pending(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class Pending(WorkloadAnnotation):
+    ANNOTATION = PENDING_ANNOTATION
 
     state: str
     undo: Undo
@@ -47,23 +47,7 @@ class Pending(BaseModel):
         return (now or datetime.now(UTC)) >= self.until
 
     def describe(self) -> str:
-        return f"{self.state}; unless {self.run} confirms it by {_iso(self.until)}: {self.undo}"
-
-    def to_annotation(self) -> str:
-        return self.model_dump_json()
-
-    @classmethod
-    def from_annotation(cls, text: str, where: str) -> Pending:
-        """The annotation read back; a value meshwave cannot read is an error naming the object (never ignored)."""
-        try:
-            return cls.model_validate_json(text)
-        except ValidationError as exc:
-            raise ValueError(f"{where}: annotation {PENDING_ANNOTATION} is not meshwave's: {exc.errors()[0]['msg']} "
-                             f"({text[:200]!r})") from None
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return f"{self.state}; unless {self.run} confirms it by {iso(self.until)}: {self.undo}"
 
 
 def expecting(state: str, undo: Undo, seconds: float, run: str, service: dict[str, Any]) -> Pending:

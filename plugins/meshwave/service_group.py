@@ -323,9 +323,10 @@ def _dry(context: dict[str, Any]) -> bool:
     return bool(context["params"].get("dry_run"))
 
 
-def holding(run: Run, seconds: Seconds) -> Run:
-    """A forward write: renewed first, up to the deadline of the pending state it is about to leave, and refused
-    (blocked, nothing written) when this run no longer holds the workload (taken over, broken by the emergency)."""
+def _renewing(run: Run, seconds: Seconds, *, undo: bool) -> Run:
+    """The lease renewed first, to `seconds` from now. A forward write is refused (blocked, nothing written) when
+    this run no longer holds the workload (taken over, broken by the emergency rollback); an undo goes ahead: a
+    lease keeps a second run out, it never keeps an undo from making the workload safer."""
 
     def step(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
         if not _dry(context):
@@ -334,27 +335,22 @@ def holding(run: Run, seconds: Seconds) -> Run:
                 print(kube_for(svc, context).leases.renew(p.namespace, p.workload, _run_of(context),
                                                           seconds(svc.settings)).summary())
             except LeaseRefused as exc:
-                raise steps.Blocked(f"lease: {exc}") from None
-        return run(svc, context)
-
-    return step
-
-
-def undoing(run: Run) -> Run:
-    """An undo: renewed when this run holds the lease, carried out when it does not (a lease keeps a second run
-    out; it never keeps an undo from making the workload safer)."""
-
-    def step(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
-        if not _dry(context):
-            p = svc.plan
-            try:
-                print(kube_for(svc, context).leases.renew(p.namespace, p.workload, _run_of(context),
-                                                          _undo_seconds(svc.settings)).summary())
-            except LeaseRefused as exc:
+                if not undo:
+                    raise steps.Blocked(f"lease: {exc}") from None
                 print(f"the undo goes ahead: {exc}")
         return run(svc, context)
 
     return step
+
+
+def holding(run: Run, seconds: Seconds) -> Run:
+    """A forward write, renewed up to the deadline of the pending state it is about to leave."""
+    return _renewing(run, seconds, undo=False)
+
+
+def undoing(run: Run) -> Run:
+    """An undo, renewed for its own wait when this run holds the lease, carried out when it does not."""
+    return _renewing(run, _undo_seconds, undo=True)
 
 
 def _release_lease(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> None:

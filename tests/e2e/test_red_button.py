@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.parse
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -26,7 +25,14 @@ from meshwave.peer_auth import PA_GROUP, PA_PLURAL, PREVIOUS_MTLS_ANNOTATION, RE
 from meshwave.pending import PENDING_ANNOTATION
 from tests.conftest import eventually
 from tests.e2e.conftest import Stack
-from tests.e2e.test_emergency import DAG, FAST, lift_freeze, patiently, trigger, xcom
+from tests.e2e.test_emergency import (
+    DAG,
+    FAST,
+    freeze_lifted,  # noqa: F401 (the same autouse fixture here)
+    patiently,
+    trigger,
+    xcom,
+)
 from tests.e2e.test_mtls import assert_records_match_the_data_plane
 
 pytestmark = pytest.mark.e2e
@@ -34,18 +40,6 @@ pytestmark = pytest.mark.e2e
 WAVE = "meshwave_e2e_red_soaking"  # tests/e2e/plans/red.yaml
 WAVE_NS, WAVE_SERVICES = "redwave", ("rw-api", "rw-web")
 GK = {"gk": {"kubernetes_conn_id": "meshlab_gk", "prometheus_conn_id": "meshlab_prometheus_gk"}}  # in no plan
-
-
-@pytest.fixture(autouse=True)
-def freeze_lifted(stack: Stack) -> Iterator[None]:
-    """The button is pressed only once the early runs (other modules' waves, beside this one) have ended: the freeze
-    would stop their flips too. Afterwards the freeze is lifted whatever happened."""
-    for name in stack.early:
-        stack.early_run(name)
-    try:
-        yield
-    finally:
-        lift_freeze(stack)
 
 
 def workloads(stack: Stack, cluster: str) -> dict[str, dict[str, Any]]:
