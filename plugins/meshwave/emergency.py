@@ -310,6 +310,14 @@ def refusal(exc: KubeError) -> str:
     return f"error {exc.code}" if exc.code else "error"
 
 
+def would_relax(kube: MeshKube, scope: Scope) -> frozenset[str]:
+    """The policies ("ns/name") stage 1 relaxes on this cluster: what a dry run's stage 2 counts as relaxed, since the
+    dry run's stage 1 wrote nothing (the real run's stage 2 finds them relaxed)."""
+    labels, _ = _service_labels(kube, scope) if scope.services else ({}, [])
+    return frozenset(_ref(p) for _, p in _in_order(_scope_policies(kube, scope), scope, kube.root_namespace, labels)
+                     if strict_parts(p))
+
+
 def relax_cluster(kube: MeshKube, scope: Scope, note: str) -> dict[str, Any]:
     """Stage 1 on one cluster: every STRICT policy in scope to PERMISSIVE, the widest first. No restart; idempotent.
 

@@ -165,6 +165,7 @@ class RemoveSidecarsOperator(BaseOperator):
                      results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         print(f"chunk {i + 1}/{total}: {', '.join(key(w) for w in chunk)}")
         wait = []
+        first: dict[str, frozenset[str]] = {}  # a dry run: per cluster, the policies stage 1 would have relaxed
         for w in chunk:
             try:
                 kube = self._kube(request, w["cluster"])
@@ -172,8 +173,10 @@ class RemoveSidecarsOperator(BaseOperator):
                 note = f"meshwave emergency stage 2 ({request.scope.describe()})"
                 # the red button overrides any run's lease: broken, so the holder's next write is refused
                 changes = [kube.leases.break_(w["namespace"], w["workload"], note)]
+                if request.dry_run and w["cluster"] not in first:
+                    first[w["cluster"]] = em.would_relax(kube, request.scope)
                 more, _ = outbound.prepare_removal(kube, self._source(request, w["cluster"]), w["namespace"],
-                                                   w["workload"], note)
+                                                   w["workload"], note, first.get(w["cluster"], frozenset()))
                 changes += more + kube.remove_injection(w["namespace"], w["workload"])
             except outbound.RemovalRefused as exc:  # the sidecar stays; stage 1 left the workload PERMISSIVE
                 results[key(w)] = {"status": "refused", "message": str(exc), "criticality": w["criticality"]}

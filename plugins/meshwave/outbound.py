@@ -109,8 +109,10 @@ def destinations(source: Source, namespace: str, workload: str, cluster: str | N
     return sorted(found, key=lambda d: d.key), query
 
 
-def judge(dest: Destination, state: EffectiveMtls | None, proxied: bool, unreadable: str | None = None) -> Checked:
-    """Pure: what a destination needs before the caller's sidecar goes."""
+def judge(dest: Destination, state: EffectiveMtls | None, proxied: bool, unreadable: str | None = None,
+          relaxed_first: frozenset[str] = frozenset()) -> Checked:
+    """Pure: what a destination needs before the caller's sidecar goes. `relaxed_first`: the policies ("ns/name")
+    that are relaxed before this removal whatever it finds (an emergency dry run: stage 1 would have)."""
     if not dest.same_cluster:
         return Checked(destination=dest, verdict=Verdict.REFUSE,
                        why="in another cluster: this run can neither read nor relax its mode")
@@ -125,13 +127,17 @@ def judge(dest: Destination, state: EffectiveMtls | None, proxied: bool, unreada
     ours = (not strict_mode or (state.decided_by is not None and state.decided_by.meshwave)) and \
         (not strict_port or (state.workload_policy is not None and state.workload_policy.meshwave))
     sources = "; ".join(state.strict_sources())
+    deciding = ([state.decided_by] if strict_mode else []) + ([state.workload_policy] if strict_port else [])
+    if all(ref is not None and f"{ref.namespace}/{ref.name}" in relaxed_first for ref in deciding):
+        return Checked(destination=dest, verdict=Verdict.FINE, why=f"STRICT by {sources}, relaxed before this removal")
     if ours:
         return Checked(destination=dest, verdict=Verdict.RELAX, why=f"STRICT by meshwave's own policy ({sources})")
     return Checked(destination=dest, verdict=Verdict.REFUSE,
                    why=f"STRICT by a policy meshwave does not own ({sources})")
 
 
-def check_removal(kube: MeshKube, source: Source, namespace: str, workload: str) -> RemovalCheck:
+def check_removal(kube: MeshKube, source: Source, namespace: str, workload: str,
+                  relaxed_first: frozenset[str] = frozenset()) -> RemovalCheck:
     """Every destination the workload calls, judged from its effective mode and its sidecars."""
     found, query = destinations(source, namespace, workload)
     checked = []
@@ -145,14 +151,14 @@ def check_removal(kube: MeshKube, source: Source, namespace: str, workload: str)
         except NotFound as exc:  # not a Deployment meshwave can read (a StatefulSet, deleted): do not guess
             checked.append(judge(dest, None, False, str(exc)))
             continue
-        checked.append(judge(dest, state, proxied))
+        checked.append(judge(dest, state, proxied, relaxed_first=relaxed_first))
     return RemovalCheck(workload=f"{namespace}/{workload}", query=query, checked=checked)
 
 
-def prepare_removal(kube: MeshKube, source: Source, namespace: str, workload: str,
-                    note: str) -> tuple[list[Change], RemovalCheck]:
+def prepare_removal(kube: MeshKube, source: Source, namespace: str, workload: str, note: str,
+                    relaxed_first: frozenset[str] = frozenset()) -> tuple[list[Change], RemovalCheck]:
     """Relax the STRICT destinations meshwave owns, or refuse (RemovalRefused) before any of them is touched."""
-    check = check_removal(kube, source, namespace, workload)
+    check = check_removal(kube, source, namespace, workload, relaxed_first)
     refused = check.of(Verdict.REFUSE)
     if refused:
         raise RemovalRefused(

@@ -66,6 +66,17 @@ def test_a_destination_is_fine_relaxed_when_meshwave_owns_its_strict_or_refuses(
     assert checked.verdict == verdict and words in checked.why, checked
 
 
+def test_a_strict_that_is_relaxed_before_the_removal_is_fine_and_only_that_one() -> None:
+    """An emergency dry run: its stage 1 wrote nothing, but the real run's stage 1 relaxes the mesh-wide policy before
+    stage 2 removes any sidecar; a team's workload policy outside what stage 1 relaxes still refuses."""
+    mesh_wide = [policy("istio-system", "default", "STRICT")]
+    fine = outbound.judge(dest(), mode_of(mesh_wide), True, relaxed_first=frozenset({"istio-system/default"}))
+    assert fine.verdict == Verdict.FINE and "relaxed before this removal" in fine.why, fine
+    team = [*mesh_wide, policy(NS, "team-ledger", "STRICT", {"app": "ledger"})]
+    refused = outbound.judge(dest(), mode_of(team), True, relaxed_first=frozenset({"istio-system/default"}))
+    assert refused.verdict == Verdict.REFUSE and "shop/team-ledger" in refused.why, refused
+
+
 def test_another_cluster_or_an_unreadable_destination_refuses() -> None:
     far = outbound.judge(dest(same_cluster=False), None, False)
     assert far.verdict == Verdict.REFUSE and far.describe() == (
