@@ -411,8 +411,30 @@ def _service(context: dict[str, Any], prefix: str) -> Service:
     return Service.from_dict(data)
 
 
+UNDO_ROUTES = (TO_PERMISSIVE, TO_REMOVE)
+
+
+def _guard_and_lease(svc: Service, guard: Guard | None, context: dict[str, Any]) -> None:
+    """The guards (freeze, window, mesh_service's refusals), then the workload's lease."""
+    ti = context["ti"]
+    if guard is not None:
+        try:
+            guard(svc, context)
+        except AirflowSkipException as exc:
+            ti.xcom_push(key="error", value=str(exc))
+            print(f"{svc.plan.key}: not started: {exc}")
+            raise
+        except ValueError as exc:  # the guard refuses the service (mesh_service: a gateway)
+            ti.xcom_push(key="error", value=f"refused: {exc}")
+            raise AirflowFailException(f"refused before any change: {exc}") from None
+    with recording(context):  # a lease held by another run refuses the service (LeaseRefused: a ValueError)
+        _take_lease(svc, context)
+
+
 def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
-    @task(task_id="admit")
+    # An undo (on request, or mesh_reconcile's) outlasts a control plane that does not answer, as the undo steps do;
+    # a forward change gives up after the usual tries (see admit).
+    @task(task_id="admit", **UNDO_RETRIES)
     def admit(key: str, **context: Any) -> dict[str, str]:
         """Resolve the service, refuse bad input, apply the guards, take the workload's lease, route by action.
         Changes nothing but the lease annotation."""
@@ -422,18 +444,14 @@ def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
         except ValueError as exc:
             ti.xcom_push(key="error", value=f"refused: {exc}")
             raise AirflowFailException(f"refused before any change: {exc}") from None
-        if guard is not None:
-            try:
-                guard(svc, context)
-            except AirflowSkipException as exc:
-                ti.xcom_push(key="error", value=str(exc))
-                print(f"{svc.plan.key}: not started: {exc}")
+        try:
+            _guard_and_lease(svc, guard, context)
+        except (AirflowSkipException, AirflowFailException):
+            raise
+        except Exception as exc:  # the cluster did not answer: an undo waits it out, a forward change gives up
+            if ROUTES[svc.action] in UNDO_ROUTES or ti.try_number <= RETRIES["retries"]:
                 raise
-            except ValueError as exc:  # the guard refuses the service (mesh_service: a gateway)
-                ti.xcom_push(key="error", value=f"refused: {exc}")
-                raise AirflowFailException(f"refused before any change: {exc}") from None
-        with recording(context):  # a lease held by another run refuses the service (LeaseRefused: a ValueError)
-            _take_lease(svc, context)
+            raise AirflowFailException(f"not started after {ti.try_number} tries: {exc}") from None
         ti.xcom_push(key="service", value=svc.to_dict())
         print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
         chosen = {"to": ROUTES[svc.action], "why": f"action {svc.action}"}
