@@ -80,11 +80,18 @@ DEFAULT_ARGS = {"owner": "meshwave", **RETRIES}
 
 
 def kube_for(svc: Service, context: dict[str, Any]) -> Any:
+    """The cluster's MeshKube, one per task execution: a step that renews the lease, re-reads the freeze and writes
+    asks for it several times, and each new one would fetch the connection and rediscover the API again."""
     from meshwave.connections import mesh_kube  # the kubernetes client: at run time, not at parse time
 
-    connection = BaseHook.get_connection(svc.cluster.kubernetes_conn_id)
-    return mesh_kube(connection, svc.plan.cluster, svc.cluster.root_namespace,
-                     dry_run=bool(context["params"].get("dry_run")), revision=svc.cluster.revision)
+    dry_run = bool(context["params"].get("dry_run"))
+    kubes = context.setdefault("meshwave_kubes", {})
+    key = (svc.cluster.kubernetes_conn_id, svc.plan.cluster, dry_run)
+    if key not in kubes:
+        connection = BaseHook.get_connection(svc.cluster.kubernetes_conn_id)
+        kubes[key] = mesh_kube(connection, svc.plan.cluster, svc.cluster.root_namespace, dry_run=dry_run,
+                               revision=svc.cluster.revision)
+    return kubes[key]
 
 
 def prometheus_for(svc: Service) -> Any:
