@@ -10,9 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import AirflowException
 
@@ -39,6 +40,15 @@ class GateWatch:
     wait_seconds: float
     poke_interval: float
     min_seconds: float = 0
+
+
+@dataclass(frozen=True)
+class BatchWait:
+    """Batch-mates still rolling out (`pending`, a description), to wait for at most `wait_seconds`."""
+
+    pending: str
+    wait_seconds: float
+    poke_interval: float
 
 
 class _DeferringSensor(BaseSensorOperator):
@@ -82,19 +92,32 @@ class RolloutSensor(_DeferringSensor):
 
 
 class GateSensor(_DeferringSensor):
-    """Polls one stage's Prometheus checks until the gate passes, fails (N breaches in a row) or times out."""
+    """Polls one stage's Prometheus checks until the gate passes, fails (N breaches in a row) or times out.
+
+    `batch(context)`, when given, names the batch-mates to wait for first: the gate starts when their rollouts have
+    finished (or their wait has run out), so that `watch` sees when the last of them ended."""
 
     def __init__(self, *, stage: str, watch: Callable[[Any], GateWatch], passes_to_pass: int = 1,
-                 **kwargs: Any) -> None:
+                 batch: Callable[[Any], BatchWait | None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.stage = stage
         self.watch = watch
         self.passes_to_pass = passes_to_pass
+        self.batch = batch
 
-    def execute(self, context: Any) -> dict[str, Any] | None:
+    def execute(self, context: Any, event: Any = None, waiting_since: float | None = None) -> dict[str, Any] | None:
         self.check_path(context)
         if context["params"].get("dry_run"):
             return {"stage": self.stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}
+        if self.batch is not None and (b := self.batch(context)) is not None:
+            since = float(waiting_since or time.time())
+            if time.time() - since < b.wait_seconds:
+                # The states are read here, in the worker, between timer deferrals: a late batch-mate is rare
+                self.log.info("%s: waiting for the batch's other rollouts: %s", self.task_id, b.pending)
+                self.defer(trigger=DateTimeTrigger(datetime.now(UTC) + timedelta(seconds=b.poke_interval)),
+                           method_name="execute", kwargs={"waiting_since": since})
+            self.log.warning("%s: starting after %.0fs while %s: their plaintext, if they call this service, keeps "
+                             "it PERMISSIVE", self.task_id, time.time() - since, b.pending)
         w = self.watch(context)
         started = time.time()
         policy = {**w.policy, "deadline": started + w.wait_seconds}

@@ -43,8 +43,9 @@ from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
-from meshwave.sensors import GateSensor, GateWatch, RolloutSensor, RolloutWatch
+from meshwave.sensors import BatchWait, GateSensor, GateWatch, RolloutSensor, RolloutWatch
 from meshwave.steps import ACTIONS, Service
+from meshwave.triggers import batch_mates, unfinished
 
 # The decisions after admit, and the task that makes each (back_to_permissive decides `after_strict` itself).
 DECIDED_BY = {"after_rollout": "after_rollout", "after_soak": "after_soak", "after_strict_gate": "after_strict_gate",
@@ -489,10 +490,12 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
         if stage == "soak":
             params["baseline"] = _xcom(context, prefix, "baseline")["baseline"]
             wait, minimum = s.soak_seconds + s.verify_seconds, s.soak_seconds
-        elif stage == "strict_gate":  # plaintext is counted since the sidecar came; it never "confirms" a failure
-            policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds
-            params["sidecar_seconds"] = stages.sidecar_seconds(_xcom(context, prefix, "soak"),
-                                                               _xcom(context, prefix, "wait_rollout"), s.soak_seconds)
+        elif stage == "strict_gate":  # plaintext is counted since the sidecars came; it never "confirms" a failure
+            sidecar = stages.sidecar_seconds(_xcom(context, prefix, "soak"), _xcom(context, prefix, "wait_rollout"),
+                                             s.soak_seconds, batch_ended=_batch_ended(context, prefix))
+            minimum = stages.strict_gate_hold(sidecar, s.soak_seconds)
+            policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds + minimum
+            params["sidecar_seconds"] = sidecar
         else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
             gate = _xcom(context, prefix, "strict_gate").get("extra", {})
             own = _xcom(context, prefix, "baseline").get("baseline", {}).get("success_rate")
@@ -508,6 +511,41 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
         return GateWatch(svc.cluster.prometheus_conn_id, params, policy, wait, s.poke_interval_seconds, minimum)
 
     return watch
+
+
+BATCH_POKE_SECONDS = 15  # how often a gate waiting for late batch-mates looks again (each look is a task start)
+
+
+def _batch_mates(context: dict[str, Any], prefix: str) -> tuple[str, dict[int, str]]:
+    """The batch's other rollout waits (this group's other map indexes in the run), and their states."""
+    ti, task_id = context["ti"], f"{prefix}.wait_rollout"
+    found = ti.get_task_states(dag_id=ti.dag_id, task_ids=[task_id], run_ids=[ti.run_id]).get(ti.run_id, {})
+    return task_id, batch_mates(found, task_id, ti.map_index)
+
+
+def _batch_ended(context: dict[str, Any], prefix: str) -> float | None:
+    """When the last of the batch's other rollouts ended."""
+    task_id, mates = _batch_mates(context, prefix)
+    events = context["ti"].xcom_pull(task_ids=task_id, map_indexes=sorted(mates)) if mates else []
+    ended = [e["ended"] for e in events or [] if isinstance(e, dict) and isinstance(e.get("ended"), int | float)]
+    return max(ended, default=None)
+
+
+def _batch_wait(prefix: str) -> Callable[[dict[str, Any]], BatchWait | None]:
+    """The strict gate's wait for the batch's other rollouts: a batch-mate that calls this service sends plaintext
+    until its own sidecar is in (a killed worker can delay it by minutes). None when none is still rolling out."""
+
+    def batch(context: dict[str, Any]) -> BatchWait | None:
+        _, mates = _batch_mates(context, prefix)
+        pending = unfinished(mates)
+        if not pending:
+            return None
+        s = _service(context, prefix).settings
+        what = ", ".join(f"map index {i} ({mates[i] or 'not started'})" for i in pending)
+        return BatchWait(what, float(s.rollout_timeout_seconds + s.strict_gate_timeout_seconds),
+                         max(float(s.poke_interval_seconds), BATCH_POKE_SECONDS))
+
+    return batch
 
 
 def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]],
@@ -616,7 +654,7 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
                           on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
-                                 on_path=on_path(prefix, "strict_gate"), **RETRIES)
+                                 batch=_batch_wait(prefix), on_path=on_path(prefix, "strict_gate"), **RETRIES)
         # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
         flip = _step("flip_strict", prefix, holding(_flip, _unverified_seconds), on_path(prefix, "flip_strict"),
                      final=(NotInForce,))

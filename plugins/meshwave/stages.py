@@ -36,6 +36,9 @@ STAGES = ("soak", "strict_gate", "verify_strict", "verify_recovery")
 # share one batched query; rounding up only looks further back, it never misses an event.
 EVENTS_STEP_SECONDS = 30
 LOOKBACK_STEP_SECONDS = 5  # the STRICT gate's lookback: a poke at the plan defaults' fastest
+# A late batch-mate's plaintext is left out from this long after its rollout ended: the lookback's rounding up and a
+# scrape that lands after the last plaintext request. Too short errs towards PERMISSIVE (plaintext seen), not STRICT.
+BATCH_MARGIN_SECONDS = 2 * LOOKBACK_STEP_SECONDS
 
 
 @dataclass
@@ -78,14 +81,28 @@ def strict_lookback(window: str, sidecar_seconds: float, elapsed: float) -> str:
 
 
 def sidecar_seconds(soak: dict[str, Any], rollout: dict[str, Any], soak_seconds: float,
-                    now: float | None = None) -> float:
-    """How long the service's pods have all had their sidecar when the STRICT gate starts: since its soak began
-    (the rollout done), else since the rollout wait ended, else the plan's soak (a run that recorded neither)."""
+                    now: float | None = None, batch_ended: float | None = None) -> float:
+    """How long the service's pods, and its batch's, have all had their sidecar when the STRICT gate starts.
+
+    Its own: since its soak began (the rollout done), else since the rollout wait ended, else the plan's soak (a run
+    that recorded neither). A batch-mate whose rollout ended later (`batch_ended`: a killed worker delayed it) may
+    call this service, in plaintext until its own pods had their sidecar: the count starts BATCH_MARGIN_SECONDS
+    after it, and the gate then waits until that is a soak's length (`strict_gate_hold`)."""
     now = time.time() if now is None else now
+    own = float(soak_seconds)
     for started in (soak.get("started"), rollout.get("ended")):
         if isinstance(started, int | float) and 0 < started <= now:
-            return now - float(started)
-    return float(soak_seconds)
+            own = now - float(started)
+            break
+    if isinstance(batch_ended, int | float) and 0 < batch_ended <= now:
+        return min(own, max(0.0, now - float(batch_ended) - BATCH_MARGIN_SECONDS))
+    return own
+
+
+def strict_gate_hold(sidecar: float, soak_seconds: float) -> float:
+    """How long the STRICT gate may not pass: until plaintext has been counted over at least a soak's length (a
+    late batch-mate moved the count's start past the soak's; see sidecar_seconds)."""
+    return max(0.0, float(soak_seconds) - sidecar)
 
 
 def poll_params(stage: str, params: dict[str, Any], elapsed: float) -> dict[str, Any]:

@@ -136,3 +136,66 @@ def test_a_caller_that_calls_every_90_s_keeps_the_gate_failing_at_every_poll() -
         lookback.append(c.strict_gate(prom, NS, WL, window, lookback=params["lookback"])[0].outcome)
     assert Outcome.PASS in one_window, "one query window misses the caller between its bursts"
     assert set(lookback) == {Outcome.FAIL}
+
+
+# ---- a late batch-mate (a killed worker delayed its rollout) ----------------------------------------------------
+def test_a_batch_mate_that_rolled_out_later_moves_the_count_s_start_past_its_plaintext() -> None:
+    """cart soaked from now - 100; frontend, its caller in the same batch, was delayed by a killed worker and had its
+    sidecar only 40 s ago: its plaintext until then is left out (plus the margin), and the gate may not pass before
+    it has counted a soak's length (60 s) from there."""
+    now = 10_000.0
+    sidecar = stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now - 40)
+    assert sidecar == 40 - stages.BATCH_MARGIN_SECONDS
+    assert stages.strict_gate_hold(sidecar, 60) == 60 - sidecar
+    # a batch-mate done before this service's soak changes nothing but the margin
+    early = stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now - 200)
+    assert early == 100 and stages.strict_gate_hold(early, 60) == 0
+    assert stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now + 5) == 100, "future clock"
+
+
+def test_the_batch_mates_are_the_other_map_indexes_of_the_rollout_wait() -> None:
+    from meshwave.triggers import batch_mates, unfinished
+
+    states = {"batch_1.wait_rollout_0": "up_for_retry", "batch_1.wait_rollout_1": None,
+              "batch_1.wait_rollout_2": "success", "batch_1.wait_rollout_3": "upstream_failed",
+              "batch_1.wait_rollout_10": "deferred", "batch_1.soak_0": "running", "batch_10.wait_rollout_4": None}
+    mates = batch_mates(states, "batch_1.wait_rollout", own_map_index=1)
+    assert mates == {0: "up_for_retry", 2: "success", 3: "upstream_failed", 10: "deferred"}
+    assert unfinished(mates) == [0, 10]
+
+
+def test_the_strict_gate_waits_for_late_batch_mates_then_starts_without_them() -> None:
+    """While a batch-mate rolls out, the gate defers on a timer and looks again; past the wait it starts anyway (the
+    late caller's plaintext then keeps the service PERMISSIVE: fail closed)."""
+    import time
+
+    from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+    from airflow.sdk.exceptions import TaskDeferred
+
+    from meshwave.sensors import BatchWait, GateSensor, GateWatch
+    from meshwave.triggers import GateTrigger
+
+    looks: list[int] = []
+
+    def batch(context: object) -> BatchWait:
+        looks.append(1)
+        return BatchWait("map index 0 (up_for_retry)", 300.0, 15.0)
+
+    watch = GateWatch("prom", {"namespace": NS}, {"breaches_to_fail": 2}, 60.0, 5.0)
+    sensor = GateSensor(task_id="strict_gate", stage="strict_gate", watch=lambda c: watch, batch=batch)
+    context = {"params": {}}
+    with pytest.raises(TaskDeferred) as waiting:
+        sensor.execute(context)
+    assert isinstance(waiting.value.trigger, DateTimeTrigger) and waiting.value.method_name == "execute"
+    since = waiting.value.kwargs["waiting_since"]
+    with pytest.raises(TaskDeferred) as still:
+        sensor.execute(context, event=None, waiting_since=since)
+    assert isinstance(still.value.trigger, DateTimeTrigger) and still.value.kwargs == {"waiting_since": since}
+    with pytest.raises(TaskDeferred) as gate:
+        sensor.execute(context, event=None, waiting_since=time.time() - 301)
+    assert isinstance(gate.value.trigger, GateTrigger) and gate.value.method_name == "execute_complete"
+    assert len(looks) == 3
+    none_late = GateSensor(task_id="strict_gate", stage="strict_gate", watch=lambda c: watch, batch=lambda c: None)
+    with pytest.raises(TaskDeferred) as at_once:
+        none_late.execute(context)
+    assert isinstance(at_once.value.trigger, GateTrigger)
