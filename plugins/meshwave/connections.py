@@ -16,16 +16,17 @@ from __future__ import annotations
 import base64
 import re
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kubernetes import client as k8s_client
-
-from meshwave.kube import MeshKube
 from meshwave.prometheus import PrometheusSource
+
+if TYPE_CHECKING:  # the kubernetes client loads when a cluster is first called, not at DAG parse or plugin load
+    from meshwave.kube import MeshKube
 
 
 def _kubernetes_hook_class() -> type:
     from airflow.providers.cncf.kubernetes.hooks.kubernetes import KubernetesHook
+    from kubernetes import client as k8s_client
 
     class ConnectedKubernetesHook(KubernetesHook):
         """The provider's hook on an already-fetched connection, with a client configuration of its own
@@ -45,6 +46,8 @@ def _kubernetes_hook_class() -> type:
 def mesh_kube(connection: Any, cluster: str, root_namespace: str = "istio-system", dry_run: bool = False, *,
               revision: str | None = None) -> MeshKube:
     """`revision`: the plan's clusters.<name>.revision; None lets MeshKube find it from the injection webhooks."""
+    from meshwave.kube import MeshKube
+
     hook = _kubernetes_hook_class()(connection)
     return MeshKube(hook.api_client, cluster, root_namespace=root_namespace, dry_run=dry_run, revision=revision)
 

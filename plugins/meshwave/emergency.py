@@ -18,19 +18,21 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from string import Template
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from meshwave.access import check_connection_id, connection_prefixes
 from meshwave.changes import Change
 from meshwave.fleet import Fleet
 from meshwave.gitops import revert_note, reverted_by
-from meshwave.kube import MeshKube, WorkloadNotFound, WorkloadState
-from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError
+from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError, WorkloadNotFound
 from meshwave.mtls import effective_mtls, match_labels
 from meshwave.names import rfc1123_label
 from meshwave.peer_auth import strict_parts
 from meshwave.plan import CONN_ID
 from meshwave.prometheus import PrometheusError, Source, load_queries, validate_label, validate_window
+
+if TYPE_CHECKING:  # the kubernetes client loads where a cluster is called, not at DAG parse
+    from meshwave.kube import MeshKube, WorkloadState
 
 ALL = "all"
 CRITICALITY = ("critical", "high", "medium", "low")  # then: unknown (not in any plan)

@@ -16,7 +16,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from airflow.sdk import BaseHook, BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
@@ -27,8 +27,11 @@ from meshwave import outbound
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.fleet import load_fleet
-from meshwave.kube import KubeError, MeshKube
+from meshwave.kube_errors import KubeError
 from meshwave.prometheus import PrometheusError, Source
+
+if TYPE_CHECKING:
+    from meshwave.kube import MeshKube
 
 POLL_SECONDS = 2.0
 MARGIN = 120  # seconds the task timeout leaves a trigger to report its own deadline

@@ -31,12 +31,18 @@ from dataclasses import asdict, dataclass, field
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
-from kubernetes.utils import parse_quantity
-
 from meshwave.kube_errors import AccessDenied
 
 if TYPE_CHECKING:
     from meshwave.kube import MeshKube
+
+
+def _quantity(value: Any) -> Any:
+    """A Kubernetes quantity ("87Mi", "250m"), parsed as the kubernetes client does (loaded on first use)."""
+    from kubernetes.utils import parse_quantity
+
+    return parse_quantity(value)
+
 
 MI = 2**20
 COMPUTE = ("cpu", "memory")
@@ -99,7 +105,7 @@ def shown(name: str, value: Decimal) -> str:
 
 
 def _parsed(values: Mapping[str, Any]) -> dict[str, Decimal]:
-    return {k: Decimal(parse_quantity(v)) for k, v in values.items() if k in COMPUTE and v is not None}
+    return {k: Decimal(_quantity(v)) for k, v in values.items() if k in COMPUTE and v is not None}
 
 
 def proxy_sizing(annotations: Mapping[str, str], template: Mapping[str, Mapping[str, Any]] | None,
@@ -144,9 +150,9 @@ def limit_range_refusals(proxy: ProxySizing, limit_ranges: Iterable[Mapping[str,
             if item.get("type") != "Container":
                 continue
             for key, value in (item.get("min") or {}).items():
-                refusals += [f"LimitRange {name}: {m}" for m in _min(key, Decimal(parse_quantity(value)), proxy)]
+                refusals += [f"LimitRange {name}: {m}" for m in _min(key, Decimal(_quantity(value)), proxy)]
             for key, value in (item.get("max") or {}).items():
-                refusals += [f"LimitRange {name}: {m}" for m in _max(key, Decimal(parse_quantity(value)), proxy)]
+                refusals += [f"LimitRange {name}: {m}" for m in _max(key, Decimal(_quantity(value)), proxy)]
     return refusals
 
 
@@ -256,7 +262,7 @@ def _unnamed(key: str, proxy: ProxySizing) -> bool:
 
 
 def _quota_values(values: Mapping[str, Any]) -> dict[str, Decimal]:
-    return {k: Decimal(parse_quantity(v)) for k, v in values.items()}
+    return {k: Decimal(_quantity(v)) for k, v in values.items()}
 
 
 def node_room(nodes: Iterable[Mapping[str, Any]], pods: Iterable[Mapping[str, Any]]) -> dict[str, Decimal]:

@@ -188,3 +188,28 @@ def test_undo_outlasts_a_control_plane_upgrade_and_an_unverified_strict_is_not_r
                       task.max_retry_delay.total_seconds()) for attempt in range(1, task.retries + 1)]
         assert sum(delays) >= 30 * 60, (undo, delays)  # the least it waits: the jitter only adds
     assert tasks["verify_strict"].retries == 0
+
+
+HEAVY = ("pandas", "kubernetes", "matplotlib")
+
+
+def test_plugin_load_and_dag_parse_import_no_heavy_library(tmp_path: Path) -> None:
+    """Issue 15, item 1: the plugin scan skips the library (plugins/.airflowignore) and parsing every DAG file loads
+    neither pandas, the kubernetes client nor matplotlib: each task run pays for them only where it uses them.
+    A fresh interpreter, because this test session has imported them already."""
+    script = f"""
+import sys
+from airflow import plugins_manager
+from airflow.dag_processing.dagbag import DagBag
+plugins_manager.ensure_plugins_loaded() if hasattr(plugins_manager, "ensure_plugins_loaded") else None
+bag = DagBag(dag_folder={str(DAGS)!r})
+assert not bag.import_errors, bag.import_errors
+top = sorted({{m for m in sys.modules if m in ("kube", "report", "plan", "wave", "checks")}})
+print("HEAVY", sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r})), "TOP", top)
+"""
+    env = {**__import__("os").environ, "AIRFLOW_HOME": str(tmp_path / "airflow"),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins")}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(x for x in out.stdout.splitlines() if x.startswith("HEAVY"))
+    assert line == "HEAVY [] TOP []", line
