@@ -17,9 +17,9 @@ from pydantic import ValidationError
 
 from meshwave import guards
 from meshwave.access import operator_access_control
-from meshwave.decisions import RED
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.names import RFC1123_LABEL, rfc1123_label
+from meshwave.outcomes import outcome_of
 from meshwave.plan import ServicePlan, timing_problems
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import ACTIONS, Service
@@ -204,7 +204,8 @@ def _report():
         if not record:
             return {"record": None}
         print(reports.render(reports.report_frame([record])))
-        if record["outcome"] in RED:  # the leaf decides the run's state: a refused or failed action fails the run
+        # the leaf decides the run's state: a refused or failed action fails the run
+        if outcome_of(record["outcome"]).red:
             raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
         return {"outcome": record["outcome"], "reason": record["reason"]}
 

@@ -12,11 +12,6 @@ from typing import Any
 from meshwave.steps import Service
 
 RAN = ("success",)
-# Outcomes that fail the group's outcome task (red in the UI). `frozen` is not among them: the freeze (an operator's,
-# or the emergency rollback's) stopped the service before a write that would make it stricter, and it stays as it
-# was, PERMISSIVE: safe, and what was asked for. `held`: injected, but the soak could not judge it
-# (no data, Prometheus down): it counts against the failure budget and stops the next wave.
-RED = ("rolled_back", "blocked", "failed", "held")
 BROKEN = ("failed", "upstream_failed")
 
 # What a deciding task chooses: the next path's first task, or an end (not_started, hold_permissive,

@@ -19,6 +19,7 @@ from airflow.sdk import DAG, BaseHook, Param, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave.fleet import load_fleet
+from meshwave.outcomes import outcome_of
 from meshwave.pending import Pending
 from meshwave.service_group import DEFAULT_ARGS, kube_for, service_group
 from meshwave.steps import Service
@@ -88,12 +89,10 @@ def _still_due(svc: Service, context: dict[str, Any]) -> None:
     print(f"{p.key}: {current.describe()}: carrying out {current.undo}")
 
 
-UNDONE = ("permissive", "removed", "skipped")  # skipped: settled meanwhile (read again before acting)
-
-
 def not_reconciled(problems: list[str], records: list[dict[str, Any]]) -> list[str]:
     """What this run could not settle: clusters or annotations it could not read, undos that did not complete."""
-    return problems + [f"{r['service']}: {r['outcome']}: {r['reason']}" for r in records if r["outcome"] not in UNDONE]
+    left = [r for r in records if not outcome_of(r["outcome"]).undone]
+    return problems + [f"{r['service']}: {r['outcome']}: {r['reason']}" for r in left]
 
 
 def _summary():

@@ -9,7 +9,8 @@ from typing import Any
 
 import pandas as pd
 
-OUTCOME_ORDER = ["strict", "permissive", "removed", "held", "rolled_back", "blocked", "failed", "skipped", "planned"]
+from meshwave.outcomes import ServiceOutcome
+
 COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "success_before",
            "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
 
@@ -43,7 +44,7 @@ def report_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
 
 def summary(frame: pd.DataFrame) -> dict[str, int]:
     counts = frame["outcome"].value_counts().to_dict() if not frame.empty else {}
-    return {k: int(counts.get(k, 0)) for k in OUTCOME_ORDER if counts.get(k)}
+    return {str(k): int(counts[k]) for k in ServiceOutcome if counts.get(k)}  # in the enum's order
 
 
 def _pair(before: float | None, after: float | None, digits: int) -> str:

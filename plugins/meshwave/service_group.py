@@ -41,6 +41,7 @@ from meshwave import decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
+from meshwave.outcomes import outcome_of
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
 from meshwave.sensors import BatchWait, GateSensor, GateWatch, RolloutSensor, RolloutWatch
@@ -564,8 +565,6 @@ def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[
     return step()
 
 
-# Outcomes in which the run's own decision stands: what it left pending is confirmed (or was never changed).
-SETTLED = ("strict", "permissive", "held", "blocked", "skipped", "rolled_back", "removed", "frozen", "cleared")
 
 
 def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -577,7 +576,7 @@ def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any
         current = kube.pending(p.namespace, p.workload)
         if current is None or current.run != _run_of(context):
             return record  # nothing of this run's (mesh_reconcile's runs undo another run's)
-        if record["outcome"] in SETTLED:
+        if outcome_of(record["outcome"]).settled:
             print(kube.clear_pending(p.namespace, p.workload, f"{record['outcome']}: {record['reason']}"[:300])
                   .summary())
             return record
@@ -623,7 +622,7 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
             _release_lease(state.service, record, context)
         context["ti"].xcom_push(key="record", value=record)
         print(f"{record['service']}: {record['outcome']}: {record['reason']}")
-        if record["outcome"] in decisions.RED:
+        if outcome_of(record["outcome"]).red:
             raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
         return record
 

@@ -35,12 +35,12 @@ from airflow.timetables.events import EventsTimetable
 from meshwave import guards
 from meshwave.fleet import ROOT, check_unique, plans_dir
 from meshwave.kube_errors import KubeError
+from meshwave.outcomes import ServiceOutcome, outcome_of
 from meshwave.plan import Plan, Wave, load_plan
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
-FAILED = ("rolled_back", "failed", "held")  # what counts against a wave's failure budget (held: judged blind)
 
 
 def dry_run_param() -> Param:
@@ -328,7 +328,8 @@ def _circuit_breaker(plan: Plan, services: list[Service], batch: int):
     def breaker(**context: Any) -> dict[str, Any]:
         if context["ti"].xcom_pull(task_ids="wave_preflight", key="error"):
             raise AirflowSkipException("the wave preflight failed: no batch starts")
-        failed = [r["service"] for r in _records(context, services, up_to=batch) if r["outcome"] in FAILED]
+        records = _records(context, services, up_to=batch)
+        failed = [r["service"] for r in records if outcome_of(r["outcome"]).against_budget]
         limit = plan.defaults.max_failures
         if len(failed) >= limit:
             raise AirflowSkipException(f"circuit breaker: {len(failed)} rollbacks/failures ({', '.join(failed)}) "
@@ -349,11 +350,11 @@ def _report(plan: Plan, services: list[Service]):
         print(reports.render(frame))
         print(f"report saved to {path}")
         counts = reports.summary(frame)
-        failed = [r for r in records if r["outcome"] in FAILED]
+        failed = [r for r in records if outcome_of(r["outcome"]).against_budget]
         preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error")
         if preflight_error:
             raise AirflowFailException(preflight_error)
-        if len(failed) >= plan.defaults.max_failures or any(r["outcome"] in ("failed", "held") for r in records):
+        if len(failed) >= plan.defaults.max_failures or any(outcome_of(r["outcome"]).fails_wave for r in records):
             raise AirflowFailException(f"wave over its failure budget, with services in an unknown state or held "
                                        f"without data: {counts}")
         return {"counts": counts, "report": str(path)}
@@ -383,10 +384,10 @@ def _publish(plan: Plan, wave: Wave, services: list[Service]):
         if context["params"].get("dry_run"):
             raise AirflowSkipException("dry run: the next wave is not started")
         records = _records(context, services)
-        left = [r["service"] for r in records if r["outcome"] in ("skipped", "planned", "frozen")]
+        left = [r["service"] for r in records if not outcome_of(r["outcome"]).attempted]
         if left:
             raise AirflowSkipException(f"{len(left)} services not attempted ({', '.join(left)}): the next wave waits")
-        held = [r["service"] for r in records if r["outcome"] == "held"]
+        held = [r["service"] for r in records if r["outcome"] == ServiceOutcome.HELD]
         if held:
             raise AirflowSkipException(f"{len(held)} services held without data ({', '.join(held)}): the next wave "
                                        "waits")

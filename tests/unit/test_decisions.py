@@ -16,6 +16,7 @@ import pytest
 from meshwave import decisions as d
 from meshwave.changes import Change
 from meshwave.checks import GateResult, GateStatus, Outcome, Verdict
+from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import parse_plan
 from meshwave.steps import Service
 
@@ -473,7 +474,7 @@ def test_held_permissive_after_the_soak(own: dict[str, Any], soak: dict[str, Any
     r = record(service(**own), results, st)
     assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": outcome, "mtls": "PERMISSIVE", "sidecar": True, "reason": reason}
-    assert (outcome in d.RED) == (outcome == "held")
+    assert ServiceOutcome(outcome).red == (outcome == "held")
 
 
 def test_skipped_by_the_circuit_breaker() -> None:
@@ -646,7 +647,7 @@ def test_back_to_permissive_on_request_is_a_green_outcome() -> None:
     assert (r["outcome"], r["mtls"], r["action"]) == ("permissive", "PERMISSIVE", "permissive")
     assert r["reason"].startswith("set to PERMISSIVE on request; recovery check: pass")
     assert r["changes"] == [TO_PERMISSIVE]
-    assert r["outcome"] not in d.RED
+    assert not ServiceOutcome(r["outcome"]).red
 
 
 def test_back_to_permissive_that_could_not_be_applied_is_failed_with_the_error() -> None:

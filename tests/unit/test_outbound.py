@@ -14,6 +14,7 @@ from meshwave import prometheus as p
 from meshwave.kube import PodState
 from meshwave.mtls import effective_mtls
 from meshwave.outbound import Destination, RemovalRefused, Verdict
+from meshwave.outcomes import ServiceOutcome
 from tests.unit.test_steps import NS, WL, FakeKube, FakeSource, deployment_state, service
 
 MESHWAVE = {"app.kubernetes.io/managed-by": "meshwave"}
@@ -166,7 +167,7 @@ def test_a_requested_removal_that_made_things_worse_is_red_and_says_so() -> None
     states = {"admit": "success", "rollback_injection": "success", "wait_rollback": "success"}
     results: dict[str, Any] = {"wait_rollback": {"status": "done", "message": "2/2 pods"}, "after_removal": WORSE}
     record = decisions.outcome(svc, results, states, {}, {}, dry_run=False)
-    assert record["outcome"] == "failed" and record["outcome"] in decisions.RED
+    assert record["outcome"] == "failed" and ServiceOutcome(record["outcome"]).red
     assert record["reason"] == ("sidecar removed on request, but the removal made things WORSE: its own success rate "
                                 "0.400 over 20s after the rollout, 1.000 before")
     results["after_removal"] = outbound.compare(1.0, 1.0, 0.02, "20s").model_dump()

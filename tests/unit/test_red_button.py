@@ -11,6 +11,7 @@ import pytest
 from meshwave import decisions, guards
 from meshwave import emergency as em
 from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError
+from meshwave.outcomes import ServiceOutcome
 from tests.unit.test_emergency import FakeKube, policy
 
 WEBHOOK = 'admission webhook "validation.gatekeeper.sh" denied the request: [keep-strict] must stay STRICT'
@@ -140,7 +141,7 @@ def test_a_service_frozen_before_its_flip_ends_frozen_with_the_reason_not_strict
                                        errors, {"after_strict_gate_to": decisions.FLIP}, False)
     assert final == {"outcome": "frozen", "mtls": "PERMISSIVE", "sidecar": True,
                      "reason": f"sidecar kept, not STRICT: {errors['flip_strict']}"}
-    assert "frozen" not in decisions.RED, "safe and asked for: not a failure of the service"
+    assert not ServiceOutcome.FROZEN.red, "safe and asked for: not a failure of the service"
 
 
 def test_a_service_frozen_before_its_injection_ends_frozen_without_a_sidecar() -> None:
