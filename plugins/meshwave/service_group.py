@@ -139,25 +139,34 @@ def _pull(context: dict[str, Any], prefix: str, step: str, key: str = "return_va
     return ti.xcom_pull(task_ids=f"{prefix}.{step}", key=key, map_indexes=ti.map_index)
 
 
+# Task states in which a step may have left an error (recording() pushes one when the step raises).
+_MAY_HAVE_ERROR = ("failed", "up_for_retry", "skipped")
+
+
 class GroupState:
-    """What this service's tasks left behind, read by its deciding tasks and its outcome."""
+    """What this service's tasks left behind, read by its deciding tasks and its outcome.
+
+    The states come first, in one request; then only the XComs that can exist: a step's result when it succeeded,
+    its error when it failed or skipped, a decision when its task ran. Every pull is a round trip to the API
+    server (a task start of a deciding task spent 11 s on 34 of them on a loaded 2-core machine)."""
 
     def __init__(self, context: dict[str, Any], prefix: str) -> None:
         ti = context["ti"]
         self.prefix = prefix
-        self.results = {s: _pull(context, prefix, s) for s in STEPS}
-        self.errors = {s: e for s in STEPS if (e := _pull(context, prefix, s, "error"))}
-        self.decisions: dict[str, str] = {}
-        for b, by in DECIDED_BY.items():
-            d = _pull(context, prefix, by, "decision")
-            if d:
-                self.decisions[b], self.decisions[f"{b}_to"] = d["why"], d["to"]
         found = ti.get_task_states(dag_id=ti.dag_id, task_group_id=prefix, map_index=ti.map_index,
                                    run_ids=[ti.run_id]).get(ti.run_id, {})
         # a mapped task instance's state comes keyed "<group>.<task>_<map index>"
         self.states = {tid.removeprefix(f"{prefix}.").removesuffix(f"_{ti.map_index}"): st
                        for tid, st in found.items()}
-        admitted = _pull(context, prefix, "admit", "service")
+        self.results = {s: _pull(context, prefix, s) if self.states.get(s) == "success" else None for s in STEPS}
+        self.errors = {s: e for s in STEPS
+                       if self.states.get(s) in _MAY_HAVE_ERROR and (e := _pull(context, prefix, s, "error"))}
+        self.decisions: dict[str, str] = {}
+        for b, by in DECIDED_BY.items():
+            d = _pull(context, prefix, by, "decision") if self.states.get(by) is not None else None  # ran
+            if d:
+                self.decisions[b], self.decisions[f"{b}_to"] = d["why"], d["to"]
+        admitted = _pull(context, prefix, "admit", "service") if self.states.get("admit") == "success" else None
         self.service = Service.from_dict(admitted) if admitted else None
 
 
