@@ -46,7 +46,6 @@ from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
 from meshwave.sensors import BatchWait, GateSensor, GateWatch, RolloutSensor, RolloutWatch
 from meshwave.steps import ACTIONS, Service
-from meshwave.triggers import batch_mates, unfinished
 
 # The decisions after admit, and the task that makes each (back_to_permissive decides `after_strict` itself).
 DECIDED_BY = {"after_rollout": "after_rollout", "after_soak": "after_soak", "after_strict_gate": "after_strict_gate",
@@ -526,6 +525,25 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
 BATCH_POKE_SECONDS = 15  # how often a gate waiting for late batch-mates looks again (each look is a task start)
 
 
+# Task instance states in which a batch-mate's rollout wait will not change what its pods run any more.
+FINISHED = ("success", "failed", "skipped", "upstream_failed", "removed")
+
+
+def batch_mates(states: dict[str, Any], task_id: str, own_map_index: int) -> dict[int, str]:
+    """The states of `task_id`'s map indexes other than the caller's own. `states` is get_task_states' answer for
+    one run: a mapped task instance comes keyed "<task id>_<map index>"."""
+    mates = {}
+    for key, state in states.items():
+        head, _, index = key.rpartition("_")
+        if head == task_id and index.isdigit() and int(index) != own_map_index:
+            mates[int(index)] = state
+    return mates
+
+
+def unfinished(mates: dict[int, str]) -> list[int]:
+    return sorted(i for i, state in mates.items() if state not in FINISHED)
+
+
 def _batch_mates(context: dict[str, Any], prefix: str) -> tuple[str, dict[int, str]]:
     """The batch's other rollout waits (this group's other map indexes in the run), and their states."""
     ti, task_id = context["ti"], f"{prefix}.wait_rollout"
@@ -536,7 +554,8 @@ def _batch_mates(context: dict[str, Any], prefix: str) -> tuple[str, dict[int, s
 def _batch_ended(context: dict[str, Any], prefix: str) -> float | None:
     """When the last of the batch's other rollouts ended."""
     task_id, mates = _batch_mates(context, prefix)
-    events = context["ti"].xcom_pull(task_ids=task_id, map_indexes=sorted(mates)) if mates else []
+    done = sorted(i for i, state in mates.items() if state == "success")  # only they pushed their rollout's end
+    events = context["ti"].xcom_pull(task_ids=task_id, map_indexes=done) if done else []
     ended = [e["ended"] for e in events or [] if isinstance(e, dict) and isinstance(e.get("ended"), int | float)]
     return max(ended, default=None)
 

@@ -77,25 +77,6 @@ class RolloutTrigger(BaseTrigger):
             await asyncio.sleep(self.poke_interval)
 
 
-# Task instance states in which a batch-mate's rollout wait will not change what its pods run any more.
-FINISHED = ("success", "failed", "skipped", "upstream_failed", "removed")
-
-
-def batch_mates(states: dict[str, Any], task_id: str, own_map_index: int) -> dict[int, str]:
-    """The states of `task_id`'s map indexes other than the caller's own. `states` is get_task_states' answer for
-    one run: a mapped task instance comes keyed "<task id>_<map index>"."""
-    mates = {}
-    for key, state in states.items():
-        head, _, index = key.rpartition("_")
-        if head == task_id and index.isdigit() and int(index) != own_map_index:
-            mates[int(index)] = state
-    return mates
-
-
-def unfinished(mates: dict[int, str]) -> list[int]:
-    return sorted(i for i, state in mates.items() if state not in FINISHED)
-
-
 class GateTrigger(BaseTrigger):
     """Evaluates one stage's Prometheus checks every poke until the gate decides.
 

@@ -154,7 +154,7 @@ def test_a_batch_mate_that_rolled_out_later_moves_the_count_s_start_past_its_pla
 
 
 def test_the_batch_mates_are_the_other_map_indexes_of_the_rollout_wait() -> None:
-    from meshwave.triggers import batch_mates, unfinished
+    from meshwave.service_group import batch_mates, unfinished
 
     states = {"batch_1.wait_rollout_0": "up_for_retry", "batch_1.wait_rollout_1": None,
               "batch_1.wait_rollout_2": "success", "batch_1.wait_rollout_3": "upstream_failed",
