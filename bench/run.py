@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one table, and bench/results.json.
 
-    .venv/bin/python -m bench.run [--only parse,soak,prom_load,rollback,lab] [--output bench/results.json]
+    .venv/bin/python -m bench.run [--only parse,soak,prom_load,rollback,lab,floor] [--output bench/results.json]
 
 Each benchmark runs in its own process and starts (and stops) the lab, Prometheus and Airflow it needs; it
 prints one BENCH-RESULT line that this runner collects. A benchmark that fails is a row saying so, and the
@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     "lab": ["bench.lab_cpu", "--bench", "--seconds", "60"],
     "rollback": ["bench.rollback"],
     "soak": ["bench.soak", "--services", "50", "--soak", "60"],
+    "floor": ["bench.floor", "--pairs", "3", "--services", "20", "--probes", "3"],
 }
 
 
@@ -47,7 +48,7 @@ def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
 def benchmark_of(figure: dict[str, Any]) -> str | None:
     """The benchmark a figure came from, by the command that re-runs it."""
     modules = {"parse_cost": "parse", "soak": "soak", "prom_load": "prom_load", "rollback": "rollback",
-               "lab_cpu": "lab"}
+               "lab_cpu": "lab", "bench.floor": "floor"}
     return next((name for module, name in modules.items() if module in figure.get("command", "")), None)
 
 

@@ -26,45 +26,20 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.airflow_stack import Stack, dag_ids, retried, stack, stamp, wait_loaded
+from bench.airflow_stack import NOOP_STEPS, Stack, dag_ids, retried, run_noop, stack, stamp, wait_loaded
 from bench.common import PY, Figure, emit, load_average, log
 from bench.fleetgen import deployments, make_plan, synthetic_topology
 from bench.querylog import per_check
 
-SENSORS = ("wait_rollout", "soak", "strict_gate", "verify_strict", "verify_recovery", "wait_rollback")
+# The tasks that wait in the triggerer (inject waits for its rollout, flip_strict verifies, the undos watch theirs).
+SENSORS = ("inject", "soak", "strict_gate", "flip_strict", "back_to_permissive", "rollback_injection")
+WORKER_RUN = '"Worker startup parse complete"'  # what every task process (a start or a resume) logs once
 CLUSTER, WINDOW = "c1", "20s"
 # A 50-service batch really runs in parallel (the default caps a DAG at 16 tasks at once); 8 task processes at once
 # on 2 cores; and every task start parses the whole DAG file again (Airflow 3's task runner), which takes
 # longer than the default 30 s import timeout when several do it at once on a loaded 2-core machine.
 AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE__PARALLELISM": "8",
                "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300"}
-
-
-NOOP_DAG_ID, NOOP_STEPS = "airflow_floor", 5
-NOOP_DAG = f'''"""airflow dag: {NOOP_DAG_ID}, Airflow's own cost per task run (bench.soak)"""
-import pendulum
-from airflow.sdk import dag, task, task_group
-
-
-@task
-def step(key: str) -> str:
-    return key
-
-
-@dag(dag_id="{NOOP_DAG_ID}", schedule=None, start_date=pendulum.datetime(2026, 1, 1), catchup=False)
-def floor():
-    @task_group
-    def service(key: str):
-        out = key
-        for i in range({NOOP_STEPS}):
-            out = step.override(task_id=f"step_{{i}}")(out)
-        return out
-
-    service.expand(key=[f"s{{i}}" for i in range({{n}})])
-
-
-floor()
-'''
 
 
 def plan_for(n: int, soak: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -164,10 +139,10 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     # Tries that Airflow's scheduler failed on a deferring task's stale exit (see meshwave.triggers); retried.
     mismatches = s.airflow.log_path.read_text(errors="replace").count("but the task instance's state attribute is")
     started = sum(bool(t.get("hostname")) for t in tis.values())  # ran on a worker (a scheduler skip does not)
-    resumed = len({tid for x in samples for tid in x["deferred_ids"]})  # a deferred task runs again to finish
+    runs = worker_runs(s, dag_id, run_id)  # starts, resumes and retries: a wait that ends in the triggerer has none
     return {
-        "worker_task_runs": started + resumed, "stale_exit_failures": mismatches,
-        "task_instances_started": started, "resumed_after_deferral": resumed,
+        "worker_task_runs": runs, "stale_exit_failures": mismatches,
+        "task_instances_started": started, "resumed_after_deferral": runs - started,
         "state": run["state"], "wall_seconds": round(end - start, 1), "critical_waits_seconds": soak + verify,
         "soak_span_seconds": round(soak_end - soak_start, 1), "soak_tasks": len(soaks),
         "max_slots_during_soak": max((len(x["running"]) for x in during), default=0),
@@ -183,17 +158,15 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     }
 
 
+def worker_runs(s: Stack, dag_id: str, run_id: str) -> int:
+    """Task processes the run started on a worker, counted from its task logs (one line per process)."""
+    logs = s.airflow.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+    return sum(f.read_text(errors="replace").count(WORKER_RUN) for f in logs.rglob("*.log"))
+
+
 def run_floor(s: Stack, dags: Path, n: int) -> dict[str, Any]:
     """Airflow's own seconds per task run: n x NOOP_STEPS no-op task instances, on the same Airflow."""
-    (dags / f"{NOOP_DAG_ID}.py").write_text(NOOP_DAG.replace("{n}", str(n)))
-    wait_loaded(s, NOOP_DAG_ID)
-    log(f"triggering {NOOP_DAG_ID}: {n} x {NOOP_STEPS} no-op tasks")
-    run_id = retried(lambda: s.airflow.trigger(NOOP_DAG_ID), tries=1)
-    state = s.airflow.wait_for_run(NOOP_DAG_ID, run_id, timeout=1800)
-    run = s.run_info(NOOP_DAG_ID, run_id)
-    wall = stamp(run["end_date"]) - stamp(run["start_date"])
-    return {"state": state, "task_instances": n * NOOP_STEPS, "wall_seconds": round(wall, 1),
-            "seconds_per_task_run": round(wall / (n * NOOP_STEPS), 3)}
+    return run_noop(s.airflow, dags, n)
 
 
 def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[Figure]:
@@ -222,7 +195,7 @@ def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[
         Figure("2 soak", "longest time one soak sensor held a worker slot (to defer, and to resume)",
                r["soak_sensor_running_seconds_max"], "s", command=command, load=load,
                notes=f"mean {r['soak_sensor_running_seconds_mean']} s per soak sensor, sampled every 1 s: the task's "
-                     f"start (parse, execute, defer) and its resume (parse, execute_complete)"),
+                     f"start (parse, execute, defer); its trigger ends it (no resume)"),
         Figure("2 soak", f"Airflow alone: {floor['task_instances']} no-op tasks ({n} map indexes x {NOOP_STEPS})",
                floor["wall_seconds"], "s", command=command, load=load,
                notes=f"run {floor['state']}; {per_run} s of wall time per task run, on the same Airflow (parallelism "
