@@ -7,6 +7,7 @@ failed step recorded (`errors[step]`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from meshwave.steps import Service
@@ -32,34 +33,56 @@ def after_rollout(results: dict[str, Any], states: dict[str, str | None],
         if str(errors.get("inject", "")).startswith("blocked:"):
             return NOT_STARTED, f"injection refused before any change: {errors['inject']}"
         return ROLLBACK_AFTER_ROLLOUT, "injection failed part-way: undo whatever was applied"
-    rollout = results.get("wait_rollout") or {}
     if states.get("wait_rollout") != "success":
         return ROLLBACK_AFTER_ROLLOUT, "could not follow the rollout"
+    return rollout_decision(results.get("wait_rollout") or {})
+
+
+def rollout_decision(rollout: dict[str, Any]) -> tuple[str, str]:
+    """After a rollout the wait followed to its end (made where the wait ends: in the triggerer)."""
     if rollout.get("status") == "done":
         return SOAK, rollout.get("message", "rolled out")
     return ROLLBACK_AFTER_ROLLOUT, f"rollout {rollout.get('status')}: {rollout.get('message')}"
 
 
 def after_soak(svc: Service, results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
-    soak = results.get("soak") or {}
-    status = soak.get("status") if states.get("soak") == "success" else "error"
+    soak = (results.get("soak") or {}) if states.get("soak") == "success" else {"status": "error"}
+    return soak_decision(soak, SoakFacts(strict=svc.strict, action=svc.action,
+                                         on_no_data=svc.settings.on_no_data))
+
+
+@dataclass(frozen=True)
+class SoakFacts:
+    """What the decision after the soak needs of the service (a trigger's kwargs carry it)."""
+
+    strict: bool
+    action: str
+    on_no_data: str
+
+
+def soak_decision(soak: dict[str, Any], facts: SoakFacts) -> tuple[str, str]:
+    status = soak.get("status") or "error"
     reason = soak.get("reason") or "the soak did not report"
     if status == "pass":
-        if svc.strict:
+        if facts.strict:
             return STRICT_GATE, f"soak passed: {reason}"
-        if svc.action == "inject_only":
+        if facts.action == "inject_only":
             return HOLD, "soak passed; action inject_only: stays PERMISSIVE"
         return HOLD, "soak passed; the plan keeps this service PERMISSIVE (strict: false)"
     if status == "fail":
         return ROLLBACK_AFTER_SOAK, f"soak failed: {reason}"
-    if svc.settings.on_no_data == "rollback":
+    if facts.on_no_data == "rollback":
         return ROLLBACK_AFTER_SOAK, f"soak ended {status} and the plan says roll back: {reason}"
     return HOLD, f"soak ended {status}; the plan says hold (sidecar kept, PERMISSIVE): {reason}"
 
 
 def after_strict_gate(results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
-    gate = results.get("strict_gate") or {}
-    if states.get("strict_gate") == "success" and gate.get("status") == "pass":
+    gate = (results.get("strict_gate") or {}) if states.get("strict_gate") == "success" else {}
+    return gate_decision(gate)
+
+
+def gate_decision(gate: dict[str, Any]) -> tuple[str, str]:
+    if gate.get("status") == "pass":
         return FLIP, gate.get("reason", "no plaintext callers")
     callers = (gate.get("extra") or {}).get("plaintext_callers") or []
     if callers:

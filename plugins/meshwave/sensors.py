@@ -1,8 +1,10 @@
-"""Deferrable sensors: they hold no worker slot while they wait, and they return the outcome (as XCom)
-instead of failing, so the branch after them decides what happens (continue, hold, roll back).
+"""Deferrable waits: they hold no worker slot while they wait, and their trigger ends the task with the wait's
+result (and the decision after it) as XComs, instead of failing, so what follows reads what happened (continue,
+hold, roll back). No worker starts again to resume the task.
 
 What to watch is resolved at run time (`watch(context)`), from the service the group admitted: the same
-sensor serves a wave's planned service and an ad-hoc run's service from the trigger form.
+wait serves a wave's planned service and an ad-hoc run's service from the trigger form. A step that writes and
+then waits (inject, flip_strict, the undos) raises `rollout_deferral` / `gate_deferral` itself.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from typing import Any
 
 from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseSensorOperator
-from airflow.sdk.exceptions import AirflowException
+from airflow.sdk.exceptions import TaskDeferred
 
-from meshwave.triggers import GateTrigger, RolloutTrigger
+from meshwave.triggers import GateTrigger, RolloutTrigger, ended
 
 MARGIN = 120  # seconds the deferral timeout leaves the trigger to report its own deadline
 
@@ -51,64 +53,49 @@ class BatchWait:
     poke_interval: float
 
 
-class _DeferringSensor(BaseSensorOperator):
-    """`on_path(context)`, when given, runs first: it raises AirflowSkipException when this service's path does
-    not go through the sensor (see service_group.py)."""
-
-    ui_color = "#e8f4fd"
-
-    def __init__(self, *, on_path: Callable[[Any], None] | None = None, **kwargs: Any) -> None:
-        super().__init__(poke_interval=kwargs.pop("poke_interval", 5), **kwargs)
-        self.on_path = on_path
-
-    def check_path(self, context: Any) -> None:
-        if self.on_path is not None:
-            self.on_path(context)
-
-    def execute_complete(self, context: Any, event: dict[str, Any] | None = None) -> dict[str, Any]:
-        if not event:
-            raise AirflowException(f"{self.task_id}: the trigger ended without an event")
-        self.log.info("%s: %s: %s", self.task_id, event.get("status"), event.get("message") or event.get("reason"))
-        return event
+def rollout_deferral(w: RolloutWatch, expect_proxy: bool, result_key: str,
+                     decide: dict[str, Any] | None = None) -> TaskDeferred:
+    """Wait for the rollout in the triggerer, which ends the task (`method_name` is never called)."""
+    return TaskDeferred(trigger=RolloutTrigger(w.kubernetes_conn_id, w.cluster, w.namespace, w.workload, expect_proxy,
+                                               float(w.poke_interval), time.time() + w.wait_seconds, result_key,
+                                               decide),
+                        method_name="execute", timeout=timedelta(seconds=w.wait_seconds + MARGIN))
 
 
-class RolloutSensor(_DeferringSensor):
-    """Waits for a deployment's rollout: done, failed (fast, on OOMKilled or CrashLoopBackOff) or timeout."""
-
-    def __init__(self, *, watch: Callable[[Any], RolloutWatch], expect_proxy: bool, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.watch = watch
-        self.expect_proxy = expect_proxy
-
-    def execute(self, context: Any) -> dict[str, Any] | None:
-        self.check_path(context)
-        if context["params"].get("dry_run"):
-            return {"status": "done", "message": "dry run: nothing changed, nothing to wait for", "dry_run": True}
-        w = self.watch(context)
-        self.defer(trigger=RolloutTrigger(w.kubernetes_conn_id, w.cluster, w.namespace, w.workload, self.expect_proxy,
-                                          float(w.poke_interval), time.time() + w.wait_seconds),
-                   method_name="execute_complete", timeout=timedelta(seconds=w.wait_seconds + MARGIN))
-        return None
+def gate_deferral(w: GateWatch, stage: str, passes_to_pass: int = 1,
+                  decide: dict[str, Any] | None = None) -> TaskDeferred:
+    """Poll one stage's Prometheus checks in the triggerer until the gate decides; the trigger ends the task."""
+    started = time.time()
+    policy = {**w.policy, "deadline": started + w.wait_seconds}
+    return TaskDeferred(trigger=GateTrigger(w.prometheus_conn_id, stage, w.params, policy, float(w.poke_interval),
+                                            started, w.min_seconds, passes_to_pass, decide=decide),
+                        method_name="execute", timeout=timedelta(seconds=w.wait_seconds + MARGIN))
 
 
-class GateSensor(_DeferringSensor):
+class GateSensor(BaseSensorOperator):
     """Polls one stage's Prometheus checks until the gate passes, fails (N breaches in a row) or times out.
 
+    `on_path(context)`, when given, runs first: it raises AirflowSkipException when this service's path does not
+    go through the gate (see service_group.py). `decide(context)` gives what the decision after the gate needs.
     `batch(context)`, when given, names the batch-mates to wait for first: the gate starts when their rollouts have
     finished (or their wait has run out), so that `watch` sees when the last of them ended."""
 
-    def __init__(self, *, stage: str, watch: Callable[[Any], GateWatch], passes_to_pass: int = 1,
+    ui_color = "#e8f4fd"
+
+    def __init__(self, *, stage: str, watch: Callable[[Any], GateWatch],
+                 decide: Callable[[Any], dict[str, Any]], on_path: Callable[[Any], None],
                  batch: Callable[[Any], BatchWait | None] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.stage = stage
         self.watch = watch
-        self.passes_to_pass = passes_to_pass
+        self.decide = decide
+        self.on_path = on_path
         self.batch = batch
 
     def execute(self, context: Any, event: Any = None, waiting_since: float | None = None) -> dict[str, Any] | None:
-        self.check_path(context)
+        self.on_path(context)
         if context["params"].get("dry_run"):
-            return {"stage": self.stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}
+            return self.dry_run(context)
         if self.batch is not None and (b := self.batch(context)) is not None:
             since = float(waiting_since or time.time())
             if time.time() - since < b.wait_seconds:
@@ -118,10 +105,11 @@ class GateSensor(_DeferringSensor):
                            method_name="execute", kwargs={"waiting_since": since})
             self.log.warning("%s: starting after %.0fs while %s: their plaintext, if they call this service, keeps "
                              "it PERMISSIVE", self.task_id, time.time() - since, b.pending)
-        w = self.watch(context)
-        started = time.time()
-        policy = {**w.policy, "deadline": started + w.wait_seconds}
-        self.defer(trigger=GateTrigger(w.prometheus_conn_id, self.stage, w.params, policy, float(w.poke_interval),
-                                       started, w.min_seconds, self.passes_to_pass),
-                   method_name="execute_complete", timeout=timedelta(seconds=w.wait_seconds + MARGIN))
+        raise gate_deferral(self.watch(context), self.stage, decide=self.decide(context))
+
+    def dry_run(self, context: Any) -> None:
+        """Nothing was changed, so nothing is checked: the gate passes and says so, and decides as after a pass."""
+        event = {"stage": self.stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}
+        for key, value in (ended(self.stage, event, self.decide(context)).xcoms or {}).items():
+            context["ti"].xcom_push(key=key, value=value)
         return None

@@ -1,28 +1,32 @@
 """The service task group: the same group in a wave DAG and in the ad-hoc DAG (one code path).
 
 It is a *mapped* task group: one group per batch, expanded over the batch's services (one map index per
-service, labelled with the service's key in the UI). A DAG then has the same 17 tasks per batch however
-many services a batch holds, which keeps parsing and every task start cheap (a task process parses its DAG).
-Inside the group, every XCom read and task state is the calling service's own map index.
+service, labelled with the service's key in the UI). A DAG then has the same 8 tasks per batch however many
+services a batch holds, which keeps parsing and every task start cheap (a task process parses its DAG). Inside the
+group, every XCom read and task state is the calling service's own map index.
 
-    admit: resolve the service (the plan, or the trigger form), refuse bad input, apply the guards
-      (freeze, maintenance window), decide by action: preflight | to_permissive | to_remove
-    preflight -> baseline -> inject -> wait_rollout -> after_rollout
-      after_rollout decides: soak | rollback_after_rollout | not_started (the end)
-      soak -> after_soak decides: strict_gate | rollback_after_soak | hold_permissive (the end)
-      strict_gate -> after_strict_gate decides: flip_strict | stay_permissive (the end)
-      flip_strict -> verify_strict
-    back_to_permissive -> verify_recovery: on request (admit: to_permissive), or after STRICT unless it was
-      verified (it decides that itself, as `after_strict`: one task start less between a breach and PERMISSIVE)
-    rollback_injection (admit: to_remove, or a rollback decision) -> wait_rollback
+A task runs one or more steps (group_state.TASKS), and a wait ends its task in the triggerer with its result and
+the decision after it: on the happy path a service costs 8 task runs (starts and resumes), every one of them needed.
+
+    admit: resolve the service (the plan, or the trigger form), refuse bad input, apply the guards (freeze,
+      maintenance window), take the workload's lease; on the forward path, preflight and baseline; route by action:
+      inject | to_permissive | to_remove
+    inject: the sidecar, then wait_rollout in the triggerer, which decides: soak | rollback_after_rollout |
+      not_started (the end)
+    soak decides: strict_gate | rollback_after_soak | hold_permissive (the end)
+    strict_gate decides: flip_strict | stay_permissive (the end)
+    flip_strict: STRICT, proven in force, then verify_strict in the triggerer
+    back_to_permissive, then verify_recovery: on request (admit: to_permissive), or after STRICT unless it was
+      verified (it decides that itself, as `after_strict`)
+    rollback_injection, then wait_rollback (admit: to_remove, or a rollback decision)
     outcome, once everything else is done: the final state and why (red when rolled back, blocked or failed)
 
-The deciding tasks record their decision; the first task of each path runs only when a decision chose it
-and skips itself otherwise (what follows it is then skipped by its trigger rule). Not branch operators:
-in Airflow 3.3 a branch inside a mapped task group skips task instances that the scheduler has not
-expanded yet, so the skip is lost and the path not chosen runs as well (apache/airflow#65745).
+The first task of each path runs only when a decision chose it and skips itself otherwise (what follows it is then
+skipped by its trigger rule). Not branch operators: in Airflow 3.3 a branch inside a mapped task group skips task
+instances that the scheduler has not expanded yet, so the skip is lost and the path not chosen runs as well
+(apache/airflow#65745).
 
-Waits are deferrable sensors (no worker slot while soaking); cluster changes read before they write.
+Waits are deferrable (no worker slot while soaking); cluster changes read before they write.
 """
 
 from __future__ import annotations
@@ -35,40 +39,41 @@ from typing import Any
 
 from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, TaskDeferred
 
 from meshwave import decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
+from meshwave.group_state import GroupState, decoded, pull, result
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
 from meshwave.outcomes import outcome_of
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
-from meshwave.sensors import BatchWait, GateSensor, GateWatch, RolloutSensor, RolloutWatch
+from meshwave.sensors import BatchWait, GateSensor, GateWatch, RolloutWatch, gate_deferral, rollout_deferral
 from meshwave.steps import ACTIONS, Service
+from meshwave.triggers import ended
 
-# The decisions after admit, and the task that makes each (back_to_permissive decides `after_strict` itself).
-DECIDED_BY = {"after_rollout": "after_rollout", "after_soak": "after_soak", "after_strict_gate": "after_strict_gate",
-              "after_strict": "back_to_permissive"}
-STEPS = ("admit", "preflight", "baseline", "inject", "wait_rollout", "soak", "strict_gate", "flip_strict",
-         "verify_strict", "back_to_permissive", "verify_recovery", "rollback_injection", "wait_rollback")
 NEVER = 10**9
-TO_PERMISSIVE, TO_REMOVE = "to_permissive", "to_remove"
-ROUTES = {"migrate": "preflight", "inject_only": "preflight", "strict_only": "preflight",
+FORWARD, TO_PERMISSIVE, TO_REMOVE = "inject", "to_permissive", "to_remove"
+ROUTES = {"migrate": FORWARD, "inject_only": FORWARD, "strict_only": FORWARD,
           "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE,
           "clear_emergency": TO_PERMISSIVE}  # its one write, in back_to_permissive's place (no mode changes)
+UNDO_ROUTES = (TO_PERMISSIVE, TO_REMOVE)
 # The first task of each path, and the decisions (deciding task: what it chose) that put a service on it.
 ON_PATH = {
-    "preflight": {"admit": "preflight"},
-    "soak": {"after_rollout": decisions.SOAK},
-    "strict_gate": {"after_soak": decisions.STRICT_GATE},
-    "flip_strict": {"after_strict_gate": decisions.FLIP},
+    "inject": {"admit": FORWARD},
+    "soak": {"inject": decisions.SOAK},
+    "strict_gate": {"soak": decisions.STRICT_GATE},
+    "flip_strict": {"strict_gate": decisions.FLIP},
     "back_to_permissive": {"admit": TO_PERMISSIVE},  # and after STRICT: see strict_undone_if_needed
-    "rollback_injection": {"admit": TO_REMOVE, "after_rollout": decisions.ROLLBACK_AFTER_ROLLOUT,
-                           "after_soak": decisions.ROLLBACK_AFTER_SOAK},
+    "rollback_injection": {"admit": TO_REMOVE, "inject": decisions.ROLLBACK_AFTER_ROLLOUT,
+                           "soak": decisions.ROLLBACK_AFTER_SOAK},
 }
 Resolve = Callable[[dict[str, Any], str], Service]  # (context, the map index's key) -> the service
 Guard = Callable[[Service, dict[str, Any]], None]
+Run = Callable[[Service, dict[str, Any]], dict[str, Any]]
+Wait = Callable[[Service, dict[str, Any], dict[str, Any]], TaskDeferred | None]  # (service, write's result, context)
+Seconds = Callable[[Settings], int]
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
 # An undo outlasts a managed control-plane upgrade: 5 s doubling to 5 min between tries, 12 retries, over 30 minutes
 # in all (5+10+20+40+80+160+6x300 s, before Airflow's jitter) before it fails, loudly, in the outcome and the report.
@@ -78,6 +83,7 @@ UNDO_RETRIES = {"retries": 12, "retry_delay": timedelta(seconds=5), "retry_expon
 # Every task may be retried: a worker that dies or an API that times out must not decide a migration.
 # A refusal (AirflowFailException) is never retried.
 DEFAULT_ARGS = {"owner": "meshwave", **RETRIES}
+DRY_ROLLOUT = {"status": "done", "message": "dry run: nothing changed, nothing to wait for", "dry_run": True}
 
 
 def kube_for(svc: Service, context: dict[str, Any]) -> Any:
@@ -111,8 +117,13 @@ def logged(result: dict[str, Any]) -> dict[str, Any]:
     return result
 
 
+def _error(context: dict[str, Any], step: str, message: str) -> None:
+    """What went wrong in `step`, for the outcome (one per task: a task stops at its first error)."""
+    context["ti"].xcom_push(key="error", value={"step": step, "message": message})
+
+
 @contextlib.contextmanager
-def recording(context: dict[str, Any], final: tuple[type[Exception], ...] = ()) -> Iterator[None]:
+def recording(context: dict[str, Any], step: str, final: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """Keep a failed step's error for the outcome; a Blocked service, a refused change or an error of a `final`
     type is not retried."""
     try:
@@ -120,64 +131,32 @@ def recording(context: dict[str, Any], final: tuple[type[Exception], ...] = ()) 
     except AirflowSkipException:  # frozen: the step pushed its own reason
         raise
     except steps.Blocked as exc:
-        context["ti"].xcom_push(key="error", value=f"blocked: {exc}")
+        _error(context, step, f"blocked: {exc}")
         raise AirflowFailException(str(exc)) from None
     except (KubeError, ValueError) as exc:
-        context["ti"].xcom_push(key="error", value=str(exc))
+        _error(context, step, str(exc))
         if isinstance(exc, (ValueError, *final)) or getattr(exc, "code", None) in (400, 403, 404, 409, 415, 422):
             raise AirflowFailException(str(exc)) from None
         raise
     except Exception as exc:
-        context["ti"].xcom_push(key="error", value=f"{type(exc).__name__}: {exc}")
+        _error(context, step, f"{type(exc).__name__}: {exc}")
         raise
 
 
-def _pull(context: dict[str, Any], prefix: str, step: str, key: str = "return_value") -> Any:
-    """What `step` of this service (the caller's own map index) pushed under `key`."""
-    ti = context["ti"]
-    return ti.xcom_pull(task_ids=f"{prefix}.{step}", key=key, map_indexes=ti.map_index)
+def _service(context: dict[str, Any], prefix: str) -> Service:
+    """The service this map index's `admit` task resolved (every later task runs on exactly that)."""
+    cached = context.setdefault("meshwave_services", {})
+    if prefix not in cached:
+        data = pull(context, prefix, "admit", "service")
+        if not data:
+            raise AirflowFailException(f"{prefix}: no admitted service (the admit task did not run or was refused)")
+        cached[prefix] = Service.from_dict(data)
+    return cached[prefix]
 
 
-# Task states in which a step may have left an error (recording() pushes one when the step raises).
-_MAY_HAVE_ERROR = ("failed", "up_for_retry", "skipped")
-
-
-class GroupState:
-    """What this service's tasks left behind, read by its deciding tasks and its outcome.
-
-    The states come first, in one request; then only the XComs that can exist: a step's result when it succeeded,
-    its error when it failed or skipped, a decision when its task ran. Every pull is a round trip to the API
-    server (a task start of a deciding task spent 11 s on 34 of them on a loaded 2-core machine)."""
-
-    def __init__(self, context: dict[str, Any], prefix: str) -> None:
-        ti = context["ti"]
-        self.prefix = prefix
-        found = ti.get_task_states(dag_id=ti.dag_id, task_group_id=prefix, map_index=ti.map_index,
-                                   run_ids=[ti.run_id]).get(ti.run_id, {})
-        # a mapped task instance's state comes keyed "<group>.<task>_<map index>"
-        self.states = {tid.removeprefix(f"{prefix}.").removesuffix(f"_{ti.map_index}"): st
-                       for tid, st in found.items()}
-        self.results = {s: _pull(context, prefix, s) if self.states.get(s) == "success" else None for s in STEPS}
-        self.errors = {s: e for s in STEPS
-                       if self.states.get(s) in _MAY_HAVE_ERROR and (e := _pull(context, prefix, s, "error"))}
-        self.decisions: dict[str, str] = {}
-        for b, by in DECIDED_BY.items():
-            d = _pull(context, prefix, by, "decision") if self.states.get(by) is not None else None  # ran
-            if d:
-                self.decisions[b], self.decisions[f"{b}_to"] = d["why"], d["to"]
-        admitted = _pull(context, prefix, "admit", "service") if self.states.get("admit") == "success" else None
-        self.service = Service.from_dict(admitted) if admitted else None
-
-
-def _decide(name: str, prefix: str, decide: Callable[[GroupState], tuple[str, str]]):
-    @task(task_id=name, trigger_rule=TriggerRule.NONE_SKIPPED)
-    def decision(**context: Any) -> dict[str, str]:
-        to, why = decide(GroupState(context, prefix))
-        context["ti"].xcom_push(key="decision", value={"to": to, "why": why})
-        print(f"{name}: -> {to}: {why}")
-        return {"to": to, "why": why}
-
-    return decision()
+def _chosen(context: dict[str, Any], prefix: str, decider: str) -> str | None:
+    """Where `decider`'s decision sends this service (None: it made none)."""
+    return (pull(context, prefix, decider, "decision") or {}).get("to")
 
 
 def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
@@ -185,22 +164,30 @@ def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
     routes = ON_PATH[step]
 
     def check(context: dict[str, Any]) -> None:
-        for decider, target in routes.items():
-            chosen = _pull(context, prefix, decider, "decision")
-            if chosen and chosen.get("to") == target:
-                return
-        raise AirflowSkipException(f"{step}: not on this service's path (no decision chose it)")
+        if not any(_chosen(context, prefix, decider) == target for decider, target in routes.items()):
+            raise AirflowSkipException(f"{step}: not on this service's path (no decision chose it)")
 
     return check
 
 
-def flipped(prefix: str) -> Callable[[dict[str, Any]], None]:
-    """verify_strict's check: nothing to verify when the flip was refused (another policy decides the mode)."""
+def rollback_if_chosen(prefix: str) -> Callable[[dict[str, Any]], None]:
+    """rollback_injection's check: on request, or when the rollout or the soak decided to roll back. A wait whose
+    task failed (its trigger crashed, its retries ran out) made no decision: GroupState makes it, as the wait
+    would have (an injection that failed part-way is undone)."""
 
     def check(context: dict[str, Any]) -> None:
-        refused = _xcom(context, prefix, "flip_strict").get("refused")
-        if refused:
-            raise AirflowSkipException(f"verify_strict: STRICT was not flipped: {refused}")
+        chosen = {decider: _chosen(context, prefix, decider) for decider in ON_PATH["rollback_injection"]}
+        if any(chosen[decider] == target for decider, target in ON_PATH["rollback_injection"].items()):
+            return
+        if chosen["admit"] != FORWARD or (chosen["inject"] is not None
+                                          and (chosen["inject"] != decisions.SOAK or chosen["soak"] is not None)):
+            raise AirflowSkipException("rollback_injection: not on this service's path (no decision chose it)")
+        group = GroupState(context, prefix)
+        if group.decisions.get("after_rollout_to") == decisions.ROLLBACK_AFTER_ROLLOUT or \
+                group.decisions.get("after_soak_to") == decisions.ROLLBACK_AFTER_SOAK:
+            print(f"rollback_injection: {group.decisions.get('after_soak') or group.decisions.get('after_rollout')}")
+            return
+        raise AirflowSkipException("rollback_injection: not on this service's path (no decision chose it)")
 
     return check
 
@@ -249,13 +236,13 @@ def _settle(svc: Service, kube: Any, why: str, only: Undo | None = None) -> dict
     return change.to_dict()
 
 
-def _not_frozen(svc: Service, kube: Any, context: dict[str, Any], write: str) -> None:
+def _not_frozen(svc: Service, kube: Any, context: dict[str, Any], step: str, write: str) -> None:
     """The freeze, read again immediately before a write that makes the mesh stricter: a service in flight when
     it came (the emergency rollback sets it) stops here, as it is, and its outcome says `frozen` and why."""
     if kube.dry_run:
         return
     if reason := guards.frozen_now(svc.plan.key):
-        context["ti"].xcom_push(key="error", value=f"frozen: {reason}")
+        _error(context, step, f"frozen: {reason}")
         raise AirflowSkipException(f"frozen before {write}: {reason}")
 
 
@@ -264,7 +251,7 @@ def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     (a re-run changes nothing)."""
     kube, p = kube_for(svc, context), svc.plan
     if svc.action != "strict_only":
-        _not_frozen(svc, kube, context, "the injection")
+        _not_frozen(svc, kube, context, "inject", "the injection")
     pending = None
     w = kube.workload(p.namespace, p.workload)
     if svc.action != "strict_only" and not (w.pods_total > 0 and w.pods_with_proxy == w.pods_total):
@@ -273,11 +260,20 @@ def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
 
 
 def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
-    """STRICT this run is about to write is marked first; pods already STRICT are not this run's change."""
+    """STRICT this run is about to write is marked first; pods already STRICT are not this run's change.
+
+    A retry after this run's flip (its verification's trigger crashed, its worker was lost) does not verify again
+    from zero while STRICT stays unverified: it fails, and back_to_permissive makes the workload PERMISSIVE."""
     kube, p = kube_for(svc, context), svc.plan
-    _not_frozen(svc, kube, context, "the flip to STRICT")
+    _not_frozen(svc, kube, context, "flip_strict", "the flip to STRICT")
+    strict = kube.mtls.effective(p.namespace, p.workload).strict_everywhere
+    if context["ti"].try_number > 1 and strict and not kube.dry_run:
+        mark = kube.pending(p.namespace, p.workload)
+        if mark is not None and mark.run == _run_of(context) and mark.state == UNVERIFIED:
+            raise AirflowFailException("a previous try flipped STRICT and did not finish verifying it: STRICT is not "
+                                       "verified twice from zero; back to PERMISSIVE")
     pending = None
-    if not kube.mtls.effective(p.namespace, p.workload).strict_everywhere:
+    if not strict:
         pending = _expect(svc, kube, context, UNVERIFIED, Undo.PERMISSIVE, _unverified_seconds(svc.settings))
     return {**logged(steps.flip_strict(svc, kube)), "pending": pending}
 
@@ -318,8 +314,6 @@ def _after_removal(svc: Service, state: GroupState) -> dict[str, Any] | None:
 
 
 # ---- one writer per workload (lease.py) ----------------------------------------------------------------
-Run = Callable[[Service, dict[str, Any]], dict[str, Any]]
-Seconds = Callable[[Settings], int]
 
 
 def _undo_seconds(s: Settings) -> int:
@@ -381,10 +375,6 @@ def _release_lease(svc: Service, record: dict[str, Any], context: dict[str, Any]
         print(f"{p.key}: the lease could not be released ({exc}); it expires by itself")
 
 
-def _xcom(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
-    return _pull(context, prefix, step) or {}
-
-
 def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
     """back_to_permissive's check: it runs on request (admit), or after a flip to STRICT that was not verified
     (the `after_strict` decision, made here rather than in a task of its own: one task start less between a
@@ -395,7 +385,7 @@ def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
         with contextlib.suppress(AirflowSkipException):
             return requested(context)
         group = GroupState(context, prefix)
-        if group.states.get("flip_strict") in (None, "skipped"):
+        if group.states.get("flip_strict") in (None, "skipped", "upstream_failed"):
             raise AirflowSkipException("back_to_permissive: not on this service's path (STRICT was not attempted)")
         to, why = decisions.after_strict(group.service, group.results, group.states)
         if to == decisions.STRICT_DONE:
@@ -420,71 +410,67 @@ def _confirm_strict(svc: Service, context: dict[str, Any], why: str) -> tuple[st
     return decisions.STRICT_DONE, why
 
 
-def _service(context: dict[str, Any], prefix: str) -> Service:
-    """The service this map index's `admit` task resolved (every later task runs on exactly that)."""
-    data = _pull(context, prefix, "admit", "service")
-    if not data:
-        raise AirflowFailException(f"{prefix}: no admitted service (the admit task did not run or was refused)")
-    return Service.from_dict(data)
-
-
-UNDO_ROUTES = (TO_PERMISSIVE, TO_REMOVE)
-
-
 def _guard_and_lease(svc: Service, guard: Guard | None, context: dict[str, Any]) -> None:
     """The guards (freeze, window, mesh_service's refusals), then the workload's lease."""
-    ti = context["ti"]
     if guard is not None:
         try:
             guard(svc, context)
         except AirflowSkipException as exc:
-            ti.xcom_push(key="error", value=str(exc))
+            _error(context, "admit", str(exc))
             print(f"{svc.plan.key}: not started: {exc}")
             raise
         except ValueError as exc:  # the guard refuses the service (mesh_service: a gateway)
-            ti.xcom_push(key="error", value=f"refused: {exc}")
+            _error(context, "admit", f"refused: {exc}")
             raise AirflowFailException(f"refused before any change: {exc}") from None
-    with recording(context):  # a lease held by another run refuses the service (LeaseRefused: a ValueError)
+    with recording(context, "admit"):  # a lease held by another run refuses the service (LeaseRefused: a ValueError)
         _take_lease(svc, context)
+
+
+def _prepare(svc: Service, context: dict[str, Any]) -> None:
+    """The forward path's read-only steps (they run for real in a dry run too): preflight, then the baseline."""
+    ti, prometheus = context["ti"], prometheus_for(svc)
+    with recording(context, "preflight"):
+        ti.xcom_push(key="preflight", value=logged(steps.preflight(svc, kube_for(svc, context), prometheus)))
+    with recording(context, "baseline"):
+        ti.xcom_push(key="baseline", value=steps.baseline(svc, prometheus))
 
 
 def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
     # An undo (on request, or mesh_reconcile's) outlasts a control plane that does not answer, as the undo steps do;
     # a forward change gives up after the usual tries (see admit).
-    @task(task_id="admit", **UNDO_RETRIES)
+    @task(task_id="admit", multiple_outputs=False, **UNDO_RETRIES)
     def admit(key: str, **context: Any) -> dict[str, str]:
-        """Resolve the service, refuse bad input, apply the guards, take the workload's lease, route by action.
-        Changes nothing but the lease annotation."""
+        """Resolve the service, refuse bad input, apply the guards, take the workload's lease; on the forward path,
+        preflight and baseline; route by action. Changes nothing but the lease annotation."""
         ti = context["ti"]
         try:
             svc = resolve(context, key)
         except ValueError as exc:
-            ti.xcom_push(key="error", value=f"refused: {exc}")
+            _error(context, "admit", f"refused: {exc}")
             raise AirflowFailException(f"refused before any change: {exc}") from None
+        route = ROUTES[svc.action]
         try:
             _guard_and_lease(svc, guard, context)
+            ti.xcom_push(key="service", value=svc.to_dict())
+            print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
+            if route == FORWARD:
+                _prepare(svc, context)
         except (AirflowSkipException, AirflowFailException):
             raise
         except Exception as exc:  # the cluster did not answer: an undo waits it out, a forward change gives up
-            if ROUTES[svc.action] in UNDO_ROUTES or ti.try_number <= RETRIES["retries"]:
+            if route in UNDO_ROUTES or ti.try_number <= RETRIES["retries"]:
                 raise
             raise AirflowFailException(f"not started after {ti.try_number} tries: {exc}") from None
-        ti.xcom_push(key="service", value=svc.to_dict())
-        print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
-        chosen = {"to": ROUTES[svc.action], "why": f"action {svc.action}"}
+        chosen = {"to": route, "why": f"action {svc.action}"}
         ti.xcom_push(key="decision", value=chosen)
         return chosen
 
     return admit(key)
 
 
-def _rollout_watch(prefix: str) -> Callable[[dict[str, Any]], RolloutWatch]:
-    def watch(context: dict[str, Any]) -> RolloutWatch:
-        svc = _service(context, prefix)
-        return RolloutWatch(svc.cluster.kubernetes_conn_id, svc.plan.cluster, svc.plan.namespace, svc.plan.workload,
-                            svc.settings.rollout_timeout_seconds, min(svc.settings.poke_interval_seconds, 3))
-
-    return watch
+def _rollout_watch(svc: Service) -> RolloutWatch:
+    return RolloutWatch(svc.cluster.kubernetes_conn_id, svc.plan.cluster, svc.plan.namespace, svc.plan.workload,
+                        svc.settings.rollout_timeout_seconds, min(svc.settings.poke_interval_seconds, 3))
 
 
 def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch]:
@@ -497,17 +483,17 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
                                   "thresholds": svc.thresholds()}
         policy, wait, minimum = svc.gate_policy(), float(s.verify_seconds), 0.0
         if stage == "soak":
-            params["baseline"] = _xcom(context, prefix, "baseline")["baseline"]
+            params["baseline"] = result(context, prefix, "baseline")["baseline"]
             wait, minimum = s.soak_seconds + s.verify_seconds, s.soak_seconds
         elif stage == "strict_gate":  # plaintext is counted since the sidecars came; it never "confirms" a failure
-            sidecar = stages.sidecar_seconds(_xcom(context, prefix, "soak"), _xcom(context, prefix, "wait_rollout"),
+            sidecar = stages.sidecar_seconds(result(context, prefix, "soak"), result(context, prefix, "wait_rollout"),
                                              s.soak_seconds, batch_ended=_batch_ended(context, prefix))
             minimum = stages.strict_gate_hold(sidecar, s.soak_seconds)
             policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds + minimum
             params["sidecar_seconds"] = sidecar
         else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
-            gate = _xcom(context, prefix, "strict_gate").get("extra", {})
-            own = _xcom(context, prefix, "baseline").get("baseline", {}).get("success_rate")
+            gate = result(context, prefix, "strict_gate").get("extra", {})
+            own = result(context, prefix, "baseline").get("baseline", {}).get("success_rate")
             # each caller against its own rate before STRICT (as the gate saw it), the workload against its baseline
             before = {**(gate.get("callers_success_before") or {}),
                       **({f"{p.namespace}/{p.workload}": own} if own is not None else {})}
@@ -520,6 +506,14 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
         return GateWatch(svc.cluster.prometheus_conn_id, params, policy, wait, s.poke_interval_seconds, minimum)
 
     return watch
+
+
+def _soak_decides(prefix: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def decide(context: dict[str, Any]) -> dict[str, Any]:
+        svc = _service(context, prefix)
+        return {"after": "soak", "strict": svc.strict, "action": svc.action, "on_no_data": svc.settings.on_no_data}
+
+    return decide
 
 
 BATCH_POKE_SECONDS = 15  # how often a gate waiting for late batch-mates looks again (each look is a task start)
@@ -545,8 +539,9 @@ def unfinished(mates: dict[int, str]) -> list[int]:
 
 
 def _batch_mates(context: dict[str, Any], prefix: str) -> tuple[str, dict[int, str]]:
-    """The batch's other rollout waits (this group's other map indexes in the run), and their states."""
-    ti, task_id = context["ti"], f"{prefix}.wait_rollout"
+    """The batch's other injections, each of which ends when its rollout wait does (this group's other map
+    indexes in the run), and their states."""
+    ti, task_id = context["ti"], f"{prefix}.inject"
     found = ti.get_task_states(dag_id=ti.dag_id, task_ids=[task_id], run_ids=[ti.run_id]).get(ti.run_id, {})
     return task_id, batch_mates(found, task_id, ti.map_index)
 
@@ -555,9 +550,10 @@ def _batch_ended(context: dict[str, Any], prefix: str) -> float | None:
     """When the last of the batch's other rollouts ended."""
     task_id, mates = _batch_mates(context, prefix)
     done = sorted(i for i, state in mates.items() if state == "success")  # only they pushed their rollout's end
-    events = context["ti"].xcom_pull(task_ids=task_id, map_indexes=done) if done else []
-    ended = [e["ended"] for e in events or [] if isinstance(e, dict) and isinstance(e.get("ended"), int | float)]
-    return max(ended, default=None)
+    events = context["ti"].xcom_pull(task_ids=task_id, key="wait_rollout", map_indexes=done) if done else []
+    events = [decoded(e) for e in events or []]
+    ended_at = [e["ended"] for e in events if isinstance(e, dict) and isinstance(e.get("ended"), int | float)]
+    return max(ended_at, default=None)
 
 
 def _batch_wait(prefix: str) -> Callable[[dict[str, Any]], BatchWait | None]:
@@ -577,22 +573,47 @@ def _batch_wait(prefix: str) -> Callable[[dict[str, Any]], BatchWait | None]:
     return batch
 
 
-def _step(name: str, prefix: str, run: Callable[[Service, dict[str, Any]], dict[str, Any]],
-          check: Callable[[dict[str, Any]], None] | None = None, final: tuple[type[Exception], ...] = (),
-          **kwargs: Any):
-    """A step; `check(context)`, when given, first: it skips the step when the service's path does not go here.
-    An error of a `final` type fails the step at once (no retry)."""
+def _write_then_wait(name: str, prefix: str, write: Run, wait_step: str, wait: Wait,
+                     check: Callable[[dict[str, Any]], None], dry: dict[str, Any], decide: dict[str, Any] | None = None,
+                     final: tuple[type[Exception], ...] = (), **kwargs: Any):
+    """A step that writes, then waits for what the write does (`wait`: a deferral whose trigger ends the task, or
+    None when there is nothing to wait for). `check(context)` first: it skips the task when the service's path does
+    not go here. An error of a `final` type fails the task at once (no retry)."""
 
-    @task(task_id=name, **(kwargs or RETRIES))
-    def step(**context: Any) -> dict[str, Any]:
-        if check is not None:
-            check(context)
-        with recording(context, final):
-            return run(_service(context, prefix), context)
+    @task(task_id=name, **kwargs)
+    def step(**context: Any) -> None:
+        check(context)
+        svc = _service(context, prefix)
+        with recording(context, name, final):
+            done = write(svc, context)
+        context["ti"].xcom_push(key=name, value=done)
+        if _dry(context):
+            for key, value in (ended(wait_step, dry, decide).xcoms or {}).items():
+                context["ti"].xcom_push(key=key, value=value)
+            return
+        with recording(context, wait_step):
+            deferral = wait(svc, done, context)
+        if deferral is not None:
+            raise deferral
 
     return step()
 
 
+def _rollout_wait(result_key: str, expect_proxy: bool, decide: dict[str, Any] | None = None) -> Wait:
+    return lambda svc, done, context: rollout_deferral(_rollout_watch(svc), expect_proxy, result_key, decide)
+
+
+def _verify(prefix: str, stage: str) -> Wait:
+    """The check after a change of mode; none after a flip that was refused (another policy decides the mode) or
+    after clearing the emergency mark (no mode changes)."""
+    watch = _gate_watch(prefix, stage)
+
+    def wait(svc: Service, done: dict[str, Any], context: dict[str, Any]) -> TaskDeferred | None:
+        if done.get("refused") or svc.action == "clear_emergency":
+            return None
+        return gate_deferral(watch(context), stage)
+
+    return wait
 
 
 def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
@@ -671,43 +692,34 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
     def services(key: str) -> None:
         prefix = group_id
         admit = _admit(prefix, resolve, guard, key)
-        preflight = _step("preflight", prefix, lambda svc, c: logged(steps.preflight(svc, kube_for(svc, c),
-                                                                                     prometheus_for(svc))),
-                          on_path(prefix, "preflight"))
-        baseline = _step("baseline", prefix, lambda svc, c: steps.baseline(svc, prometheus_for(svc)))
-        inject = _step("inject", prefix, holding(_inject, _trial_seconds))
-        wait_rollout = RolloutSensor(task_id="wait_rollout", watch=_rollout_watch(prefix), expect_proxy=True,
-                                     **RETRIES)
+        inject = _write_then_wait("inject", prefix, holding(_inject, _trial_seconds), "wait_rollout",
+                                  _rollout_wait("wait_rollout", True, {"after": "wait_rollout"}),
+                                  on_path(prefix, "inject"), DRY_ROLLOUT, {"after": "wait_rollout"}, **RETRIES)
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
-                          on_path=on_path(prefix, "soak"), **RETRIES)
+                          decide=_soak_decides(prefix), on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
-                                 batch=_batch_wait(prefix), on_path=on_path(prefix, "strict_gate"), **RETRIES)
+                                 decide=lambda context: {"after": "strict_gate"}, batch=_batch_wait(prefix),
+                                 on_path=on_path(prefix, "strict_gate"), **RETRIES)
         # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
-        flip = _step("flip_strict", prefix, holding(_flip, _unverified_seconds), on_path(prefix, "flip_strict"),
-                     final=(NotInForce,))
-        verify_strict = GateSensor(task_id="verify_strict", stage="verify_strict",
-                                   watch=_gate_watch(prefix, "verify_strict"), on_path=flipped(prefix),
-                                   retries=0)  # STRICT unverified goes back to PERMISSIVE, not to a second try
+        flip = _write_then_wait("flip_strict", prefix, holding(_flip, _unverified_seconds), "verify_strict",
+                                _verify(prefix, "verify_strict"), on_path(prefix, "flip_strict"),
+                                _dry_gate("verify_strict"), final=(NotInForce,), **RETRIES)
         # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, **UNDO_RETRIES}
-        back = _step("back_to_permissive", prefix, undoing(_back), strict_undone_if_needed(prefix), **undo)
-        verify_recovery = GateSensor(task_id="verify_recovery", stage="verify_recovery",
-                                     watch=_gate_watch(prefix, "verify_recovery"), **RETRIES)
-        rollback = _step("rollback_injection", prefix, undoing(_rollback), on_path(prefix, "rollback_injection"),
-                         **undo)
-        wait_rollback = RolloutSensor(task_id="wait_rollback", watch=_rollout_watch(prefix), expect_proxy=False,
-                                      **RETRIES)
+        back = _write_then_wait("back_to_permissive", prefix, undoing(_back), "verify_recovery",
+                                _verify(prefix, "verify_recovery"), strict_undone_if_needed(prefix),
+                                _dry_gate("verify_recovery"), **undo)
+        rollback = _write_then_wait("rollback_injection", prefix, undoing(_rollback), "wait_rollback",
+                                    _rollout_wait("wait_rollback", False), rollback_if_chosen(prefix), DRY_ROLLOUT,
+                                    **undo)
 
-        after_rollout = _decide("after_rollout", prefix,
-                                lambda g: decisions.after_rollout(g.results, g.states, g.errors))
-        after_soak = _decide("after_soak", prefix, lambda g: decisions.after_soak(g.service, g.results, g.states))
-        after_gate = _decide("after_strict_gate", prefix, lambda g: decisions.after_strict_gate(g.results, g.states))
-
-        admit >> preflight >> baseline >> inject >> wait_rollout >> after_rollout
-        after_rollout >> soak >> after_soak >> strict_gate >> after_gate >> flip >> verify_strict
-        [admit, verify_strict] >> back >> verify_recovery
-        [admit, after_rollout, after_soak] >> rollback >> wait_rollback
-        [after_rollout, after_soak, after_gate, verify_recovery, wait_rollback] >> _outcome(prefix, resolve,
-                                                                                            wave_error_task, key)
+        admit >> inject >> soak >> strict_gate >> flip >> back
+        admit >> back
+        [admit, inject, soak] >> rollback
+        [admit, inject, soak, strict_gate, flip, back, rollback] >> _outcome(prefix, resolve, wave_error_task, key)
 
     return services.expand(key=keys)
+
+
+def _dry_gate(stage: str) -> dict[str, Any]:
+    return {"stage": stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}

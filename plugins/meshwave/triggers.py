@@ -1,5 +1,9 @@
 """Deferrable waits: the rollout of a workload, and Prometheus gates polled until they decide.
 
+A wait ends its task in the triggerer (TaskSuccessEvent): no worker starts again to read what the trigger saw. The
+event's XComs are the wait's result, under the step's name (`result_key`), and, for a wait that decides what
+follows it (`decide`), the decision (decisions.py) under "decision".
+
 Triggers run in the triggerer's event loop: blocking calls (the kubernetes client, prometheus-api-client)
 go through `asyncio.to_thread`, connections are fetched with the async API, and nothing here writes
 anything (a trigger may run twice). Every kwarg is JSON-safe so the trigger serializes.
@@ -13,9 +17,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from airflow.sdk import BaseHook
-from airflow.triggers.base import BaseTrigger, TriggerEvent
+from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
-from meshwave import stages
+from meshwave import decisions, stages
 from meshwave.checks import BreachTracker, GatePolicy, GateStatus
 from meshwave.kube_errors import KubeError
 from meshwave.prometheus import BatchingSource, bucket_seconds
@@ -29,12 +33,34 @@ NEVER = 10**9  # "passes_to_pass" while a soak has not ended: a gate may fail ea
 HISTORY_KEPT = 200  # polls' verdicts carried in the event, for the report (the newest)
 
 
+def ended(result_key: str, event: dict[str, Any], decide: dict[str, Any] | None) -> TaskSuccessEvent:
+    """The event that ends the task with the wait's result, and the decision after it when the wait makes one:
+    `decide` names the step decided after ("wait_rollout", "soak", "strict_gate") with the facts it needs."""
+    xcoms: dict[str, Any] = {result_key: event}
+    if decide is not None:
+        after = decide["after"]
+        if after == "wait_rollout":
+            to, why = decisions.rollout_decision(event)
+        elif after == "soak":
+            to, why = decisions.soak_decision(event, decisions.SoakFacts(
+                strict=decide["strict"], action=decide["action"], on_no_data=decide["on_no_data"]))
+        elif after == "strict_gate":
+            to, why = decisions.gate_decision(event)
+        else:
+            raise ValueError(f"no decision is made after {after!r}")
+        xcoms["decision"] = {"to": to, "why": why}
+    return TaskSuccessEvent(xcoms=xcoms)
+
+
 class RolloutTrigger(BaseTrigger):
     """Polls a deployment until its rollout is done or failed (OOMKilled, CrashLoopBackOff...) or the deadline."""
 
     def __init__(self, kubernetes_conn_id: str, cluster: str, namespace: str, workload: str, expect_proxy: bool,
-                 poke_interval: float, deadline: float) -> None:
+                 poke_interval: float, deadline: float, result_key: str = "wait_rollout",
+                 decide: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.result_key = result_key
+        self.decide = decide
         self.kubernetes_conn_id = kubernetes_conn_id
         self.cluster = cluster
         self.namespace = namespace
@@ -47,7 +73,7 @@ class RolloutTrigger(BaseTrigger):
         return ("meshwave.triggers.RolloutTrigger", {
             "kubernetes_conn_id": self.kubernetes_conn_id, "cluster": self.cluster, "namespace": self.namespace,
             "workload": self.workload, "expect_proxy": self.expect_proxy, "poke_interval": self.poke_interval,
-            "deadline": self.deadline})
+            "deadline": self.deadline, "result_key": self.result_key, "decide": self.decide})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from meshwave.connections import mesh_kube  # the kubernetes client: in the triggerer, not at parse time
@@ -60,21 +86,25 @@ class RolloutTrigger(BaseTrigger):
             try:
                 state = await asyncio.to_thread(kube.rollout, self.namespace, self.workload, self.expect_proxy)
                 if state.status != "progressing":
-                    ended = time.time()
-                    await asyncio.sleep(max(0.0, started + EARLIEST_EVENT_SECONDS - ended))
-                    yield TriggerEvent({"status": state.status, "message": state.message, "state": state.to_dict(),
-                                        "started": started, "ended": ended})
+                    done = time.time()
+                    await asyncio.sleep(max(0.0, started + EARLIEST_EVENT_SECONDS - done))
+                    yield self._end({"status": state.status, "message": state.message, "state": state.to_dict(),
+                                     "started": started, "ended": done})
                     return
                 last = state.message
             except KubeError as exc:  # transient: keep polling until the deadline
                 last_error = str(exc)
                 last = f"error: {exc}"
             if time.time() >= self.deadline:
-                yield TriggerEvent({"status": "timeout" if not last_error else "error",
-                                    "message": f"rollout not finished by the deadline: {last}",
-                                    "started": started, "ended": time.time()})
+                yield self._end({"status": "timeout" if not last_error else "error",
+                                 "message": f"rollout not finished by the deadline: {last}",
+                                 "started": started, "ended": time.time()})
                 return
             await asyncio.sleep(self.poke_interval)
+
+    def _end(self, event: dict[str, Any]) -> TriggerEvent:
+        self.log.info("%s: %s: %s", self.result_key, event["status"], event["message"])
+        return ended(self.result_key, event, self.decide)
 
 
 class GateTrigger(BaseTrigger):
@@ -88,8 +118,9 @@ class GateTrigger(BaseTrigger):
 
     def __init__(self, prometheus_conn_id: str, stage: str, params: dict[str, Any], policy: dict[str, Any],
                  poke_interval: float, started: float, min_seconds: float, passes_to_pass: int = 1,
-                 tracker: dict[str, Any] | None = None) -> None:
+                 tracker: dict[str, Any] | None = None, decide: dict[str, Any] | None = None) -> None:
         super().__init__()
+        self.decide = decide
         self.prometheus_conn_id = prometheus_conn_id
         self.stage = stage
         self.params = params
@@ -104,7 +135,8 @@ class GateTrigger(BaseTrigger):
         return ("meshwave.triggers.GateTrigger", {
             "prometheus_conn_id": self.prometheus_conn_id, "stage": self.stage, "params": self.params,
             "policy": self.policy, "poke_interval": self.poke_interval, "started": self.started,
-            "min_seconds": self.min_seconds, "passes_to_pass": self.passes_to_pass, "tracker": self.tracker})
+            "min_seconds": self.min_seconds, "passes_to_pass": self.passes_to_pass, "tracker": self.tracker,
+            "decide": self.decide})
 
     def _tracker(self, state: dict[str, Any] | None, soaking: bool) -> BreachTracker:
         policy = {**self.policy, "passes_to_pass": NEVER if soaking else self.passes_to_pass}
@@ -131,9 +163,11 @@ class GateTrigger(BaseTrigger):
                 extra = {}
                 if result.status is GateStatus.PASS:
                     extra = await asyncio.to_thread(stages.on_pass, self.stage, source, self.params)
-                yield TriggerEvent({
+                self.log.info("%s: %s: %s", self.stage, result.status.value, result.reason)
+                yield ended(self.stage, {
                     "stage": self.stage, "status": result.status.value, "reason": result.reason,
                     "polls": result.polls, "result": result.to_dict(), "extra": {**poll.extra, **extra},
-                    "history": state["history"][-HISTORY_KEPT:], "started": self.started, "ended": time.time()})
+                    "history": state["history"][-HISTORY_KEPT:], "started": self.started, "ended": time.time()},
+                    self.decide)
                 return
             await asyncio.sleep(self.poke_interval)

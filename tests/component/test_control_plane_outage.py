@@ -170,10 +170,11 @@ def test_undo_steps_fail_retryably_during_an_outage_and_complete_after_it(lab: L
         ti = TaskInstance()
         started = time.monotonic()
         # recording() is how every undo step runs: an AirflowFailException here would end the undo for good
-        with pytest.raises(ClusterUnreachable, match="connection refused"), recording({"ti": ti}):
+        with pytest.raises(ClusterUnreachable, match="connection refused"), recording({"ti": ti}, "back_to_permissive"):
             undo()
         assert time.monotonic() - started < 2, "one try fails fast: Airflow's backoff does the waiting"
-        assert "connection refused" in ti.pushed["error"]
+        assert ti.pushed["error"]["step"] == "back_to_permissive"
+        assert "connection refused" in ti.pushed["error"]["message"]
 
     eventually(lambda: not lab.admin("GET", "/clusters/a/outage")["down"], timeout=15, what="the outage's end")
     relaxed = steps.back_to_permissive(back, kube, "meshwave test")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from meshwave.group_state import decoded
 from tests.e2e.conftest import Stack
 from tests.e2e.test_mtls import assert_records_match_the_data_plane, data_plane, pa
 from tests.e2e.test_wave import proxies
@@ -27,7 +28,7 @@ def gate_span(stack: Stack, run_id: str) -> tuple[float, float]:
     """When g-burst's STRICT gate started and ended (its trigger's own clock)."""
     for ti in stack.airflow.task_instances(DAG, run_id).values():
         if ti["task_id"].endswith(".strict_gate") and ti.get("state") == "success":  # the others skipped
-            event = stack.airflow.ti_xcom(ti)
+            event = decoded(stack.airflow.ti_xcom(ti, "strict_gate"))  # the result its trigger ended it with
             if isinstance(event, dict) and event.get("started"):
                 return float(event["started"]), float(event["ended"])
     raise AssertionError("g-burst's STRICT gate left no event")

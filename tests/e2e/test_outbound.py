@@ -72,7 +72,7 @@ def test_remove_sidecar_relaxes_meshwave_s_strict_destination_and_refuses_a_team
     remove = ("remove-injection", f"deployment {NS}/o-web1")
     assert relax in applied and remove in applied and applied.index(relax) < applied.index(remove), applied
     tis = stack.airflow.task_instances(ADHOC, ours_run)
-    check = stack.airflow.ti_xcom(tis[f"service.rollback_injection[lab/{NS}/o-web1]"])["outbound"]
+    check = stack.airflow.ti_xcom(tis[f"service.rollback_injection[lab/{NS}/o-web1]"], "rollback_injection")["outbound"]
     assert [(d["destination"]["workload"], d["verdict"]) for d in check["destinations"]] == [("o-api", "relax")], check
     assert pa(stack, NS, "meshwave-o-api") is None
     seen = data_plane(stack, NS, "o-api")

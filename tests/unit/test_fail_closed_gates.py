@@ -153,13 +153,13 @@ def test_a_batch_mate_that_rolled_out_later_moves_the_count_s_start_past_its_pla
     assert stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now + 5) == 100, "future clock"
 
 
-def test_the_batch_mates_are_the_other_map_indexes_of_the_rollout_wait() -> None:
+def test_the_batch_mates_are_the_other_map_indexes_of_the_injection() -> None:
     from meshwave.service_group import batch_mates, unfinished
 
-    states = {"batch_1.wait_rollout_0": "up_for_retry", "batch_1.wait_rollout_1": None,
-              "batch_1.wait_rollout_2": "success", "batch_1.wait_rollout_3": "upstream_failed",
-              "batch_1.wait_rollout_10": "deferred", "batch_1.soak_0": "running", "batch_10.wait_rollout_4": None}
-    mates = batch_mates(states, "batch_1.wait_rollout", own_map_index=1)
+    states = {"batch_1.inject_0": "up_for_retry", "batch_1.inject_1": None,
+              "batch_1.inject_2": "success", "batch_1.inject_3": "upstream_failed",
+              "batch_1.inject_10": "deferred", "batch_1.soak_0": "running", "batch_10.inject_4": None}
+    mates = batch_mates(states, "batch_1.inject", own_map_index=1)
     assert mates == {0: "up_for_retry", 2: "success", 3: "upstream_failed", 10: "deferred"}
     assert unfinished(mates) == [0, 10]
 
@@ -182,7 +182,9 @@ def test_the_strict_gate_waits_for_late_batch_mates_then_starts_without_them() -
         return BatchWait("map index 0 (up_for_retry)", 300.0, 15.0)
 
     watch = GateWatch("prom", {"namespace": NS}, {"breaches_to_fail": 2}, 60.0, 5.0)
-    sensor = GateSensor(task_id="strict_gate", stage="strict_gate", watch=lambda c: watch, batch=batch)
+    decide, on_path = (lambda c: {"after": "strict_gate"}), (lambda c: None)
+    sensor = GateSensor(task_id="strict_gate", stage="strict_gate", watch=lambda c: watch, batch=batch, decide=decide,
+                        on_path=on_path)
     context = {"params": {}}
     with pytest.raises(TaskDeferred) as waiting:
         sensor.execute(context)
@@ -193,9 +195,10 @@ def test_the_strict_gate_waits_for_late_batch_mates_then_starts_without_them() -
     assert isinstance(still.value.trigger, DateTimeTrigger) and still.value.kwargs == {"waiting_since": since}
     with pytest.raises(TaskDeferred) as gate:
         sensor.execute(context, event=None, waiting_since=time.time() - 301)
-    assert isinstance(gate.value.trigger, GateTrigger) and gate.value.method_name == "execute_complete"
+    assert isinstance(gate.value.trigger, GateTrigger) and gate.value.trigger.decide == {"after": "strict_gate"}
     assert len(looks) == 3
-    none_late = GateSensor(task_id="strict_gate", stage="strict_gate", watch=lambda c: watch, batch=lambda c: None)
+    none_late = GateSensor(task_id="strict_gate", stage="strict_gate", watch=lambda c: watch, batch=lambda c: None,
+                           decide=decide, on_path=on_path)
     with pytest.raises(TaskDeferred) as at_once:
         none_late.execute(context)
     assert isinstance(at_once.value.trigger, GateTrigger)

@@ -71,15 +71,42 @@ def context(ti: FakeTI) -> dict[str, Any]:
 
 
 def test_a_path_runs_only_when_its_own_map_index_chose_it() -> None:
-    xcoms = {("after_rollout", 0, "decision"): {"to": "rollback_after_rollout", "why": "OOMKilled"},
-             ("after_rollout", 1, "decision"): {"to": "soak", "why": "rolled out"},
-             ("admit", 0, "decision"): {"to": "preflight"}, ("admit", 1, "decision"): {"to": "preflight"}}
-    sg.on_path(GROUP, "rollback_injection")(context(FakeTI(0, xcoms, {})))  # chosen: no exception
+    xcoms = {("inject", 0, "decision"): {"to": "rollback_after_rollout", "why": "OOMKilled"},
+             ("inject", 1, "decision"): {"to": "soak", "why": "rolled out"},
+             ("soak", 1, "decision"): {"to": "strict_gate", "why": "soak passed"},
+             ("admit", 0, "decision"): {"to": "inject"}, ("admit", 1, "decision"): {"to": "inject"}}
+    sg.rollback_if_chosen(GROUP)(context(FakeTI(0, xcoms, {})))  # chosen: no exception
     with pytest.raises(AirflowSkipException, match="not on this service's path"):
-        sg.on_path(GROUP, "rollback_injection")(context(FakeTI(1, xcoms, {})))
+        sg.rollback_if_chosen(GROUP)(context(FakeTI(1, xcoms, {})))  # every wait decided, none for a rollback
     sg.on_path(GROUP, "soak")(context(FakeTI(1, xcoms, {})))
     with pytest.raises(AirflowSkipException):
         sg.on_path(GROUP, "soak")(context(FakeTI(0, xcoms, {})))
+
+
+@pytest.mark.parametrize(("inject", "left", "expect"), [
+    # the write went through, then the rollout wait's trigger crashed: what was applied is undone
+    ("failed", {("inject", 0, "inject"): {"changes": []}}, "rollback"),
+    # the write failed part-way (an API error after its retries): undo whatever was applied
+    ("failed", {("inject", 0, "error"): {"step": "inject", "message": "KubeError: 500"}}, "rollback"),
+    # refused before any change: nothing to undo
+    ("failed", {("inject", 0, "error"): {"step": "inject", "message": "blocked: limit 87Mi"}}, "skip"),
+    # the freeze came before the injection: nothing was written
+    ("skipped", {("inject", 0, "error"): {"step": "inject", "message": "frozen: emergency"}}, "skip"),
+    ("upstream_failed", {}, "skip"),
+])
+def test_a_wait_that_failed_is_decided_from_what_its_task_left(inject: str, left: dict, expect: str) -> None:
+    """A task whose trigger crashed (or whose retries ran out) pushed no decision: the rollback's check makes it
+    from the step states, as the wait would have."""
+    xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
+                                              ("admit", 0, "decision"): {"to": "inject"},
+                                              ("admit", 0, "preflight"): {}, ("admit", 0, "baseline"): {}, **left}
+    states = {("admit", 0): "success", ("inject", 0): inject}
+    check = sg.rollback_if_chosen(GROUP)
+    if expect == "skip":
+        with pytest.raises(AirflowSkipException):
+            check(context(FakeTI(0, xcoms, states)))
+    else:
+        check(context(FakeTI(0, xcoms, states)))
 
 
 @pytest.mark.parametrize(("flip", "verify", "expect", "in_force"), [
@@ -94,13 +121,14 @@ def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify
                                                          in_force: Mode, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sg, "kube_for", lambda svc, c: FakeKube(in_force))
     xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
-                                              ("admit", 0, "decision"): {"to": "preflight"}}
+                                              ("admit", 0, "decision"): {"to": "inject"}}
     states = {("admit", 0): "success"}
     if flip:
         states[("flip_strict", 0)] = flip
+    if flip == "success":
+        xcoms[("flip_strict", 0, "flip_strict")] = {"changes": []}
     if verify:
-        states[("verify_strict", 0)] = "success"
-        xcoms[("verify_strict", 0, "return_value")] = verify
+        xcoms[("flip_strict", 0, "verify_strict")] = verify
     ti = FakeTI(0, xcoms, states)
     check = sg.strict_undone_if_needed(GROUP)
     if expect == "skip":
@@ -117,3 +145,47 @@ def test_a_requested_permissive_runs_without_looking_at_strict() -> None:
     ti = FakeTI(0, {("admit", 0, "decision"): {"to": "to_permissive"}}, {})
     sg.strict_undone_if_needed(GROUP)(context(ti))
     assert "decision" not in ti.pushed
+
+
+@pytest.mark.parametrize(("try_number", "mark_run", "refused"), [
+    (2, "d/r", True),       # this run's flip, unverified: a retry does not verify again from zero
+    (1, "d/r", False),      # a first try goes ahead (pods already STRICT: no new mark)
+    (2, "d/other", False),  # STRICT that another run left: not this run's unverified flip
+])
+def test_a_retry_after_this_runs_flip_does_not_verify_again(try_number: int, mark_run: str, refused: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Safety review finding 15: a verification that failed (trigger crash, lost worker) must not start over while
+    STRICT stays unverified; the flip task fails and back_to_permissive makes the workload PERMISSIVE."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from meshwave.pending import Undo, expecting
+
+    class Marked(FakeKube):
+        dry_run = False
+
+        def pending(self, ns: str, workload: str) -> Any:
+            return expecting(sg.UNVERIFIED, Undo.PERMISSIVE, 60, mark_run, {})
+
+    monkeypatch.setattr(sg, "kube_for", lambda svc, c: Marked(Mode.STRICT))
+    monkeypatch.setattr(sg.guards, "frozen_now", lambda key: None)
+    monkeypatch.setattr(sg.steps, "flip_strict", lambda svc, kube: {"changes": []})
+    ti = FakeTI(0, {}, {})
+    ti.try_number = try_number
+    ctx = {**context(ti), "dag": type("Dag", (), {"dag_id": "d"}), "run_id": "r"}
+    svc = sg.Service.from_dict(service())
+    if refused:
+        with pytest.raises(AirflowFailException, match="did not finish verifying"):
+            sg._flip(svc, ctx)
+    else:
+        assert sg._flip(svc, ctx) == {"changes": [], "pending": None}
+
+
+def test_what_a_trigger_ended_its_task_with_is_read_like_a_workers_push() -> None:
+    """Airflow 3.3.2 stores a TaskSuccessEvent's XComs JSON-encoded once more (seen in the e2e run's database): the
+    decision after the rollout reaches the soak's check as a string, and must still route the service."""
+    import json
+
+    xcoms = {("inject", 0, "decision"): json.dumps({"to": "soak", "why": "rolled out"})}
+    sg.on_path(GROUP, "soak")(context(FakeTI(0, xcoms, {})))  # chosen: no exception
+    with pytest.raises(AirflowSkipException):
+        sg.on_path(GROUP, "strict_gate")(context(FakeTI(0, xcoms, {})))

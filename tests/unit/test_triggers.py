@@ -25,9 +25,10 @@ def test_the_trigger_signatures_and_serialize_are_what_the_sensors_use() -> None
     assert path == "meshwave.triggers.GateTrigger"
     assert kwargs == {"prometheus_conn_id": "prom", "stage": "soak", "params": {"namespace": "shop"},
                       "policy": {"breaches_to_fail": 2}, "poke_interval": 5.0, "started": 100.0, "min_seconds": 60,
-                      "passes_to_pass": 3, "tracker": None}
-    rollout = triggers.RolloutTrigger("kube", "lab", "shop", "auth", True, 3.0, 200.0)
-    assert rollout.serialize()[1]["deadline"] == 200.0
+                      "passes_to_pass": 3, "tracker": None, "decide": None}
+    rollout = triggers.RolloutTrigger("kube", "lab", "shop", "auth", True, 3.0, 200.0, "wait_rollout",
+                                      {"after": "wait_rollout"})
+    assert rollout.serialize()[1]["deadline"] == 200.0 and rollout.serialize()[1]["decide"] == {"after": "wait_rollout"}
 
 
 def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -44,14 +45,17 @@ def test_a_gate_polls_through_a_batching_source(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(triggers.BaseHook, "aget_connection", connection)
     monkeypatch.setattr(connections, "prometheus_source", lambda conn: inner)  # imported by run()
     monkeypatch.setattr(triggers.stages, "evaluate", evaluate)
-    gate = triggers.GateTrigger("prom", "soak", {}, {"breaches_to_fail": 2}, 1.0, 0.0, 0, 1)
+    decide = {"after": "soak", "strict": True, "action": "migrate", "on_no_data": "hold"}
+    gate = triggers.GateTrigger("prom", "soak", {}, {"breaches_to_fail": 2}, 1.0, 0.0, 0, 1, decide=decide)
 
     async def first_event() -> Any:
         async for event in gate.run():
             return event
 
     event = asyncio.run(first_event())
-    assert event.payload["status"] == "pass"
+    # the trigger ends the task: its result and the decision after it, as XComs (no worker resumes it)
+    assert isinstance(event, triggers.TaskSuccessEvent) and event.xcoms["soak"]["status"] == "pass"
+    assert event.xcoms["decision"]["to"] == "strict_gate"
     [source] = seen
     assert isinstance(source, p.BatchingSource) and source.inner is inner and source.cluster == "lab"
     assert source.bucket == 1.0, "never wider than the poke interval"
@@ -83,10 +87,12 @@ def test_a_rollout_done_at_once_is_reported_no_sooner_than_the_earliest_event(mo
         async for event in rollout.run():
             return event, time.time()
 
-    event, yielded = asyncio.run(first_event())
-    assert event.payload["status"] == "done" and event.payload["message"] == "1/1 updated, 1 ready"
-    assert yielded - event.payload["started"] >= 0.5, "held back until the earliest event time"
-    assert event.payload["ended"] - event.payload["started"] < 0.5, "the record keeps when the rollout was seen done"
+    ended, yielded = asyncio.run(first_event())
+    event = ended.xcoms["wait_rollout"]
+    assert "decision" not in ended.xcoms, "no decision asked for"
+    assert event["status"] == "done" and event["message"] == "1/1 updated, 1 ready"
+    assert yielded - event["started"] >= 0.5, "held back until the earliest event time"
+    assert event["ended"] - event["started"] < 0.5, "the record keeps when the rollout was seen done"
 
 
 # ---- the soak's gate on a simulated clock, against a stand-in Prometheus (finding 11) ---------------------------
@@ -189,7 +195,7 @@ def soak(monkeypatch: pytest.MonkeyPatch, settings: Settings, ooms: tuple[float,
         async for event in gate.run():
             return event
 
-    payload = asyncio.run(first_event()).payload
+    payload = asyncio.run(first_event()).xcoms["soak"]
     payload["seconds"] = clock[0] - T0
     return payload
 
