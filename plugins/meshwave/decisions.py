@@ -86,7 +86,7 @@ def gate_decision(gate: dict[str, Any]) -> tuple[str, str]:
         return FLIP, gate.get("reason", "no plaintext callers")
     callers = (gate.get("extra") or {}).get("plaintext_callers") or []
     if callers:
-        return STAY, f"plaintext callers still calling when the STRICT gate timed out: {'; '.join(callers)}"
+        return STAY, f"plaintext callers in the lookback when the STRICT gate timed out: {'; '.join(callers)}"
     return STAY, f"STRICT gate {gate.get('status', 'error')}: {gate.get('reason', 'did not report')}"
 
 

@@ -42,7 +42,7 @@ def test_bursts_keep_permissive_a_dropping_proxy_is_rolled_back_and_unlabelled_m
 
     burst = records["g-burst"]
     assert (burst["outcome"], burst["mtls"]) == ("permissive", "PERMISSIVE"), summary
-    assert burst["reason"].startswith("plaintext callers still calling when the STRICT gate timed out: unknown (a "
+    assert burst["reason"].startswith("plaintext callers in the lookback when the STRICT gate timed out: unknown (a "
                                       "caller without sidecar) http "), summary
     assert "requests in the last" in burst["reason"], summary
     assert pa(stack, "gates", "meshwave-g-burst") is None, "no STRICT policy was written"

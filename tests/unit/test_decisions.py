@@ -265,7 +265,7 @@ def test_after_strict_gate_pass_flips() -> None:
 
 def test_after_strict_gate_timeout_with_plaintext_callers_names_them() -> None:
     assert d.after_strict_gate({"strict_gate": GATE_TIMEOUT}, {"strict_gate": "success"}) == \
-        (d.STAY, "plaintext callers still calling when the STRICT gate timed out: shop/checkout http 4.2 rps; "
+        (d.STAY, "plaintext callers in the lookback when the STRICT gate timed out: shop/checkout http 4.2 rps; "
                  "unknown (a caller without sidecar) http 0.5 rps")
 
 
@@ -453,7 +453,7 @@ def test_held_permissive_when_plaintext_callers_remain() -> None:
     r = record(service(), results, st)
     assert {k: r[k] for k in ("outcome", "mtls", "sidecar")} == \
         {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True}
-    assert r["reason"] == ("plaintext callers still calling when the STRICT gate timed out: shop/checkout http 4.2 "
+    assert r["reason"] == ("plaintext callers in the lookback when the STRICT gate timed out: shop/checkout http 4.2 "
                            "rps; unknown (a caller without sidecar) http 0.5 rps")
     assert r["plaintext_callers"] == CALLERS
     assert r["changes"] == [LABEL]
