@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict
+
 from meshwave.steps import Service
 
 RAN = ("success",)
@@ -21,6 +23,16 @@ SOAK, ROLLBACK_AFTER_ROLLOUT, NOT_STARTED = "soak", "rollback_after_rollout", "n
 STRICT_GATE, ROLLBACK_AFTER_SOAK, HOLD = "strict_gate", "rollback_after_soak", "hold_permissive"
 FLIP, STAY = "flip_strict", "stay_permissive"
 STRICT_DONE, BACK = "strict_done", "back_to_permissive"
+
+
+class Decision(BaseModel):
+    """What a deciding task chose (`to`: the next path's first task, or an end) and why: an XCom "decision" of the
+    task that made it, read by the next path's check and by the outcome."""
+
+    model_config = ConfigDict(frozen=True)
+
+    to: str
+    why: str
 
 
 def after_rollout(results: dict[str, Any], states: dict[str, str | None],

@@ -62,6 +62,12 @@ def pull(context: dict[str, Any], prefix: str, task: str, key: str) -> Any:
     return decoded(ti.xcom_pull(task_ids=f"{prefix}.{task}", key=key, map_indexes=ti.map_index))
 
 
+def decision(context: dict[str, Any], prefix: str, task: str) -> decisions.Decision | None:
+    """The decision `task` of this service pushed, if it made one."""
+    found = pull(context, prefix, task, "decision")
+    return decisions.Decision.model_validate(found) if found else None
+
+
 def result(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
     return pull(context, prefix, TASK_OF[step], step) or {}
 
@@ -100,14 +106,14 @@ class GroupState:
         none: its decision is made here, from the step states, as the wait would have made it."""
         chosen: dict[str, str] = {}
         for name, task in DECIDED_BY.items():
-            d = pull(context, prefix, task, "decision") if self.tasks.get(task) is not None else None
-            if not d and self.tasks.get(task) == "failed":
+            d = decision(context, prefix, task) if self.tasks.get(task) is not None else None
+            if d is None and self.tasks.get(task) == "failed":
                 d = self._fallback(name)
-            if d:
-                chosen[name], chosen[f"{name}_to"] = d["why"], d["to"]
+            if d is not None:
+                chosen[name], chosen[f"{name}_to"] = d.why, d.to
         return chosen
 
-    def _fallback(self, name: str) -> dict[str, str] | None:
+    def _fallback(self, name: str) -> decisions.Decision | None:
         if name == "after_rollout":
             to, why = decisions.after_rollout(self.results, self.states, self.errors)
         elif name == "after_soak" and self.service is not None:
@@ -116,4 +122,4 @@ class GroupState:
             to, why = decisions.after_strict_gate(self.results, self.states)
         else:
             return None
-        return {"to": to, "why": why}
+        return decisions.Decision(to=to, why=why)

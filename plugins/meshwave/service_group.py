@@ -43,7 +43,7 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, T
 
 from meshwave import decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
-from meshwave.group_state import GroupState, decoded, pull, result
+from meshwave.group_state import GroupState, decision, decoded, pull, result
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
 from meshwave.outcomes import outcome_of
@@ -156,7 +156,8 @@ def _service(context: dict[str, Any], prefix: str) -> Service:
 
 def _chosen(context: dict[str, Any], prefix: str, decider: str) -> str | None:
     """Where `decider`'s decision sends this service (None: it made none)."""
-    return (pull(context, prefix, decider, "decision") or {}).get("to")
+    chosen = decision(context, prefix, decider)
+    return chosen.to if chosen else None
 
 
 def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
@@ -390,7 +391,7 @@ def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
         to, why = decisions.after_strict(group.service, group.results, group.states)
         if to == decisions.STRICT_DONE:
             to, why = _confirm_strict(group.service, context, why)
-        context["ti"].xcom_push(key="decision", value={"to": to, "why": why})
+        context["ti"].xcom_push(key="decision", value=decisions.Decision(to=to, why=why).model_dump())
         print(f"after_strict: -> {to}: {why}")
         if to != decisions.BACK:
             raise AirflowSkipException(f"STRICT stays: {why}")
@@ -461,9 +462,9 @@ def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
             if route in UNDO_ROUTES or ti.try_number <= RETRIES["retries"]:
                 raise
             raise AirflowFailException(f"not started after {ti.try_number} tries: {exc}") from None
-        chosen = {"to": route, "why": f"action {svc.action}"}
-        ti.xcom_push(key="decision", value=chosen)
-        return chosen
+        chosen = decisions.Decision(to=route, why=f"action {svc.action}")
+        ti.xcom_push(key="decision", value=chosen.model_dump())
+        return chosen.model_dump()
 
     return admit(key)
 

@@ -48,7 +48,7 @@ def ended(result_key: str, event: dict[str, Any], decide: dict[str, Any] | None)
             to, why = decisions.gate_decision(event)
         else:
             raise ValueError(f"no decision is made after {after!r}")
-        xcoms["decision"] = {"to": to, "why": why}
+        xcoms["decision"] = decisions.Decision(to=to, why=why).model_dump()
     return TaskSuccessEvent(xcoms=xcoms)
 
 

@@ -74,7 +74,8 @@ def test_a_path_runs_only_when_its_own_map_index_chose_it() -> None:
     xcoms = {("inject", 0, "decision"): {"to": "rollback_after_rollout", "why": "OOMKilled"},
              ("inject", 1, "decision"): {"to": "soak", "why": "rolled out"},
              ("soak", 1, "decision"): {"to": "strict_gate", "why": "soak passed"},
-             ("admit", 0, "decision"): {"to": "inject"}, ("admit", 1, "decision"): {"to": "inject"}}
+             ("admit", 0, "decision"): {"to": "inject", "why": "action migrate"},
+             ("admit", 1, "decision"): {"to": "inject", "why": "action migrate"}}
     sg.rollback_if_chosen(GROUP)(context(FakeTI(0, xcoms, {})))  # chosen: no exception
     with pytest.raises(AirflowSkipException, match="not on this service's path"):
         sg.rollback_if_chosen(GROUP)(context(FakeTI(1, xcoms, {})))  # every wait decided, none for a rollback
@@ -98,7 +99,7 @@ def test_a_wait_that_failed_is_decided_from_what_its_task_left(inject: str, left
     """A task whose trigger crashed (or whose retries ran out) pushed no decision: the rollback's check makes it
     from the step states, as the wait would have."""
     xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
-                                              ("admit", 0, "decision"): {"to": "inject"},
+                                              ("admit", 0, "decision"): {"to": "inject", "why": "action migrate"},
                                               ("admit", 0, "preflight"): {}, ("admit", 0, "baseline"): {}, **left}
     states = {("admit", 0): "success", ("inject", 0): inject}
     check = sg.rollback_if_chosen(GROUP)
@@ -121,7 +122,7 @@ def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify
                                                          in_force: Mode, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sg, "kube_for", lambda svc, c: FakeKube(in_force))
     xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
-                                              ("admit", 0, "decision"): {"to": "inject"}}
+                                              ("admit", 0, "decision"): {"to": "inject", "why": "action migrate"}}
     states = {("admit", 0): "success"}
     if flip:
         states[("flip_strict", 0)] = flip
@@ -142,7 +143,7 @@ def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify
 
 
 def test_a_requested_permissive_runs_without_looking_at_strict() -> None:
-    ti = FakeTI(0, {("admit", 0, "decision"): {"to": "to_permissive"}}, {})
+    ti = FakeTI(0, {("admit", 0, "decision"): {"to": "to_permissive", "why": "action permissive"}}, {})
     sg.strict_undone_if_needed(GROUP)(context(ti))
     assert "decision" not in ti.pushed
 
