@@ -72,6 +72,12 @@ def gate_deferral(w: GateWatch, stage: str, passes_to_pass: int = 1,
                         method_name="execute", timeout=timedelta(seconds=w.wait_seconds + MARGIN))
 
 
+def push_ended(context: Any, result_key: str, event: dict[str, Any], decide: dict[str, Any] | None) -> None:
+    """What a trigger would have ended the task with, pushed by the worker (a dry run waits for nothing)."""
+    for key, value in (ended(result_key, event, decide).xcoms or {}).items():
+        context["ti"].xcom_push(key=key, value=value)
+
+
 class GateSensor(BaseSensorOperator):
     """Polls one stage's Prometheus checks until the gate passes, fails (N breaches in a row) or times out.
 
@@ -110,6 +116,4 @@ class GateSensor(BaseSensorOperator):
     def dry_run(self, context: Any) -> None:
         """Nothing was changed, so nothing is checked: the gate passes and says so, and decides as after a pass."""
         event = {"stage": self.stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}
-        for key, value in (ended(self.stage, event, self.decide(context)).xcoms or {}).items():
-            context["ti"].xcom_push(key=key, value=value)
-        return None
+        push_ended(context, self.stage, event, self.decide(context))

@@ -49,9 +49,16 @@ from meshwave.lease import LeaseRefused
 from meshwave.outcomes import outcome_of
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
-from meshwave.sensors import BatchWait, GateSensor, GateWatch, RolloutWatch, gate_deferral, rollout_deferral
+from meshwave.sensors import (
+    BatchWait,
+    GateSensor,
+    GateWatch,
+    RolloutWatch,
+    gate_deferral,
+    push_ended,
+    rollout_deferral,
+)
 from meshwave.steps import ACTIONS, Service
-from meshwave.triggers import ended
 
 NEVER = 10**9
 FORWARD, TO_PERMISSIVE, TO_REMOVE = "inject", "to_permissive", "to_remove"
@@ -589,8 +596,7 @@ def _write_then_wait(name: str, prefix: str, write: Run, wait_step: str, wait: W
             done = write(svc, context)
         context["ti"].xcom_push(key=name, value=done)
         if _dry(context):
-            for key, value in (ended(wait_step, dry, decide).xcoms or {}).items():
-                context["ti"].xcom_push(key=key, value=value)
+            push_ended(context, wait_step, dry, decide)
             return
         with recording(context, wait_step):
             deferral = wait(svc, done, context)
