@@ -28,6 +28,9 @@ from meshlab.lab import Lab
 from meshlab.topology import TopologyError
 
 log = logging.getLogger(__name__)
+# On stop, an open watch (kubectl rollout status, an informer) would hold aiohttp's shutdown for its default 60 s;
+# a stopping kube-apiserver ends its watches too, and clients re-list when it is back.
+SHUTDOWN_SECONDS = 1.0
 HOST = "127.0.0.1"  # the lab, its admin endpoint included, listens on loopback unless told (a container: --host)
 
 
@@ -281,7 +284,7 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
     state: dict[str, Any] = {"pid": os.getpid(), "clusters": {}}
     try:
         for name, sim in lab.clusters.items():
-            runner = web.AppRunner(ApiServer(sim.store).app, access_log=None)
+            runner = web.AppRunner(ApiServer(sim.store).app, access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
             await runner.setup()
             runners.append(runner)
             planes[name] = ControlPlane(name, runner, host, (api_ports or {}).get(name, 0))
@@ -294,7 +297,8 @@ async def serve(lab: Lab, *, kubeconfig_dir: Path | None, state_file: Path | Non
                 _write_atomic(path, yaml.safe_dump(kubeconfig(name, url), sort_keys=False), KUBECONFIG_MODE)
                 state["clusters"][name]["kubeconfig"] = str(path.resolve())
         exposition = Exposition(lab)
-        runner = web.AppRunner(admin_app(lab, exposition, planes), access_log=None)
+        runner = web.AppRunner(admin_app(lab, exposition, planes), access_log=None,
+                                shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
         sock = _bind(metrics_port, host)
         await web.SockSite(runner, sock).start()
