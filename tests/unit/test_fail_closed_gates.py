@@ -3,6 +3,7 @@ STRICT gate counts plaintext since the sidecar came, so a caller that calls in b
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -162,6 +163,37 @@ def test_the_batch_mates_are_the_other_map_indexes_of_the_injection() -> None:
     mates = batch_mates(states, "batch_1.inject", own_map_index=1)
     assert mates == {0: "up_for_retry", 2: "success", 3: "upstream_failed", 10: "deferred"}
     assert unfinished(mates) == [0, 10]
+
+
+class _RolloutEnds:
+    """A task instance whose injections' rollout waits ended at `ended` (map index -> time; None: still waiting), read
+    as Airflow 3.3 does: a pull without map indexes is one request for all of them, and a lone value comes bare;
+    what a trigger pushed comes JSON-encoded (see group_state.decoded)."""
+
+    def __init__(self, own: int, ended: dict[int, float | None]) -> None:
+        self.map_index, self.ended, self.requests = own, ended, 0
+
+    def xcom_pull(self, task_ids: str, key: str, **kwargs: object) -> object:
+        self.requests += 1
+        assert task_ids == "batch_1.inject" and key == "wait_rollout"
+        if "map_indexes" in kwargs:  # this service's own
+            at = self.ended[kwargs["map_indexes"]]
+            return None if at is None else json.dumps({"status": "done", "ended": at})
+        values = [json.dumps({"status": "done", "ended": at}) for at in self.ended.values() if at is not None]
+        return values[0] if len(values) == 1 else values or None
+
+
+def test_the_last_batch_mate_s_rollout_end_is_read_in_one_request_and_leaves_this_service_s_own_out() -> None:
+    from meshwave.service_group import _batch_ended
+
+    late = _RolloutEnds(own=0, ended={0: 500.0, 1: 400.0, 2: 450.0, 3: None})
+    assert _batch_ended({"ti": late}, "batch_1") == 450.0 and late.requests == 2, "own 500 is not a batch-mate's"
+    twin = _RolloutEnds(own=1, ended={0: 400.0, 1: 400.0})  # a mate that ended at the same instant still counts
+    assert _batch_ended({"ti": twin}, "batch_1") == 400.0
+    alone = _RolloutEnds(own=0, ended={0: 500.0, 1: None})  # the lone value, bare: only this service's own
+    assert _batch_ended({"ti": alone}, "batch_1") is None
+    nothing = _RolloutEnds(own=0, ended={0: None, 1: None})
+    assert _batch_ended({"ti": nothing}, "batch_1") is None
 
 
 def test_the_strict_gate_waits_for_late_batch_mates_then_starts_without_them() -> None:
