@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: setup prometheus services test test-distributed lint unit lab-up help demo stop bench
+.PHONY: setup bytecode prometheus services test test-distributed lint unit lab-up help demo stop bench
 
 help:
 	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
@@ -16,7 +16,13 @@ help:
 	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback, the lab and the no-op floor"
 	@echo "             (about 50 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
-setup: $(STAMP) prometheus services
+setup: $(STAMP) prometheus services bytecode
+
+# Every task run imports the meshwave package in a fresh process. An editable install has no bytecode, and with
+# PYTHONDONTWRITEBYTECODE set (as on this machine) each process compiled it again: about 0.4 s of CPU per task run.
+# compileall rewrites only what changed.
+bytecode: $(STAMP)
+	$(BIN)/python -m compileall -q plugins include dags
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
