@@ -53,8 +53,11 @@ services:
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The tests that start no Airflow on both cores, each worker with its own lab and Prometheus; then the end-to-end
+# and distributed ones in one process, which share one Airflow stack (a second would halve the cores each has).
 test: setup lint
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 -m "not e2e and not distributed"
+	$(BIN)/pytest -m "e2e or distributed"
 
 # The distributed shape alone (`make test` runs it too): CeleryExecutor on Postgres and Redis, a killed worker.
 test-distributed: setup

@@ -5,6 +5,7 @@
   rewrites `prometheus.io/*`, an admission webhook pins images to digests). Safety review findings 10 and 14.
 - `beta`: an Istio older than 1.22, serving PeerAuthentication at `security.istio.io/v1beta1` only (finding 23).
 Every caller keeps its success rate (Prometheus history) and every record's mTLS mode is the data plane's.
+Both waves run on clusters of their own: they are triggered when the stack is up (EARLY), beside each other.
 """
 
 from __future__ import annotations
@@ -13,20 +14,44 @@ import time
 
 import pytest
 
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import EARLY, Early, Stack
 from tests.e2e.test_emergency import FAST, trigger, xcom
-from tests.e2e.test_mtls import assert_callers_kept, assert_records_match_the_data_plane, data_plane, success_now
+from tests.e2e.test_mtls import RATIO, assert_callers_kept, assert_records_match_the_data_plane, data_plane
 
 pytestmark = pytest.mark.e2e
 
 REV, BETA = "meshwave_e2e_clusters_rev", "meshwave_e2e_clusters_beta"
+CALLER = {REV: ("revns", "r-web"), BETA: ("betans", "b-web")}
+before: dict[str, tuple[float, float | None]] = {}  # DAG id -> (when, the caller's success rate then), by the hook
+
+
+def record_before(dag_id: str):
+    """Runs just before the trigger: it records, the test asserts (a failed assertion here would fail every
+    module's tests)."""
+
+    def record(stack: Stack) -> None:
+        found = stack.prometheus.query(RATIO.format(ns=CALLER[dag_id][0], app=CALLER[dag_id][1]))
+        before[dag_id] = (time.time(), float(found[0]["value"][1]) if found else None)
+
+    return record
+
+
+# last: after test_undo's run, which races its timed API outage
+EARLY[REV] = Early(REV, {}, before=record_before(REV), last=True)
+EARLY[BETA] = Early(BETA, {}, before=record_before(BETA), last=True)
+
+
+def early_callers(stack: Stack, dag_id: str) -> tuple[dict[tuple[str, str], float], float, str, str]:
+    """The early run, once ended: the caller's rate before it, when it started, its run id and state."""
+    run_id, state = stack.early_run(dag_id, timeout=600)
+    since, rate = before[dag_id]
+    assert rate is not None, f"no success rate for {CALLER[dag_id]} in Prometheus before the run"
+    return {CALLER[dag_id]: rate}, since, run_id, state
 
 
 def test_a_revision_only_cluster_with_mutated_pods_ends_the_wave_right(stack: Stack) -> None:
     """Prometheus scrapes the lab's one endpoint, so the rev cluster's series carry cluster="rev" (its own)."""
-    callers = {("revns", "r-web"): success_now(stack, "revns", "r-web")}
-    since = time.time()
-    run_id, state = stack.run(REV, timeout=600)
+    callers, since, run_id, state = early_callers(stack, REV)
     records = stack.records(REV, run_id)
     summary = {w: (r["outcome"], r["mtls"], r["reason"]) for w, r in records.items()}
     assert state == "success", summary
@@ -46,9 +71,7 @@ def test_a_revision_only_cluster_with_mutated_pods_ends_the_wave_right(stack: St
 
 
 def test_a_v1beta1_cluster_runs_a_wave_and_the_emergency_rollback(stack: Stack) -> None:
-    since = time.time()
-    callers = {("betans", "b-web"): success_now(stack, "betans", "b-web")}
-    run_id, state = stack.run(BETA, timeout=600)
+    callers, since, run_id, state = early_callers(stack, BETA)
     records = stack.records(BETA, run_id)
     record = records["b-web"]
     assert (state, record["outcome"], record["mtls"]) == ("success", "strict", "STRICT"), record["reason"]
