@@ -1,6 +1,7 @@
 """`make bench`: every benchmark, one table, and bench/results.json.
 
-    .venv/bin/python -m bench.run [--only parse,soak,prom_load,rollback,lab,floor] [--output bench/results.json]
+    .venv/bin/python -m bench.run [--only parse,soak,soak-postgres,prom_load,rollback,lab,floor]
+                                  [--output bench/results.json]
 
 Each benchmark runs in its own process and starts (and stops) the lab, Prometheus and Airflow it needs; it
 prints one BENCH-RESULT line that this runner collects. A benchmark that fails is a row saying so, and the
@@ -26,6 +27,8 @@ BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     "lab": ["bench.lab_cpu", "--bench", "--seconds", "60"],
     "rollback": ["bench.rollback"],
     "soak": ["bench.soak", "--services", "50", "--soak", "60"],
+    # The same wave on the distributed stack (CeleryExecutor, Postgres, Redis): its figures' names say so.
+    "soak-postgres": ["bench.soak", "--stack", "postgres", "--services", "50", "--soak", "60"],
     "floor": ["bench.floor", "--pairs", "3", "--services", "20", "--probes", "3"],
 }
 
@@ -47,8 +50,8 @@ def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
 
 def benchmark_of(figure: dict[str, Any]) -> str | None:
     """The benchmark a figure came from, by the command that re-runs it."""
-    modules = {"parse_cost": "parse", "soak": "soak", "prom_load": "prom_load", "rollback": "rollback",
-               "lab_cpu": "lab", "bench.floor": "floor"}
+    modules = {"--stack postgres": "soak-postgres", "parse_cost": "parse", "soak": "soak", "prom_load": "prom_load",
+               "rollback": "rollback", "lab_cpu": "lab", "bench.floor": "floor"}  # the first that matches
     return next((name for module, name in modules.items() if module in figure.get("command", "")), None)
 
 
@@ -95,7 +98,9 @@ def main() -> None:
         figures = [f for f in kept["figures"] if (f.get("benchmark") or benchmark_of(f)) not in names]
         rows = {k: v for k, v in kept.get("details", {}).items() if k not in names}
         start = {**kept["machine"], "rerun": {**kept["machine"].get("rerun", {}), **{n: start for n in names}}}
-    BENCHMARKS["soak"][2] = str(args.soak_services)
+    for soak in ("soak", "soak-postgres"):  # both stacks run the wave --soak-services wide
+        argv = BENCHMARKS[soak]
+        argv[argv.index("--services") + 1] = str(args.soak_services)
     for name in names:
         found, detail = run(name, BENCHMARKS[name])
         figures += found

@@ -1,7 +1,7 @@
 """Items 2 and 3: one wave of N services (default 50), soak 60 s, all in one batch, run by `airflow standalone`
 against the lab and a real Prometheus.
 
-    .venv/bin/python -m bench.soak [--services 50] [--soak 60]
+    .venv/bin/python -m bench.soak [--services 50] [--soak 60] [--stack standalone|postgres]
 
 Figures: the run's wall time against the waits on its critical path (the soak's and the STRICT
 verification's minimum seconds: every other second is overhead: scheduling, task start-up, rollouts);
@@ -11,25 +11,48 @@ Prometheus queries per minute during the soak, from Prometheus' own prometheus_h
 per check, from its query log. After the wave, the same Airflow runs a DAG of no-op tasks (a mapped task
 group of --services map indexes, 5 tasks each): Airflow's own cost per task run on this machine, which, times
 the task runs the wave needed, is the part of the overhead that no change inside a task can remove.
+
+--stack postgres runs the same wave, and the same no-op floor after it, on Airflow distributed as
+tests/distributed starts it (CeleryExecutor, Postgres, Redis, every component its own process) with two Celery
+workers of 4 slots: the 8 task processes at once of standalone's PARALLELISM 8. Only the stack's start and the
+metadata database that the sampling reads differ; the figures carry the stack in their names.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
-import sqlite3
+import subprocess
 import tempfile
 import time
 import urllib.parse
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from bench.airflow_stack import NOOP_STEPS, Stack, dag_ids, retried, run_noop, stack, stamp, wait_loaded
+import sqlalchemy
+from sqlalchemy.pool import NullPool
+
+from bench.airflow_stack import (
+    DAG_FILE,
+    LOADED_MACHINE,
+    NOOP_STEPS,
+    Stack,
+    dag_ids,
+    retried,
+    run_noop,
+    stack,
+    stamp,
+    wait_loaded,
+)
 from bench.common import PY, Figure, emit, load_average, log
-from bench.fleetgen import deployments, make_plan, synthetic_topology
+from bench.fleetgen import deployments, make_plan, synthetic_topology, write
 from bench.querylog import per_check
+from meshlab.process import LabProcess, PrometheusProcess
+from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, PostgresProcess, RedisProcess
 
 # The tasks that wait in the triggerer (inject waits for its rollout, flip_strict verifies, the undos watch theirs).
 SENSORS = ("inject", "soak", "strict_gate", "flip_strict", "back_to_permissive", "rollback_injection")
@@ -40,6 +63,14 @@ CLUSTER, WINDOW = "c1", "20s"
 # longer than the default 30 s import timeout when several do it at once on a loaded 2-core machine.
 AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE__PARALLELISM": "8",
                "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300"}
+# The distributed stack: 2 workers x 4 slots hold the 8 task processes that PARALLELISM lets the scheduler queue
+# (fewer worker processes than 4 x 2 on 2 cores). The queued-task timeout is the production one, not the tests'
+# 90 s: a benchmark does not kill workers, and a task waiting for a slot must not be re-queued.
+WORKERS, SLOTS_PER_WORKER = 2, 4
+CELERY_ENV = {"AIRFLOW__CELERY__WORKER_CONCURRENCY": str(SLOTS_PER_WORKER),
+              **{k: SHARED_SETTINGS[k] for k in ("AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT",
+                                                 "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL")}}
+STACKS = {"standalone": "", "postgres": " (Postgres, Celery)"}  # the suffix of each figure's name
 
 
 def plan_for(n: int, soak: int) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -51,19 +82,70 @@ def plan_for(n: int, soak: int) -> tuple[dict[str, Any], dict[str, Any]]:
     return topology, plan
 
 
-def db_rows(s: Stack, sql: str, *args: str) -> list[tuple[Any, ...]]:
-    """Read Airflow's SQLite metadata database directly (read-only): sampling through the REST API every second
-    would load the api-server that the scheduler needs, and it times out under load."""
-    uri = f"file:{s.airflow.home / 'airflow.db'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
-        return db.execute(sql, args).fetchall()
+class BenchCelery(CeleryAirflow):
+    """tests/distributed's Airflow with SLOTS_PER_WORKER slots a worker (the tests' workers have 2)."""
+
+    def start_worker(self, name: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        return self._spawn(name, ["celery", "worker", "--celery-hostname", f"{name}@%h", "--concurrency",
+                                  str(SLOTS_PER_WORKER), "--skip-serve-logs"], env or self.environment())
+
+    @property
+    def log_path(self) -> Path:
+        """The scheduler's log: analyse() counts the tries it failed on a stale exit there (standalone's is one)."""
+        return self.log_of("scheduler")
+
+
+@contextlib.contextmanager
+def celery_stack(work: Path, topology: dict[str, Any], plan: dict[str, Any], cluster: str,
+                 airflow_env: dict[str, str]) -> Iterator[Stack]:
+    """bench.airflow_stack.stack's lab, Prometheus and plan, with Airflow as tests/distributed starts it (Postgres,
+    Redis, one process per component, Celery workers); stop them all whatever happens."""
+    topology_file = write(topology, work / "topology.yaml")
+    plans, dags, name = work / "plans", work / "dags", plan["migration"]
+    write(plan, plans / f"{name}.yaml")
+    dags.mkdir(parents=True, exist_ok=True)
+    (dags / f"{name.replace('-', '_')}.py").write_text(DAG_FILE.format(plan=f"{name}.yaml"))
+    log("starting Postgres, Redis, the lab and Prometheus")
+    with PostgresProcess() as postgres, RedisProcess() as redis, LabProcess(topology_file, work / "lab") as lab, \
+            PrometheusProcess([lab.metrics_target], work / "prometheus", query_log=True) as prom:
+        kube = {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig(cluster)}}
+        metrics = {"conn_type": "http", "host": prom.url, "extra": {"cluster": cluster}}
+        clusters = plan["clusters"].values()
+        connections = {**{c["kubernetes_conn_id"]: kube for c in clusters},
+                       **{c["prometheus_conn_id"]: metrics for c in clusters}}
+        env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
+               "MESHWAVE_REPORT_DIR": str(work / "reports"), **LOADED_MACHINE, **airflow_env, **CELERY_ENV}
+        log(f"starting Airflow on CeleryExecutor ({WORKERS} workers x {SLOTS_PER_WORKER} slots)")
+        with BenchCelery(work / "airflow", connections, postgres.url, redis.url, env, workers=WORKERS) as airflow:
+            yield Stack(lab, prom, airflow)
+
+
+def metadata_url(s: Stack) -> str:
+    """The metadata database the stack's Airflow writes: Postgres, or standalone's SQLite file (read-only)."""
+    if isinstance(s.airflow, CeleryAirflow):
+        return s.airflow.database
+    return f"sqlite:///file:{s.airflow.home / 'airflow.db'}?mode=ro&uri=true"
+
+
+@functools.cache
+def engine(url: str) -> sqlalchemy.Engine:
+    # A connection per query (NullPool), as a bare sqlite3.connect did: no pooled SQLite connection stays open
+    # beside the scheduler's writes; SQLite waits up to 10 s for a lock, Postgres up to 10 s to connect.
+    timeout = {"timeout": 10} if url.startswith("sqlite") else {"connect_timeout": 10}
+    return sqlalchemy.create_engine(url, poolclass=NullPool, connect_args=timeout)
+
+
+def db_rows(s: Stack, sql: str, **params: str) -> list[tuple[Any, ...]]:
+    """Read Airflow's metadata database directly: sampling through the REST API every second would load the
+    api-server that the scheduler needs, and it times out under load."""
+    with engine(metadata_url(s)).connect() as db:
+        return [tuple(row) for row in db.execute(sqlalchemy.text(sql), params)]
 
 
 def sample(s: Stack, dag_id: str, run_id: str) -> dict[str, Any]:
-    rows = db_rows(s, "SELECT task_id || '[' || map_index || ']', state FROM task_instance WHERE dag_id = ? "
-                      "AND run_id = ? "
-                      "AND state IN ('running', 'deferred')", dag_id, run_id)
-    [(state,)] = db_rows(s, "SELECT state FROM dag_run WHERE dag_id = ? AND run_id = ?", dag_id, run_id)
+    rows = db_rows(s, "SELECT task_id || '[' || map_index || ']', state FROM task_instance WHERE dag_id = :dag "
+                      "AND run_id = :run AND state IN ('running', 'deferred')", dag=dag_id, run=run_id)
+    [(state,)] = db_rows(s, "SELECT state FROM dag_run WHERE dag_id = :dag AND run_id = :run", dag=dag_id, run=run_id)
     return {"t": time.time(), "running": [t for t, st in rows if st == "running"],
             "deferred": sum(st == "deferred" for _, st in rows), "query_requests": s.prometheus.query_api_requests(),
             "deferred_ids": [t for t, st in rows if st == "deferred"], "run_state": state}
@@ -80,7 +162,7 @@ def follow(s: Stack, dag_id: str, run_id: str, timeout: float) -> list[dict[str,
     while time.monotonic() < deadline:
         try:
             samples.append(sample(s, dag_id, run_id))
-        except sqlite3.OperationalError as exc:  # locked for longer than the timeout: a missed sample
+        except sqlalchemy.exc.OperationalError as exc:  # SQLite locked, or Postgres not answering: a missed sample
             log(f"missed a sample: {exc}")
             continue
         if samples[-1]["run_state"] in ("success", "failed"):
@@ -169,7 +251,18 @@ def run_floor(s: Stack, dags: Path, n: int) -> dict[str, Any]:
     return run_noop(s.airflow, dags, n)
 
 
-def figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[Figure]:
+def figures(r: dict[str, Any], n: int, command: str, load: list[float], stack_name: str = "standalone") -> list[Figure]:
+    figs = stack_figures(r, n, command, load)
+    if stack_name == "standalone":  # the names the earlier results carry
+        return figs
+    where = f"on {stack_name}: CeleryExecutor, Postgres, Redis, {WORKERS} workers x {SLOTS_PER_WORKER} slots"
+    for f in figs:
+        f.name += STACKS[stack_name]
+        f.notes = f"{where}; {f.notes}" if f.notes else where
+    return figs
+
+
+def stack_figures(r: dict[str, Any], n: int, command: str, load: list[float]) -> list[Figure]:
     overhead = round(r["wall_seconds"] - r["critical_waits_seconds"], 1)
     note = (f"run {r['state']}; service outcomes {json.dumps(r['service_outcomes'])}; task states "
             f"{json.dumps(r['task_states'])}; failed: {', '.join(r['failed_tasks']) or 'none'} (why: details)")
@@ -224,13 +317,17 @@ def main() -> None:
     parser.add_argument("--services", type=int, default=50)
     parser.add_argument("--soak", type=int, default=60)
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (Airflow's logs, the lab's)")
+    parser.add_argument("--stack", choices=STACKS, default="standalone",
+                        help="standalone: `airflow standalone` on SQLite; postgres: CeleryExecutor on Postgres, Redis")
     args = parser.parse_args()
     command = f"{PY} -m bench.soak --services {args.services} --soak {args.soak}"
+    command += f" --stack {args.stack}" if args.stack != "standalone" else ""
     topology, plan = plan_for(args.services, args.soak)
     [dag_id] = dag_ids(plan)
     keep = contextlib.nullcontext(str(args.keep)) if args.keep else None
+    start = celery_stack if args.stack == "postgres" else stack
     with keep or tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
-            stack(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV) as s:
+            start(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV) as s:
         wait_loaded(s, dag_id)
         time.sleep(20)  # a query window of data for the baselines
         load = load_average()
@@ -241,7 +338,7 @@ def main() -> None:
         result["floor"] = run_floor(s, Path(tmp) / "dags", args.services)  # after the wave: its load is its own
         result["load_end"] = load_average()
     log(json.dumps(result))
-    emit(figures(result, args.services, command, load), rows=[result])
+    emit(figures(result, args.services, command, load, args.stack), rows=[{"stack": args.stack, **result}])
 
 
 if __name__ == "__main__":
