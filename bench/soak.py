@@ -51,6 +51,7 @@ from bench.airflow_stack import (
 from bench.common import PY, Figure, emit, load_average, log
 from bench.fleetgen import deployments, make_plan, synthetic_topology, write
 from bench.querylog import per_check
+from bench.task_times import by_task
 from meshlab.process import LabProcess, PrometheusProcess
 from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, PostgresProcess, RedisProcess
 
@@ -61,7 +62,8 @@ CLUSTER, WINDOW = "c1", "20s"
 # A 50-service batch really runs in parallel (the default caps a DAG at 16 tasks at once); 8 task processes at once
 # on 2 cores; and every task start parses the whole DAG file again (Airflow 3's task runner), which takes
 # longer than the default 30 s import timeout when several do it at once on a loaded 2-core machine.
-AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE__PARALLELISM": "8",
+SLOTS = 8
+AIRFLOW_ENV = {"AIRFLOW__CORE__MAX_ACTIVE_TASKS_PER_DAG": "1000", "AIRFLOW__CORE__PARALLELISM": str(SLOTS),
                "AIRFLOW__CORE__DAGBAG_IMPORT_TIMEOUT": "300"}
 # The distributed stack: 2 workers x 4 slots hold the 8 task processes that PARALLELISM lets the scheduler queue
 # (fewer worker processes than 4 x 2 on 2 cores). The queued-task timeout is the production one, not the tests'
@@ -223,7 +225,7 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     started = sum(bool(t.get("hostname")) for t in tis.values())  # ran on a worker (a scheduler skip does not)
     runs = worker_runs(s, dag_id, run_id)  # starts, resumes and retries: a wait that ends in the triggerer has none
     return {
-        "worker_task_runs": runs, "stale_exit_failures": mismatches,
+        "worker_task_runs": runs, "stale_exit_failures": mismatches, "by_task": by_task(run_logs(s, dag_id, run_id)),
         "task_instances_started": started, "resumed_after_deferral": runs - started,
         "state": run["state"], "wall_seconds": round(end - start, 1), "critical_waits_seconds": soak + verify,
         "soak_span_seconds": round(soak_end - soak_start, 1), "soak_tasks": len(soaks),
@@ -240,10 +242,18 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
     }
 
 
+def run_logs(s: Stack, dag_id: str, run_id: str) -> Path:
+    return s.airflow.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
+
+
 def worker_runs(s: Stack, dag_id: str, run_id: str) -> int:
     """Task processes the run started on a worker, counted from its task logs (one line per process)."""
-    logs = s.airflow.home / "logs" / f"dag_id={dag_id}" / f"run_id={run_id}"
-    return sum(f.read_text(errors="replace").count(WORKER_RUN) for f in logs.rglob("*.log"))
+    return sum(f.read_text(errors="replace").count(WORKER_RUN) for f in run_logs(s, dag_id, run_id).rglob("*.log"))
+
+
+def by_task_note(rows: dict[str, dict[str, float]]) -> str:
+    return "; ".join(f"{task} {row['runs']:.0f}, {row['before_code_mean']}, {row['in_code_mean']}"
+                     for task, row in sorted(rows.items(), key=lambda kv: -kv[1]["slot_seconds"]))
 
 
 def run_floor(s: Stack, dags: Path, n: int) -> dict[str, Any]:
@@ -267,6 +277,7 @@ def stack_figures(r: dict[str, Any], n: int, command: str, load: list[float]) ->
     note = (f"run {r['state']}; service outcomes {json.dumps(r['service_outcomes'])}; task states "
             f"{json.dumps(r['task_states'])}; failed: {', '.join(r['failed_tasks']) or 'none'} (why: details)")
     floor, runs = r["floor"], r["worker_task_runs"]
+    slot_seconds = round(sum(t["slot_seconds"] for t in r["by_task"].values()), 1)
     per_run = floor["seconds_per_task_run"]
     return [
         Figure("2 soak", f"wave wall time, {n} services in one batch", r["wall_seconds"], "s", command=command,
@@ -301,6 +312,10 @@ def stack_figures(r: dict[str, Any], n: int, command: str, load: list[float]) ->
                notes=f"{round(runs / n, 1)} per service: {r['task_instances_started']} task instances started (a "
                      f"path's first task skipping itself included), {r['resumed_after_deferral']} resumed after a "
                      f"deferral"),
+        Figure("2 soak", "worker-slot seconds of the wave's task processes", slot_seconds, "s", command=command,
+               load=load, notes=f"{SLOTS} slots: {slot_seconds / SLOTS:.0f} s of wall time if always full; by task "
+                                f"(runs, mean s before the task's code incl. the DAG file's parse, mean s in it): "
+                                f"{by_task_note(r['by_task'])} (bench.task_times, from the task logs)"),
         Figure("2 soak", "Airflow's own share of the overhead (task runs x no-op seconds per run)",
                round(runs * per_run, 1), "s", command=command, load=load,
                notes=f"a floor that no change inside a task removes; the < 60 s target allows at most "
