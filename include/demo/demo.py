@@ -21,6 +21,7 @@ import urllib.parse
 
 from meshlab.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, free_port
 from meshwave import report
+from meshwave.record import ServiceRecord
 
 WORK = ROOT / ".demo"
 STATE = WORK / "stack.json"
@@ -60,9 +61,9 @@ def start() -> int:
     print(f"triggered {WAVE_DAG} ({run_id}) with outside_window=true; following it (about 4 minutes)...",
           flush=True)
     state = _follow(airflow, run_id)
-    records = [airflow.ti_xcom(ti, key="record")
+    records = [ServiceRecord.model_validate(airflow.ti_xcom(ti, key="record"))
                for ti in airflow.task_instances(WAVE_DAG, run_id).values() if ti["task_id"].endswith(".outcome")]
-    records.sort(key=lambda r: (r.get("batch") or 0, r["service"]))
+    records.sort(key=lambda r: (r.batch or 0, r.service))
     print(f"\n{WAVE_DAG}: run {state}\n")
     print(report.render(report.report_frame(records)))
     chained = airflow.api("GET", f"/dags/{NEXT_DAG}/dagRuns?limit=5")["dag_runs"]

@@ -18,9 +18,10 @@ from pydantic import ValidationError
 from meshwave import guards
 from meshwave.access import operator_access_control
 from meshwave.fleet import Fleet, load_fleet
+from meshwave.group_state import decoded
 from meshwave.names import RFC1123_LABEL, rfc1123_label
-from meshwave.outcomes import outcome_of
 from meshwave.plan import ServicePlan, timing_problems
+from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import ACTIONS, Service
 from meshwave.wave import dry_run_param
@@ -200,13 +201,14 @@ def _report():
     def report(**context: Any) -> dict[str, Any]:
         from meshwave import report as reports  # pandas: at run time, not at parse time
 
-        record = context["ti"].xcom_pull(task_ids=f"{GROUP}.outcome", key="record", map_indexes=0)
-        if not record:
+        pushed = decoded(context["ti"].xcom_pull(task_ids=f"{GROUP}.outcome", key="record", map_indexes=0))
+        if not pushed:
             return {"record": None}
+        record = ServiceRecord.model_validate(pushed)
         print(reports.render(reports.report_frame([record])))
         # the leaf decides the run's state: a refused or failed action fails the run
-        if outcome_of(record["outcome"]).red:
-            raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
-        return {"outcome": record["outcome"], "reason": record["reason"]}
+        if record.outcome.red:
+            raise AirflowFailException(f"{record.service}: {record.outcome}: {record.reason}")
+        return {"outcome": record.outcome.value, "reason": record.reason}
 
     return report()

@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from meshwave.outcomes import ServiceOutcome
+from meshwave.record import After, Baseline, FinalState, ServiceRecord
 from meshwave.steps import Service
 
 RAN = ("success",)
@@ -144,8 +146,8 @@ def _verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
     return found
 
 
-def _after_values(results: dict[str, Any]) -> dict[str, Any]:
-    """The last application values seen by the soak (the 'after' column of the report)."""
+def _after_values(results: dict[str, Any]) -> After:
+    """The last application values seen by the soak (the 'after' column of the report): only those it judged."""
     found: dict[str, Any] = {}
     for v in (results.get("soak") or {}).get("result", {}).get("verdicts", []):
         values = v.get("values") or {}
@@ -153,47 +155,46 @@ def _after_values(results: dict[str, Any]) -> dict[str, Any]:
             found["success_rate"] = values.get("success_rate")
         elif v.get("check") == "app_latency_p99":
             found["p99_ms"] = values.get("p99_ms")
-    return found
+    return After(**found)
 
 
 def _identity(svc: Service | None) -> dict[str, Any]:
+    """The record's identity fields, as keyword arguments of ServiceRecord."""
     if svc is None:
-        return {"service": "(refused input)", "cluster": None, "namespace": None, "workload": None,
-                "criticality": None, "batch": None, "action": None}
+        return {"service": "(refused input)"}
     p = svc.plan
     return {"service": p.key, "cluster": p.cluster, "namespace": p.namespace, "workload": p.workload,
             "criticality": p.criticality, "batch": svc.batch, "action": svc.action}
 
 
 def outcome(svc: Service | None, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
-            decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+            decisions: dict[str, str], dry_run: bool) -> ServiceRecord:
     """The final state and why: strict, permissive, frozen, removed, rolled_back, blocked, failed, skipped, planned.
 
     `svc` is None when the input was refused before a service could be named.
     """
     base = (results.get("baseline") or {}).get("baseline") or {}
-    record = {
+    final = _final_state(svc, results, states, errors, decisions, dry_run)
+    return ServiceRecord(
         **_identity(svc),
-        "baseline": {"success_rate": base.get("success_rate"), "p99_ms": base.get("p99_ms"),
-                     "request_rate": base.get("request_rate")},
-        "after": _after_values(results), "changes": _changes(results), "verdicts": _verdicts(results),
-        "plaintext_callers": (results.get("strict_gate") or {}).get("extra", {}).get("plaintext_callers", []),
-        "decisions": decisions, "errors": errors,
-        "steps": {k: v.get("seconds") or round(v.get("ended", 0) - v.get("started", 0), 1)
-                  for k, v in results.items() if isinstance(v, dict) and ("seconds" in v or "ended" in v)},
-    }
-    record.update(_final_state(svc, results, states, errors, decisions, dry_run))
-    return record
+        baseline=Baseline(success_rate=base.get("success_rate"), p99_ms=base.get("p99_ms"),
+                          request_rate=base.get("request_rate")),
+        after=_after_values(results), changes=_changes(results), verdicts=_verdicts(results),
+        plaintext_callers=(results.get("strict_gate") or {}).get("extra", {}).get("plaintext_callers", []),
+        decisions=decisions, errors=errors,
+        steps={k: v.get("seconds") or round(v.get("ended", 0) - v.get("started", 0), 1)
+               for k, v in results.items() if isinstance(v, dict) and ("seconds" in v or "ended" in v)},
+        outcome=final.outcome, mtls=final.mtls, sidecar=final.sidecar, reason=final.reason)
 
 
 def _final_state(svc: Service | None, results: dict[str, Any], states: dict[str, str | None],
-                 errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+                 errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> FinalState:
     if states.get("admit") == "failed":
-        return {"outcome": "blocked", "mtls": None, "sidecar": None,
-                "reason": errors.get("admit", "admit failed: see its log")}
+        return FinalState(outcome=ServiceOutcome.BLOCKED, mtls=None, sidecar=None,
+                          reason=errors.get("admit", "admit failed: see its log"))
     if svc is None or states.get("admit") != "success":
         why = errors.get("admit") or errors.get("wave") or "the wave stopped before this batch"
-        return {"outcome": "skipped", "mtls": None, "sidecar": False, "reason": f"not started: {why}"}
+        return FinalState(outcome=ServiceOutcome.SKIPPED, mtls=None, sidecar=False, reason=f"not started: {why}")
     if svc.action == "clear_emergency":
         return _cleared(results, states, errors, dry_run)
     if svc.action in ("permissive", "remove_sidecar"):
@@ -202,30 +203,32 @@ def _final_state(svc: Service | None, results: dict[str, Any], states: dict[str,
 
 
 def _requested_undo(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
-                    dry_run: bool) -> dict[str, Any]:
+                    dry_run: bool) -> FinalState:
     """The ad-hoc actions 'back to PERMISSIVE' and 'remove the sidecar': done, planned, or failed and why."""
     if dry_run:
-        return {"outcome": "planned", "mtls": None, "sidecar": None,
-                "reason": f"dry run of {svc.action}: the changes listed were logged, none applied"}
+        return FinalState(outcome=ServiceOutcome.PLANNED, mtls=None, sidecar=None,
+                          reason=f"dry run of {svc.action}: the changes listed were logged, none applied")
     if svc.action == "permissive":
         if states.get("back_to_permissive") != "success":
-            return {"outcome": "failed", "mtls": None, "sidecar": None,
-                    "reason": f"could not set PERMISSIVE: {errors.get('back_to_permissive', 'see the task log')}"}
+            problem = errors.get("back_to_permissive", "see the task log")
+            return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
+                              reason=f"could not set PERMISSIVE: {problem}")
         recovery = results.get("verify_recovery") or {}
-        return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": None,
-                "reason": f"set to PERMISSIVE on request; recovery check: {recovery.get('status', 'not run')}: "
-                          f"{recovery.get('reason', '')}".rstrip(": ")}
+        return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=None,
+                          reason=f"set to PERMISSIVE on request; recovery check: {recovery.get('status', 'not run')}: "
+                                 f"{recovery.get('reason', '')}".rstrip(": "))
     rollout = results.get("wait_rollback") or {}
     if states.get("rollback_injection") != "success" or rollout.get("status") != "done":
         problem = errors.get("rollback_injection") or errors.get("wait_rollback") or rollout.get("message")
-        return {"outcome": "failed", "mtls": None, "sidecar": None,
-                "reason": f"sidecar removal did not complete: {problem or 'see the task logs'}"}
+        return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
+                          reason=f"sidecar removal did not complete: {problem or 'see the task logs'}")
     after = results.get("after_removal") or {}
     if after.get("status") == "worse":  # done as asked, but the workload is worse off: red, and it says so
-        return {"outcome": "failed", "mtls": "PERMISSIVE", "sidecar": False,
-                "reason": f"sidecar removed on request, but {after['reason']}"}
-    return {"outcome": "removed", "mtls": "PERMISSIVE", "sidecar": False,
-            "reason": f"sidecar removed on request: {rollout.get('message', 'rolled out')}{_after_note(results)}"}
+        return FinalState(outcome=ServiceOutcome.FAILED, mtls="PERMISSIVE", sidecar=False,
+                          reason=f"sidecar removed on request, but {after['reason']}")
+    return FinalState(outcome=ServiceOutcome.REMOVED, mtls="PERMISSIVE", sidecar=False,
+                      reason=f"sidecar removed on request: {rollout.get('message', 'rolled out')}"
+                             f"{_after_note(results)}")
 
 
 def _after_note(results: dict[str, Any]) -> str:
@@ -235,25 +238,25 @@ def _after_note(results: dict[str, Any]) -> str:
 
 
 def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, str | None],
-                     errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> dict[str, Any]:
+                     errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> FinalState:
     def done(step: str) -> bool:
         return states.get(step) == "success"
 
     if states.get("preflight") in (None, "skipped", "upstream_failed"):
-        return {"outcome": "skipped", "mtls": None, "sidecar": False,
-                "reason": "not started: " + (errors.get("wave") or "the wave stopped before this batch")}
+        return FinalState(outcome=ServiceOutcome.SKIPPED, mtls=None, sidecar=False,
+                          reason="not started: " + (errors.get("wave") or "the wave stopped before this batch"))
     for step in ("preflight", "baseline"):  # read-only steps: they run for real in a dry run too
         if states.get(step) in BROKEN:
-            return {"outcome": "blocked", "mtls": None, "sidecar": False,
-                    "reason": f"{step}: {str(errors.get(step, 'failed')).removeprefix('blocked: ')}"}
+            return FinalState(outcome=ServiceOutcome.BLOCKED, mtls=None, sidecar=False,
+                              reason=f"{step}: {str(errors.get(step, 'failed')).removeprefix('blocked: ')}")
     if dry_run:
-        return {"outcome": "planned", "mtls": None, "sidecar": False,
-                "reason": "dry run: the changes listed were logged, none applied"}
+        return FinalState(outcome=ServiceOutcome.PLANNED, mtls=None, sidecar=False,
+                          reason="dry run: the changes listed were logged, none applied")
     if frozen := _frozen(results, errors):
         return frozen
     if states.get("inject") in BROKEN and str(errors.get("inject", "")).startswith("blocked:"):
-        return {"outcome": "blocked", "mtls": None, "sidecar": False,
-                "reason": f"inject: {errors['inject'].removeprefix('blocked: ')}"}
+        return FinalState(outcome=ServiceOutcome.BLOCKED, mtls=None, sidecar=False,
+                          reason=f"inject: {errors['inject'].removeprefix('blocked: ')}")
     if states.get("rollback_injection") in RAN or states.get("rollback_injection") in BROKEN:
         undone = done("rollback_injection") and done("wait_rollback") and \
             (results.get("wait_rollback") or {}).get("status") == "done"
@@ -263,60 +266,62 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
             problem = errors.get("rollback_injection") or errors.get("wait_rollback") or \
                 (results.get("wait_rollback") or {}).get("message") or \
                 f"rollback_injection {states.get('rollback_injection')}, wait_rollback {states.get('wait_rollback')}"
-            return {"outcome": "failed", "mtls": None, "sidecar": None,
-                    "reason": f"rollback did not complete ({problem}); it was rolled back because {why}"}
+            return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
+                              reason=f"rollback did not complete ({problem}); it was rolled back because {why}")
         after = results.get("after_removal") or {}
         if after.get("status") == "worse":
             why = f"{after['reason']}; it was rolled back because {why}"
-        return {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": False,
-                "reason": f"{why}{'' if after.get('status') == 'worse' else _after_note(results)}"}
+        return FinalState(outcome=ServiceOutcome.ROLLED_BACK, mtls="PERMISSIVE", sidecar=False,
+                          reason=f"{why}{'' if after.get('status') == 'worse' else _after_note(results)}")
     if states.get("back_to_permissive") in RAN or states.get("back_to_permissive") in BROKEN:
         if not done("back_to_permissive"):
-            return {"outcome": "failed", "mtls": "STRICT?", "sidecar": True,
-                    "reason": f"could not go back to PERMISSIVE: {errors.get('back_to_permissive')}"}
+            return FinalState(outcome=ServiceOutcome.FAILED, mtls="STRICT?", sidecar=True,
+                              reason=f"could not go back to PERMISSIVE: {errors.get('back_to_permissive')}")
         recovery = results.get("verify_recovery") or {}
-        return {"outcome": "rolled_back", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
-                "reason": f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: "
-                          f"{recovery.get('status', 'unknown')}"}
+        return FinalState(outcome=ServiceOutcome.ROLLED_BACK, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
+                          reason=f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: "
+                                 f"{recovery.get('status', 'unknown')}")
     if done("verify_strict"):
-        return {"outcome": "strict", "mtls": mtls_in_force(results) or "STRICT", "sidecar": True,
-                "reason": decisions.get("after_strict", "")}
+        return FinalState(outcome=ServiceOutcome.STRICT, mtls=mtls_in_force(results) or "STRICT", sidecar=True,
+                          reason=decisions.get("after_strict", ""))
     if (results.get("flip_strict") or {}).get("refused"):
-        return {"outcome": "permissive", "mtls": mtls_in_force(results), "sidecar": True,
-                "reason": f"STRICT not flipped: {results['flip_strict']['refused']}"}
+        return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results), sidecar=True,
+                          reason=f"STRICT not flipped: {results['flip_strict']['refused']}")
     if decisions.get("after_strict_gate_to") == STAY:
-        return {"outcome": "permissive", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": True,
-                "reason": decisions.get("after_strict_gate", "")}
+        return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
+                          reason=decisions.get("after_strict_gate", ""))
     if decisions.get("after_soak_to") == HOLD:
         judged = states.get("soak") == "success" and (results.get("soak") or {}).get("status") == "pass"
-        return {"outcome": "permissive" if judged else "held", "mtls": mtls_in_force(results) or "PERMISSIVE",
-                "sidecar": True, "reason": decisions.get("after_soak", "")}
+        return FinalState(outcome=ServiceOutcome.PERMISSIVE if judged else ServiceOutcome.HELD,
+                          mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
+                          reason=decisions.get("after_soak", ""))
     broken = [s for s, st in states.items() if st in BROKEN]
-    return {"outcome": "failed", "mtls": None, "sidecar": None,
-            "reason": "; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state"}
+    return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
+                      reason="; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state")
 
 
-def _frozen(results: dict[str, Any], errors: dict[str, str]) -> dict[str, Any] | None:
+def _frozen(results: dict[str, Any], errors: dict[str, str]) -> FinalState | None:
     """The freeze came while the service was in flight: read again just before the injection or the flip to STRICT
     (service_group._not_frozen), that write was not made. The service stays as it was (PERMISSIVE)."""
     for step, what, sidecar in (("inject", "not injected", False), ("flip_strict", "sidecar kept, not STRICT", True)):
         error = str(errors.get(step, ""))
         if error.startswith("frozen:"):
-            return {"outcome": "frozen", "mtls": mtls_in_force(results) or "PERMISSIVE", "sidecar": sidecar,
-                    "reason": f"{what}: {error}"}
+            return FinalState(outcome=ServiceOutcome.FROZEN, mtls=mtls_in_force(results) or "PERMISSIVE",
+                              sidecar=sidecar, reason=f"{what}: {error}")
     return None
 
 
 def _cleared(results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
-             dry_run: bool) -> dict[str, Any]:
+             dry_run: bool) -> FinalState:
     """The operator's all-clear after an emergency rollback (mesh_service clear_emergency): no mode changes."""
     if dry_run:
-        return {"outcome": "planned", "mtls": None, "sidecar": None,
-                "reason": "dry run of clear_emergency: the changes listed were logged, none applied"}
+        return FinalState(outcome=ServiceOutcome.PLANNED, mtls=None, sidecar=None,
+                          reason="dry run of clear_emergency: the changes listed were logged, none applied")
     if states.get("back_to_permissive") != "success":
-        return {"outcome": "failed", "mtls": None, "sidecar": None,
-                "reason": f"could not clear the emergency mark: {errors.get('back_to_permissive', 'see the task log')}"}
+        problem = errors.get("back_to_permissive", "see the task log")
+        return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
+                          reason=f"could not clear the emergency mark: {problem}")
     cleared = [c["target"] for c in (results.get("back_to_permissive") or {}).get("changes", []) if c.get("applied")]
-    return {"outcome": "cleared", "mtls": mtls_in_force(results), "sidecar": None,
-            "reason": f"emergency mark cleared on {', '.join(cleared)}: meshwave may make them STRICT again"
-            if cleared else "no policy of the workload carried the emergency mark"}
+    return FinalState(outcome=ServiceOutcome.CLEARED, mtls=mtls_in_force(results), sidecar=None,
+                      reason=f"emergency mark cleared on {', '.join(cleared)}: meshwave may make them STRICT again"
+                      if cleared else "no policy of the workload carried the emergency mark")

@@ -19,8 +19,9 @@ from airflow.sdk import DAG, BaseHook, Param, task
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave.fleet import load_fleet
-from meshwave.outcomes import outcome_of
+from meshwave.group_state import decoded
 from meshwave.pending import Pending
+from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, kube_for, service_group
 from meshwave.steps import Service
 
@@ -89,10 +90,10 @@ def _still_due(svc: Service, context: dict[str, Any]) -> None:
     print(f"{p.key}: {current.describe()}: carrying out {current.undo}")
 
 
-def not_reconciled(problems: list[str], records: list[dict[str, Any]]) -> list[str]:
+def not_reconciled(problems: list[str], records: list[ServiceRecord]) -> list[str]:
     """What this run could not settle: clusters or annotations it could not read, undos that did not complete."""
-    left = [r for r in records if not outcome_of(r["outcome"]).undone]
-    return problems + [f"{r['service']}: {r['outcome']}: {r['reason']}" for r in left]
+    left = [r for r in records if not r.outcome.undone]
+    return problems + [f"{r.service}: {r.outcome}: {r.reason}" for r in left]
 
 
 def _summary():
@@ -101,10 +102,11 @@ def _summary():
         ti = context["ti"]
         keys = ti.xcom_pull(task_ids="find_due") or []
         # explicit map indexes: a pull of all of them returns a lone record bare, not in a list
-        records = [r for r in ti.xcom_pull(task_ids=f"{GROUP}.outcome", key="record",
-                                           map_indexes=list(range(len(keys)))) if r] if keys else []
+        pulled = ti.xcom_pull(task_ids=f"{GROUP}.outcome", key="record",
+                              map_indexes=list(range(len(keys)))) if keys else []
+        records = [ServiceRecord.model_validate(decoded(r)) for r in pulled if r]
         for r in records:
-            print(f"{r['service']}: {r['outcome']}: {r['reason']}")
+            print(f"{r.service}: {r.outcome}: {r.reason}")
         left = not_reconciled(ti.xcom_pull(task_ids="find_due", key="problems") or [], records)
         if left:
             raise AirflowFailException("NOT RECONCILED (the next run tries again): " + "; ".join(left))

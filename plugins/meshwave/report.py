@@ -4,40 +4,40 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from meshwave.outcomes import ServiceOutcome
+from meshwave.record import ServiceRecord
 
 COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "success_before",
            "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
 
 
-def _value(values: dict[str, Any] | None, key: str) -> float | None:
-    value = (values or {}).get(key)
-    return round(float(value), 4) if isinstance(value, int | float) else None
+def _value(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
-def report_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+def report_frame(records: Sequence[ServiceRecord]) -> pd.DataFrame:
     """One row per service, in plan order."""
     rows = []
     for r in records:
         rows.append({
-            "service": r["service"],
-            "batch": r.get("batch"),
-            "outcome": r["outcome"],
-            "mtls": r.get("mtls") or "-",
-            "sidecar": "yes" if r.get("sidecar") else "no",
-            "reason": r.get("reason", ""),
-            "plaintext_callers": ", ".join(r.get("plaintext_callers") or []) or "-",
-            "success_before": _value(r.get("baseline"), "success_rate"),
-            "success_after": _value(r.get("after"), "success_rate"),
-            "p99_before_ms": _value(r.get("baseline"), "p99_ms"),
-            "p99_after_ms": _value(r.get("after"), "p99_ms"),
-            "changes": sum(1 for c in r.get("changes", []) if c.get("applied")),
-            "seconds": round(sum((r.get("steps") or {}).values()), 1),
+            "service": r.service,
+            "batch": r.batch,
+            "outcome": r.outcome.value,  # a plain string in the table and the CSV
+            "mtls": r.mtls or "-",
+            "sidecar": "yes" if r.sidecar else "no",
+            "reason": r.reason,
+            "plaintext_callers": ", ".join(r.plaintext_callers) or "-",
+            "success_before": _value(r.baseline.success_rate),
+            "success_after": _value(r.after.success_rate),
+            "p99_before_ms": _value(r.baseline.p99_ms),
+            "p99_after_ms": _value(r.after.p99_ms),
+            "changes": sum(1 for c in r.changes if c.get("applied")),
+            "seconds": round(sum(r.steps.values()), 1),
         })
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -75,12 +75,13 @@ def report_dir() -> Path:
     return Path(os.environ.get("MESHWAVE_REPORT_DIR", default))
 
 
-def save(frame: pd.DataFrame, records: list[dict[str, Any]], dag_id: str, run_id: str) -> Path:
+def save(frame: pd.DataFrame, records: Sequence[ServiceRecord], dag_id: str, run_id: str) -> Path:
     """Write `<dag_id>/<run_id>.csv` (the table) and `.json` (everything seen, the ledger) under the report dir."""
     safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
     folder = report_dir() / dag_id
     folder.mkdir(parents=True, exist_ok=True)
     base = folder / safe_run
     frame.to_csv(base.with_suffix(".csv"), index=False)
-    base.with_suffix(".json").write_text(json.dumps(records, indent=2, default=str))
+    # the records as the outcome tasks pushed them (plain JSON)
+    base.with_suffix(".json").write_text(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
     return base.with_suffix(".csv")

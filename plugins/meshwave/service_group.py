@@ -46,9 +46,9 @@ from meshwave.changes import Change
 from meshwave.group_state import GroupState, decision, decoded, pull, result
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
-from meshwave.outcomes import outcome_of
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
+from meshwave.record import ServiceRecord
 from meshwave.sensors import (
     BatchWait,
     GateSensor,
@@ -372,12 +372,12 @@ def undoing(run: Run) -> Run:
     return _renewing(run, _undo_seconds, undo=True)
 
 
-def _release_lease(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> None:
+def _release_lease(svc: Service, record: ServiceRecord, context: dict[str, Any]) -> None:
     """The outcome: the workload is free for the next run. A release that fails leaves a lease that expires by
     itself (no later than the pending deadline): said, not failed."""
     p = svc.plan
     try:
-        change = kube_for(svc, context).leases.release(p.namespace, p.workload, _run_of(context), record["outcome"])
+        change = kube_for(svc, context).leases.release(p.namespace, p.workload, _run_of(context), record.outcome)
         print(change.summary())
     except (KubeError, ValueError) as exc:
         print(f"{p.key}: the lease could not be released ({exc}); it expires by itself")
@@ -628,7 +628,7 @@ def _verify(prefix: str, stage: str) -> Wait:
     return wait
 
 
-def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any]) -> dict[str, Any]:
+def _settle_outcome(svc: Service, record: ServiceRecord, context: dict[str, Any]) -> ServiceRecord:
     """Settle what this run left pending on the workload. A run that could not (an undo out of retries, a step
     that broke) makes its undo due now for mesh_reconcile, and the record says what is left, as the cluster has it."""
     p = svc.plan
@@ -637,19 +637,20 @@ def _settle_outcome(svc: Service, record: dict[str, Any], context: dict[str, Any
         current = kube.pending(p.namespace, p.workload)
         if current is None or current.run != _run_of(context):
             return record  # nothing of this run's (mesh_reconcile's runs undo another run's)
-        if outcome_of(record["outcome"]).settled:
-            print(kube.clear_pending(p.namespace, p.workload, f"{record['outcome']}: {record['reason']}"[:300])
-                  .summary())
+        if record.outcome.settled:
+            print(kube.clear_pending(p.namespace, p.workload, f"{record.outcome}: {record.reason}"[:300]).summary())
             return record
         due = current.model_copy(update={"until": datetime.now(UTC)})
         print(kube.set_pending(p.namespace, p.workload, due).summary())
         left = _what_is_left(kube, svc)
     except (KubeError, ValueError) as exc:
-        return {**record, "reason": f"{record['reason']}; what is left could not be read ({exc}): see annotation "
-                                    f"{PENDING_ANNOTATION} on deployment {p.namespace}/{p.workload}"}
+        return record.model_copy(update={
+            "reason": f"{record.reason}; what is left could not be read ({exc}): see annotation "
+                      f"{PENDING_ANNOTATION} on deployment {p.namespace}/{p.workload}"})
     print(f"LEFT: {p.key}: {left['describe']}; {current.undo} is due now for mesh_reconcile")
-    return {**record, "mtls": left["mtls"], "sidecar": left["sidecar"],
-            "reason": f"{record['reason']}; LEFT: {left['describe']}; mesh_reconcile carries out {current.undo}"}
+    return record.model_copy(update={
+        "mtls": left["mtls"], "sidecar": left["sidecar"],
+        "reason": f"{record.reason}; LEFT: {left['describe']}; mesh_reconcile carries out {current.undo}"})
 
 
 def _what_is_left(kube: Any, svc: Service) -> dict[str, Any]:
@@ -681,11 +682,13 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         if state.service is not None and not dry_run:
             record = _settle_outcome(state.service, record, context)
             _release_lease(state.service, record, context)
-        context["ti"].xcom_push(key="record", value=record)
-        print(f"{record['service']}: {record['outcome']}: {record['reason']}")
-        if outcome_of(record["outcome"]).red:
-            raise AirflowFailException(f"{record['service']}: {record['outcome']}: {record['reason']}")
-        return record
+        # plain JSON, as every reader has always had it (the outcome a string); they validate it back
+        pushed = record.model_dump(mode="json")
+        context["ti"].xcom_push(key="record", value=pushed)
+        print(f"{record.service}: {record.outcome}: {record.reason}")
+        if record.outcome.red:
+            raise AirflowFailException(f"{record.service}: {record.outcome}: {record.reason}")
+        return pushed
 
     return outcome(key)
 

@@ -34,9 +34,11 @@ from airflow.timetables.events import EventsTimetable
 
 from meshwave import guards
 from meshwave.fleet import ROOT, check_unique, plans_dir
+from meshwave.group_state import decoded
 from meshwave.kube_errors import KubeError
-from meshwave.outcomes import ServiceOutcome, outcome_of
+from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import Plan, Wave, load_plan
+from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service
 
@@ -198,17 +200,19 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
     return dag
 
 
-def _records(context: dict[str, Any], services: list[Service], up_to: int | None = None) -> list[dict]:
-    """Every service's outcome record (one read per batch: all its map indexes), in plan order."""
+def _records(context: dict[str, Any], services: list[Service], up_to: int | None = None) -> list[ServiceRecord]:
+    """Every service's outcome record (one read per batch: all its map indexes), in plan order; a service whose
+    outcome task recorded nothing (it never ran, or broke) counts as failed."""
     ti = context["ti"]
-    found: dict[str, dict] = {}
+    found: dict[str, ServiceRecord] = {}
     for batch in sorted({svc.batch for svc in services if up_to is None or svc.batch <= up_to}):
         pulled = ti.xcom_pull(task_ids=f"{batch_group(batch)}.outcome", key="record")
-        for record in pulled if isinstance(pulled, list) else [pulled]:
-            if isinstance(record, dict) and record.get("service"):
-                found[record["service"]] = record
-    return [found.get(svc.plan.key) or {"service": svc.plan.key, "batch": svc.batch, "outcome": "failed",
-                                        "reason": "no outcome recorded"}
+        for value in pulled if isinstance(pulled, list) else [pulled]:
+            if isinstance(value := decoded(value), dict):  # None: a map index that pushed nothing
+                record = ServiceRecord.model_validate(value)
+                found[record.service] = record
+    return [found.get(svc.plan.key) or ServiceRecord(service=svc.plan.key, batch=svc.batch,
+                                                     outcome=ServiceOutcome.FAILED, reason="no outcome recorded")
             for svc in services if up_to is None or svc.batch <= up_to]
 
 
@@ -329,7 +333,7 @@ def _circuit_breaker(plan: Plan, services: list[Service], batch: int):
         if context["ti"].xcom_pull(task_ids="wave_preflight", key="error"):
             raise AirflowSkipException("the wave preflight failed: no batch starts")
         records = _records(context, services, up_to=batch)
-        failed = [r["service"] for r in records if outcome_of(r["outcome"]).against_budget]
+        failed = [r.service for r in records if r.outcome.against_budget]
         limit = plan.defaults.max_failures
         if len(failed) >= limit:
             raise AirflowSkipException(f"circuit breaker: {len(failed)} rollbacks/failures ({', '.join(failed)}) "
@@ -350,11 +354,11 @@ def _report(plan: Plan, services: list[Service]):
         print(reports.render(frame))
         print(f"report saved to {path}")
         counts = reports.summary(frame)
-        failed = [r for r in records if outcome_of(r["outcome"]).against_budget]
+        failed = [r for r in records if r.outcome.against_budget]
         preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error")
         if preflight_error:
             raise AirflowFailException(preflight_error)
-        if len(failed) >= plan.defaults.max_failures or any(outcome_of(r["outcome"]).fails_wave for r in records):
+        if len(failed) >= plan.defaults.max_failures or any(r.outcome.fails_wave for r in records):
             raise AirflowFailException(f"wave over its failure budget, with services in an unknown state or held "
                                        f"without data: {counts}")
         return {"counts": counts, "report": str(path)}
@@ -384,10 +388,10 @@ def _publish(plan: Plan, wave: Wave, services: list[Service]):
         if context["params"].get("dry_run"):
             raise AirflowSkipException("dry run: the next wave is not started")
         records = _records(context, services)
-        left = [r["service"] for r in records if not outcome_of(r["outcome"]).attempted]
+        left = [r.service for r in records if not r.outcome.attempted]
         if left:
             raise AirflowSkipException(f"{len(left)} services not attempted ({', '.join(left)}): the next wave waits")
-        held = [r["service"] for r in records if r["outcome"] == ServiceOutcome.HELD]
+        held = [r.service for r in records if r.outcome is ServiceOutcome.HELD]
         if held:
             raise AirflowSkipException(f"{len(held)} services held without data ({', '.join(held)}): the next wave "
                                        "waits")

@@ -18,6 +18,7 @@ from meshwave.changes import Change
 from meshwave.checks import GateResult, GateStatus, Outcome, Verdict
 from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import parse_plan
+from meshwave.record import ServiceRecord
 from meshwave.steps import Service
 
 MI = 2**20
@@ -159,7 +160,7 @@ def decide(svc: Service, results: dict[str, Any], st: dict[str, str | None],
 
 
 def record(svc: Service, results: dict[str, Any], st: dict[str, str | None], errors: dict[str, str] | None = None,
-           dry_run: bool = False) -> dict[str, Any]:
+           dry_run: bool = False) -> ServiceRecord:
     full = {s: None for s in ("preflight", "baseline", "inject", "wait_rollout", "soak", "strict_gate", "flip_strict",
                               "verify_strict", "back_to_permissive", "verify_recovery", "rollback_injection",
                               "wait_rollback")}
@@ -330,31 +331,31 @@ def test_strict_record_with_baseline_after_changes_verdicts_and_step_seconds() -
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "strict_gate", "after_strict_gate", "flip_strict", "verify_strict", "after_strict", "strict_done")
     r = record(svc, results, st)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": "strict", "mtls": "STRICT", "sidecar": True,
          "reason": "STRICT verified (the service and its callers): all 3 checks passed 1 poll(s) in a row"}
-    assert {k: r[k] for k in ("service", "cluster", "namespace", "workload", "criticality", "batch")} == \
+    assert {k: getattr(r, k) for k in ("service", "cluster", "namespace", "workload", "criticality", "batch")} == \
         {"service": "lab/shop/payment", "cluster": "lab", "namespace": "shop", "workload": "payment",
          "criticality": "critical", "batch": 2}
-    assert r["baseline"] == {"success_rate": 0.998, "p99_ms": 14.2, "request_rate": 38.5}
-    assert r["after"] == {"success_rate": 0.997, "p99_ms": 15.1}
-    assert r["changes"] == [LABEL, TO_STRICT]
-    assert r["steps"] == {"preflight": 0.41, "baseline": 0.82, "inject": 0.33, "wait_rollout": 42.5,
-                          "soak": 120.2, "strict_gate": 30.0, "flip_strict": 0.27, "verify_strict": 120.5}
-    assert [(v["stage"], v["check"]) for v in r["verdicts"]] == \
+    assert r.baseline.model_dump() == {"success_rate": 0.998, "p99_ms": 14.2, "request_rate": 38.5}
+    assert r.after.model_dump() == {"success_rate": 0.997, "p99_ms": 15.1}
+    assert r.changes == [LABEL, TO_STRICT]
+    assert r.steps == {"preflight": 0.41, "baseline": 0.82, "inject": 0.33, "wait_rollout": 42.5,
+                       "soak": 120.2, "strict_gate": 30.0, "flip_strict": 0.27, "verify_strict": 120.5}
+    assert [(v["stage"], v["check"]) for v in r.verdicts] == \
         [("soak", "app_success_rate"), ("soak", "app_latency_p99"), ("soak", "restarts"), ("soak", "oom_killed"),
          ("soak", "sidecar_memory"), ("strict_gate", "strict_plaintext"), ("verify_strict", "istio_success_rate")]
-    assert r["plaintext_callers"] == []
-    assert r["decisions"] == {"after_rollout": "2/2 pods updated and available, 2 proxies ready",
-                              "after_rollout_to": "soak",
-                              "after_soak": "soak passed: all 5 checks passed 1 poll(s) in a row",
-                              "after_soak_to": "strict_gate",
-                              "after_strict_gate": "all 1 checks passed 1 poll(s) in a row",
-                              "after_strict_gate_to": "flip_strict",
-                              "after_strict": "STRICT verified (the service and its callers): "
-                              "all 3 checks passed 1 poll(s) in a row",
-                              "after_strict_to": "strict_done"}
-    assert r["errors"] == {}
+    assert r.plaintext_callers == []
+    assert r.decisions == {"after_rollout": "2/2 pods updated and available, 2 proxies ready",
+                           "after_rollout_to": "soak",
+                           "after_soak": "soak passed: all 5 checks passed 1 poll(s) in a row",
+                           "after_soak_to": "strict_gate",
+                           "after_strict_gate": "all 1 checks passed 1 poll(s) in a row",
+                           "after_strict_gate_to": "flip_strict",
+                           "after_strict": "STRICT verified (the service and its callers): "
+                           "all 3 checks passed 1 poll(s) in a row",
+                           "after_strict_to": "strict_done"}
+    assert r.errors == {}
 
 
 def test_rolled_back_after_an_oom_rollout() -> None:
@@ -364,14 +365,14 @@ def test_rolled_back_after_an_oom_rollout() -> None:
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "rollback_after_rollout",
                 "rollback_injection", "wait_rollback")
     r = record(service(), results, st)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": False, "reason": f"rollout failed: {OOM}"}
-    assert r["decisions"]["after_rollout_to"] == d.ROLLBACK_AFTER_ROLLOUT
-    assert r["changes"] == [LABEL, UNLABEL]
-    assert r["after"] == {} and r["verdicts"] == []
-    assert r["baseline"]["success_rate"] == 0.998
-    assert r["steps"] == {"preflight": 0.41, "baseline": 0.82, "inject": 0.33, "wait_rollout": 42.5,
-                          "rollback_injection": 0.3, "wait_rollback": 34.5}
+    assert r.decisions["after_rollout_to"] == d.ROLLBACK_AFTER_ROLLOUT
+    assert r.changes == [LABEL, UNLABEL]
+    assert r.after.model_dump() == {} and r.verdicts == []
+    assert r.baseline.success_rate == 0.998
+    assert r.steps == {"preflight": 0.41, "baseline": 0.82, "inject": 0.33, "wait_rollout": 42.5,
+                       "rollback_injection": 0.3, "wait_rollback": 34.5}
 
 
 def test_rolled_back_after_a_failed_soak_says_why_and_keeps_the_after_values() -> None:
@@ -381,9 +382,9 @@ def test_rolled_back_after_a_failed_soak_says_why_and_keeps_the_after_values() -
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "rollback_after_soak", "rollback_injection", "wait_rollback")
     r = record(service(), results, st)
-    assert (r["outcome"], r["mtls"], r["sidecar"]) == ("rolled_back", "PERMISSIVE", False)
-    assert r["reason"] == f"soak failed: {SOAK_FAIL_REASON}"
-    assert r["after"] == {"success_rate": 0.81, "p99_ms": 48.0}
+    assert (r.outcome, r.mtls, r.sidecar) == ("rolled_back", "PERMISSIVE", False)
+    assert r.reason == f"soak failed: {SOAK_FAIL_REASON}"
+    assert r.after.model_dump() == {"success_rate": 0.81, "p99_ms": 48.0}
 
 
 def test_rolled_back_after_a_failed_inject() -> None:
@@ -393,9 +394,9 @@ def test_rolled_back_after_a_failed_inject() -> None:
                 "wait_rollback", inject="failed", wait_rollout="upstream_failed")
     errors = {"inject": "cluster lab: PATCH deployment shop/payment: 422 Invalid: spec.template: invalid"}
     r = record(service(), results, st, errors)
-    assert (r["outcome"], r["sidecar"]) == ("rolled_back", False)
-    assert r["reason"] == "injection failed part-way: undo whatever was applied"
-    assert r["errors"] == errors
+    assert (r.outcome, r.sidecar) == ("rolled_back", False)
+    assert r.reason == "injection failed part-way: undo whatever was applied"
+    assert r.errors == errors
 
 
 def test_strict_undone_after_a_caller_breach_keeps_the_sidecar() -> None:
@@ -407,12 +408,12 @@ def test_strict_undone_after_a_caller_breach_keeps_the_sidecar() -> None:
                 "strict_gate", "after_strict_gate", "flip_strict", "verify_strict", "after_strict",
                 "back_to_permissive", "verify_recovery")
     r = record(service(), results, st)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar")} == \
         {"outcome": "rolled_back", "mtls": "PERMISSIVE", "sidecar": True}
-    assert r["reason"] == f"STRICT undone, sidecar kept: after STRICT: fail: {BREACH}; recovery: pass"
-    assert r["changes"] == [LABEL, TO_STRICT, TO_PERMISSIVE]
-    assert r["steps"]["verify_strict"] == 90.0 and r["steps"]["verify_recovery"] == 30.0
-    assert ("verify_strict", "caller_success_rate[shop/checkout]") in [(v["stage"], v["check"]) for v in r["verdicts"]]
+    assert r.reason == f"STRICT undone, sidecar kept: after STRICT: fail: {BREACH}; recovery: pass"
+    assert r.changes == [LABEL, TO_STRICT, TO_PERMISSIVE]
+    assert r.steps["verify_strict"] == 90.0 and r.steps["verify_recovery"] == 30.0
+    assert ("verify_strict", "caller_success_rate[shop/checkout]") in [(v["stage"], v["check"]) for v in r.verdicts]
 
 
 def test_a_failed_flip_is_undone_and_recorded_with_the_recovery() -> None:
@@ -424,9 +425,9 @@ def test_a_failed_flip_is_undone_and_recorded_with_the_recovery() -> None:
                 verify_strict="upstream_failed", verify_recovery="failed")
     errors = {"flip_strict": "cluster lab: POST peerauthentication shop/meshwave-payment: 403 Forbidden: denied"}
     r = record(service(), results, st, errors)
-    assert (r["outcome"], r["mtls"], r["sidecar"]) == ("rolled_back", "PERMISSIVE", True)
-    assert r["reason"] == ("STRICT undone, sidecar kept: the flip to STRICT did not complete or was not proven in "
-                           "force: make sure it is PERMISSIVE; recovery: unknown")
+    assert (r.outcome, r.mtls, r.sidecar) == ("rolled_back", "PERMISSIVE", True)
+    assert r.reason == ("STRICT undone, sidecar kept: the flip to STRICT did not complete or was not proven in "
+                        "force: make sure it is PERMISSIVE; recovery: unknown")
 
 
 def test_back_to_permissive_failing_is_failed_with_strict_maybe_left() -> None:
@@ -439,9 +440,9 @@ def test_back_to_permissive_failing_is_failed_with_strict_maybe_left() -> None:
     errors = {"back_to_permissive": "cluster lab (https://10.0.0.1:6443): PATCH peerauthentication "
                                     "shop/meshwave-payment: connection refused"}
     r = record(service(), results, st, errors)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar")} == \
         {"outcome": "failed", "mtls": "STRICT?", "sidecar": True}
-    assert r["reason"] == f"could not go back to PERMISSIVE: {errors['back_to_permissive']}"
+    assert r.reason == f"could not go back to PERMISSIVE: {errors['back_to_permissive']}"
 
 
 def test_held_permissive_when_plaintext_callers_remain() -> None:
@@ -451,13 +452,13 @@ def test_held_permissive_when_plaintext_callers_remain() -> None:
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "strict_gate", "after_strict_gate", "stay_permissive")
     r = record(service(), results, st)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar")} == \
         {"outcome": "permissive", "mtls": "PERMISSIVE", "sidecar": True}
-    assert r["reason"] == ("plaintext callers in the lookback when the STRICT gate timed out: shop/checkout http 4.2 "
-                           "rps; unknown (a caller without sidecar) http 0.5 rps")
-    assert r["plaintext_callers"] == CALLERS
-    assert r["changes"] == [LABEL]
-    assert r["steps"]["strict_gate"] == 600.0
+    assert r.reason == ("plaintext callers in the lookback when the STRICT gate timed out: shop/checkout http 4.2 "
+                        "rps; unknown (a caller without sidecar) http 0.5 rps")
+    assert r.plaintext_callers == CALLERS
+    assert r.changes == [LABEL]
+    assert r.steps["strict_gate"] == 600.0
 
 
 @pytest.mark.parametrize(("own", "soak", "outcome", "reason"), [
@@ -472,18 +473,18 @@ def test_held_permissive_after_the_soak(own: dict[str, Any], soak: dict[str, Any
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "hold_permissive")
     r = record(service(**own), results, st)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": outcome, "mtls": "PERMISSIVE", "sidecar": True, "reason": reason}
     assert ServiceOutcome(outcome).red == (outcome == "held")
 
 
 def test_skipped_by_the_circuit_breaker() -> None:
     r = record(service(), {}, states(admit="skipped"))
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": "skipped", "mtls": None, "sidecar": False,
          "reason": "not started: the wave stopped before this batch"}
-    assert r["baseline"] == {"success_rate": None, "p99_ms": None, "request_rate": None}
-    assert (r["after"], r["changes"], r["verdicts"], r["steps"], r["decisions"]) == ({}, [], [], {}, {})
+    assert r.baseline.model_dump() == {"success_rate": None, "p99_ms": None, "request_rate": None}
+    assert (r.after.model_dump(), r.changes, r.verdicts, r.steps, r.decisions) == ({}, [], [], {}, {})
 
 
 def test_skipped_when_the_wave_preflight_failed() -> None:
@@ -492,8 +493,8 @@ def test_skipped_when_the_wave_preflight_failed() -> None:
             "without a sidecar is cut off. Set it to PERMISSIVE before migrating (STRICT goes per workload, after "
             "validation)")
     r = record(service(), {}, st, {"wave": wave})
-    assert (r["outcome"], r["mtls"], r["sidecar"]) == ("skipped", None, False)
-    assert r["reason"] == f"not started: {wave}"
+    assert (r.outcome, r.mtls, r.sidecar) == ("skipped", None, False)
+    assert r.reason == f"not started: {wave}"
 
 
 def test_blocked_by_preflight_with_its_message() -> None:
@@ -503,11 +504,11 @@ def test_blocked_by_preflight_with_its_message() -> None:
     st = states("after_rollout", "not_started", preflight="failed", baseline="upstream_failed",
                 inject="upstream_failed", wait_rollout="upstream_failed")
     r = record(service(), {}, st, {"preflight": message})
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": "blocked", "mtls": None, "sidecar": False,
          "reason": f"preflight: {message.removeprefix('blocked: ')}"}
-    assert r["decisions"]["after_rollout_to"] == d.NOT_STARTED
-    assert r["changes"] == []
+    assert r.decisions["after_rollout_to"] == d.NOT_STARTED
+    assert r.changes == []
 
 
 def test_blocked_by_baseline() -> None:
@@ -515,8 +516,8 @@ def test_blocked_by_baseline() -> None:
                 wait_rollout="upstream_failed")
     error = "ValueError: window: '0s' is not a Prometheus duration"
     r = record(service(), {"preflight": PREFLIGHT}, st, {"baseline": error})
-    assert (r["outcome"], r["reason"]) == ("blocked", f"baseline: {error}")
-    assert r["steps"] == {"preflight": 0.41}
+    assert (r.outcome, r.reason) == ("blocked", f"baseline: {error}")
+    assert r.steps == {"preflight": 0.41}
 
 
 def test_dry_run_is_planned_with_the_changes_it_would_make() -> None:
@@ -536,13 +537,13 @@ def test_dry_run_is_planned_with_the_changes_it_would_make() -> None:
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "strict_gate", "after_strict_gate", "flip_strict", "verify_strict", "after_strict", "strict_done")
     r = record(service(), results, st, dry_run=True)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar", "reason")} == \
+    assert {k: getattr(r, k) for k in ("outcome", "mtls", "sidecar", "reason")} == \
         {"outcome": "planned", "mtls": None, "sidecar": False,
          "reason": "dry run: the changes listed were logged, none applied"}
-    assert r["changes"] == [would, would_flip]
-    assert r["decisions"]["after_strict_to"] == d.STRICT_DONE
-    assert r["steps"] == {"preflight": 0.41, "baseline": 0.82, "inject": 0.2, "flip_strict": 0.1}
-    assert r["plaintext_callers"] == [] and r["after"] == {}
+    assert r.changes == [would, would_flip]
+    assert r.decisions["after_strict_to"] == d.STRICT_DONE
+    assert r.steps == {"preflight": 0.41, "baseline": 0.82, "inject": 0.2, "flip_strict": 0.1}
+    assert r.plaintext_callers == [] and r.after.model_dump() == {}
 
 
 def test_a_rollback_that_did_not_complete_is_failed() -> None:
@@ -554,10 +555,10 @@ def test_a_rollback_that_did_not_complete_is_failed() -> None:
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "rollback_after_soak", "rollback_injection", "wait_rollback")
     r = record(service(), results, st)
-    assert {k: r[k] for k in ("outcome", "mtls", "sidecar")} == {"outcome": "failed", "mtls": None, "sidecar": None}
-    assert r["reason"] == (f"rollback did not complete ({stuck['message']}); it was rolled back because soak failed: "
-                           f"{SOAK_FAIL_REASON}")
-    assert r["steps"]["wait_rollback"] == 600.0
+    assert (r.outcome, r.mtls, r.sidecar) == ("failed", None, None)
+    assert r.reason == (f"rollback did not complete ({stuck['message']}); it was rolled back because soak failed: "
+                        f"{SOAK_FAIL_REASON}")
+    assert r.steps["wait_rollback"] == 600.0
 
 
 def test_a_rollback_refused_by_the_api_is_failed_with_its_error() -> None:
@@ -566,8 +567,8 @@ def test_a_rollback_refused_by_the_api_is_failed_with_its_error() -> None:
                 rollback_injection="failed", wait_rollback="upstream_failed")
     error = "cluster lab: PATCH deployment shop/payment: 403 Forbidden: cannot patch deployments"
     r = record(service(), results, st, {"rollback_injection": error})
-    assert (r["outcome"], r["sidecar"]) == ("failed", None)
-    assert r["reason"] == f"rollback did not complete ({error}); it was rolled back because rollout failed: {OOM}"
+    assert (r.outcome, r.sidecar) == ("failed", None)
+    assert r.reason == f"rollback did not complete ({error}); it was rolled back because rollout failed: {OOM}"
 
 
 def test_an_unknown_state_names_the_broken_tasks() -> None:
@@ -577,9 +578,9 @@ def test_an_unknown_state_names_the_broken_tasks() -> None:
                 strict_gate="upstream_failed", rollback_after_soak="upstream_failed",
                 hold_permissive="upstream_failed")
     r = record(service(), results, st)
-    assert (r["outcome"], r["mtls"], r["sidecar"]) == ("failed", None, None)
-    assert r["reason"] == ("after_soak: failed; strict_gate: upstream_failed; rollback_after_soak: upstream_failed; "
-                           "hold_permissive: upstream_failed")
+    assert (r.outcome, r.mtls, r.sidecar) == ("failed", None, None)
+    assert r.reason == ("after_soak: failed; strict_gate: upstream_failed; rollback_after_soak: upstream_failed; "
+                        "hold_permissive: upstream_failed")
 
 
 def test_the_record_is_json_safe() -> None:
@@ -588,7 +589,7 @@ def test_the_record_is_json_safe() -> None:
                "soak": SOAK_PASS, "strict_gate": GATE_TIMEOUT}
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
                 "strict_gate", "after_strict_gate", "stay_permissive")
-    r = record(service(), results, st)
+    r = record(service(), results, st).model_dump(mode="json")
     assert json.loads(json.dumps(r)) == r
 
 
@@ -598,7 +599,7 @@ def test_a_dry_run_still_reports_a_blocked_preflight() -> None:
     st = states("after_rollout", "not_started", preflight="failed", baseline="upstream_failed",
                 inject="upstream_failed", wait_rollout="upstream_failed")
     r = record(service(), {}, st, {"preflight": message}, dry_run=True)
-    assert (r["outcome"], r["reason"]) == ("blocked", f"preflight: {message.removeprefix('blocked: ')}")
+    assert (r.outcome, r.reason) == ("blocked", f"preflight: {message.removeprefix('blocked: ')}")
 
 
 def test_a_failed_wait_for_the_rollback_says_what_failed() -> None:
@@ -607,8 +608,8 @@ def test_a_failed_wait_for_the_rollback_says_what_failed() -> None:
     st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "rollback_after_rollout",
                 "rollback_injection", wait_rollback="failed")
     r = record(service(), results, st)
-    assert r["outcome"] == "failed"
-    assert "None" not in r["reason"], r["reason"]
+    assert r.outcome == "failed"
+    assert "None" not in r.reason, r.reason
 
 
 def test_an_injection_refused_before_any_change_is_blocked_not_rolled_back() -> None:
@@ -618,7 +619,7 @@ def test_an_injection_refused_before_any_change_is_blocked_not_rolled_back() -> 
                                                           f"injection refused before any change: {error}")
     st.update({"after_rollout": "success", "not_started": "success"})
     r = record(service(), {"preflight": PREFLIGHT, "baseline": BASELINE}, st, {"inject": error})
-    assert (r["outcome"], r["reason"]) == ("blocked", f"inject: {error.removeprefix('blocked: ')}")
+    assert (r.outcome, r.reason) == ("blocked", f"inject: {error.removeprefix('blocked: ')}")
 
 
 # ---- admit: refused input, the guards, and the ad-hoc actions ---------------------------------------------------
@@ -629,7 +630,7 @@ def acting(action: str) -> Service:
 def test_refused_input_is_blocked_with_the_reason_and_names_no_service() -> None:
     r = d.outcome(None, {}, states(admit="failed"), {"admit": "refused: namespace: '../etc' is not a valid RFC "
                                                                 "1123 label"}, {}, False)
-    assert (r["outcome"], r["service"], r["reason"]) == \
+    assert (r.outcome, r.service, r.reason) == \
         ("blocked", "(refused input)", "refused: namespace: '../etc' is not a valid RFC 1123 label")
 
 
@@ -637,41 +638,41 @@ def test_refused_input_is_blocked_with_the_reason_and_names_no_service() -> None
                                  "the maintenance window closed at 2026-11-28T06:00:00+01:00"])
 def test_a_guard_keeps_the_service_from_starting_and_the_report_says_why(why: str) -> None:
     r = record(service(), {}, states(admit="skipped"), {"admit": why})
-    assert (r["outcome"], r["sidecar"], r["changes"], r["reason"]) == ("skipped", False, [], f"not started: {why}")
+    assert (r.outcome, r.sidecar, r.changes, r.reason) == ("skipped", False, [], f"not started: {why}")
 
 
 def test_back_to_permissive_on_request_is_a_green_outcome() -> None:
     st = states("to_permissive", "back_to_permissive", "verify_recovery")
     r = record(acting("permissive"), {"back_to_permissive": {"changes": [TO_PERMISSIVE], "seconds": 0.2},
                                       "verify_recovery": RECOVERY_PASS}, st)
-    assert (r["outcome"], r["mtls"], r["action"]) == ("permissive", "PERMISSIVE", "permissive")
-    assert r["reason"].startswith("set to PERMISSIVE on request; recovery check: pass")
-    assert r["changes"] == [TO_PERMISSIVE]
-    assert not ServiceOutcome(r["outcome"]).red
+    assert (r.outcome, r.mtls, r.action) == ("permissive", "PERMISSIVE", "permissive")
+    assert r.reason.startswith("set to PERMISSIVE on request; recovery check: pass")
+    assert r.changes == [TO_PERMISSIVE]
+    assert not ServiceOutcome(r.outcome).red
 
 
 def test_back_to_permissive_that_could_not_be_applied_is_failed_with_the_error() -> None:
     st = states("to_permissive", back_to_permissive="failed", verify_recovery="upstream_failed")
     r = record(acting("permissive"), {}, st, {"back_to_permissive": "403 Forbidden: peerauthentications"})
-    assert (r["outcome"], r["reason"]) == ("failed", "could not set PERMISSIVE: 403 Forbidden: peerauthentications")
+    assert (r.outcome, r.reason) == ("failed", "could not set PERMISSIVE: 403 Forbidden: peerauthentications")
 
 
 def test_remove_sidecar_on_request_waits_for_the_rollout() -> None:
     st = states("to_remove", "rollback_injection", "wait_rollback")
     done = {"status": "done", "message": "2/2 pods ready, 0 with istio-proxy"}
     r = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]}, "wait_rollback": done}, st)
-    assert (r["outcome"], r["sidecar"], r["reason"]) == \
+    assert (r.outcome, r.sidecar, r.reason) == \
         ("removed", False, "sidecar removed on request: 2/2 pods ready, 0 with istio-proxy")
     stuck = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]},
                                               "wait_rollback": {"status": "timeout", "message": "1/2 ready"}}, st)
-    assert (stuck["outcome"], stuck["reason"]) == ("failed", "sidecar removal did not complete: 1/2 ready")
+    assert (stuck.outcome, stuck.reason) == ("failed", "sidecar removal did not complete: 1/2 ready")
 
 
 def test_an_ad_hoc_dry_run_is_planned() -> None:
     st = states("to_remove", "rollback_injection", "wait_rollback")
     r = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]}}, st, dry_run=True)
-    assert (r["outcome"], r["reason"]) == ("planned", "dry run of remove_sidecar: the changes listed were logged, "
-                                                      "none applied")
+    assert (r.outcome, r.reason) == ("planned", "dry run of remove_sidecar: the changes listed were logged, "
+                                                   "none applied")
 
 
 def test_inject_only_holds_permissive_after_a_good_soak() -> None:

@@ -15,6 +15,7 @@ from meshwave import steps
 from meshwave.kube_errors import Conflict
 from meshwave.lease import LEASE_ANNOTATION, Lease, LeaseRefused, Leases, breaking, releasing, renewing, taking
 from meshwave.plan import parse_plan
+from meshwave.record import ServiceRecord
 from meshwave.wave import services_of
 
 NOW = datetime(2026, 11, 28, 21, 0, tzinfo=UTC)
@@ -201,9 +202,9 @@ def test_admit_takes_the_lease_until_the_path_s_deadline_and_the_outcome_release
     assert abs((taken.expires - expected).total_seconds()) < 5
     with pytest.raises(LeaseRefused, match=f"being changed by {WAVE}"):
         sg._take_lease(svc, context(ADHOC))
-    sg._release_lease(svc, {"outcome": "blocked"}, context(ADHOC))
+    sg._release_lease(svc, ServiceRecord(service=svc.plan.key, outcome="blocked", reason="r"), context(ADHOC))
     assert holder(api) == WAVE, "a refused run releases nothing"
-    sg._release_lease(svc, {"outcome": "strict"}, context(WAVE))
+    sg._release_lease(svc, ServiceRecord(service=svc.plan.key, outcome="strict", reason="r"), context(WAVE))
     assert holder(api) is None
 
 

@@ -167,13 +167,13 @@ def test_a_requested_removal_that_made_things_worse_is_red_and_says_so() -> None
     states = {"admit": "success", "rollback_injection": "success", "wait_rollback": "success"}
     results: dict[str, Any] = {"wait_rollback": {"status": "done", "message": "2/2 pods"}, "after_removal": WORSE}
     record = decisions.outcome(svc, results, states, {}, {}, dry_run=False)
-    assert record["outcome"] == "failed" and ServiceOutcome(record["outcome"]).red
-    assert record["reason"] == ("sidecar removed on request, but the removal made things WORSE: its own success rate "
-                                "0.400 over 20s after the rollout, 1.000 before")
+    assert record.outcome == "failed" and ServiceOutcome(record.outcome).red
+    assert record.reason == ("sidecar removed on request, but the removal made things WORSE: its own success rate "
+                             "0.400 over 20s after the rollout, 1.000 before")
     results["after_removal"] = outbound.compare(1.0, 1.0, 0.02, "20s").model_dump()
     record = decisions.outcome(svc, results, states, {}, {}, dry_run=False)
-    assert (record["outcome"], record["sidecar"]) == ("removed", False)
-    assert record["reason"].endswith("after the removal: its own success rate 1.000 after the removal (1.000 before)")
+    assert (record.outcome, record.sidecar) == ("removed", False)
+    assert record.reason.endswith("after the removal: its own success rate 1.000 after the removal (1.000 before)")
 
 
 def test_a_wave_rollback_that_made_things_worse_says_so_first() -> None:
@@ -183,9 +183,9 @@ def test_a_wave_rollback_that_made_things_worse_says_so_first() -> None:
     results = {"wait_rollback": {"status": "done"}, "after_removal": WORSE}
     why = {"after_soak": "soak failed: p99", "after_soak_to": decisions.ROLLBACK_AFTER_SOAK}
     record = decisions.outcome(service(), results, states, {}, why, dry_run=False)
-    assert record["outcome"] == "rolled_back"
-    assert record["reason"].startswith("the removal made things WORSE: its own success rate 0.400")
-    assert record["reason"].endswith("; it was rolled back because soak failed: p99")
+    assert record.outcome == "rolled_back"
+    assert record.reason.startswith("the removal made things WORSE: its own success rate 0.400")
+    assert record.reason.endswith("; it was rolled back because soak failed: p99")
 
 
 def test_a_refused_wave_rollback_is_failed_and_names_what_is_left() -> None:
@@ -195,4 +195,4 @@ def test_a_refused_wave_rollback_is_failed_and_names_what_is_left() -> None:
     error = "sidecar of shop/payment NOT removed: ... LEFT: the sidecar stays, mTLS PERMISSIVE"
     why = {"after_soak": "soak failed: p99", "after_soak_to": decisions.ROLLBACK_AFTER_SOAK}
     record = decisions.outcome(service(), {}, states, {"rollback_injection": error}, why, dry_run=False)
-    assert record["outcome"] == "failed" and error in record["reason"], record
+    assert record.outcome == "failed" and error in record.reason, record

@@ -8,6 +8,7 @@ import pytest
 from meshwave import report
 from meshwave.outcomes import ServiceOutcome as O
 from meshwave.outcomes import outcome_of
+from meshwave.record import ServiceRecord
 
 
 def test_what_each_outcome_means_for_the_run_the_wave_and_the_next_wave() -> None:
@@ -28,7 +29,7 @@ def test_an_unknown_outcome_is_named() -> None:
 def test_the_report_counts_every_outcome_frozen_and_cleared_included() -> None:
     """The report's own list of outcomes left out `frozen` and `cleared`: a wave frozen by the red button
     summarised as if those services did not exist."""
-    records = [{"service": f"s{i}", "outcome": o.value} for i, o in enumerate(O)]
+    records = [ServiceRecord(service=f"s{i}", outcome=o.value, reason="") for i, o in enumerate(O)]
     counts = report.summary(report.report_frame(records))
     assert counts == {o.value: 1 for o in O}
     assert list(counts) == [o.value for o in O], "in the enum's (the report's) order"

@@ -11,6 +11,7 @@ from meshwave import service_group as sg
 from meshwave.mtls import EffectiveMtls, Mode
 from meshwave.pending import Pending, Undo, expecting
 from meshwave.plan import parse_plan
+from meshwave.record import ServiceRecord
 from meshwave.steps import Service
 from meshwave.wave import services_of
 
@@ -88,32 +89,32 @@ def context() -> dict[str, Any]:
     return {"dag": Dag(), "run_id": RUN.split("/")[1], "params": {}}
 
 
-def settle(outcome: str, pending: Pending | None, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, FakeKube]:
+def settle(outcome: str, pending: Pending | None, monkeypatch: pytest.MonkeyPatch) -> tuple[ServiceRecord, FakeKube]:
     kube = FakeKube(pending)
     monkeypatch.setattr(sg, "kube_for", lambda svc, c: kube)
-    record = {"outcome": outcome, "reason": "r", "mtls": "STRICT?", "sidecar": True}
+    record = ServiceRecord(service="lab/shop/cart", outcome=outcome, reason="r", mtls="STRICT?", sidecar=True)
     return sg._settle_outcome(service(), record, context()), kube
 
 
 def test_an_outcome_that_stands_settles_what_its_run_left(monkeypatch: pytest.MonkeyPatch) -> None:
     pending = expecting(sg.UNVERIFIED, Undo.PERMISSIVE, 600, RUN, service().to_dict())
     record, kube = settle("strict", pending, monkeypatch)
-    assert record["reason"] == "r" and kube.writes == [("clear", "strict: r")] and kube.annotation is None
+    assert record.reason == "r" and kube.writes == [("clear", "strict: r")] and kube.annotation is None
 
 
 def test_a_failed_undo_is_left_due_now_and_the_record_says_what_is_left(monkeypatch: pytest.MonkeyPatch) -> None:
     pending = expecting(sg.UNVERIFIED, Undo.PERMISSIVE, 600, RUN, service().to_dict())
     record, kube = settle("failed", pending, monkeypatch)
     assert kube.annotation is not None and kube.annotation.due(), "mesh_reconcile's next run carries it out"
-    assert record["mtls"] == "STRICT" and record["sidecar"] is True, "what the cluster has, not what was meant"
-    assert "LEFT: 2 of 2 pods with a sidecar, mTLS STRICT" in record["reason"]
-    assert record["reason"].endswith("mesh_reconcile carries out permissive")
+    assert record.mtls == "STRICT" and record.sidecar is True, "what the cluster has, not what was meant"
+    assert "LEFT: 2 of 2 pods with a sidecar, mTLS STRICT" in record.reason
+    assert record.reason.endswith("mesh_reconcile carries out permissive")
 
 
 def test_another_run_s_pending_state_is_not_this_run_s_to_settle(monkeypatch: pytest.MonkeyPatch) -> None:
     theirs = expecting(sg.TRIAL, Undo.REMOVE_SIDECAR, 600, "other/run", service().to_dict())
     record, kube = settle("permissive", theirs, monkeypatch)
-    assert kube.writes == [] and kube.annotation == theirs and record["reason"] == "r"
+    assert kube.writes == [] and kube.annotation == theirs and record.reason == "r"
 
 
 def test_mesh_reconcile_runs_the_undo_on_the_service_the_run_admitted() -> None:
@@ -135,8 +136,8 @@ def test_mesh_reconcile_runs_the_undo_on_the_service_the_run_admitted() -> None:
 def test_mesh_reconcile_names_what_it_could_not_settle() -> None:
     from meshwave.reconcile import not_reconciled
 
-    done = {"service": "lab/shop/cart", "outcome": "permissive", "reason": "set to PERMISSIVE on request"}
-    failed = {"service": "lab/shop/pay", "outcome": "failed", "reason": "could not set PERMISSIVE: 503"}
+    done = ServiceRecord(service="lab/shop/cart", outcome="permissive", reason="set to PERMISSIVE on request")
+    failed = ServiceRecord(service="lab/shop/pay", outcome="failed", reason="could not set PERMISSIVE: 503")
     assert not_reconciled([], [done]) == []
     assert not_reconciled(["cluster eu: cannot list pending states: timeout"], [done, failed]) == [
         "cluster eu: cannot list pending states: timeout", "lab/shop/pay: failed: could not set PERMISSIVE: 503"]

@@ -12,6 +12,7 @@ from meshwave import decisions, guards
 from meshwave import emergency as em
 from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError
 from meshwave.outcomes import ServiceOutcome
+from meshwave.record import FinalState
 from tests.unit.test_emergency import FakeKube, policy
 
 WEBHOOK = 'admission webhook "validation.gatekeeper.sh" denied the request: [keep-strict] must stay STRICT'
@@ -139,15 +140,15 @@ def test_a_service_frozen_before_its_flip_ends_frozen_with_the_reason_not_strict
     errors = {"flip_strict": "frozen: the Airflow Variable meshwave_freeze is set: mesh_emergency_rollback run-1"}
     final = decisions._migration_state(svc(), {"preflight": {"mtls_in_force": {"mode": "PERMISSIVE"}}}, states,
                                        errors, {"after_strict_gate_to": decisions.FLIP}, False)
-    assert final == {"outcome": "frozen", "mtls": "PERMISSIVE", "sidecar": True,
-                     "reason": f"sidecar kept, not STRICT: {errors['flip_strict']}"}
+    assert final == FinalState(outcome=ServiceOutcome.FROZEN, mtls="PERMISSIVE", sidecar=True,
+                               reason=f"sidecar kept, not STRICT: {errors['flip_strict']}")
     assert not ServiceOutcome.FROZEN.red, "safe and asked for: not a failure of the service"
 
 
 def test_a_service_frozen_before_its_injection_ends_frozen_without_a_sidecar() -> None:
     states = {"admit": "success", "preflight": "success", "baseline": "success", "inject": "skipped"}
     final = decisions._migration_state(svc(), {}, states, {"inject": "frozen: INC-4711"}, {}, False)
-    assert (final["outcome"], final["sidecar"], final["reason"]) == ("frozen", False, "not injected: frozen: INC-4711")
+    assert (final.outcome, final.sidecar, final.reason) == ("frozen", False, "not injected: frozen: INC-4711")
 
 
 def svc() -> Any:
