@@ -14,7 +14,7 @@ help:
 	@echo "make test-distributed  CeleryExecutor on Postgres and Redis, two workers, one killed mid-wave"
 	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
 	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback, the lab and the no-op floor"
-	@echo "             (about 50 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
+	@echo "             (about 70 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
 setup: $(STAMP) prometheus services bytecode
 
