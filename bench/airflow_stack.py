@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import time
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -91,9 +91,13 @@ def stamp(text: str | None) -> float | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp() if text else None
 
 
+# Starts an Airflow (home, connections, environment) and stops it on exit: `airflow standalone` by default.
+StartAirflow = Callable[[Path, dict[str, Any], dict[str, str]], contextlib.AbstractContextManager[AirflowProcess]]
+
+
 @contextlib.contextmanager
 def stack(work: Path, topology: Path | dict[str, Any], plan: dict[str, Any], cluster: str,
-          airflow_env: dict[str, str] | None = None) -> Iterator[Stack]:
+          airflow_env: dict[str, str] | None = None, start_airflow: StartAirflow = AirflowProcess) -> Iterator[Stack]:
     """Start the three for one plan (one DAG file in a temp dags folder); stop them whatever happens."""
     if isinstance(topology, dict):
         topology = write(topology, work / "topology.yaml")
@@ -114,8 +118,8 @@ def stack(work: Path, topology: Path | dict[str, Any], plan: dict[str, Any], clu
         }
         env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                "MESHWAVE_REPORT_DIR": str(work / "reports"), **LOADED_MACHINE, **(airflow_env or {})}
-        log("starting airflow standalone")
-        with AirflowProcess(work / "airflow", connections, env) as airflow:
+        log("starting airflow")
+        with start_airflow(work / "airflow", connections, env) as airflow:
             yield Stack(lab, prom, airflow)
 
 

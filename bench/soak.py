@@ -37,8 +37,6 @@ import sqlalchemy
 from sqlalchemy.pool import NullPool
 
 from bench.airflow_stack import (
-    DAG_FILE,
-    LOADED_MACHINE,
     NOOP_STEPS,
     Stack,
     dag_ids,
@@ -49,10 +47,10 @@ from bench.airflow_stack import (
     wait_loaded,
 )
 from bench.common import PY, Figure, emit, load_average, log
-from bench.fleetgen import deployments, make_plan, synthetic_topology, write
+from bench.fleetgen import deployments, make_plan, synthetic_topology
 from bench.querylog import per_check
 from bench.task_times import by_task
-from meshlab.process import LabProcess, PrometheusProcess
+from meshlab.process import AirflowProcess
 from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, PostgresProcess, RedisProcess
 
 # The tasks that wait in the triggerer (inject waits for its rollout, flip_strict verifies, the undos watch theirs).
@@ -98,28 +96,15 @@ class BenchCelery(CeleryAirflow):
 
 
 @contextlib.contextmanager
-def celery_stack(work: Path, topology: dict[str, Any], plan: dict[str, Any], cluster: str,
-                 airflow_env: dict[str, str]) -> Iterator[Stack]:
-    """bench.airflow_stack.stack's lab, Prometheus and plan, with Airflow as tests/distributed starts it (Postgres,
-    Redis, one process per component, Celery workers); stop them all whatever happens."""
-    topology_file = write(topology, work / "topology.yaml")
-    plans, dags, name = work / "plans", work / "dags", plan["migration"]
-    write(plan, plans / f"{name}.yaml")
-    dags.mkdir(parents=True, exist_ok=True)
-    (dags / f"{name.replace('-', '_')}.py").write_text(DAG_FILE.format(plan=f"{name}.yaml"))
-    log("starting Postgres, Redis, the lab and Prometheus")
-    with PostgresProcess() as postgres, RedisProcess() as redis, LabProcess(topology_file, work / "lab") as lab, \
-            PrometheusProcess([lab.metrics_target], work / "prometheus", query_log=True) as prom:
-        kube = {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig(cluster)}}
-        metrics = {"conn_type": "http", "host": prom.url, "extra": {"cluster": cluster}}
-        clusters = plan["clusters"].values()
-        connections = {**{c["kubernetes_conn_id"]: kube for c in clusters},
-                       **{c["prometheus_conn_id"]: metrics for c in clusters}}
-        env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-               "MESHWAVE_REPORT_DIR": str(work / "reports"), **LOADED_MACHINE, **airflow_env, **CELERY_ENV}
-        log(f"starting Airflow on CeleryExecutor ({WORKERS} workers x {SLOTS_PER_WORKER} slots)")
-        with BenchCelery(work / "airflow", connections, postgres.url, redis.url, env, workers=WORKERS) as airflow:
-            yield Stack(lab, prom, airflow)
+def celery_airflow(home: Path, connections: dict[str, Any], env: dict[str, str]) -> Iterator[CeleryAirflow]:
+    """Airflow as tests/distributed starts it (Postgres, Redis, one process per component, Celery workers), for
+    bench.airflow_stack.stack; stop them all whatever happens."""
+    log("starting Postgres and Redis")
+    with PostgresProcess() as postgres, RedisProcess() as redis:
+        log(f"on CeleryExecutor: {WORKERS} workers x {SLOTS_PER_WORKER} slots")
+        with BenchCelery(home, connections, postgres.url, redis.url, {**env, **CELERY_ENV},
+                         workers=WORKERS) as airflow:
+            yield airflow
 
 
 def metadata_url(s: Stack) -> str:
@@ -340,9 +325,9 @@ def main() -> None:
     topology, plan = plan_for(args.services, args.soak)
     [dag_id] = dag_ids(plan)
     keep = contextlib.nullcontext(str(args.keep)) if args.keep else None
-    start = celery_stack if args.stack == "postgres" else stack
+    start_airflow = celery_airflow if args.stack == "postgres" else AirflowProcess
     with keep or tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
-            start(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV) as s:
+            stack(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV, start_airflow) as s:
         wait_loaded(s, dag_id)
         time.sleep(20)  # a query window of data for the baselines
         load = load_average()
