@@ -52,11 +52,3 @@ class ServiceOutcome(StrEnum):
     def undone(self) -> bool:
         """A mesh_reconcile undo that ended here is done (`skipped`: settled meanwhile, read again before acting)."""
         return self in (ServiceOutcome.PERMISSIVE, ServiceOutcome.REMOVED, ServiceOutcome.SKIPPED)
-
-
-def outcome_of(value: str) -> ServiceOutcome:
-    """A record's outcome (a ValueError names an unknown one)."""
-    try:
-        return ServiceOutcome(value)
-    except ValueError:
-        raise ValueError(f"unknown service outcome {value!r} (known: {', '.join(ServiceOutcome)})") from None
