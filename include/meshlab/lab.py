@@ -117,7 +117,7 @@ def deployment_manifest(svc: Service) -> dict[str, Any]:
     request = svc.memory_request_mi or svc.memory_limit_mi / 2
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
-        "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": {"app": svc.name}},
+        "metadata": {"name": svc.name, "namespace": svc.namespace, "labels": {**svc.labels, "app": svc.name}},
         "spec": {
             "replicas": svc.replicas,
             "selector": {"matchLabels": {"app": svc.name}},

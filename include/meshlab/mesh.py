@@ -190,7 +190,7 @@ def steady(call: Call) -> float:
 
 
 def topological_order(workloads: dict[WorkloadKey, Workload]) -> list[WorkloadKey]:
-    """Callers before callees (the topology forbids cycles)."""
+    """Callers before callees (the topology forbids cycles, except through calls marked `cycle`, left out here)."""
     order: list[WorkloadKey] = []
     seen: set[WorkloadKey] = set()
 
@@ -200,7 +200,7 @@ def topological_order(workloads: dict[WorkloadKey, Workload]) -> list[WorkloadKe
         seen.add(key)
         for call in workloads[key].service.calls:
             callee = _key(call)
-            if callee in workloads:
+            if callee in workloads and not call.cycle:
                 visit(callee)
         order.append(key)
 

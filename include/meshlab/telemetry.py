@@ -7,6 +7,10 @@
   `istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` (bytes from / to the downstream caller, both
   reporters, while a connection is open: a long-lived one keeps counting bytes and opens nothing new);
   a request the server's proxy failed itself (`proxy_drop`) is a 503 with response flag UF at the destination;
+- the OpenTelemetry Collector's `servicegraph` connector (Grafana Tempo's service graph processor, ported), which
+  sees every call between traced services, sidecar or not: `traces_service_graph_request_total`,
+  `traces_service_graph_request_failed_total` and the histograms `traces_service_graph_request_server_seconds` /
+  `_client_seconds` (see `ServiceGraph`);
 - cAdvisor `container_memory_working_set_bytes`; kube-state-metrics pod restarts, termination and
   waiting reasons, readiness, deployment replicas, and the owner series that join a pod to its Deployment
   (`kube_pod_owner`, `kube_replicaset_owner`, from the objects' ownerReferences as kube-state-metrics reads them).
@@ -84,6 +88,7 @@ class Telemetry:
         # keyed (cluster, namespace, the app's label name, app[, code]): an app may name itself by another label
         self.app_requests: dict[tuple[str, ...], float] = defaultdict(float)
         self.app_durations: dict[tuple[str, ...], Histogram] = {}
+        self.service_graph = ServiceGraph()
 
     # ---- accumulation, once per tick -----------------------------------------------------------
     def advance(self, flows: Flows, dt: float) -> None:
@@ -101,6 +106,7 @@ class Telemetry:
             hist.observe(APP_BUCKETS_S, _cdf(APP_BUCKETS_S, f.latency_ms / 1000), amount, f.latency_ms / 1000)
         for edge in flows.edges:
             self._edge(edge, flows, dt)
+            self.service_graph.edge(edge, flows.workloads[edge.dest.key], dt)
 
     def _edge(self, e: EdgeFlow, flows: Flows, dt: float) -> None:
         dest_flow = flows.workloads[e.dest.key]
@@ -178,6 +184,7 @@ class Telemetry:
     def families(self, clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
         yield from self._istio_families()
         yield from self._app_families()
+        yield from self.service_graph.families()
         sources = list(clusters)  # read twice: the pods' own series, then their owners
         yield from _cluster_families(sources)
         yield from _owner_families(sources)
@@ -323,3 +330,103 @@ def _owner_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric
             for owner in owners:
                 rs_owner.add_metric((cluster, ns, name, *owner), 1.0)
     yield from (pod_owner, rs_owner)
+
+
+# ---- the OpenTelemetry Collector's servicegraph connector ----------------------------------------------------
+# As open-telemetry/opentelemetry-collector-contrib connector/servicegraphconnector (connector.go, internal/store)
+# emits it, exported to Prometheus (its unit "s" becomes the `_seconds` suffix, the counters get `_total`):
+# - an edge is a client span (the caller's) paired with the server span (the callee's) whose parent it is; labels
+#   `client`, `server` (each side's service.name), `connection_type` and `failed` (either span had status Error:
+#   the connector keys its series by it, so `request_total` has a series per value);
+# - a caller that is not traced sends no trace context: the callee's server span is a root span, which never
+#   pairs; when it expires the connector records it with client "user" and connection_type "virtual_node";
+# - a client span whose callee is not traced (or never answered) expires unpaired too: server is its first peer
+#   attribute (virtual_node_peer_attributes: peer.service, db.name, db.system), else "unknown", also
+#   "virtual_node". The lab's traced clients set peer.service to the Service they call (a usual SDK setting);
+# - a client span with db.name is a database call, complete on its own: connection_type "database", server the
+#   database name (the lab: the TCP service called), both latencies the client span's;
+# - the configured `dimensions` [service.namespace, k8s.cluster.name] come out as client_/server_-prefixed labels
+#   (dots become underscores in Prometheus), from the span of that side only: absent for a virtual node.
+# One collector tier for the fleet (the README's load-balancing exporter in front, by trace id) pairs spans across
+# clusters. Every lab series carries `cluster`: here the server span's cluster, else the client's.
+# Not modelled: Envoy's own spans once a sidecar runs (Istio's tracing samples 1% by default), sampling.
+SERVICE_GRAPH_BUCKETS_S = (0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1.4, 2, 5, 10, 15)
+SERVICE_GRAPH_LABELS = ("cluster", "client", "server", "connection_type", "failed", "client_service_namespace",
+                        "client_k8s_cluster_name", "server_service_namespace", "server_k8s_cluster_name")
+VIRTUAL_NODE, DATABASE, UNSET_TYPE = "virtual_node", "database", ""
+UNTRACED_CLIENT = "user"  # the connector's name for the caller of a root server span
+
+
+class ServiceGraph:
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, ...], float] = defaultdict(float)
+        self.failed: dict[tuple[str, ...], float] = defaultdict(float)
+        self.server_seconds: dict[tuple[str, ...], Histogram] = {}
+        self.client_seconds: dict[tuple[str, ...], Histogram] = {}
+
+    def edge(self, e: EdgeFlow, dest_flow: Any, dt: float) -> None:
+        """One tick of an edge, as the spans of its calls would reach the connector."""
+        client = e.source if e.source is not None and e.source.service.is_traced else None
+        server = e.dest if e.dest.service.is_traced else None
+        if e.protocol == "tcp":  # no HTTP spans: a traced client's database call, complete with its client span
+            if client is not None and e.offered > 0:
+                failed = (e.offered - e.mtls - e.plaintext - e.to_unproxied) / e.offered
+                self._record(client, None, e.dest.key[2], DATABASE, e.offered * dt, failed, e.latency_ms, e.latency_ms)
+            return
+        delivered = e.mtls + e.plaintext + e.to_unproxied  # requests that reached the application: server spans
+        fail = 1 - dest_flow.ok
+        if server is not None and delivered > 0:
+            name = client.key[2] if client is not None else UNTRACED_CLIENT
+            kind = UNSET_TYPE if client is not None else VIRTUAL_NODE
+            self._record(client, server, name, kind, delivered * dt, fail, dest_flow.latency_ms,
+                         e.latency_ms if client is not None else 0.0)
+        elif client is not None and delivered > 0:  # an untraced callee: the client span expires unpaired
+            self._record(client, None, e.dest.key[2], VIRTUAL_NODE, delivered * dt, fail, 0.0, e.latency_ms)
+        undelivered = e.offered - delivered  # reset, refused or failed by a proxy: no server span, status Error
+        if client is not None and undelivered > 1e-12:
+            self._record(client, None, e.dest.key[2], VIRTUAL_NODE, undelivered * dt, 1.0, 0.0, e.latency_ms)
+
+    def _record(self, client: Workload | None, server: Workload | None, other: str, kind: str, amount: float,
+                failed: float, server_ms: float, client_ms: float) -> None:
+        """`other`: the name of the side that has no span (client "user", or the server's peer name)."""
+        for is_failed, share in ((False, 1 - failed), (True, failed)):
+            if share <= 1e-12:
+                continue
+            labels = _graph_labels(client, server, other, kind, is_failed)
+            self.requests[labels] += amount * share
+            if is_failed:
+                self.failed[labels] += amount * share
+            for store, ms in ((self.server_seconds, server_ms), (self.client_seconds, client_ms)):
+                hist = store.get(labels)
+                if hist is None:
+                    hist = store[labels] = Histogram(len(SERVICE_GRAPH_BUCKETS_S))
+                seconds = ms / 1000
+                hist.observe(SERVICE_GRAPH_BUCKETS_S, _cdf(SERVICE_GRAPH_BUCKETS_S, seconds), amount * share, seconds)
+
+    def families(self) -> Iterator[Metric]:
+        for name, doc, values in (
+                ("traces_service_graph_request", "Total count of requests between two nodes", self.requests),
+                ("traces_service_graph_request_failed", "Total count of failed requests between two nodes",
+                 self.failed)):
+            family = CounterMetricFamily(name, doc, labels=SERVICE_GRAPH_LABELS)
+            for labels, value in values.items():
+                family.add_metric(labels, value)
+            yield family
+        for name, doc, hists in (
+                ("traces_service_graph_request_server_seconds",
+                 "Time for a request between two nodes as seen from the server", self.server_seconds),
+                ("traces_service_graph_request_client_seconds",
+                 "Time for a request between two nodes as seen from the client", self.client_seconds)):
+            family = HistogramMetricFamily(name, doc, labels=SERVICE_GRAPH_LABELS)
+            for labels, h in hists.items():
+                family.add_metric(labels, _buckets(SERVICE_GRAPH_BUCKETS_S, h), h.sum)
+            yield family
+
+
+def _graph_labels(client: Workload | None, server: Workload | None, other: str, kind: str,
+                  failed: bool) -> tuple[str, ...]:
+    client_dims = (client.key[1], client.key[0]) if client is not None else ("", "")
+    server_dims = (server.key[1], server.key[0]) if server is not None else ("", "")
+    cluster = (server or client).key[0]  # type: ignore[union-attr]  # one side always has a span
+    return (cluster, client.key[2] if client is not None else other, server.key[2] if server is not None else other,
+            kind, "true" if failed else "false", *client_dims, *server_dims)

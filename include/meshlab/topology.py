@@ -64,6 +64,10 @@ class Call(Strict):
     # own the caller keeps one long-lived connection open (opened once, never closed).
     bytes_per_second: float = Field(0, ge=0, description="TCP: bytes the caller sends the service per second.")
     response_bytes_per_second: float = Field(0, ge=0, description="TCP: bytes the service sends back per second.")
+    # Real call graphs have cycles (a callback, two services that ask each other); the lab's rates flow down the
+    # graph, so a cycle would call itself forever. A call marked `cycle` closes one: it carries its rate, but what
+    # it delivers is not passed on again (the lab models no recursion). Any other cycle is refused.
+    cycle: bool = Field(False, description="This call closes a cycle of calls (the lab does not recurse along it).")
 
     @model_validator(mode="after")
     def _check_burst(self) -> Call:
@@ -137,6 +141,17 @@ class Service(Strict):
     calls: list[Call] = Field(default_factory=list)
     annotations: dict[str, str] = Field(default_factory=dict, description="Pod template annotations, such as "
                                         "sidecar.istio.io/proxyMemoryLimit (the istio-proxy's own limit).")
+    labels: dict[str, str] = Field(default_factory=dict, description="Extra labels of the Deployment object itself "
+                                   "(not its pods): an owner's marks such as criticality or a GitOps tool's.")
+    traced: bool | None = Field(None, description="Its spans reach the trace pipeline (an OpenTelemetry SDK): what "
+                                "the service graph metrics see. None: every deployment and gateway is traced, a "
+                                "legacy service or a caller outside Kubernetes is not.")
+
+    @property
+    def is_traced(self) -> bool:
+        if self.traced is not None:
+            return self.traced
+        return not (self.legacy or (self.kind == "external" and not self.gateway))
 
     _check_name = field_validator("name", "namespace")(_dns_label)
 
@@ -341,7 +356,7 @@ def _no_duplicates(names: list[str], field: str, what: str) -> None:
 
 
 def _find_cycle(services: list[Service]) -> list[str] | None:
-    graph = {f"{s.cluster}/{s.namespace}/{s.name}": [c.service for c in s.calls] for s in services}
+    graph = {f"{s.cluster}/{s.namespace}/{s.name}": [c.service for c in s.calls if not c.cycle] for s in services}
     state: dict[str, int] = {}
     path: list[str] = []
 
