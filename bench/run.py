@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one table, and bench/results.json.
 
-    .venv/bin/python -m bench.run [--only parse,soak,soak-postgres,prom_load,rollback,lab,floor]
+    .venv/bin/python -m bench.run [--only parse,soak,soak-postgres,prom_load,rollback,lab,floor,soak-200]
                                   [--output bench/results.json]
 
 Each benchmark runs in its own process and starts (and stops) the lab, Prometheus and Airflow it needs; it
@@ -30,6 +30,8 @@ BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     # The same wave on the distributed stack (CeleryExecutor, Postgres, Redis): its figures' names say so.
     "soak-postgres": ["bench.soak", "--stack", "postgres", "--services", "50", "--soak", "60"],
     "floor": ["bench.floor", "--pairs", "3", "--services", "20", "--probes", "3"],
+    # A wave four times as wide (about 40 minutes): does the overhead per service stay flat, and the scheduler's loop?
+    "soak-200": ["bench.soak", "--services", "200", "--soak", "60", "--scale"],
 }
 
 
@@ -50,7 +52,8 @@ def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
 
 def benchmark_of(figure: dict[str, Any]) -> str | None:
     """The benchmark a figure came from, by the command that re-runs it."""
-    modules = {"--stack postgres": "soak-postgres", "parse_cost": "parse", "soak": "soak", "prom_load": "prom_load",
+    modules = {"--stack postgres": "soak-postgres", "--scale": "soak-200", "parse_cost": "parse", "soak": "soak",
+               "prom_load": "prom_load",
                "rollback": "rollback", "lab_cpu": "lab", "bench.floor": "floor"}  # the first that matches
     return next((name for module, name in modules.items() if module in figure.get("command", "")), None)
 

@@ -49,6 +49,7 @@ from bench.airflow_stack import (
 from bench.common import PY, Figure, emit, load_average, log
 from bench.fleetgen import deployments, make_plan, synthetic_topology
 from bench.querylog import per_check
+from bench.statsd_sink import SCHEDULER_LOOP, StatsdSink
 from bench.task_times import by_task
 from meshlab.process import AirflowProcess
 from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, PostgresProcess, RedisProcess
@@ -213,6 +214,7 @@ def analyse(s: Stack, dag_id: str, run_id: str, samples: list[dict[str, Any]], s
         "worker_task_runs": runs, "stale_exit_failures": mismatches, "by_task": by_task(run_logs(s, dag_id, run_id)),
         "task_instances_started": started, "resumed_after_deferral": runs - started,
         "state": run["state"], "wall_seconds": round(end - start, 1), "critical_waits_seconds": soak + verify,
+        "soak_seconds": soak,
         "soak_span_seconds": round(soak_end - soak_start, 1), "soak_tasks": len(soaks),
         "max_slots_during_soak": max((len(x["running"]) for x in during), default=0),
         "max_sensor_slots_during_soak": max((sum(is_sensor(t) for t in x["running"]) for x in during), default=0),
@@ -246,8 +248,12 @@ def run_floor(s: Stack, dags: Path, n: int) -> dict[str, Any]:
     return run_noop(s.airflow, dags, n)
 
 
-def figures(r: dict[str, Any], n: int, command: str, load: list[float], stack_name: str = "standalone") -> list[Figure]:
+def figures(r: dict[str, Any], n: int, command: str, load: list[float], stack_name: str = "standalone",
+            scale: bool = False) -> list[Figure]:
     figs = stack_figures(r, n, command, load)
+    if scale:  # beside the 50-service run's figures in one table: the names say which wave
+        for f in figs:
+            f.name += f" [{n} services]" if f"{n} services" not in f.name else ""
     if stack_name == "standalone":  # the names the earlier results carry
         return figs
     where = f"on {stack_name}: CeleryExecutor, Postgres, Redis, {WORKERS} workers x {SLOTS_PER_WORKER} slots"
@@ -261,17 +267,16 @@ def stack_figures(r: dict[str, Any], n: int, command: str, load: list[float]) ->
     overhead = round(r["wall_seconds"] - r["critical_waits_seconds"], 1)
     note = (f"run {r['state']}; service outcomes {json.dumps(r['service_outcomes'])}; task states "
             f"{json.dumps(r['task_states'])}; failed: {', '.join(r['failed_tasks']) or 'none'} (why: details)")
-    floor, runs = r["floor"], r["worker_task_runs"]
+    runs, loop = r["worker_task_runs"], r["scheduler_loop"]
     slot_seconds = round(sum(t["slot_seconds"] for t in r["by_task"].values()), 1)
-    per_run = floor["seconds_per_task_run"]
-    return [
+    figs = [
         Figure("2 soak", f"wave wall time, {n} services in one batch", r["wall_seconds"], "s", command=command,
                load=load, notes=f"critical-path waits {r['critical_waits_seconds']} s (soak + verify_strict "
                                 f"minimums); {note}"),
         Figure("2 soak", "overhead over the critical-path waits", overhead, "s", "< 60 s", overhead < 60, command,
                load, "wall time - (soak_seconds + verify_seconds)"),
         Figure("2 soak", "soak stage span (first soak start -> last soak end)", r["soak_span_seconds"], "s",
-               command=command, load=load, notes=f"{r['soak_tasks']} soak sensors, soak_seconds 60"),
+               command=command, load=load, notes=f"{r['soak_tasks']} soak sensors, soak_seconds {r['soak_seconds']}"),
         Figure("2 soak", "most worker slots held at once during the soak", r["max_slots_during_soak"], "slots",
                command=command, load=load,
                notes=f"of which sensors: {r['max_sensor_slots_during_soak']}; most deferred at once: "
@@ -285,10 +290,6 @@ def stack_figures(r: dict[str, Any], n: int, command: str, load: list[float]) ->
                r["soak_sensor_running_seconds_max"], "s", command=command, load=load,
                notes=f"mean {r['soak_sensor_running_seconds_mean']} s per soak sensor, sampled every 1 s: the task's "
                      f"start (parse, execute, defer); its trigger ends it (no resume)"),
-        Figure("2 soak", f"Airflow alone: {floor['task_instances']} no-op tasks ({n} map indexes x {NOOP_STEPS})",
-               floor["wall_seconds"], "s", command=command, load=load,
-               notes=f"run {floor['state']}; {per_run} s of wall time per task run, on the same Airflow (parallelism "
-                     f"8) after the wave"),
         Figure("2 soak", "tries failed by the scheduler on a deferral's stale exit", r["stale_exit_failures"], "tries",
                command=command, load=load,
                notes="'finished with state success, but the task instance's state attribute is queued' in the "
@@ -301,14 +302,32 @@ def stack_figures(r: dict[str, Any], n: int, command: str, load: list[float]) ->
                load=load, notes=f"{SLOTS} slots: {slot_seconds / SLOTS:.0f} s of wall time if always full; by task "
                                 f"(runs, mean s before the task's code incl. the DAG file's parse, mean s in it): "
                                 f"{by_task_note(r['by_task'])} (bench.task_times, from the task logs)"),
+        Figure("2 soak", "overhead per service", round(overhead / n, 2), "s", command=command, load=load,
+               notes=f"{overhead} s over {n} services: the figure to compare across wave sizes (linear growth "
+                     f"keeps it flat)"),
+        Figure("2 soak", "scheduler loop time during the wave (median)", loop["median_ms"], "ms", command=command,
+               load=load, notes=f"{loop['count']} loops between the run's start and end, p95 {loop['p95_ms']} ms, "
+                                f"max {loop['max_ms']} ms, {loop['total_s']} s in all (Airflow's "
+                                f"{SCHEDULER_LOOP} over StatsD)"),
+        Figure("3 prometheus", f"queries/min during the soak, {n} services (Airflow)", r["queries_per_minute"],
+               "queries/min", command=command, load=load,
+               notes=f"per check/min: {json.dumps(r['per_check_per_minute'])}"),
+    ]
+    return figs + floor_figures(r["floor"], runs, n, command, load) if r.get("floor") else figs
+
+
+def floor_figures(floor: dict[str, Any], runs: int, n: int, command: str, load: list[float]) -> list[Figure]:
+    per_run = floor["seconds_per_task_run"]
+    return [
+        Figure("2 soak", f"Airflow alone: {floor['task_instances']} no-op tasks ({n} map indexes x {NOOP_STEPS})",
+               floor["wall_seconds"], "s", command=command, load=load,
+               notes=f"run {floor['state']}; {per_run} s of wall time per task run, on the same Airflow (parallelism "
+                     f"8) after the wave"),
         Figure("2 soak", "Airflow's own share of the overhead (task runs x no-op seconds per run)",
                round(runs * per_run, 1), "s", command=command, load=load,
                notes=f"a floor that no change inside a task removes; the < 60 s target allows at most "
                      f"{int(60 / per_run)} task runs for {n} services ({60 / per_run / n:.1f} per service) on this "
                      f"machine"),
-        Figure("3 prometheus", f"queries/min during the soak, {n} services (Airflow)", r["queries_per_minute"],
-               "queries/min", command=command, load=load,
-               notes=f"per check/min: {json.dumps(r['per_check_per_minute'])}"),
     ]
 
 
@@ -319,26 +338,32 @@ def main() -> None:
     parser.add_argument("--keep", type=Path, help="work in this directory and keep it (Airflow's logs, the lab's)")
     parser.add_argument("--stack", choices=STACKS, default="standalone",
                         help="standalone: `airflow standalone` on SQLite; postgres: CeleryExecutor on Postgres, Redis")
+    parser.add_argument("--scale", action="store_true",
+                        help="the wave size's own figures (names carry N) and no no-op floor after it (its seconds "
+                             "per task run do not depend on N; the 50-service run measures it)")
     args = parser.parse_args()
     command = f"{PY} -m bench.soak --services {args.services} --soak {args.soak}"
     command += f" --stack {args.stack}" if args.stack != "standalone" else ""
+    command += " --scale" if args.scale else ""
     topology, plan = plan_for(args.services, args.soak)
     [dag_id] = dag_ids(plan)
     keep = contextlib.nullcontext(str(args.keep)) if args.keep else None
     start_airflow = celery_airflow if args.stack == "postgres" else AirflowProcess
-    with keep or tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, \
-            stack(Path(tmp), topology, plan, CLUSTER, AIRFLOW_ENV, start_airflow) as s:
+    with keep or tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp, StatsdSink() as metrics, \
+            stack(Path(tmp), topology, plan, CLUSTER, {**AIRFLOW_ENV, **metrics.env}, start_airflow) as s:
         wait_loaded(s, dag_id)
         time.sleep(20)  # a query window of data for the baselines
         load = load_average()
         log(f"triggering {dag_id}")
         run_id = retried(lambda: s.airflow.trigger(dag_id), tries=1)
-        samples = follow(s, dag_id, run_id, timeout=1800)
+        samples = follow(s, dag_id, run_id, timeout=max(1800, 15 * args.services))
         result = analyse(s, dag_id, run_id, samples, args.soak, plan["defaults"]["verify_seconds"])
-        result["floor"] = run_floor(s, Path(tmp) / "dags", args.services)  # after the wave: its load is its own
+        result["scheduler_loop"] = metrics.summary(SCHEDULER_LOOP, samples[0]["t"], samples[-1]["t"])
+        if not args.scale:  # after the wave: its load is its own
+            result["floor"] = run_floor(s, Path(tmp) / "dags", args.services)
         result["load_end"] = load_average()
     log(json.dumps(result))
-    emit(figures(result, args.services, command, load, args.stack), rows=[{"stack": args.stack, **result}])
+    emit(figures(result, args.services, command, load, args.stack, args.scale), rows=[{"stack": args.stack, **result}])
 
 
 if __name__ == "__main__":
