@@ -1,4 +1,4 @@
-"""The `meshwave` command: `meshwave plan validate FILE...`."""
+"""The `meshwave` command: `meshwave plan validate FILE...`, `meshwave plan propose ...`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def _starts(plan: Plan, wave: Wave) -> str:
     return ", ".join(filter(None, starts)) or "manual"
 
 
+def _propose_arguments(parser: argparse.ArgumentParser) -> None:
+    from meshwave.propose.command import add_arguments  # the proposer loads only for this command
+
+    add_arguments(parser)
+
+
+def _propose(args: argparse.Namespace) -> int:
+    from meshwave.propose.command import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshwave", description="Move Kubernetes services onto an Istio mesh.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -43,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     validate = plan.add_parser("validate", help="check plan files as the DAG factory will")
     validate.add_argument("plans", nargs="+", type=Path)
     validate.set_defaults(func=_validate)
+    propose = plan.add_parser("propose", help="read clusters and their telemetry, write a plan (waves, STRICT or not)")
+    _propose_arguments(propose)
+    propose.set_defaults(func=_propose)
     args = parser.parse_args(argv)
     return args.func(args)
 

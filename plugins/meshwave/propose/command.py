@@ -1,0 +1,200 @@
+"""`meshwave plan propose`: arguments, the clusters and Prometheus checked before anything is read, and the files
+written only once everything is known (a bad input leaves nothing half-written)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from meshwave.names import rfc1123_label
+from meshwave.prometheus import PrometheusError, PrometheusSource, validate_window, window_seconds
+
+if TYPE_CHECKING:
+    from meshwave.kube import MeshKube
+
+
+class ProposeError(Exception):
+    """Bad input or an unreachable cluster or Prometheus: the message says what and where."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kubeconfig", action="append", required=True, metavar="CLUSTER=PATH",
+                        help="a cluster's name and its kubeconfig; once per cluster")
+    parser.add_argument("--prometheus", action="append", required=True, metavar="URL|CLUSTER=URL",
+                        help="the Prometheus for every cluster (series split by their `cluster` label), or one per "
+                             "cluster")
+    parser.add_argument("--lookback", default="10m", help="how far back the telemetry is read (default 10m)")
+    parser.add_argument("--max-wave", type=int, default=20, help="services per wave at most (default 20)")
+    parser.add_argument("--max-batch", type=int, default=3, help="services in parallel: the plan's batch_size and "
+                                                                 "the pilot wave's size (default 3)")
+    parser.add_argument("--out", type=Path, required=True, help="the plan file to write")
+    parser.add_argument("--migration", help="the plan's migration name (default: the file's name)")
+    parser.add_argument("--conn-prefix", default="meshwave", help="Airflow connection ids are <prefix>_<cluster> and "
+                        "<prefix>_prometheus_<cluster>, '-' as '_' (default meshwave)")
+    parser.add_argument("--sidecar-memory-mi", type=float, default=150,
+                        help="the sidecar's expected working set (the seed measured 150-300 MB; default 150)")
+    parser.add_argument("--hop-latency-ms", default="35-50", help="latency a proxy adds per hop, LOW-HIGH or one "
+                                                                   "number (the seed measured 35-50)")
+    parser.add_argument("--idle-in-order", action="store_true", help="plan services with no observed traffic like "
+                        "the others (default: a last wave, strict: false)")
+    parser.add_argument("--no-picture", action="store_true", help="skip the call graph picture")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    try:
+        result, options = _propose(args)
+        written = _write(args.out, result)
+    except ProposeError as exc:
+        print(f"meshwave plan propose: {exc}; nothing written", file=sys.stderr)
+        return 2
+    waves = result.proposal.waves
+    services = [s for w in waves for s in w.services]
+    print(f"{args.out}: {len(waves)} waves, {len(services)} services ({sum(s.strict for s in services)} STRICT), "
+          f"{len(result.proposal.excluded)} not planned, {len(result.proposal.idle)} idle, "
+          f"{len(result.proposal.unmeshable_callers)} callers that cannot be meshed; "
+          f"{result.cost.fleet.sidecars} sidecars added; {time.monotonic() - started:.1f} s")
+    for path in written:
+        print(f"  wrote {path}")
+    return 0
+
+
+def _propose(args: argparse.Namespace) -> tuple[Any, Any]:
+    from meshwave.propose.run import Options, propose
+
+    options = _options(args)
+    kubeconfigs = _pairs(args.kubeconfig, "--kubeconfig", "CLUSTER=PATH")
+    kubes = {cluster: _kube(cluster, path) for cluster, path in kubeconfigs.items()}
+    sources = _sources(args.prometheus, sorted(kubes))
+    prefix = args.conn_prefix
+    connections = {c: (f"{prefix}_{c.replace('-', '_')}", f"{prefix}_prometheus_{c.replace('-', '_')}")
+                   for c in kubes}
+    header = [f"Proposed by `meshwave plan propose` at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from "
+              f"{', '.join(sorted(kubes))}, telemetry of the last {options.lookback}: a proposal to review, not a "
+              "decision.", f"Connection ids: {prefix}_<cluster> and {prefix}_prometheus_<cluster>."]
+    try:
+        return propose(kubes, sources, connections, Options(**options.__dict__), header), options
+    except PrometheusError as exc:
+        raise ProposeError(str(exc)) from None
+    except ValueError as exc:  # a plan the schema refuses: a bug here, never a file on disk
+        raise ProposeError(f"the proposed plan does not validate: {exc}") from None
+
+
+def _options(args: argparse.Namespace) -> Any:
+    from meshwave.propose.run import Options
+
+    try:
+        lookback = validate_window(args.lookback, "--lookback")
+        migration = rfc1123_label(args.migration or args.out.stem.replace("_", "-").lower(), "--migration")
+        low, _, high = args.hop_latency_ms.partition("-")
+        hop = (float(low), float(high or low))
+    except ValueError as exc:
+        raise ProposeError(str(exc)) from None
+    for name in ("max_wave", "max_batch"):
+        if getattr(args, name) < 1:
+            raise ProposeError(f"--{name.replace('_', '-')}: must be at least 1")
+    return Options(migration=migration, lookback=lookback, lookback_seconds=window_seconds(lookback),
+                   max_wave=args.max_wave, max_batch=args.max_batch, expected_memory_mi=args.sidecar_memory_mi,
+                   per_hop_ms=hop, idle_last=not args.idle_in_order)
+
+
+def _pairs(values: list[str], flag: str, form: str) -> dict[str, str]:
+    found = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not rest:
+            raise ProposeError(f"{flag} {value!r}: expected {form}")
+        try:
+            rfc1123_label(name, f"{flag} cluster")
+        except ValueError as exc:
+            raise ProposeError(str(exc)) from None
+        if name in found:
+            raise ProposeError(f"{flag}: cluster {name} given twice")
+        found[name] = rest
+    return found
+
+
+def _kube(cluster: str, path: str) -> MeshKube:
+    """A cluster's client, asked for its version first: an unreachable cluster fails before anything is read."""
+    from kubernetes import config
+
+    from meshwave.kube import MeshKube
+    from meshwave.kube_errors import KubeError
+
+    if not Path(path).is_file():
+        raise ProposeError(f"cluster {cluster}: kubeconfig {path} does not exist")
+    try:
+        kube = MeshKube(config.new_client_from_config(config_file=path), cluster, connect_timeout=3, read_timeout=20)
+        kube.ping()
+    except KubeError as exc:
+        raise ProposeError(f"cluster {cluster} (kubeconfig {path}): {exc}") from None
+    except Exception as exc:  # a kubeconfig the client cannot use
+        raise ProposeError(f"cluster {cluster}: kubeconfig {path}: {type(exc).__name__}: {exc}") from None
+    return kube
+
+
+def _sources(values: list[str], clusters: list[str]) -> dict[str, PrometheusSource]:
+    shared = [v for v in values if "=" not in v.split("://", 1)[0]]
+    own = _pairs([v for v in values if v not in shared], "--prometheus", "URL or CLUSTER=URL")
+    if len(shared) > 1:
+        raise ProposeError(f"--prometheus: {len(shared)} URLs for every cluster; give one, or CLUSTER=URL each")
+    if unknown := sorted(set(own) - set(clusters)):
+        raise ProposeError(f"--prometheus: cluster {unknown[0]} has no --kubeconfig")
+    if missing := [c for c in clusters if c not in own and not shared]:
+        raise ProposeError(f"--prometheus: no Prometheus for cluster {missing[0]}")
+    by_url: dict[str, PrometheusSource] = {}
+    found = {}
+    for cluster in clusters:
+        url = own.get(cluster) or shared[0]
+        if url not in by_url:
+            by_url[url] = _probe(url, [c for c in clusters if (own.get(c) or shared[0]) == url])
+        found[cluster] = by_url[url]
+    return found
+
+
+def _probe(url: str, clusters: list[str]) -> PrometheusSource:
+    source = PrometheusSource(url, timeout=20)
+    try:
+        source.instant("vector(1)")
+    except PrometheusError as exc:
+        raise ProposeError(f"Prometheus for {', '.join(clusters)}: {exc}") from None
+    return source
+
+
+def _write(out: Path, result: Any) -> list[Path]:
+    """The plan, its markdown summary and picture: written to temporary files, then renamed into place."""
+    from meshwave.propose import summary
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md, png = out.with_suffix(".md"), out.with_suffix(".png")
+    staged: list[tuple[Path, Path]] = []
+    try:
+        staged.append((_stage(out, lambda p: p.write_text(result.plan)), out))
+        staged.append((_stage(md, lambda p: p.write_text(result.summary)), md))
+        why_not: list[str] = []
+        staged.append((_stage(png, lambda p: why_not.append(summary.picture(result.graph, result.proposal, p) or "")),
+                       png))
+        if why_not and why_not[0]:
+            staged.pop()[0].unlink(missing_ok=True)
+            print(f"  {why_not[0]}", file=sys.stderr)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, final in staged:
+        os.replace(tmp, final)
+    return [final for _, final in staged]
+
+
+def _stage(final: Path, write: Callable[[Path], Any]) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+    os.close(fd)
+    write(Path(name))
+    return Path(name)

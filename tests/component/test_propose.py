@@ -1,0 +1,132 @@
+"""`meshwave plan propose` against a running lab and a real Prometheus (issue 16): the waves, the STRICT flags and
+their reasons, the cost, a plan that validates; an unreachable cluster or Prometheus writes nothing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshlab.process import LabProcess, PrometheusProcess, free_port
+from meshwave.cli import main
+from meshwave.plan import load_plan
+
+pytestmark = pytest.mark.component
+
+TOPOLOGY = Path(__file__).with_name("propose.yaml")
+SHOP = "pc/shop/"
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabProcess, PrometheusProcess]]:
+    workdir = tmp_path_factory.mktemp("propose")
+    with LabProcess(TOPOLOGY, workdir / "lab") as lab, \
+            PrometheusProcess([lab.metrics_target], workdir / "prom") as prom:
+        time.sleep(24)  # a 20 s lookback of scrapes every 2 s
+        yield lab, prom
+
+
+def propose(lab: LabProcess, prom_url: str, out: Path, *extra: str) -> int:
+    return main(["plan", "propose", "--kubeconfig", f"pc={lab.kubeconfig('pc')}", "--prometheus", prom_url,
+                 "--lookback", "20s", "--max-wave", "3", "--max-batch", "2", "--conn-prefix", "lab", "--no-picture",
+                 "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def proposed(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("plan") / "shop-mesh.yaml"
+    started = time.monotonic()
+    assert propose(stack[0], stack[1].url, out) == 0
+    assert time.monotonic() - started < 10
+    return out
+
+
+def services(path: Path) -> list[list[dict]]:
+    return [w["services"] for w in yaml.safe_load(path.read_text())["waves"]]
+
+
+def test_the_plan_validates_and_names_the_connections(proposed: Path) -> None:
+    assert main(["plan", "validate", str(proposed)]) == 0
+    plan = load_plan(proposed)
+    assert plan.migration == "shop-mesh"
+    assert plan.clusters["pc"].kubernetes_conn_id == "lab_pc"
+    assert plan.clusters["pc"].prometheus_conn_id == "lab_prometheus_pc"
+    assert [w.after for w in plan.waves] == [None, "wave-1", "wave-2", "wave-3"]
+    assert plan.defaults.batch_size == 2
+
+
+def test_waves_pilot_first_callers_before_callees_the_cycle_together_idle_last(proposed: Path) -> None:
+    waves = [[f"{s['namespace']}/{s['workload']}" for s in wave] for wave in services(proposed)]
+    assert waves == [["shop/report", "shop/front"], ["shop/search", "shop/cart", "shop/pricing"],
+                     ["shop/invoice", "shop/ledger"], ["shop/archive"]]
+    assert all("ops/prober" not in w for w in waves)  # its namespace disables injection: never planned
+
+
+def test_strict_only_when_every_caller_is_meshed_with_the_reason_as_a_comment(proposed: Path) -> None:
+    strict = {s["workload"]: s.get("strict", True) for wave in services(proposed) for s in wave}
+    assert strict == {"report": False, "front": False, "search": True, "cart": True, "pricing": True,
+                      "invoice": False, "ledger": False, "archive": False}
+    text = proposed.read_text()
+    assert "# strict: false: callers that stay without a sidecar: pc/ops/prober (namespace ops has " \
+           "istio-injection=disabled)" in text
+    assert "workload: ledger" in text and "user (not traced: its calls start new traces" in text
+    assert "unseen callers (requests its own metrics count that no trace and no proxy attribute" in text
+    assert "no observed traffic in the lookback" in text
+
+
+def test_an_undersized_proxy_is_listed_with_what_it_needs(proposed: Path) -> None:
+    pricing = next(s for wave in services(proposed) for s in wave if s["workload"] == "pricing")
+    assert pricing["sidecar"] == {"memory_limit": "192Mi"}
+    assert "istio-proxy memory limit 96Mi (the sidecar.istio.io/proxy* annotations) < the sidecar's expected " \
+           "150Mi: needs 192Mi; the pod then needs 704Mi (app 512Mi)" in proposed.read_text()
+
+
+def test_the_summary_has_the_cost_per_cluster_and_the_longest_chain(proposed: Path) -> None:
+    summary = proposed.with_suffix(".md").read_text()
+    # 7 services at Istio's default proxy (100m/128Mi, limits 2000m/1024Mi), pricing's 2 at its 192Mi limit alone
+    assert "| pc | 8 | 16 | 1400m | 28000m (+2 unlimited) | 2176Mi | 14720Mi |" in summary
+    assert "| fleet | 8 | 16 | 1400m | 28000m (+2 unlimited) | 2176Mi | 14720Mi |" in summary
+    assert "- 3 hops, +105-150 ms: user -> pc/istio-system/istio-ingressgateway -> pc/shop/front -> pc/shop/cart " \
+           "-> pc/shop/ledger" in summary
+    assert "- `pc/ops/prober`: namespace ops has istio-injection=disabled" in summary
+
+
+def test_the_inventory_reads_gitops_owners_and_criticality(stack) -> None:
+    from kubernetes import config
+
+    from meshwave.kube import MeshKube
+    from meshwave.propose.inventory import read_inventory
+
+    kube = MeshKube(config.new_client_from_config(config_file=stack[0].kubeconfig("pc")), "pc")
+    found = read_inventory({"pc": kube}).by_key()
+    assert found[SHOP + "cart"].gitops == "Argo CD (argocd.argoproj.io/instance: shop)"
+    assert found[SHOP + "ledger"].criticality == "high" and found[SHOP + "invoice"].criticality == "medium"
+    assert found[SHOP + "pricing"].proxy.memory_limit_mi == 96 and found[SHOP + "cart"].replicas == 2
+    assert found["pc/istio-system/istio-ingressgateway"].gateway
+
+
+def test_an_unreachable_cluster_is_named_and_nothing_is_written(stack, tmp_path: Path, capsys) -> None:
+    lab, prom = stack
+    broken = tmp_path / "down.kubeconfig"
+    text = Path(lab.kubeconfig("pc")).read_text()
+    server = yaml.safe_load(text)["clusters"][0]["cluster"]["server"]
+    broken.write_text(text.replace(server, f"http://127.0.0.1:{free_port()}"))
+    out = tmp_path / "plan.yaml"
+    assert main(["plan", "propose", "--kubeconfig", f"pc={lab.kubeconfig('pc')}", "--kubeconfig", f"down={broken}",
+                 "--prometheus", prom.url, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"cluster down (kubeconfig {broken}): cluster down (http://127.0.0.1:" in err
+    assert err.rstrip().endswith("nothing written")
+    assert list(tmp_path.iterdir()) == [broken]
+
+
+def test_an_unreachable_prometheus_is_named_and_nothing_is_written(stack, tmp_path: Path, capsys) -> None:
+    url = f"http://127.0.0.1:{free_port()}"
+    out = tmp_path / "plan.yaml"
+    assert propose(stack[0], url, out) == 2
+    err = capsys.readouterr().err
+    assert f"Prometheus for pc: Prometheus at {url}: cannot connect" in err and "nothing written" in err
+    assert list(tmp_path.iterdir()) == []
