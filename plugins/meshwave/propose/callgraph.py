@@ -14,6 +14,7 @@ The rate of an edge seen by both is the larger of the two.
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 from collections.abc import Iterable
 from typing import Protocol
@@ -34,7 +35,7 @@ WORKING_SET = ('max by (cluster, namespace, pod) (max_over_time(container_memory
 
 
 class Source(Protocol):
-    def instant(self, query: str) -> list[Sample]: ...
+    def instant(self, query: str, at: float | None = None) -> list[Sample]: ...
 
 
 def read_graph(sources: dict[str, Source], inventory: Inventory, lookback: str, seconds: float) -> CallGraph:
@@ -84,10 +85,13 @@ def _query_all(sources: dict[str, Source], lookback: str) -> dict[str, list[Samp
     for metric in ("istio_requests_total", "istio_tcp_connections_opened_total", "istio_tcp_received_bytes_total"):
         queries[metric] = ISTIO.format(by=ISTIO_BY, metric=metric, w=lookback)
     found: dict[str, list[Sample]] = {name: [] for name in queries}
+    # One evaluation time for every query: the same scrapes under every increase(), so a service's own request count
+    # and what its callers sent it compare exactly (apart, they differ by up to a scrape interval's worth).
+    at = time.time()
     for cluster, source in _distinct(sources):
         clusters = {c for c, s in sources.items() if s is source}
         for name, query in queries.items():
-            for s in source.instant(query):
+            for s in source.instant(query, at=at):
                 labels = dict(s.labels)
                 labels.setdefault("cluster", cluster)  # a Prometheus of one cluster may not add the label
                 if labels["cluster"] in clusters:

@@ -103,7 +103,7 @@ def _add_unseen(callers: dict[str, dict[str, float]], graph: CallGraph, plannabl
     for key in plannable:
         served = graph.app_rates.get(key, 0.0)
         unseen = served - seen.get(key, 0.0)
-        if unseen > max(0.05 * served, 0.01):
+        if unseen > max(0.01 * served, 0.01):  # 1 %: the counts are of the same scrapes (callgraph._query_all)
             callers[key][UNSEEN] = round(unseen, 6)
 
 
