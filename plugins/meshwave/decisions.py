@@ -1,6 +1,6 @@
 """The branch decisions of a service's task group and its final outcome, as pure functions.
 
-Inputs are what the group's tasks left behind: their XCom results (`results[step]`), their states
+Inputs are what the group's tasks left behind: their XCom results (`results.<step>`, results.StepResults), their states
 (`states[step]`: success, failed, upstream_failed, skipped, or None when never run) and the error a
 failed step recorded (`errors[step]`).
 """
@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from meshwave.outcomes import ServiceOutcome
 from meshwave.record import After, Baseline, FinalState, ServiceRecord
+from meshwave.results import GateEvent, RolloutResult, RolloutStatus, StepResults
 from meshwave.steps import Service
 
 RAN = ("success",)
@@ -37,7 +38,7 @@ class Decision(BaseModel):
     why: str
 
 
-def after_rollout(results: dict[str, Any], states: dict[str, str | None],
+def after_rollout(results: StepResults, states: dict[str, str | None],
                   errors: dict[str, str] | None = None) -> tuple[str, str]:
     """(next step, why). Injection never attempted or refused: nothing to undo. Rollout not done: roll back."""
     errors = errors or {}
@@ -49,18 +50,22 @@ def after_rollout(results: dict[str, Any], states: dict[str, str | None],
         return ROLLBACK_AFTER_ROLLOUT, "injection failed part-way: undo whatever was applied"
     if states.get("wait_rollout") != "success":
         return ROLLBACK_AFTER_ROLLOUT, "could not follow the rollout"
-    return rollout_decision(results.get("wait_rollout") or {})
+    return rollout_decision(results.wait_rollout)
 
 
-def rollout_decision(rollout: dict[str, Any]) -> tuple[str, str]:
-    """After a rollout the wait followed to its end (made where the wait ends: in the triggerer)."""
-    if rollout.get("status") == "done":
-        return SOAK, rollout.get("message", "rolled out")
-    return ROLLBACK_AFTER_ROLLOUT, f"rollout {rollout.get('status')}: {rollout.get('message')}"
+def rollout_decision(rollout: RolloutResult | None) -> tuple[str, str]:
+    """After a rollout the wait followed to its end (made where the wait ends: in the triggerer). None: the wait
+    left no result."""
+    if rollout is None:
+        return ROLLBACK_AFTER_ROLLOUT, "rollout None: None"
+    if rollout.status == RolloutStatus.DONE:
+        return SOAK, rollout.message
+    return ROLLBACK_AFTER_ROLLOUT, f"rollout {rollout.status}: {rollout.message}"
 
 
-def after_soak(svc: Service, results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
-    soak = (results.get("soak") or {}) if states.get("soak") == "success" else {"status": "error"}
+def after_soak(svc: Service, results: StepResults, states: dict[str, str | None]) -> tuple[str, str]:
+    # a soak that did not succeed is an error, whatever it left
+    soak = results.soak if states.get("soak") == "success" else None
     return soak_decision(soak, SoakFacts(strict=svc.strict, action=svc.action,
                                          on_no_data=svc.settings.on_no_data))
 
@@ -74,9 +79,10 @@ class SoakFacts:
     on_no_data: str
 
 
-def soak_decision(soak: dict[str, Any], facts: SoakFacts) -> tuple[str, str]:
-    status = soak.get("status") or "error"
-    reason = soak.get("reason") or "the soak did not report"
+def soak_decision(soak: GateEvent | None, facts: SoakFacts) -> tuple[str, str]:
+    """None: the soak did not report (it failed, or left no result): an error."""
+    status = soak.status if soak is not None else "error"
+    reason = (soak.reason if soak is not None else "") or "the soak did not report"
     if status == "pass":
         if facts.strict:
             return STRICT_GATE, f"soak passed: {reason}"
@@ -90,66 +96,54 @@ def soak_decision(soak: dict[str, Any], facts: SoakFacts) -> tuple[str, str]:
     return HOLD, f"soak ended {status}; the plan says hold (sidecar kept, PERMISSIVE): {reason}"
 
 
-def after_strict_gate(results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
-    gate = (results.get("strict_gate") or {}) if states.get("strict_gate") == "success" else {}
+def after_strict_gate(results: StepResults, states: dict[str, str | None]) -> tuple[str, str]:
+    gate = results.strict_gate if states.get("strict_gate") == "success" else None
     return gate_decision(gate)
 
 
-def gate_decision(gate: dict[str, Any]) -> tuple[str, str]:
-    if gate.get("status") == "pass":
-        return FLIP, gate.get("reason", "no plaintext callers")
-    callers = (gate.get("extra") or {}).get("plaintext_callers") or []
+def gate_decision(gate: GateEvent | None) -> tuple[str, str]:
+    """None: the gate did not report (it failed, or left no result): STRICT is not flipped."""
+    if gate is None:
+        return STAY, "STRICT gate error: did not report"
+    if gate.status == "pass":
+        return FLIP, gate.reason
+    callers = (gate.extra.plaintext_callers if gate.extra is not None else None) or []
     if callers:
         return STAY, f"plaintext callers in the lookback when the STRICT gate timed out: {'; '.join(callers)}"
-    return STAY, f"STRICT gate {gate.get('status', 'error')}: {gate.get('reason', 'did not report')}"
+    return STAY, f"STRICT gate {gate.status}: {gate.reason}"
 
 
-def after_strict(svc: Service, results: dict[str, Any], states: dict[str, str | None]) -> tuple[str, str]:
+def after_strict(svc: Service, results: StepResults, states: dict[str, str | None]) -> tuple[str, str]:
     if states.get("flip_strict") != "success":
         return BACK, "the flip to STRICT did not complete or was not proven in force: make sure it is PERMISSIVE"
-    refused = (results.get("flip_strict") or {}).get("refused")
+    refused = results.flip_strict.refused if results.flip_strict is not None else None
     if refused:
         return STAY, f"STRICT not flipped: {refused}"
-    verify = results.get("verify_strict") or {}
-    status = verify.get("status") if states.get("verify_strict") == "success" else "error"
+    verify = results.verify_strict
+    # a verification that did not succeed is an error; one that succeeded always left its result
+    status = (verify.status if verify is not None else None) if states.get("verify_strict") == "success" else "error"
+    reason = verify.reason if verify is not None else None
     if status == "pass":
-        return STRICT_DONE, f"STRICT verified (the service and its callers): {verify.get('reason', 'passed')}"
+        return STRICT_DONE, f"STRICT verified (the service and its callers): {reason}"
     if status in ("fail", "inconclusive") or svc.settings.on_no_data == "rollback":
-        return BACK, f"after STRICT: {status}: {verify.get('reason')}"
-    return BACK, f"after STRICT the checks ended {status}: never leave STRICT unverified: {verify.get('reason')}"
+        return BACK, f"after STRICT: {status}: {reason}"
+    return BACK, f"after STRICT the checks ended {status}: never leave STRICT unverified: {reason}"
 
 
-# The steps that record the mode Istio computes for the workload, latest last.
-MTLS_READERS = ("preflight", "flip_strict", "back_to_permissive")
-
-
-def mtls_in_force(results: dict[str, Any]) -> str | None:
-    """The mode the workload enforces, as the last step that computed it from every policy saw it: what the
-    record reports, never what meshwave meant to write."""
-    for step in reversed(MTLS_READERS):
-        seen = (results.get(step) or {}).get("mtls_in_force")
-        if seen:
-            ports = seen.get("ports") or {}
-            return seen["mode"] + "".join(f", port {p} {m}" for p, m in sorted(ports.items()))
+def mtls_in_force(results: StepResults) -> str | None:
+    """The mode the workload enforces, as the last step that computed it from every policy saw it (preflight, then
+    flip_strict, then back_to_permissive): what the record reports, never what meshwave meant to write."""
+    for step in (results.back_to_permissive, results.flip_strict, results.preflight):
+        if step is not None and step.mtls_in_force is not None:
+            return step.mtls_in_force.label()
     return None
 
 
-def _changes(results: dict[str, Any]) -> list[dict[str, Any]]:
-    return [c for r in results.values() if isinstance(r, dict) for c in r.get("changes", [])]
-
-
-def _verdicts(results: dict[str, Any]) -> list[dict[str, Any]]:
-    found = []
-    for step, r in results.items():
-        if isinstance(r, dict) and isinstance(r.get("result"), dict):
-            found += [{**v, "stage": step} for v in r["result"].get("verdicts", [])]
-    return found
-
-
-def _after_values(results: dict[str, Any]) -> After:
+def _after_values(results: StepResults) -> After:
     """The last application values seen by the soak (the 'after' column of the report): only those it judged."""
     found: dict[str, Any] = {}
-    for v in (results.get("soak") or {}).get("result", {}).get("verdicts", []):
+    soak = results.soak.result if results.soak is not None else None
+    for v in (soak or {}).get("verdicts", []):
         values = v.get("values") or {}
         if v.get("check") == "app_success_rate":
             found["success_rate"] = values.get("success_rate")
@@ -167,27 +161,33 @@ def _identity(svc: Service | None) -> dict[str, Any]:
             "criticality": p.criticality, "batch": svc.batch, "action": svc.action}
 
 
-def outcome(svc: Service | None, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+def _baseline(results: StepResults) -> Baseline:
+    base = results.baseline.baseline if results.baseline is not None else None
+    if base is None:
+        return Baseline()
+    return Baseline(success_rate=base.success_rate, p99_ms=base.p99_ms, request_rate=base.request_rate)
+
+
+def _plaintext_callers(results: StepResults) -> list[str]:
+    gate = results.strict_gate
+    return list((gate.extra.plaintext_callers if gate is not None and gate.extra is not None else None) or [])
+
+
+def outcome(svc: Service | None, results: StepResults, states: dict[str, str | None], errors: dict[str, str],
             decisions: dict[str, str], dry_run: bool) -> ServiceRecord:
     """The final state and why: strict, permissive, frozen, removed, rolled_back, blocked, failed, skipped, planned.
 
     `svc` is None when the input was refused before a service could be named.
     """
-    base = (results.get("baseline") or {}).get("baseline") or {}
     final = _final_state(svc, results, states, errors, decisions, dry_run)
     return ServiceRecord(
-        **_identity(svc),
-        baseline=Baseline(success_rate=base.get("success_rate"), p99_ms=base.get("p99_ms"),
-                          request_rate=base.get("request_rate")),
-        after=_after_values(results), changes=_changes(results), verdicts=_verdicts(results),
-        plaintext_callers=(results.get("strict_gate") or {}).get("extra", {}).get("plaintext_callers", []),
-        decisions=decisions, errors=errors,
-        steps={k: v.get("seconds") or round(v.get("ended", 0) - v.get("started", 0), 1)
-               for k, v in results.items() if isinstance(v, dict) and ("seconds" in v or "ended" in v)},
+        **_identity(svc), baseline=_baseline(results), after=_after_values(results), changes=results.changes(),
+        verdicts=results.verdicts(), plaintext_callers=_plaintext_callers(results), decisions=decisions,
+        errors=errors, steps=results.seconds(),
         outcome=final.outcome, mtls=final.mtls, sidecar=final.sidecar, reason=final.reason)
 
 
-def _final_state(svc: Service | None, results: dict[str, Any], states: dict[str, str | None],
+def _final_state(svc: Service | None, results: StepResults, states: dict[str, str | None],
                  errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> FinalState:
     if states.get("admit") == "failed":
         return FinalState(outcome=ServiceOutcome.BLOCKED, mtls=None, sidecar=None,
@@ -202,7 +202,7 @@ def _final_state(svc: Service | None, results: dict[str, Any], states: dict[str,
     return _migration_state(svc, results, states, errors, decisions, dry_run)
 
 
-def _requested_undo(svc: Service, results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+def _requested_undo(svc: Service, results: StepResults, states: dict[str, str | None], errors: dict[str, str],
                     dry_run: bool) -> FinalState:
     """The ad-hoc actions 'back to PERMISSIVE' and 'remove the sidecar': done, planned, or failed and why."""
     if dry_run:
@@ -213,31 +213,36 @@ def _requested_undo(svc: Service, results: dict[str, Any], states: dict[str, str
             problem = errors.get("back_to_permissive", "see the task log")
             return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
                               reason=f"could not set PERMISSIVE: {problem}")
-        recovery = results.get("verify_recovery") or {}
+        recovery = results.verify_recovery
+        checked = f"{recovery.status}: {recovery.reason}" if recovery is not None else "not run: "
         return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=None,
-                          reason=f"set to PERMISSIVE on request; recovery check: {recovery.get('status', 'not run')}: "
-                                 f"{recovery.get('reason', '')}".rstrip(": "))
-    rollout = results.get("wait_rollback") or {}
-    if states.get("rollback_injection") != "success" or rollout.get("status") != "done":
-        problem = errors.get("rollback_injection") or errors.get("wait_rollback") or rollout.get("message")
+                          reason=f"set to PERMISSIVE on request; recovery check: {checked}".rstrip(": "))
+    rollout = results.wait_rollback
+    if states.get("rollback_injection") != "success" or rollout is None or rollout.status != RolloutStatus.DONE:
+        problem = errors.get("rollback_injection") or errors.get("wait_rollback") or \
+            (rollout.message if rollout is not None else None)
         return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
                           reason=f"sidecar removal did not complete: {problem or 'see the task logs'}")
-    after = results.get("after_removal") or {}
-    if after.get("status") == "worse":  # done as asked, but the workload is worse off: red, and it says so
+    after = results.after_removal
+    if after is not None and after.status == "worse":  # done as asked, but the workload is worse off: red, says so
         return FinalState(outcome=ServiceOutcome.FAILED, mtls="PERMISSIVE", sidecar=False,
-                          reason=f"sidecar removed on request, but {after['reason']}")
+                          reason=f"sidecar removed on request, but {after.reason}")
     return FinalState(outcome=ServiceOutcome.REMOVED, mtls="PERMISSIVE", sidecar=False,
-                      reason=f"sidecar removed on request: {rollout.get('message', 'rolled out')}"
-                             f"{_after_note(results)}")
+                      reason=f"sidecar removed on request: {rollout.message}{_after_note(results)}")
 
 
-def _after_note(results: dict[str, Any]) -> str:
+def _after_note(results: StepResults) -> str:
     """What the workload's own success rate did once its sidecar was gone (empty when it was not checked)."""
-    after = results.get("after_removal") or {}
-    return f"; after the removal: {after['reason']}" if after.get("reason") else ""
+    after = results.after_removal
+    return f"; after the removal: {after.reason}" if after is not None and after.reason else ""
 
 
-def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, str | None],
+def _rolled_out_again(results: StepResults) -> bool:
+    """The rollout after the sidecar's removal was followed to its end."""
+    return results.wait_rollback is not None and results.wait_rollback.status == RolloutStatus.DONE
+
+
+def _migration_state(svc: Service, results: StepResults, states: dict[str, str | None],
                      errors: dict[str, str], decisions: dict[str, str], dry_run: bool) -> FinalState:
     def done(step: str) -> bool:
         return states.get(step) == "success"
@@ -258,40 +263,38 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
         return FinalState(outcome=ServiceOutcome.BLOCKED, mtls=None, sidecar=False,
                           reason=f"inject: {errors['inject'].removeprefix('blocked: ')}")
     if states.get("rollback_injection") in RAN or states.get("rollback_injection") in BROKEN:
-        undone = done("rollback_injection") and done("wait_rollback") and \
-            (results.get("wait_rollback") or {}).get("status") == "done"
+        undone = done("rollback_injection") and done("wait_rollback") and _rolled_out_again(results)
         why = decisions.get("after_rollout") if decisions.get("after_rollout_to") == ROLLBACK_AFTER_ROLLOUT else \
             decisions.get("after_soak")
         if not undone:
             problem = errors.get("rollback_injection") or errors.get("wait_rollback") or \
-                (results.get("wait_rollback") or {}).get("message") or \
+                (results.wait_rollback.message if results.wait_rollback is not None else None) or \
                 f"rollback_injection {states.get('rollback_injection')}, wait_rollback {states.get('wait_rollback')}"
             return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
                               reason=f"rollback did not complete ({problem}); it was rolled back because {why}")
-        after = results.get("after_removal") or {}
-        if after.get("status") == "worse":
-            why = f"{after['reason']}; it was rolled back because {why}"
+        worse = results.after_removal is not None and results.after_removal.status == "worse"
+        if worse:
+            why = f"{results.after_removal.reason}; it was rolled back because {why}"
         return FinalState(outcome=ServiceOutcome.ROLLED_BACK, mtls="PERMISSIVE", sidecar=False,
-                          reason=f"{why}{'' if after.get('status') == 'worse' else _after_note(results)}")
+                          reason=f"{why}{'' if worse else _after_note(results)}")
     if states.get("back_to_permissive") in RAN or states.get("back_to_permissive") in BROKEN:
         if not done("back_to_permissive"):
             return FinalState(outcome=ServiceOutcome.FAILED, mtls="STRICT?", sidecar=True,
                               reason=f"could not go back to PERMISSIVE: {errors.get('back_to_permissive')}")
-        recovery = results.get("verify_recovery") or {}
+        recovery = results.verify_recovery.status if results.verify_recovery is not None else "unknown"
         return FinalState(outcome=ServiceOutcome.ROLLED_BACK, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
-                          reason=f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: "
-                                 f"{recovery.get('status', 'unknown')}")
+                          reason=f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: {recovery}")
     if done("verify_strict"):
         return FinalState(outcome=ServiceOutcome.STRICT, mtls=mtls_in_force(results) or "STRICT", sidecar=True,
                           reason=decisions.get("after_strict", ""))
-    if (results.get("flip_strict") or {}).get("refused"):
+    if results.flip_strict is not None and results.flip_strict.refused:
         return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results), sidecar=True,
-                          reason=f"STRICT not flipped: {results['flip_strict']['refused']}")
+                          reason=f"STRICT not flipped: {results.flip_strict.refused}")
     if decisions.get("after_strict_gate_to") == STAY:
         return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
                           reason=decisions.get("after_strict_gate", ""))
     if decisions.get("after_soak_to") == HOLD:
-        judged = states.get("soak") == "success" and (results.get("soak") or {}).get("status") == "pass"
+        judged = states.get("soak") == "success" and results.soak is not None and results.soak.status == "pass"
         return FinalState(outcome=ServiceOutcome.PERMISSIVE if judged else ServiceOutcome.HELD,
                           mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
                           reason=decisions.get("after_soak", ""))
@@ -300,7 +303,7 @@ def _migration_state(svc: Service, results: dict[str, Any], states: dict[str, st
                       reason="; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state")
 
 
-def _frozen(results: dict[str, Any], errors: dict[str, str]) -> FinalState | None:
+def _frozen(results: StepResults, errors: dict[str, str]) -> FinalState | None:
     """The freeze came while the service was in flight: read again just before the injection or the flip to STRICT
     (service_group._not_frozen), that write was not made. The service stays as it was (PERMISSIVE)."""
     for step, what, sidecar in (("inject", "not injected", False), ("flip_strict", "sidecar kept, not STRICT", True)):
@@ -311,7 +314,7 @@ def _frozen(results: dict[str, Any], errors: dict[str, str]) -> FinalState | Non
     return None
 
 
-def _cleared(results: dict[str, Any], states: dict[str, str | None], errors: dict[str, str],
+def _cleared(results: StepResults, states: dict[str, str | None], errors: dict[str, str],
              dry_run: bool) -> FinalState:
     """The operator's all-clear after an emergency rollback (mesh_service clear_emergency): no mode changes."""
     if dry_run:
@@ -321,7 +324,8 @@ def _cleared(results: dict[str, Any], states: dict[str, str | None], errors: dic
         problem = errors.get("back_to_permissive", "see the task log")
         return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
                           reason=f"could not clear the emergency mark: {problem}")
-    cleared = [c["target"] for c in (results.get("back_to_permissive") or {}).get("changes", []) if c.get("applied")]
+    written = results.back_to_permissive.changes if results.back_to_permissive is not None else []
+    cleared = [c["target"] for c in written if c.get("applied")]
     return FinalState(outcome=ServiceOutcome.CLEARED, mtls=mtls_in_force(results), sidecar=None,
                       reason=f"emergency mark cleared on {', '.join(cleared)}: meshwave may make them STRICT again"
                       if cleared else "no policy of the workload carried the emergency mark")

@@ -2,9 +2,9 @@
 
 A task of the service group runs one or more steps in order (TASKS): `inject` writes the sidecar and then waits
 for the rollout in the triggerer, which ends the task. Each step's result is an XCom of its task under the step's
-name; a step that raised left {"step", "message"} under "error". The decisions (decisions.py) read steps, not
-tasks: a step's state is derived from its task's state and the results it left (`step_states`).
-"""
+name (a model of results.py, as JSON); a step that raised left a results.StepError under "error". The decisions
+(decisions.py) read steps, not tasks: a step's state is derived from its task's state and the results it left
+(`step_states`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from meshwave import decisions
+from meshwave.results import StepError, StepResults
 from meshwave.steps import Service
 
 # The group's tasks and the steps each runs, in order.
@@ -68,8 +69,10 @@ def decision(context: dict[str, Any], prefix: str, task: str) -> decisions.Decis
     return decisions.Decision.model_validate(found) if found else None
 
 
-def result(context: dict[str, Any], prefix: str, step: str) -> dict[str, Any]:
-    return pull(context, prefix, TASK_OF[step], step) or {}
+def results_of(context: dict[str, Any], prefix: str, *steps: str) -> StepResults:
+    """The results the named steps of this service left (a step that left none: None), validated once."""
+    pulled = {step: pull(context, prefix, TASK_OF[step], step) for step in steps}
+    return StepResults.model_validate(pulled)
 
 
 class GroupState:
@@ -82,7 +85,7 @@ class GroupState:
                                    run_ids=[ti.run_id]).get(ti.run_id, {})
         # a mapped task instance's state comes keyed "<group>.<task>_<map index>"
         self.tasks = {tid.removeprefix(f"{prefix}.").removesuffix(f"_{ti.map_index}"): st for tid, st in found.items()}
-        self.results: dict[str, Any] = {}
+        pulled: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
         self.states: dict[str, str | None] = {}
         admitted = None
@@ -91,13 +94,15 @@ class GroupState:
             if state in _LEFT_SOMETHING:
                 for step in steps:
                     if step != "admit" and (value := pull(context, prefix, task, step)) is not None:
-                        self.results[step] = value
+                        pulled[step] = value
                 if task == "admit":
                     admitted = pull(context, prefix, task, "service")
-                if state != "success" and isinstance(error := pull(context, prefix, task, "error"), dict):
-                    self.errors[error["step"]] = error["message"]
-            done = set(self.results) | ({"admit"} if task == "admit" and admitted else set())
+                if state != "success" and (error := pull(context, prefix, task, "error")) is not None:
+                    found = StepError.model_validate(error)
+                    self.errors[found.step] = found.message
+            done = set(pulled) | ({"admit"} if task == "admit" and admitted else set())
             self.states.update(step_states(state, steps, done))
+        self.results = StepResults.model_validate(pulled)
         self.service = Service.from_dict(admitted) if admitted else None
         self.decisions = self._decisions(context, prefix)
 

@@ -19,6 +19,8 @@ from airflow.providers.standard.triggers.temporal import DateTimeTrigger
 from airflow.sdk import BaseSensorOperator
 from airflow.sdk.exceptions import TaskDeferred
 
+from meshwave.checks import GateStatus
+from meshwave.results import GateEvent, RolloutResult
 from meshwave.triggers import GateTrigger, RolloutTrigger, ended
 
 MARGIN = 120  # seconds the deferral timeout leaves the trigger to report its own deadline
@@ -72,7 +74,7 @@ def gate_deferral(w: GateWatch, stage: str, passes_to_pass: int = 1,
                         method_name="execute", timeout=timedelta(seconds=w.wait_seconds + MARGIN))
 
 
-def push_ended(context: Any, result_key: str, event: dict[str, Any], decide: dict[str, Any] | None) -> None:
+def push_ended(context: Any, result_key: str, event: RolloutResult | GateEvent, decide: dict[str, Any] | None) -> None:
     """What a trigger would have ended the task with, pushed by the worker (a dry run waits for nothing)."""
     for key, value in (ended(result_key, event, decide).xcoms or {}).items():
         context["ti"].xcom_push(key=key, value=value)
@@ -115,5 +117,9 @@ class GateSensor(BaseSensorOperator):
 
     def dry_run(self, context: Any) -> None:
         """Nothing was changed, so nothing is checked: the gate passes and says so, and decides as after a pass."""
-        event = {"stage": self.stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}
-        push_ended(context, self.stage, event, self.decide(context))
+        push_ended(context, self.stage, dry_gate(self.stage), self.decide(context))
+
+
+def dry_gate(stage: str) -> GateEvent:
+    """A dry run's gate: it passes, unchecked, and says so (nothing was changed, so nothing is checked)."""
+    return GateEvent(stage=stage, status=GateStatus.PASS, reason="dry run: not checked", dry_run=True)

@@ -35,7 +35,7 @@ import contextlib
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
@@ -43,17 +43,31 @@ from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, T
 
 from meshwave import decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
-from meshwave.group_state import GroupState, decision, decoded, pull, result
+from meshwave.group_state import GroupState, decision, decoded, pull, results_of
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import Settings
 from meshwave.record import ServiceRecord
+from meshwave.results import (
+    BackToPermissiveResult,
+    ClearEmergencyResult,
+    FlipResult,
+    GateEvent,
+    GateExtra,
+    InjectResult,
+    PreflightResult,
+    RollbackResult,
+    RolloutResult,
+    RolloutStatus,
+    StepError,
+)
 from meshwave.sensors import (
     BatchWait,
     GateSensor,
     GateWatch,
     RolloutWatch,
+    dry_gate,
     gate_deferral,
     push_ended,
     rollout_deferral,
@@ -78,8 +92,10 @@ ON_PATH = {
 }
 Resolve = Callable[[dict[str, Any], str], Service]  # (context, the map index's key) -> the service
 Guard = Callable[[Service, dict[str, Any]], None]
-Run = Callable[[Service, dict[str, Any]], dict[str, Any]]
-Wait = Callable[[Service, dict[str, Any], dict[str, Any]], TaskDeferred | None]  # (service, write's result, context)
+Written = InjectResult | FlipResult | BackToPermissiveResult | ClearEmergencyResult | RollbackResult
+Run = Callable[[Service, dict[str, Any]], Written]
+Wait = Callable[[Service, Written, dict[str, Any]], TaskDeferred | None]  # (service, write's result, context)
+Dry = Callable[[], RolloutResult | GateEvent]  # what a dry run's wait ends with (nothing to wait for)
 Seconds = Callable[[Settings], int]
 RETRIES = {"retries": 2, "retry_delay": timedelta(seconds=5)}
 # An undo outlasts a managed control-plane upgrade: 5 s doubling to 5 min between tries, 12 retries, over 30 minutes
@@ -90,7 +106,12 @@ UNDO_RETRIES = {"retries": 12, "retry_delay": timedelta(seconds=5), "retry_expon
 # Every task may be retried: a worker that dies or an API that times out must not decide a migration.
 # A refusal (AirflowFailException) is never retried.
 DEFAULT_ARGS = {"owner": "meshwave", **RETRIES}
-DRY_ROLLOUT = {"status": "done", "message": "dry run: nothing changed, nothing to wait for", "dry_run": True}
+
+
+def dry_rollout() -> RolloutResult:
+    """A dry run's rollout: done, nothing to wait for (a function: a model built at import costs every task start)."""
+    return RolloutResult(status=RolloutStatus.DONE, message="dry run: nothing changed, nothing to wait for",
+                         dry_run=True)
 
 
 def kube_for(svc: Service, context: dict[str, Any]) -> Any:
@@ -114,9 +135,13 @@ def prometheus_for(svc: Service) -> Any:
     return prometheus_source(BaseHook.get_connection(svc.cluster.prometheus_conn_id))
 
 
-def logged(result: dict[str, Any]) -> dict[str, Any]:
+Logged = TypeVar("Logged", PreflightResult, InjectResult, FlipResult, BackToPermissiveResult, ClearEmergencyResult,
+                 RollbackResult)
+
+
+def logged(result: Logged) -> Logged:
     """Print every change of a step in its task log, with the exact request (what a dry run would send)."""
-    for data in result.get("changes", []):
+    for data in result.changes:
         change = Change.from_dict(data)
         print(change.summary())
         if change.request is not None and (change.applied or change.dry_run):
@@ -126,7 +151,7 @@ def logged(result: dict[str, Any]) -> dict[str, Any]:
 
 def _error(context: dict[str, Any], step: str, message: str) -> None:
     """What went wrong in `step`, for the outcome (one per task: a task stops at its first error)."""
-    context["ti"].xcom_push(key="error", value={"step": step, "message": message})
+    context["ti"].xcom_push(key="error", value=StepError(step=step, message=message).model_dump(mode="json"))
 
 
 @contextlib.contextmanager
@@ -254,7 +279,7 @@ def _not_frozen(svc: Service, kube: Any, context: dict[str, Any], step: str, wri
         raise AirflowSkipException(f"frozen before {write}: {reason}")
 
 
-def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+def _inject(svc: Service, context: dict[str, Any]) -> InjectResult:
     """A sidecar this run puts on trial is marked first; pods that all run one already are not this run's change
     (a re-run changes nothing)."""
     kube, p = kube_for(svc, context), svc.plan
@@ -264,10 +289,10 @@ def _inject(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     w = kube.workload(p.namespace, p.workload)
     if svc.action != "strict_only" and not (w.pods_total > 0 and w.pods_with_proxy == w.pods_total):
         pending = _expect(svc, kube, context, TRIAL, Undo.REMOVE_SIDECAR, _trial_seconds(svc.settings))
-    return {**logged(steps.inject(svc, kube)), "pending": pending}
+    return logged(steps.inject(svc, kube)).model_copy(update={"pending": pending})
 
 
-def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+def _flip(svc: Service, context: dict[str, Any]) -> FlipResult:
     """STRICT this run is about to write is marked first; pods already STRICT are not this run's change.
 
     A retry after this run's flip (its verification's trigger crashed, its worker was lost) does not verify again
@@ -283,42 +308,43 @@ def _flip(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
     pending = None
     if not strict:
         pending = _expect(svc, kube, context, UNVERIFIED, Undo.PERMISSIVE, _unverified_seconds(svc.settings))
-    return {**logged(steps.flip_strict(svc, kube)), "pending": pending}
+    return logged(steps.flip_strict(svc, kube)).model_copy(update={"pending": pending})
 
 
-def _back(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+def _back(svc: Service, context: dict[str, Any]) -> BackToPermissiveResult | ClearEmergencyResult:
     kube = kube_for(svc, context)
     if svc.action == "clear_emergency":
         return logged(steps.clear_emergency(svc, kube))
     result = logged(steps.back_to_permissive(svc, kube, _note(context)))
-    return {**result, "pending": _settle(svc, kube, "back to PERMISSIVE", only=Undo.PERMISSIVE)}
+    return result.model_copy(update={"pending": _settle(svc, kube, "back to PERMISSIVE", only=Undo.PERMISSIVE)})
 
 
-def _rollback(svc: Service, context: dict[str, Any]) -> dict[str, Any]:
+def _rollback(svc: Service, context: dict[str, Any]) -> RollbackResult:
     kube = kube_for(svc, context)
     result = logged(steps.rollback_injection(svc, kube, prometheus_for(svc), _note(context)))
-    return {**result, "pending": _settle(svc, kube, "sidecar removed")}
+    return result.model_copy(update={"pending": _settle(svc, kube, "sidecar removed")})
 
 
-def _after_removal(svc: Service, state: GroupState) -> dict[str, Any] | None:
+def _after_removal(svc: Service, state: GroupState) -> outbound.AfterRemoval | None:
     """Once the pods run without a sidecar: the workload's own success rate against its rate before the removal
     (else its baseline), so that a removal that made things worse says so in the outcome."""
-    removed, rollout = state.results.get("rollback_injection") or {}, state.results.get("wait_rollback") or {}
-    if state.states.get("wait_rollback") != "success" or rollout.get("status") != "done" or rollout.get("dry_run"):
+    removed, rollout, base = state.results.rollback_injection, state.results.wait_rollback, state.results.baseline
+    if state.states.get("wait_rollback") != "success" or rollout is None or rollout.status != RolloutStatus.DONE \
+            or rollout.dry_run:
         return None
-    before = removed.get("success_before")
-    if before is None:
-        before = ((state.results.get("baseline") or {}).get("baseline") or {}).get("success_rate")
+    before = removed.success_before if removed is not None else None
+    if before is None and base is not None:
+        before = base.baseline.success_rate
     p = svc.plan
     try:
         with contextlib.closing(prometheus_for(svc)) as source:
             found = outbound.after_removal(source, p.namespace, p.workload, svc.window, before,
-                                           svc.settings.thresholds.max_success_drop, rollout.get("ended"))
+                                           svc.settings.thresholds.max_success_drop, rollout.ended)
     except Exception as exc:  # the outcome must still be recorded: an unchecked removal says so, never "fine"
         found = outbound.AfterRemoval(status="no_data", before=before, after=None,
                                       reason=f"not checked: {type(exc).__name__}: {exc}")
     print(f"after the removal: {found.status}: {found.reason}")
-    return found.model_dump()
+    return found
 
 
 # ---- one writer per workload (lease.py) ----------------------------------------------------------------
@@ -438,9 +464,10 @@ def _prepare(svc: Service, context: dict[str, Any]) -> None:
     """The forward path's read-only steps (they run for real in a dry run too): preflight, then the baseline."""
     ti, prometheus = context["ti"], prometheus_for(svc)
     with recording(context, "preflight"):
-        ti.xcom_push(key="preflight", value=logged(steps.preflight(svc, kube_for(svc, context), prometheus)))
+        found = logged(steps.preflight(svc, kube_for(svc, context), prometheus))
+        ti.xcom_push(key="preflight", value=found.model_dump(mode="json"))
     with recording(context, "baseline"):
-        ti.xcom_push(key="baseline", value=steps.baseline(svc, prometheus))
+        ti.xcom_push(key="baseline", value=steps.baseline(svc, prometheus).model_dump(mode="json"))
 
 
 def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
@@ -491,22 +518,28 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
                                   "thresholds": svc.thresholds()}
         policy, wait, minimum = svc.gate_policy(), float(s.verify_seconds), 0.0
         if stage == "soak":
-            params["baseline"] = result(context, prefix, "baseline")["baseline"]
+            base = results_of(context, prefix, "baseline").baseline
+            if base is None:
+                raise ValueError(f"{p.key}: no baseline result: the soak has nothing to compare with")
+            params["baseline"] = base.baseline.model_dump(mode="json")
             wait, minimum = s.soak_seconds + s.verify_seconds, s.soak_seconds
         elif stage == "strict_gate":  # plaintext is counted since the sidecars came; it never "confirms" a failure
-            sidecar = stages.sidecar_seconds(result(context, prefix, "soak"), result(context, prefix, "wait_rollout"),
+            found = results_of(context, prefix, "soak", "wait_rollout")
+            sidecar = stages.sidecar_seconds(found.soak.started if found.soak else None,
+                                             found.wait_rollout.ended if found.wait_rollout else None,
                                              s.soak_seconds, batch_ended=_batch_ended(context, prefix))
             minimum = stages.strict_gate_hold(sidecar, s.soak_seconds)
             policy, wait = {**policy, "breaches_to_fail": NEVER}, s.strict_gate_timeout_seconds + minimum
             params["sidecar_seconds"] = sidecar
         else:  # verify_strict, verify_recovery: whom STRICT could hurt, as the gate saw them
-            gate = result(context, prefix, "strict_gate").get("extra", {})
-            own = result(context, prefix, "baseline").get("baseline", {}).get("success_rate")
+            found = results_of(context, prefix, "strict_gate", "baseline")
+            gate = (found.strict_gate.extra if found.strict_gate else None) or GateExtra()
+            own = found.baseline.baseline.success_rate if found.baseline else None
             # each caller against its own rate before STRICT (as the gate saw it), the workload against its baseline
-            before = {**(gate.get("callers_success_before") or {}),
+            before = {**(gate.callers_success_before or {}),
                       **({f"{p.namespace}/{p.workload}": own} if own is not None else {})}
-            params.update(callers=gate.get("callers", []), inbound_before=gate.get("inbound_before"),
-                          success_before=before or None)
+            params.update(callers=gate.callers if gate.callers is not None else [],
+                          inbound_before=gate.inbound_before, success_before=before or None)
             if stage == "verify_strict":
                 wait, minimum = 2 * s.verify_seconds, s.verify_seconds
             else:
@@ -559,13 +592,13 @@ def _batch_ended(context: dict[str, Any], prefix: str) -> float | None:
     3.3's pull without map indexes; a list of indexes costs a round trip each: 49 per gate in a 50-service batch,
     minutes of a loaded API server). Only a finished wait pushed one; this service's own is taken out once."""
     pulled = context["ti"].xcom_pull(task_ids=f"{prefix}.inject", key="wait_rollout")
-    # a lone value comes bare, not in a list (the pull of one task)
-    ended = [e.get("ended") for e in map(decoded, pulled if isinstance(pulled, list) else [pulled])
-             if isinstance(e, dict)]
-    ended = [float(t) for t in ended if isinstance(t, int | float) and not isinstance(t, bool)]
-    own = result(context, prefix, "wait_rollout").get("ended")
-    if isinstance(own, int | float) and float(own) in ended:
-        ended.remove(float(own))
+    # a lone value comes bare, not in a list (the pull of one task); a map index that has not ended pushed None
+    rollouts = [RolloutResult.model_validate(decoded(e)) for e in (pulled if isinstance(pulled, list) else [pulled])
+                if e is not None]
+    ended = [r.ended for r in rollouts if r.ended is not None]
+    own = results_of(context, prefix, "wait_rollout").wait_rollout
+    if own is not None and own.ended in ended:
+        ended.remove(own.ended)
     return max(ended, default=None)
 
 
@@ -587,7 +620,7 @@ def _batch_wait(prefix: str) -> Callable[[dict[str, Any]], BatchWait | None]:
 
 
 def _write_then_wait(name: str, prefix: str, write: Run, wait_step: str, wait: Wait,
-                     check: Callable[[dict[str, Any]], None], dry: dict[str, Any], decide: dict[str, Any] | None = None,
+                     check: Callable[[dict[str, Any]], None], dry: Dry, decide: dict[str, Any] | None = None,
                      final: tuple[type[Exception], ...] = (), **kwargs: Any):
     """A step that writes, then waits for what the write does (`wait`: a deferral whose trigger ends the task, or
     None when there is nothing to wait for). `check(context)` first: it skips the task when the service's path does
@@ -599,9 +632,9 @@ def _write_then_wait(name: str, prefix: str, write: Run, wait_step: str, wait: W
         svc = _service(context, prefix)
         with recording(context, name, final):
             done = write(svc, context)
-        context["ti"].xcom_push(key=name, value=done)
+        context["ti"].xcom_push(key=name, value=done.model_dump(mode="json"))
         if _dry(context):
-            push_ended(context, wait_step, dry, decide)
+            push_ended(context, wait_step, dry(), decide)
             return
         with recording(context, wait_step):
             deferral = wait(svc, done, context)
@@ -620,8 +653,8 @@ def _verify(prefix: str, stage: str) -> Wait:
     after clearing the emergency mark (no mode changes)."""
     watch = _gate_watch(prefix, stage)
 
-    def wait(svc: Service, done: dict[str, Any], context: dict[str, Any]) -> TaskDeferred | None:
-        if done.get("refused") or svc.action == "clear_emergency":
+    def wait(svc: Service, done: Written, context: dict[str, Any]) -> TaskDeferred | None:
+        if (isinstance(done, FlipResult) and done.refused) or svc.action == "clear_emergency":
             return None
         return gate_deferral(watch(context), stage)
 
@@ -677,7 +710,7 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
                 svc = resolve(context, key)
         dry_run = bool(context["params"].get("dry_run"))
         if state.service is not None and not dry_run:
-            state.results["after_removal"] = _after_removal(state.service, state)
+            state.results = state.results.model_copy(update={"after_removal": _after_removal(state.service, state)})
         record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run)
         if state.service is not None and not dry_run:
             record = _settle_outcome(state.service, record, context)
@@ -709,7 +742,7 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         admit = _admit(prefix, resolve, guard, key)
         inject = _write_then_wait("inject", prefix, holding(_inject, _trial_seconds), "wait_rollout",
                                   _rollout_wait("wait_rollout", True, {"after": "wait_rollout"}),
-                                  on_path(prefix, "inject"), DRY_ROLLOUT, {"after": "wait_rollout"}, **RETRIES)
+                                  on_path(prefix, "inject"), dry_rollout, {"after": "wait_rollout"}, **RETRIES)
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
                           decide=_soak_decides(prefix), on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
@@ -718,14 +751,14 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
         flip = _write_then_wait("flip_strict", prefix, holding(_flip, _unverified_seconds), "verify_strict",
                                 _verify(prefix, "verify_strict"), on_path(prefix, "flip_strict"),
-                                _dry_gate("verify_strict"), final=(NotInForce,), **RETRIES)
+                                lambda: dry_gate("verify_strict"), final=(NotInForce,), **RETRIES)
         # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, **UNDO_RETRIES}
         back = _write_then_wait("back_to_permissive", prefix, undoing(_back), "verify_recovery",
                                 _verify(prefix, "verify_recovery"), strict_undone_if_needed(prefix),
-                                _dry_gate("verify_recovery"), **undo)
+                                lambda: dry_gate("verify_recovery"), **undo)
         rollback = _write_then_wait("rollback_injection", prefix, undoing(_rollback), "wait_rollback",
-                                    _rollout_wait("wait_rollback", False), rollback_if_chosen(prefix), DRY_ROLLOUT,
+                                    _rollout_wait("wait_rollback", False), rollback_if_chosen(prefix), dry_rollout,
                                     **undo)
 
         admit >> inject >> soak >> strict_gate >> flip >> back
@@ -735,6 +768,3 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
 
     return services.expand(key=keys)
 
-
-def _dry_gate(stage: str) -> dict[str, Any]:
-    return {"stage": stage, "status": "pass", "reason": "dry run: not checked", "dry_run": True}

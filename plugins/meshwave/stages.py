@@ -80,18 +80,19 @@ def strict_lookback(window: str, sidecar_seconds: float, elapsed: float) -> str:
     return f"{seconds}s"
 
 
-def sidecar_seconds(soak: dict[str, Any], rollout: dict[str, Any], soak_seconds: float,
+def sidecar_seconds(soak_started: float | None, rollout_ended: float | None, soak_seconds: float,
                     now: float | None = None, batch_ended: float | None = None) -> float:
     """How long the service's pods, and its batch's, have all had their sidecar when the STRICT gate starts.
 
-    Its own: since its soak began (the rollout done), else since the rollout wait ended, else the plan's soak (a run
-    that recorded neither). A batch-mate whose rollout ended later (`batch_ended`: a killed worker delayed it) may
-    call this service, in plaintext until its own pods had their sidecar: the count starts BATCH_MARGIN_SECONDS
-    after it, and the gate then waits until that is a soak's length (`strict_gate_hold`)."""
+    Its own: since its soak began (the soak's `started`: the rollout done), else since the rollout wait ended, else
+    the plan's soak (a run that recorded neither: a dry run's waits). A batch-mate whose rollout ended later
+    (`batch_ended`: a killed worker delayed it) may call this service, in plaintext until its own pods had their
+    sidecar: the count starts BATCH_MARGIN_SECONDS after it, and the gate then waits until that is a soak's length
+    (`strict_gate_hold`)."""
     now = time.time() if now is None else now
     own = float(soak_seconds)
-    for started in (soak.get("started"), rollout.get("ended")):
-        if isinstance(started, int | float) and 0 < started <= now:
+    for started in (soak_started, rollout_ended):
+        if started is not None and 0 < started <= now:
             own = now - float(started)
             break
     if isinstance(batch_ended, int | float) and 0 < batch_ended <= now:

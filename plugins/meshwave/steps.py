@@ -1,4 +1,4 @@
-"""The steps of one service's migration, as plain functions of (service, clients) -> JSON-safe dicts.
+"""The steps of one service's migration, as plain functions of (service, clients) -> a typed result (results.py).
 
 The Airflow wiring is in `service_group.py`; everything a step does and decides is here, so it reads,
 and tests, without Airflow. Every cluster change goes through `MeshKube`, which reads before it writes.
@@ -14,8 +14,19 @@ from meshwave import headroom, outbound
 from meshwave.checks import Thresholds, measure_baseline
 from meshwave.gitops import reverted_by
 from meshwave.kube_errors import InjectionBlocked, MtlsRefused, NotInForce
-from meshwave.mtls import EffectiveMtls
+from meshwave.mtls import EffectiveMtls, Mode
 from meshwave.probe import PlaintextProbe, ProbeVerdict
+from meshwave.results import (
+    BackToPermissiveResult,
+    BaselineResult,
+    ClearEmergencyResult,
+    FlipResult,
+    InjectResult,
+    MeasuredBaseline,
+    MtlsInForce,
+    PreflightResult,
+    RollbackResult,
+)
 
 if TYPE_CHECKING:  # the client is imported by whoever builds a MeshKube (at run time, not at parse time)
     from meshwave.kube import MeshKube
@@ -82,38 +93,38 @@ class Service:
                 "default": {"on_no_data": on_no_data, "on_error": "wait"}}
 
 
-def stamp(result: dict[str, Any], started: float) -> dict[str, Any]:
-    return {**result, "seconds": round(time.time() - started, 2)}
+def took(started: float) -> float:
+    """A step's `seconds`: from its start to now."""
+    return round(time.time() - started, 2)
 
 
-def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> dict[str, Any]:
+def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> PreflightResult:
     """The workload exists, has room for its sidecar (or the plan gives the sidecar a budget of its own), and no
     caller without a sidecar would be cut off by a STRICT that applies to it once injected."""
     started = time.time()
     p = svc.plan
     w = kube.workload(p.namespace, p.workload)
     sidecar = svc.settings.sidecar
-    result: dict[str, Any] = {"replicas": w.replicas, "app_container": w.app_container, "changes": [],
-                              "notes": _ownership_notes(svc, kube)}
-    mtls = kube.mtls.effective(p.namespace, p.workload)
-    result["mtls_in_force"] = mtls.summary()  # what the pods enforce once injected (now, if they are)
+    notes, changes, found = _ownership_notes(svc, kube), [], {}
+    mtls = kube.mtls.effective(p.namespace, p.workload)  # what the pods enforce once injected (now, if they are)
     injected = w.pods_total > 0 and w.pods_with_proxy == w.pods_total
     if mtls.strict_anywhere and svc.action != "strict_only" and not injected:
-        result["plaintext_before_injection"] = _no_plaintext_into_strict(svc, mtls, source)
+        found["plaintext_before_injection"] = _no_plaintext_into_strict(svc, mtls, source)
     if svc.strict and mtls.foreign_workload_policies:
-        result["notes"].append(f"STRICT will not be flipped: {mtls.foreign_workload_policies[0]} selects the pods "
-                               "and decides their mode")
-    result["headroom"] = _headroom(svc, kube, injected)
+        notes.append(f"STRICT will not be flipped: {mtls.foreign_workload_policies[0]} selects the pods and decides "
+                     "their mode")
+    room = _headroom(svc, kube, injected)
     if sidecar.annotations:
-        change = kube.ensure_sidecar_resources(p.namespace, p.workload, **_sidecar_kwargs(svc))
-        result["changes"].append(change.to_dict())
+        changes.append(kube.ensure_sidecar_resources(p.namespace, p.workload, **_sidecar_kwargs(svc)).to_dict())
     if p.exclude_inbound_ports or p.exclude_outbound_ports:
-        change = kube.ensure_exclusions(p.namespace, p.workload, p.exclude_inbound_ports or None,
-                                        p.exclude_outbound_ports or None)
-        result["changes"].append(change.to_dict())
-    for note in result["notes"]:
+        changes.append(kube.ensure_exclusions(p.namespace, p.workload, p.exclude_inbound_ports or None,
+                                              p.exclude_outbound_ports or None).to_dict())
+    for note in notes:
         print(f"NOTE: {note}")
-    return stamp(result, started)
+    # plaintext_before_injection only when it was asked: a key the step did not write stays out of its JSON
+    return PreflightResult(replicas=w.replicas, app_container=w.app_container, changes=changes, notes=notes,
+                           mtls_in_force=MtlsInForce.model_validate(mtls.summary()), **found, headroom=room,
+                           seconds=took(started))
 
 
 def _ownership_notes(svc: Service, kube: MeshKube) -> list[str]:
@@ -176,7 +187,7 @@ def _headroom(svc: Service, kube: MeshKube, injected: bool) -> str:
 BASELINE_NEEDED = ("app_success_rate", "app_request_rate", "app_latency_p99_ms")
 
 
-def baseline(svc: Service, source: PrometheusSource) -> dict[str, Any]:
+def baseline(svc: Service, source: PrometheusSource) -> BaselineResult:
     """The application's own metrics before any change; a service whose baseline could not be measured is
     blocked before injection ("no baseline: <query>: <why>"), never injected blind."""
     started = time.time()
@@ -185,18 +196,18 @@ def baseline(svc: Service, source: PrometheusSource) -> dict[str, Any]:
     if missing:
         raise Blocked("no baseline: " + "; ".join(f"{next(iter(n.queries.values()), n.check)}: {n.reason}"
                                                   for n in missing))
-    return stamp({"baseline": base.to_dict()}, started)
+    return BaselineResult(baseline=MeasuredBaseline.model_validate(base.to_dict()), seconds=took(started))
 
 
-def inject(svc: Service, kube: MeshKube) -> dict[str, Any]:
+def inject(svc: Service, kube: MeshKube) -> InjectResult:
     started = time.time()
     if svc.action == "strict_only":
-        return stamp({"changes": [], "sidecars": _require_sidecars(svc, kube)}, started)
+        return InjectResult(changes=[], sidecars=_require_sidecars(svc, kube), seconds=took(started))
     try:
         changes = kube.ensure_injected(svc.plan.namespace, svc.plan.workload, svc.settings.injection)
     except InjectionBlocked as exc:  # refused before any write: nothing to roll back
         raise Blocked(str(exc)) from None
-    return stamp({"changes": [c.to_dict() for c in changes]}, started)
+    return InjectResult(changes=[c.to_dict() for c in changes], seconds=took(started))
 
 
 def _require_sidecars(svc: Service, kube: MeshKube) -> str:
@@ -209,7 +220,7 @@ def _require_sidecars(svc: Service, kube: MeshKube) -> str:
     return f"{w.pods_with_proxy} of {w.pods_total} pods run their sidecar"
 
 
-def flip_strict(svc: Service, kube: MeshKube) -> dict[str, Any]:
+def flip_strict(svc: Service, kube: MeshKube) -> FlipResult:
     """STRICT, proven: the mode recomputed from every policy, then a plaintext request from outside the mesh
     refused by the workload's proxy. Anything less raises NotInForce (and the service goes back to PERMISSIVE).
     A workload whose mode another team's policy decides is not flipped: `refused` says which policy."""
@@ -219,36 +230,36 @@ def flip_strict(svc: Service, kube: MeshKube) -> dict[str, Any]:
         change, state = kube.mtls.ensure_strict(p.namespace, p.workload)
     except MtlsRefused as exc:
         print(f"not flipped: {exc}")
-        return stamp({"changes": [], "refused": str(exc),
-                      "mtls_in_force": kube.mtls.effective(p.namespace, p.workload).summary()}, started)
-    result: dict[str, Any] = {"changes": [change.to_dict()], "mode": "STRICT"}
+        in_force = kube.mtls.effective(p.namespace, p.workload).summary()
+        return FlipResult(changes=[], refused=str(exc), mtls_in_force=MtlsInForce.model_validate(in_force),
+                          seconds=took(started))
     if state is None:  # a dry run: nothing was written, nothing to prove
-        return stamp(result, started)
-    result["mtls_in_force"] = state.summary()
+        return FlipResult(changes=[change.to_dict()], mode=Mode.STRICT, seconds=took(started))
     probe = PlaintextProbe(kube, svc.settings.probe.image, svc.settings.probe.timeout_seconds).run(p.namespace,
                                                                                                   p.workload)
-    result["probe"] = probe.model_dump(mode="json")
     print(f"plaintext probe {probe.url}: {probe.verdict}: {probe.message}")
     if probe.verdict != ProbeVerdict.REFUSED:
         raise NotInForce(f"cluster {p.cluster}: {p.namespace}/{p.workload}: the policies say {state.describe()}, but "
                          f"a plaintext request from a pod without a sidecar was not refused ({probe.verdict}: "
                          f"{probe.message}): STRICT is not proven in force", cluster=p.cluster, verb="GET",
                          target=f"deployment {p.namespace}/{p.workload}")
-    return stamp(result, started)
+    return FlipResult(changes=[change.to_dict()], mode=Mode.STRICT,
+                      mtls_in_force=MtlsInForce.model_validate(state.summary()), probe=probe, seconds=took(started))
 
 
-def back_to_permissive(svc: Service, kube: MeshKube, note: str) -> dict[str, Any]:
+def back_to_permissive(svc: Service, kube: MeshKube, note: str) -> BackToPermissiveResult:
     """Nothing STRICT on the workload's pods, proven from every policy after the write (see peer_auth)."""
     started = time.time()
     p = svc.plan
     changes, state = kube.mtls.ensure_permissive(p.namespace, p.workload, note)
-    result: dict[str, Any] = {"changes": [c.to_dict() for c in changes], "mode": "PERMISSIVE"}
-    if state is not None:
-        result["mtls_in_force"] = state.summary()
-    return stamp(result, started)
+    # a dry run computes no mode: mtls_in_force stays out of the result
+    in_force = {} if state is None else {"mtls_in_force": MtlsInForce.model_validate(state.summary())}
+    return BackToPermissiveResult(changes=[c.to_dict() for c in changes], mode=Mode.PERMISSIVE, **in_force,
+                                  seconds=took(started))
 
 
-def rollback_injection(svc: Service, kube: MeshKube, source: Source, note: str = "meshwave rollback") -> dict[str, Any]:
+def rollback_injection(svc: Service, kube: MeshKube, source: Source,
+                       note: str = "meshwave rollback") -> RollbackResult:
     """Back to where it started: the STRICT destinations it calls relaxed (meshwave's own) or the removal refused
     (outbound.py), meshwave's own policy on it deleted (or relaxed), then no sidecar.
 
@@ -268,15 +279,15 @@ def rollback_injection(svc: Service, kube: MeshKube, source: Source, note: str =
         raise outbound.RemovalRefused(f"{exc}. LEFT: the sidecar stays, mTLS {mode}") from None
     changes, _ = kube.mtls.ensure_permissive(p.namespace, p.workload, note, exempt=False)
     changes += kube.remove_injection(p.namespace, p.workload)
-    return stamp({"changes": [c.to_dict() for c in relaxed + changes], "outbound": check.summary(),
-                  "success_before": before}, started)
+    return RollbackResult(changes=[c.to_dict() for c in relaxed + changes], outbound=check.summary(),
+                          success_before=before, seconds=took(started))
 
 
-def clear_emergency(svc: Service, kube: MeshKube) -> dict[str, Any]:
+def clear_emergency(svc: Service, kube: MeshKube) -> ClearEmergencyResult:
     """The operator's all-clear after an emergency rollback: the mark off the workload's own policies, so that a
     later run may make them STRICT again. No mode changes."""
     started = time.time()
     p = svc.plan
     changes = kube.mtls.clear_emergency(p.namespace, p.workload)
-    state = None if kube.dry_run else kube.mtls.effective(p.namespace, p.workload).summary()
-    return stamp({"changes": [c.to_dict() for c in changes], "mtls_in_force": state}, started)
+    state = None if kube.dry_run else MtlsInForce.model_validate(kube.mtls.effective(p.namespace, p.workload).summary())
+    return ClearEmergencyResult(changes=[c.to_dict() for c in changes], mtls_in_force=state, seconds=took(started))

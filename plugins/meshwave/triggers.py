@@ -23,6 +23,7 @@ from meshwave import decisions, stages
 from meshwave.checks import BreachTracker, GatePolicy, GateStatus
 from meshwave.kube_errors import KubeError
 from meshwave.prometheus import BatchingSource, bucket_seconds
+from meshwave.results import GateEvent, GateExtra, RolloutResult, RolloutStatus
 
 # A rollout that is already done fires the trigger within a second or two of the deferral. The scheduler may then
 # re-queue the task before it has read the worker's exit from that deferral, and take that stale exit for a task
@@ -33,21 +34,22 @@ NEVER = 10**9  # "passes_to_pass" while a soak has not ended: a gate may fail ea
 HISTORY_KEPT = 200  # polls' verdicts carried in the event, for the report (the newest)
 
 
-def ended(result_key: str, event: dict[str, Any], decide: dict[str, Any] | None) -> TaskSuccessEvent:
-    """The event that ends the task with the wait's result, and the decision after it when the wait makes one:
-    `decide` names the step decided after ("wait_rollout", "soak", "strict_gate") with the facts it needs."""
-    xcoms: dict[str, Any] = {result_key: event}
+def ended(result_key: str, event: RolloutResult | GateEvent, decide: dict[str, Any] | None) -> TaskSuccessEvent:
+    """The event that ends the task with the wait's result (plain JSON, as a worker's push), and the decision after
+    it when the wait makes one: `decide` names the step decided after ("wait_rollout", "soak", "strict_gate") with
+    the facts it needs."""
+    xcoms: dict[str, Any] = {result_key: event.model_dump(mode="json")}
     if decide is not None:
         after = decide["after"]
-        if after == "wait_rollout":
+        if after == "wait_rollout" and isinstance(event, RolloutResult):
             to, why = decisions.rollout_decision(event)
-        elif after == "soak":
+        elif after == "soak" and isinstance(event, GateEvent):
             to, why = decisions.soak_decision(event, decisions.SoakFacts(
                 strict=decide["strict"], action=decide["action"], on_no_data=decide["on_no_data"]))
-        elif after == "strict_gate":
+        elif after == "strict_gate" and isinstance(event, GateEvent):
             to, why = decisions.gate_decision(event)
         else:
-            raise ValueError(f"no decision is made after {after!r}")
+            raise ValueError(f"no decision is made after {after!r} on a {type(event).__name__}")
         xcoms["decision"] = decisions.Decision(to=to, why=why).model_dump()
     return TaskSuccessEvent(xcoms=xcoms)
 
@@ -88,22 +90,22 @@ class RolloutTrigger(BaseTrigger):
                 if state.status != "progressing":
                     done = time.time()
                     await asyncio.sleep(max(0.0, started + EARLIEST_EVENT_SECONDS - done))
-                    yield self._end({"status": state.status, "message": state.message, "state": state.to_dict(),
-                                     "started": started, "ended": done})
+                    yield self._end(RolloutResult(status=RolloutStatus(state.status), message=state.message,
+                                                  state=state.to_dict(), started=started, ended=done))
                     return
                 last = state.message
             except KubeError as exc:  # transient: keep polling until the deadline
                 last_error = str(exc)
                 last = f"error: {exc}"
             if time.time() >= self.deadline:
-                yield self._end({"status": "timeout" if not last_error else "error",
-                                 "message": f"rollout not finished by the deadline: {last}",
-                                 "started": started, "ended": time.time()})
+                yield self._end(RolloutResult(
+                    status=RolloutStatus.TIMEOUT if not last_error else RolloutStatus.ERROR,
+                    message=f"rollout not finished by the deadline: {last}", started=started, ended=time.time()))
                 return
             await asyncio.sleep(self.poke_interval)
 
-    def _end(self, event: dict[str, Any]) -> TriggerEvent:
-        self.log.info("%s: %s: %s", self.result_key, event["status"], event["message"])
+    def _end(self, event: RolloutResult) -> TriggerEvent:
+        self.log.info("%s: %s: %s", self.result_key, event.status.value, event.message)
         return ended(self.result_key, event, self.decide)
 
 
@@ -164,10 +166,10 @@ class GateTrigger(BaseTrigger):
                 if result.status is GateStatus.PASS:
                     extra = await asyncio.to_thread(stages.on_pass, self.stage, source, self.params)
                 self.log.info("%s: %s: %s", self.stage, result.status.value, result.reason)
-                yield ended(self.stage, {
-                    "stage": self.stage, "status": result.status.value, "reason": result.reason,
-                    "polls": result.polls, "result": result.to_dict(), "extra": {**poll.extra, **extra},
-                    "history": state["history"][-HISTORY_KEPT:], "started": self.started, "ended": time.time()},
+                yield ended(self.stage, GateEvent(
+                    stage=self.stage, status=result.status, reason=result.reason, polls=result.polls,
+                    result=result.to_dict(), extra=GateExtra.model_validate({**poll.extra, **extra}),
+                    history=state["history"][-HISTORY_KEPT:], started=self.started, ended=time.time()),
                     self.decide)
                 return
             await asyncio.sleep(self.poke_interval)

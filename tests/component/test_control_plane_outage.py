@@ -178,13 +178,13 @@ def test_undo_steps_fail_retryably_during_an_outage_and_complete_after_it(lab: L
 
     eventually(lambda: not lab.admin("GET", "/clusters/a/outage")["down"], timeout=15, what="the outage's end")
     relaxed = steps.back_to_permissive(back, kube, "meshwave test")
-    assert [(c["action"], c["applied"]) for c in relaxed["changes"]] == [("relax-mtls", True)], relaxed
+    assert [(c["action"], c["applied"]) for c in relaxed.changes] == [("relax-mtls", True)], relaxed
     assert lab.admin("GET", "/services/a/undo/api")["mtls_mode"] == "PERMISSIVE"
     removed = steps.rollback_injection(remove, kube, NO_CALLS)
-    assert [(c["action"], c["applied"]) for c in removed["changes"]][-1] == ("remove-injection", True), removed
+    assert [(c["action"], c["applied"]) for c in removed.changes][-1] == ("remove-injection", True), removed
     # a retry of a step that did complete (its answer lost) reads first and changes nothing
-    again = [*steps.back_to_permissive(back, kube, "meshwave test")["changes"],
-             *steps.rollback_injection(remove, kube, NO_CALLS)["changes"]]
+    again = [*steps.back_to_permissive(back, kube, "meshwave test").changes,
+             *steps.rollback_injection(remove, kube, NO_CALLS).changes]
     assert not any(c["applied"] for c in again), again
     eventually(lambda: lab.admin("GET", "/services/a/undo/web")["sidecar_fraction"] == 0.0, timeout=30,
                what="web's pods rolled without a sidecar")

@@ -93,15 +93,15 @@ def test_a_destination_meshwave_made_strict_is_relaxed_before_the_sidecar_goes(s
     lab, source, kube = stack
     assert seen(lab, "o-mine")["mtls_mode"] == "STRICT"
     result = steps.rollback_injection(service("o-app"), kube, source, "meshwave test")
-    assert [(c["action"], c["target"]) for c in result["changes"]] == [
+    assert [(c["action"], c["target"]) for c in result.changes] == [
         ("delete-mtls", "peerauthentication out/meshwave-o-mine"),
         ("set-mtls", "peerauthentication out/meshwave-o-app"), ("remove-injection", "deployment out/o-app")
-    ], result["changes"]
+    ], result.changes
     assert seen(lab, "o-mine")["mtls_mode"] == "PERMISSIVE"
-    [checked] = result["outbound"]["destinations"]
+    [checked] = result.outbound["destinations"]
     assert (checked["destination"]["workload"], checked["verdict"]) == ("o-mine", "relax")
     sidecar_gone(lab, "o-app")
-    after = outbound.after_removal(source, NS, "o-app", WINDOW, result["success_before"], 0.02, time.time())
+    after = outbound.after_removal(source, NS, "o-app", WINDOW, result.success_before, 0.02, time.time())
     assert after.status == "better_or_same" and after.after is not None and after.after > 0.98, after
 
 

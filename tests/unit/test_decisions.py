@@ -19,6 +19,7 @@ from meshwave.checks import GateResult, GateStatus, Outcome, Verdict
 from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import parse_plan
 from meshwave.record import ServiceRecord
+from meshwave.results import StepResults
 from meshwave.steps import Service
 
 MI = 2**20
@@ -62,7 +63,7 @@ TO_PERMISSIVE = change("set-mtls", "peerauthentication shop/meshwave-payment",
                        {"mode": "STRICT", "selector": {"app": "payment"}},
                        {"mode": "PERMISSIVE", "selector": {"app": "payment"}}, "STRICT -> PERMISSIVE")
 
-PREFLIGHT = {"replicas": 2, "app_container": "payment", "changes": [], "seconds": 0.41,
+PREFLIGHT = {"replicas": 2, "app_container": "payment", "changes": [], "notes": [], "seconds": 0.41,
              "headroom": "limit 512Mi, app uses up to 210Mi, headroom 302Mi >= the sidecar's expected 128Mi"}
 BASELINE = {"baseline": {"namespace": "shop", "workload": "payment", "window": "60s", "cluster": None,
                          "success_rate": 0.998, "request_rate": 38.5, "request_count": 2310.0, "p50_ms": 6.0,
@@ -71,7 +72,8 @@ BASELINE = {"baseline": {"namespace": "shop", "workload": "payment", "window": "
 INJECT = {"changes": [LABEL], "seconds": 0.33}
 FLIP = {"changes": [TO_STRICT], "mode": "STRICT", "seconds": 0.27}
 BACK = {"changes": [TO_PERMISSIVE], "mode": "PERMISSIVE", "seconds": 0.25}
-ROLLBACK = {"changes": [UNLABEL], "seconds": 0.3}
+ROLLBACK = {"changes": [UNLABEL], "outbound": {"query": "outbound_destinations", "destinations": []},
+            "success_before": 0.998, "seconds": 0.3}
 OOM = ("pod payment-6b7f9c5d4-qx2lp of the new template: container payment OOMKilled (exit code 137, "
        "restarted 2 times)")
 CALLERS = ["shop/checkout http 4.2 rps", "unknown (a caller without sidecar) http 0.5 rps"]
@@ -143,7 +145,12 @@ def states(*succeeded: str, **others: str | None) -> dict[str, str | None]:
     return found
 
 
-def decide(svc: Service, results: dict[str, Any], st: dict[str, str | None],
+def typed(results: dict[str, Any]) -> StepResults:
+    """The steps' results as the group reads them back: validated once (group_state.GroupState)."""
+    return StepResults.model_validate(results)
+
+
+def decide(svc: Service, results: StepResults, st: dict[str, str | None],
            errors: dict[str, str] | None = None) -> dict[str, str]:
     """What the group's branches decided (as GroupState reads them back); each route is a task that ran."""
     deciders = {"after_rollout": lambda: d.after_rollout(results, st, errors),
@@ -165,7 +172,8 @@ def record(svc: Service, results: dict[str, Any], st: dict[str, str | None], err
                               "verify_strict", "back_to_permissive", "verify_recovery", "rollback_injection",
                               "wait_rollback")}
     full.update(results)
-    return d.outcome(svc, full, st, errors or {}, decide(svc, full, st, errors), dry_run)
+    found = typed(full)
+    return d.outcome(svc, found, st, errors or {}, decide(svc, found, st, errors), dry_run)
 
 
 # ---- after_rollout -------------------------------------------------------------------------------------------
@@ -175,26 +183,26 @@ def record(svc: Service, results: dict[str, Any], st: dict[str, str | None], err
     {"preflight": "success", "baseline": "failed", "inject": "upstream_failed", "wait_rollout": "upstream_failed"},
 ], ids=["preflight failed", "baseline failed"])
 def test_after_rollout_not_started_when_preflight_or_baseline_did_not_pass(st: dict[str, str]) -> None:
-    assert d.after_rollout({"preflight": None, "baseline": None}, st) == \
+    assert d.after_rollout(typed({"preflight": None, "baseline": None}), st) == \
         (d.NOT_STARTED, "not started: preflight or baseline did not pass")
 
 
 def test_after_rollout_a_failed_inject_after_preflight_rolls_back() -> None:
     st = {"preflight": "success", "baseline": "success", "inject": "failed", "wait_rollout": "upstream_failed"}
-    assert d.after_rollout({"preflight": PREFLIGHT, "baseline": BASELINE, "inject": None}, st) == \
+    assert d.after_rollout(typed({"preflight": PREFLIGHT, "baseline": BASELINE, "inject": None}), st) == \
         (d.ROLLBACK_AFTER_ROLLOUT, "injection failed part-way: undo whatever was applied")
 
 
 def test_after_rollout_a_failed_wait_rolls_back() -> None:
     st = {"preflight": "success", "baseline": "success", "inject": "success", "wait_rollout": "failed"}
-    assert d.after_rollout({"inject": INJECT, "wait_rollout": None}, st) == \
+    assert d.after_rollout(typed({"inject": INJECT, "wait_rollout": None}), st) == \
         (d.ROLLBACK_AFTER_ROLLOUT, "could not follow the rollout")
 
 
 def test_after_rollout_done_goes_to_the_soak() -> None:
     st = {"preflight": "success", "baseline": "success", "inject": "success", "wait_rollout": "success"}
     message = "2/2 pods updated and available, 2 proxies ready"
-    assert d.after_rollout({"wait_rollout": rollout("done", message)}, st) == (d.SOAK, message)
+    assert d.after_rollout(typed({"wait_rollout": rollout("done", message)}), st) == (d.SOAK, message)
 
 
 @pytest.mark.parametrize(("status", "message"), [
@@ -205,7 +213,7 @@ def test_after_rollout_done_goes_to_the_soak() -> None:
 ])
 def test_after_rollout_a_rollout_not_done_rolls_back_with_its_message(status: str, message: str) -> None:
     st = {"preflight": "success", "baseline": "success", "inject": "success", "wait_rollout": "success"}
-    assert d.after_rollout({"wait_rollout": rollout(status, message)}, st) == \
+    assert d.after_rollout(typed({"wait_rollout": rollout(status, message)}), st) == \
         (d.ROLLBACK_AFTER_ROLLOUT, f"rollout {status}: {message}")
 
 
@@ -213,37 +221,37 @@ def test_after_rollout_a_rollout_not_done_rolls_back_with_its_message(status: st
 @pytest.mark.parametrize("on_no_data", ["hold", "rollback"])
 def test_after_soak_pass_goes_to_the_strict_gate(on_no_data: str) -> None:
     svc = service(on_no_data=on_no_data)
-    assert d.after_soak(svc, {"soak": SOAK_PASS}, {"soak": "success"}) == \
+    assert d.after_soak(svc, typed({"soak": SOAK_PASS}), {"soak": "success"}) == \
         (d.STRICT_GATE, "soak passed: all 5 checks passed 1 poll(s) in a row")
 
 
 def test_after_soak_pass_holds_when_the_plan_keeps_permissive() -> None:
-    assert d.after_soak(service(strict=False), {"soak": SOAK_PASS}, {"soak": "success"}) == \
+    assert d.after_soak(service(strict=False), typed({"soak": SOAK_PASS}), {"soak": "success"}) == \
         (d.HOLD, "soak passed; the plan keeps this service PERMISSIVE (strict: false)")
 
 
 @pytest.mark.parametrize("on_no_data", ["hold", "rollback"])
 def test_after_soak_fail_rolls_back_whatever_the_no_data_policy(on_no_data: str) -> None:
-    assert d.after_soak(service(on_no_data=on_no_data), {"soak": SOAK_FAIL}, {"soak": "success"}) == \
+    assert d.after_soak(service(on_no_data=on_no_data), typed({"soak": SOAK_FAIL}), {"soak": "success"}) == \
         (d.ROLLBACK_AFTER_SOAK, f"soak failed: {SOAK_FAIL_REASON}")
 
 
 @pytest.mark.parametrize("status", ["no_data", "error", "inconclusive"])
 def test_after_soak_without_a_verdict_holds_when_the_plan_says_hold(status: str) -> None:
     soak = gate("soak", status, f"deadline reached: {status}", [])
-    assert d.after_soak(service(), {"soak": soak}, {"soak": "success"}) == \
+    assert d.after_soak(service(), typed({"soak": soak}), {"soak": "success"}) == \
         (d.HOLD, f"soak ended {status}; the plan says hold (sidecar kept, PERMISSIVE): deadline reached: {status}")
 
 
 @pytest.mark.parametrize("status", ["no_data", "error", "inconclusive"])
 def test_after_soak_without_a_verdict_rolls_back_when_the_plan_says_rollback(status: str) -> None:
     soak = gate("soak", status, f"deadline reached: {status}", [])
-    assert d.after_soak(service(on_no_data="rollback"), {"soak": soak}, {"soak": "success"}) == \
+    assert d.after_soak(service(on_no_data="rollback"), typed({"soak": soak}), {"soak": "success"}) == \
         (d.ROLLBACK_AFTER_SOAK, f"soak ended {status} and the plan says roll back: deadline reached: {status}")
 
 
 def test_after_soak_no_data_policy_is_inherited_and_overridable() -> None:
-    results, st = {"soak": SOAK_NO_DATA}, {"soak": "success"}
+    results, st = typed({"soak": SOAK_NO_DATA}), {"soak": "success"}
     assert d.after_soak(service(defaults={"on_no_data": "rollback"}), results, st)[0] == d.ROLLBACK_AFTER_SOAK
     assert d.after_soak(service(defaults={"on_no_data": "rollback"}, on_no_data="hold"), results, st)[0] == d.HOLD
 
@@ -254,18 +262,19 @@ def test_after_soak_no_data_policy_is_inherited_and_overridable() -> None:
 ])
 def test_after_soak_a_failed_soak_task_is_an_error(on_no_data: str, expected: tuple[str, str]) -> None:
     # the sensor itself failed: no event, whatever a stale result might say
-    assert d.after_soak(service(on_no_data=on_no_data), {"soak": None}, {"soak": "failed"}) == expected
-    assert d.after_soak(service(on_no_data=on_no_data), {"soak": SOAK_PASS}, {"soak": "failed"})[0] == expected[0]
+    svc = service(on_no_data=on_no_data)
+    assert d.after_soak(svc, typed({"soak": None}), {"soak": "failed"}) == expected
+    assert d.after_soak(svc, typed({"soak": SOAK_PASS}), {"soak": "failed"})[0] == expected[0]
 
 
 # ---- after_strict_gate ---------------------------------------------------------------------------------------
 def test_after_strict_gate_pass_flips() -> None:
-    assert d.after_strict_gate({"strict_gate": GATE_PASS}, {"strict_gate": "success"}) == \
+    assert d.after_strict_gate(typed({"strict_gate": GATE_PASS}), {"strict_gate": "success"}) == \
         (d.FLIP, "all 1 checks passed 1 poll(s) in a row")
 
 
 def test_after_strict_gate_timeout_with_plaintext_callers_names_them() -> None:
-    assert d.after_strict_gate({"strict_gate": GATE_TIMEOUT}, {"strict_gate": "success"}) == \
+    assert d.after_strict_gate(typed({"strict_gate": GATE_TIMEOUT}), {"strict_gate": "success"}) == \
         (d.STAY, "plaintext callers in the lookback when the STRICT gate timed out: shop/checkout http 4.2 rps; "
                  "unknown (a caller without sidecar) http 0.5 rps")
 
@@ -273,51 +282,51 @@ def test_after_strict_gate_timeout_with_plaintext_callers_names_them() -> None:
 def test_after_strict_gate_timeout_without_callers_says_why() -> None:
     no_data = gate("strict_gate", "no_data", "deadline reached without data for strict_plaintext: pending", [],
                    {"plaintext_callers": []})
-    assert d.after_strict_gate({"strict_gate": no_data}, {"strict_gate": "success"}) == \
+    assert d.after_strict_gate(typed({"strict_gate": no_data}), {"strict_gate": "success"}) == \
         (d.STAY, "STRICT gate no_data: deadline reached without data for strict_plaintext: pending")
 
 
 def test_after_strict_gate_a_failed_gate_task_stays_permissive() -> None:
-    assert d.after_strict_gate({"strict_gate": None}, {"strict_gate": "failed"}) == \
+    assert d.after_strict_gate(typed({"strict_gate": None}), {"strict_gate": "failed"}) == \
         (d.STAY, "STRICT gate error: did not report")
-    assert d.after_strict_gate({"strict_gate": GATE_PASS}, {"strict_gate": "failed"})[0] == d.STAY
+    assert d.after_strict_gate(typed({"strict_gate": GATE_PASS}), {"strict_gate": "failed"})[0] == d.STAY
 
 
 # ---- after_strict --------------------------------------------------------------------------------------------
 def test_after_strict_verified_is_done() -> None:
     st = {"flip_strict": "success", "verify_strict": "success"}
-    assert d.after_strict(service(), {"flip_strict": FLIP, "verify_strict": VERIFY_PASS}, st) == \
+    assert d.after_strict(service(), typed({"flip_strict": FLIP, "verify_strict": VERIFY_PASS}), st) == \
         (d.STRICT_DONE, "STRICT verified (the service and its callers): all 3 checks passed 1 poll(s) in a row")
 
 
 def test_after_strict_a_failed_flip_goes_back_to_permissive() -> None:
     st = {"flip_strict": "failed", "verify_strict": "upstream_failed"}
-    assert d.after_strict(service(), {"flip_strict": None, "verify_strict": None}, st) == \
+    assert d.after_strict(service(), typed({"flip_strict": None, "verify_strict": None}), st) == \
         (d.BACK, "the flip to STRICT did not complete or was not proven in force: make sure it is PERMISSIVE")
 
 
 @pytest.mark.parametrize("on_no_data", ["hold", "rollback"])
 def test_after_strict_a_breach_goes_back(on_no_data: str) -> None:
     st = {"flip_strict": "success", "verify_strict": "success"}
-    assert d.after_strict(service(on_no_data=on_no_data), {"verify_strict": VERIFY_FAIL}, st) == \
+    assert d.after_strict(service(on_no_data=on_no_data), typed({"verify_strict": VERIFY_FAIL}), st) == \
         (d.BACK, f"after STRICT: fail: {BREACH}")
     inconclusive = gate("verify_strict", "inconclusive", "deadline reached with unconfirmed breaches", [])
-    assert d.after_strict(service(on_no_data=on_no_data), {"verify_strict": inconclusive}, st) == \
+    assert d.after_strict(service(on_no_data=on_no_data), typed({"verify_strict": inconclusive}), st) == \
         (d.BACK, "after STRICT: inconclusive: deadline reached with unconfirmed breaches")
 
 
 def test_after_strict_no_data_goes_back_even_when_the_plan_says_hold() -> None:
     st = {"flip_strict": "success", "verify_strict": "success"}
     reason = VERIFY_NO_DATA["reason"]
-    assert d.after_strict(service(), {"verify_strict": VERIFY_NO_DATA}, st) == \
+    assert d.after_strict(service(), typed({"verify_strict": VERIFY_NO_DATA}), st) == \
         (d.BACK, f"after STRICT the checks ended no_data: never leave STRICT unverified: {reason}")
-    assert d.after_strict(service(on_no_data="rollback"), {"verify_strict": VERIFY_NO_DATA}, st) == \
+    assert d.after_strict(service(on_no_data="rollback"), typed({"verify_strict": VERIFY_NO_DATA}), st) == \
         (d.BACK, f"after STRICT: no_data: {reason}")
 
 
 def test_after_strict_a_failed_verify_task_goes_back() -> None:
     st = {"flip_strict": "success", "verify_strict": "failed"}
-    assert d.after_strict(service(), {"verify_strict": VERIFY_PASS}, st) == \
+    assert d.after_strict(service(), typed({"verify_strict": VERIFY_PASS}), st) == \
         (d.BACK, "after STRICT the checks ended error: never leave STRICT unverified: "
                  "all 3 checks passed 1 poll(s) in a row")
 
@@ -615,7 +624,7 @@ def test_a_failed_wait_for_the_rollback_says_what_failed() -> None:
 def test_an_injection_refused_before_any_change_is_blocked_not_rolled_back() -> None:
     error = "blocked: cluster lab: namespace shop is labelled istio-injection=disabled"
     st = states("preflight", "baseline", inject="failed", wait_rollout="upstream_failed")
-    assert d.after_rollout({}, st, {"inject": error}) == (d.NOT_STARTED,
+    assert d.after_rollout(typed({}), st, {"inject": error}) == (d.NOT_STARTED,
                                                           f"injection refused before any change: {error}")
     st.update({"after_rollout": "success", "not_started": "success"})
     r = record(service(), {"preflight": PREFLIGHT, "baseline": BASELINE}, st, {"inject": error})
@@ -628,7 +637,7 @@ def acting(action: str) -> Service:
 
 
 def test_refused_input_is_blocked_with_the_reason_and_names_no_service() -> None:
-    r = d.outcome(None, {}, states(admit="failed"), {"admit": "refused: namespace: '../etc' is not a valid RFC "
+    r = d.outcome(None, typed({}), states(admit="failed"), {"admit": "refused: namespace: '../etc' is not a valid RFC "
                                                                 "1123 label"}, {}, False)
     assert (r.outcome, r.service, r.reason) == \
         ("blocked", "(refused input)", "refused: namespace: '../etc' is not a valid RFC 1123 label")
@@ -643,7 +652,7 @@ def test_a_guard_keeps_the_service_from_starting_and_the_report_says_why(why: st
 
 def test_back_to_permissive_on_request_is_a_green_outcome() -> None:
     st = states("to_permissive", "back_to_permissive", "verify_recovery")
-    r = record(acting("permissive"), {"back_to_permissive": {"changes": [TO_PERMISSIVE], "seconds": 0.2},
+    r = record(acting("permissive"), {"back_to_permissive": {**BACK, "seconds": 0.2},
                                       "verify_recovery": RECOVERY_PASS}, st)
     assert (r.outcome, r.mtls, r.action) == ("permissive", "PERMISSIVE", "permissive")
     assert r.reason.startswith("set to PERMISSIVE on request; recovery check: pass")
@@ -660,23 +669,24 @@ def test_back_to_permissive_that_could_not_be_applied_is_failed_with_the_error()
 def test_remove_sidecar_on_request_waits_for_the_rollout() -> None:
     st = states("to_remove", "rollback_injection", "wait_rollback")
     done = {"status": "done", "message": "2/2 pods ready, 0 with istio-proxy"}
-    r = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]}, "wait_rollback": done}, st)
+    r = record(acting("remove_sidecar"), {"rollback_injection": ROLLBACK, "wait_rollback": done}, st)
     assert (r.outcome, r.sidecar, r.reason) == \
         ("removed", False, "sidecar removed on request: 2/2 pods ready, 0 with istio-proxy")
-    stuck = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]},
+    stuck = record(acting("remove_sidecar"), {"rollback_injection": ROLLBACK,
                                               "wait_rollback": {"status": "timeout", "message": "1/2 ready"}}, st)
     assert (stuck.outcome, stuck.reason) == ("failed", "sidecar removal did not complete: 1/2 ready")
 
 
 def test_an_ad_hoc_dry_run_is_planned() -> None:
     st = states("to_remove", "rollback_injection", "wait_rollback")
-    r = record(acting("remove_sidecar"), {"rollback_injection": {"changes": [UNLABEL]}}, st, dry_run=True)
+    r = record(acting("remove_sidecar"), {"rollback_injection": ROLLBACK}, st, dry_run=True)
     assert (r.outcome, r.reason) == ("planned", "dry run of remove_sidecar: the changes listed were logged, "
                                                    "none applied")
 
 
 def test_inject_only_holds_permissive_after_a_good_soak() -> None:
-    to, why = d.after_soak(acting("inject_only"), {"soak": {"status": "pass", "reason": "ok"}}, {"soak": "success"})
+    passed = typed({"soak": {"stage": "soak", "status": "pass", "reason": "ok"}})
+    to, why = d.after_soak(acting("inject_only"), passed, {"soak": "success"})
     assert (to, why) == (d.HOLD, "soak passed; action inject_only: stays PERMISSIVE")
-    to, _ = d.after_soak(acting("strict_only"), {"soak": {"status": "pass", "reason": "ok"}}, {"soak": "success"})
+    to, _ = d.after_soak(acting("strict_only"), passed, {"soak": "success"})
     assert to == d.STRICT_GATE

@@ -101,10 +101,10 @@ def test_the_sidecar_s_age_comes_from_the_soak_then_the_rollout_then_the_plan() 
     """From when every pod had its sidecar: plaintext from a caller's pods while they rolled beside it is not
     counted (a caller and its callee migrated in one batch)."""
     now = 10_000.0
-    assert stages.sidecar_seconds({"started": now - 100}, {"ended": now - 105}, 60, now) == 100
-    assert stages.sidecar_seconds({}, {"started": now - 140, "ended": now - 105}, 60, now) == 105
-    assert stages.sidecar_seconds({"status": "pass"}, {"status": "done"}, 60, now) == 60
-    assert stages.sidecar_seconds({"started": now + 5}, {}, 60, now) == 60, "a clock from the future is not trusted"
+    assert stages.sidecar_seconds(now - 100, now - 105, 60, now) == 100
+    assert stages.sidecar_seconds(None, now - 105, 60, now) == 105
+    assert stages.sidecar_seconds(None, None, 60, now) == 60
+    assert stages.sidecar_seconds(now + 5, None, 60, now) == 60, "a clock from the future is not trusted"
 
 
 class Bursts:
@@ -145,13 +145,13 @@ def test_a_batch_mate_that_rolled_out_later_moves_the_count_s_start_past_its_pla
     sidecar only 40 s ago: its plaintext until then is left out (plus the margin), and the gate may not pass before
     it has counted a soak's length (60 s) from there."""
     now = 10_000.0
-    sidecar = stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now - 40)
+    sidecar = stages.sidecar_seconds(now - 100, None, 60, now, batch_ended=now - 40)
     assert sidecar == 40 - stages.BATCH_MARGIN_SECONDS
     assert stages.strict_gate_hold(sidecar, 60) == 60 - sidecar
     # a batch-mate done before this service's soak changes nothing but the margin
-    early = stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now - 200)
+    early = stages.sidecar_seconds(now - 100, None, 60, now, batch_ended=now - 200)
     assert early == 100 and stages.strict_gate_hold(early, 60) == 0
-    assert stages.sidecar_seconds({"started": now - 100}, {}, 60, now, batch_ended=now + 5) == 100, "future clock"
+    assert stages.sidecar_seconds(now - 100, None, 60, now, batch_ended=now + 5) == 100, "future clock"
 
 
 def test_the_batch_mates_are_the_other_map_indexes_of_the_injection() -> None:
@@ -163,6 +163,10 @@ def test_the_batch_mates_are_the_other_map_indexes_of_the_injection() -> None:
     mates = batch_mates(states, "batch_1.inject", own_map_index=1)
     assert mates == {0: "up_for_retry", 2: "success", 3: "upstream_failed", 10: "deferred"}
     assert unfinished(mates) == [0, 10]
+
+
+def rolled_out(at: float) -> dict[str, object]:
+    return {"status": "done", "message": "rolled out", "ended": at}
 
 
 class _RolloutEnds:
@@ -178,8 +182,8 @@ class _RolloutEnds:
         assert task_ids == "batch_1.inject" and key == "wait_rollout"
         if "map_indexes" in kwargs:  # this service's own
             at = self.ended[kwargs["map_indexes"]]
-            return None if at is None else json.dumps({"status": "done", "ended": at})
-        values = [json.dumps({"status": "done", "ended": at}) for at in self.ended.values() if at is not None]
+            return None if at is None else json.dumps(rolled_out(at))
+        values = [json.dumps(rolled_out(at)) for at in self.ended.values() if at is not None]
         return values[0] if len(values) == 1 else values or None
 
 

@@ -15,6 +15,7 @@ from meshwave.kube import PodState
 from meshwave.mtls import effective_mtls
 from meshwave.outbound import Destination, RemovalRefused, Verdict
 from meshwave.outcomes import ServiceOutcome
+from meshwave.results import StepResults
 from tests.unit.test_steps import NS, WL, FakeKube, FakeSource, deployment_state, service
 
 MESHWAVE = {"app.kubernetes.io/managed-by": "meshwave"}
@@ -117,9 +118,9 @@ def test_rollback_relaxes_a_destination_meshwave_made_strict_before_removing_the
     writes = [c for c in kube.calls if c[0] in ("mtls.ensure_permissive", "remove_injection")]
     assert writes == [("mtls.ensure_permissive", (NS, "ledger", True)), ("mtls.ensure_permissive", (NS, WL, False)),
                       ("remove_injection", (NS, WL))], "the destination first, then the workload's own undo"
-    assert [c["target"] for c in result["changes"]][:1] == ["peerauthentication shop/meshwave-ledger"]
-    assert result["success_before"] == 0.99
-    [checked] = result["outbound"]["destinations"]
+    assert [c["target"] for c in result.changes][:1] == ["peerauthentication shop/meshwave-ledger"]
+    assert result.success_before == 0.99
+    [checked] = result.outbound["destinations"]
     assert checked["verdict"] == "relax" and checked["destination"]["workload"] == "ledger"
 
 
@@ -165,12 +166,13 @@ WORSE = outbound.compare(1.0, 0.4, 0.02, "20s").model_dump()
 def test_a_requested_removal_that_made_things_worse_is_red_and_says_so() -> None:
     svc = dataclasses.replace(service(), action="remove_sidecar")
     states = {"admit": "success", "rollback_injection": "success", "wait_rollback": "success"}
-    results: dict[str, Any] = {"wait_rollback": {"status": "done", "message": "2/2 pods"}, "after_removal": WORSE}
+    results = StepResults.model_validate({"wait_rollback": {"status": "done", "message": "2/2 pods"},
+                                          "after_removal": WORSE})
     record = decisions.outcome(svc, results, states, {}, {}, dry_run=False)
     assert record.outcome == "failed" and ServiceOutcome(record.outcome).red
     assert record.reason == ("sidecar removed on request, but the removal made things WORSE: its own success rate "
                              "0.400 over 20s after the rollout, 1.000 before")
-    results["after_removal"] = outbound.compare(1.0, 1.0, 0.02, "20s").model_dump()
+    results = results.model_copy(update={"after_removal": outbound.compare(1.0, 1.0, 0.02, "20s")})
     record = decisions.outcome(svc, results, states, {}, {}, dry_run=False)
     assert (record.outcome, record.sidecar) == ("removed", False)
     assert record.reason.endswith("after the removal: its own success rate 1.000 after the removal (1.000 before)")
@@ -180,7 +182,8 @@ def test_a_wave_rollback_that_made_things_worse_says_so_first() -> None:
     states = {"admit": "success", "preflight": "success", "baseline": "success", "inject": "success",
               "wait_rollout": "success", "soak": "success", "rollback_injection": "success",
               "wait_rollback": "success"}
-    results = {"wait_rollback": {"status": "done"}, "after_removal": WORSE}
+    results = StepResults.model_validate({"wait_rollback": {"status": "done", "message": "2/2 pods"},
+                                          "after_removal": WORSE})
     why = {"after_soak": "soak failed: p99", "after_soak_to": decisions.ROLLBACK_AFTER_SOAK}
     record = decisions.outcome(service(), results, states, {}, why, dry_run=False)
     assert record.outcome == "rolled_back"
@@ -194,5 +197,5 @@ def test_a_refused_wave_rollback_is_failed_and_names_what_is_left() -> None:
               "wait_rollback": "upstream_failed"}
     error = "sidecar of shop/payment NOT removed: ... LEFT: the sidecar stays, mTLS PERMISSIVE"
     why = {"after_soak": "soak failed: p99", "after_soak_to": decisions.ROLLBACK_AFTER_SOAK}
-    record = decisions.outcome(service(), {}, states, {"rollback_injection": error}, why, dry_run=False)
+    record = decisions.outcome(service(), StepResults(), states, {"rollback_injection": error}, why, dry_run=False)
     assert record.outcome == "failed" and error in record.reason, record

@@ -13,7 +13,12 @@ from meshwave import emergency as em
 from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError
 from meshwave.outcomes import ServiceOutcome
 from meshwave.record import FinalState
+from meshwave.results import StepResults
+from tests.unit.test_decisions import PREFLIGHT
 from tests.unit.test_emergency import FakeKube, policy
+
+IN_FORCE = {"mode": "PERMISSIVE", "ports": {}, "decided_by": None,
+            "describe": "PERMISSIVE (no policy applies: Istio's default)"}
 
 WEBHOOK = 'admission webhook "validation.gatekeeper.sh" denied the request: [keep-strict] must stay STRICT'
 
@@ -138,8 +143,9 @@ def test_a_service_frozen_before_its_flip_ends_frozen_with_the_reason_not_strict
     states = {"admit": "success", "preflight": "success", "baseline": "success", "inject": "success",
               "wait_rollout": "success", "soak": "success", "strict_gate": "success", "flip_strict": "skipped"}
     errors = {"flip_strict": "frozen: the Airflow Variable meshwave_freeze is set: mesh_emergency_rollback run-1"}
-    final = decisions._migration_state(svc(), {"preflight": {"mtls_in_force": {"mode": "PERMISSIVE"}}}, states,
-                                       errors, {"after_strict_gate_to": decisions.FLIP}, False)
+    results = StepResults.model_validate({"preflight": {**PREFLIGHT, "mtls_in_force": IN_FORCE}})
+    final = decisions._migration_state(svc(), results, states, errors, {"after_strict_gate_to": decisions.FLIP},
+                                       False)
     assert final == FinalState(outcome=ServiceOutcome.FROZEN, mtls="PERMISSIVE", sidecar=True,
                                reason=f"sidecar kept, not STRICT: {errors['flip_strict']}")
     assert not ServiceOutcome.FROZEN.red, "safe and asked for: not a failure of the service"
@@ -147,7 +153,7 @@ def test_a_service_frozen_before_its_flip_ends_frozen_with_the_reason_not_strict
 
 def test_a_service_frozen_before_its_injection_ends_frozen_without_a_sidecar() -> None:
     states = {"admit": "success", "preflight": "success", "baseline": "success", "inject": "skipped"}
-    final = decisions._migration_state(svc(), {}, states, {"inject": "frozen: INC-4711"}, {}, False)
+    final = decisions._migration_state(svc(), StepResults(), states, {"inject": "frozen: INC-4711"}, {}, False)
     assert (final.outcome, final.sidecar, final.reason) == ("frozen", False, "not injected: frozen: INC-4711")
 
 

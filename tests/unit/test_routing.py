@@ -11,7 +11,9 @@ from airflow.sdk.exceptions import AirflowSkipException
 from meshwave import service_group as sg
 from meshwave.mtls import Mode
 from meshwave.plan import parse_plan
+from meshwave.results import FlipResult
 from meshwave.wave import services_of
+from tests.unit.test_decisions import BASELINE, FLIP, PREFLIGHT
 
 PLAN = {"migration": "m", "clusters": {"lab": {"kubernetes_conn_id": "k", "prometheus_conn_id": "p"}},
         "waves": [{"name": "wave-1", "services": [{"cluster": "lab", "namespace": "shop", "workload": "cart"}]}]}
@@ -86,7 +88,7 @@ def test_a_path_runs_only_when_its_own_map_index_chose_it() -> None:
 
 @pytest.mark.parametrize(("inject", "left", "expect"), [
     # the write went through, then the rollout wait's trigger crashed: what was applied is undone
-    ("failed", {("inject", 0, "inject"): {"changes": []}}, "rollback"),
+    ("failed", {("inject", 0, "inject"): {"changes": [], "seconds": 0.1, "pending": None}}, "rollback"),
     # the write failed part-way (an API error after its retries): undo whatever was applied
     ("failed", {("inject", 0, "error"): {"step": "inject", "message": "KubeError: 500"}}, "rollback"),
     # refused before any change: nothing to undo
@@ -100,7 +102,8 @@ def test_a_wait_that_failed_is_decided_from_what_its_task_left(inject: str, left
     from the step states, as the wait would have."""
     xcoms: dict[tuple[str, int, str], Any] = {("admit", 0, "service"): service(),
                                               ("admit", 0, "decision"): {"to": "inject", "why": "action migrate"},
-                                              ("admit", 0, "preflight"): {}, ("admit", 0, "baseline"): {}, **left}
+                                              ("admit", 0, "preflight"): PREFLIGHT, ("admit", 0, "baseline"): BASELINE,
+                                              **left}
     states = {("admit", 0): "success", ("inject", 0): inject}
     check = sg.rollback_if_chosen(GROUP)
     if expect == "skip":
@@ -127,9 +130,9 @@ def test_back_to_permissive_decides_after_strict_itself(flip: str | None, verify
     if flip:
         states[("flip_strict", 0)] = flip
     if flip == "success":
-        xcoms[("flip_strict", 0, "flip_strict")] = {"changes": []}
+        xcoms[("flip_strict", 0, "flip_strict")] = FLIP
     if verify:
-        xcoms[("flip_strict", 0, "verify_strict")] = verify
+        xcoms[("flip_strict", 0, "verify_strict")] = {"stage": "verify_strict", **verify}
     ti = FakeTI(0, xcoms, states)
     check = sg.strict_undone_if_needed(GROUP)
     if expect == "skip":
@@ -169,7 +172,7 @@ def test_a_retry_after_this_runs_flip_does_not_verify_again(try_number: int, mar
 
     monkeypatch.setattr(sg, "kube_for", lambda svc, c: Marked(Mode.STRICT))
     monkeypatch.setattr(sg.guards, "frozen_now", lambda key: None)
-    monkeypatch.setattr(sg.steps, "flip_strict", lambda svc, kube: {"changes": []})
+    monkeypatch.setattr(sg.steps, "flip_strict", lambda svc, kube: FlipResult(changes=[], seconds=0.1))
     ti = FakeTI(0, {}, {})
     ti.try_number = try_number
     ctx = {**context(ti), "dag": type("Dag", (), {"dag_id": "d"}), "run_id": "r"}
@@ -178,7 +181,7 @@ def test_a_retry_after_this_runs_flip_does_not_verify_again(try_number: int, mar
         with pytest.raises(AirflowFailException, match="did not finish verifying"):
             sg._flip(svc, ctx)
     else:
-        assert sg._flip(svc, ctx) == {"changes": [], "pending": None}
+        assert sg._flip(svc, ctx).model_dump(mode="json") == {"changes": [], "seconds": 0.1, "pending": None}
 
 
 def test_what_a_trigger_ended_its_task_with_is_read_like_a_workers_push() -> None:

@@ -250,12 +250,12 @@ def test_headroom_is_the_proxy_s_own_limit_not_what_the_app_leaves_of_its_own() 
     # The app uses 500Mi of its 512Mi: the old check blocked this; the proxy has a limit of its own (1024Mi).
     kube, source = FakeKube(spec=TEMPLATE), FakeSource().set("app_memory_bytes", memory(500))
     result = steps.preflight(service(), kube, source)  # type: ignore[arg-type]
-    assert result["headroom"].startswith("the istio-proxy limit 1024Mi (Istio's defaults) holds the sidecar's "
+    assert result.headroom.startswith("the istio-proxy limit 1024Mi (Istio's defaults) holds the sidecar's "
                                          "expected 128Mi; 0 ResourceQuota(s) and 0 LimitRange(s) in shop admit a "
                                          "proxy for each of 2 replicas plus 1 surge pod(s) of the rollout; ")
     assert "NOTE: no ConfigMap istio-system/istio-sidecar-injector: Istio's default proxy resources assumed" \
-        in result["headroom"]
-    assert result["changes"] == [] and kube.names() == READS
+        in result.headroom
+    assert result.changes == [] and kube.names() == READS
     assert source.seen == [], "Prometheus is not asked: the app's usage does not decide the proxy's room"
 
 
@@ -274,11 +274,11 @@ def test_the_plan_s_sidecar_limit_is_what_is_checked_and_then_applied() -> None:
     kube = FakeKube(spec=TEMPLATE)
     svc = service(sidecar={"memory": "96Mi", "memory_limit": "192Mi", "cpu": "50m", "expected_memory_mi": 150})
     result = steps.preflight(svc, kube, FakeSource())  # type: ignore[arg-type]
-    assert result["headroom"].startswith("the istio-proxy limit 192Mi (the sidecar.istio.io/proxy* annotations) "
+    assert result.headroom.startswith("the istio-proxy limit 192Mi (the sidecar.istio.io/proxy* annotations) "
                                          "holds the sidecar's expected 150Mi")
     assert kube.calls[len(READS)] == ("ensure_sidecar_resources",
                              (NS, WL, {"cpu": "50m", "memory": "96Mi", "cpu_limit": None, "memory_limit": "192Mi"}))
-    [change] = result["changes"]
+    [change] = result.changes
     assert change["action"] == "set-sidecar-resources" and change["applied"] is True
     assert Change.from_dict(change).target == "deployment shop/payment"  # JSON-safe ledger record
     with pytest.raises(Blocked, match=r"own memory limit 192Mi \(the sidecar.istio.io/proxy\* annotations\) < "
@@ -313,7 +313,7 @@ def test_unreadable_nodes_are_a_note_not_a_block() -> None:
                           'airflow:meshwave" cannot list resource "nodes"', code=403)
     result = steps.preflight(service(), FakeKube(spec=TEMPLATE, nodes=denied), FakeSource())  # type: ignore[arg-type]
     assert "NOTE: node capacity not checked: the nodes or pods are not readable (cluster lab: LIST nodes: 403" \
-        in result["headroom"]
+        in result.headroom
 
 
 @pytest.mark.parametrize(("own", "inbound", "outbound"), [
@@ -326,7 +326,7 @@ def test_exclusions_are_applied_one_direction_left_alone_when_not_planned(own: d
     kube = FakeKube(deployment_state("512Mi"))
     result = steps.preflight(service(**own), kube, FakeSource())  # type: ignore[arg-type]
     assert kube.calls[len(READS):] == [("ensure_exclusions", (NS, WL, inbound, outbound))]
-    assert [c["action"] for c in result["changes"]] == ["set-exclusions"]
+    assert [c["action"] for c in result.changes] == ["set-exclusions"]
 
 
 def test_sidecar_resources_then_exclusions_both_recorded() -> None:
@@ -334,7 +334,7 @@ def test_sidecar_resources_then_exclusions_both_recorded() -> None:
     svc = service(sidecar={"memory_limit": "256Mi"}, exclude_outbound_ports=[5432])
     result = steps.preflight(svc, kube, FakeSource())  # type: ignore[arg-type]
     assert kube.names() == [*READS, "ensure_sidecar_resources", "ensure_exclusions"]
-    assert [c["action"] for c in result["changes"]] == ["set-sidecar-resources", "set-exclusions"]
+    assert [c["action"] for c in result.changes] == ["set-sidecar-resources", "set-exclusions"]
 
 
 def test_a_missing_workload_is_an_error_not_a_block_and_nothing_is_queried() -> None:
@@ -384,18 +384,18 @@ def test_strict_once_injected_with_every_caller_meshed_goes_ahead_and_says_so() 
     kube = FakeKube(policies=[pa(NS, "default", "STRICT")])
     source = fits(FakeSource()).set("app_request_rate", 12.0).set("meshed_request_rate", 12.0)
     result = steps.preflight(service(), kube, source)  # type: ignore[arg-type]
-    assert result["plaintext_before_injection"].endswith("0 of 12 rps come from callers without a sidecar: every "
+    assert result.plaintext_before_injection.endswith("0 of 12 rps come from callers without a sidecar: every "
                                                          "caller already speaks mTLS")
-    assert result["mtls_in_force"]["mode"] == "STRICT"
+    assert result.mtls_in_force.mode == "STRICT"
 
 
 def test_a_workload_policy_beats_the_namespace_strict_so_no_traffic_question_is_asked() -> None:
     kube = FakeKube(policies=[pa(NS, "default", "STRICT"), pa(NS, "team-payment", "PERMISSIVE", {"app": WL})])
     source = fits(FakeSource())
     result = steps.preflight(service(), kube, source)  # type: ignore[arg-type]
-    assert result["mtls_in_force"]["mode"] == "PERMISSIVE"
+    assert result.mtls_in_force.mode == "PERMISSIVE"
     assert source.query("app_request_rate") not in source.seen
-    assert result["notes"] == ["STRICT will not be flipped: peerauthentication shop/team-payment (workload, "
+    assert result.notes == ["STRICT will not be flipped: peerauthentication shop/team-payment (workload, "
                                "PERMISSIVE; not meshwave's) selects the pods and decides their mode"]
 
 
@@ -403,7 +403,7 @@ def test_a_gitops_owned_deployment_is_named_in_preflight() -> None:
     kube = FakeKube(metadata={"labels": {"app.kubernetes.io/managed-by": "Helm"},
                               "annotations": {"meta.helm.sh/release-name": "payment"}})
     result = steps.preflight(service(), kube, fits(FakeSource()))  # type: ignore[arg-type]
-    assert len(result["notes"]) == 1 and "will be reverted by Helm" in result["notes"][0]
+    assert len(result.notes) == 1 and "will be reverted by Helm" in result.notes[0]
 
 
 # ---- baseline, inject, set_mtls ------------------------------------------------------------------------------
@@ -414,13 +414,13 @@ def test_baseline_measures_the_app_over_the_plan_s_window() -> None:
         source.set(name, value)
     source.set("app_memory_bytes", memory(210))
     result = steps.baseline(service(query_window_seconds=30), source)  # type: ignore[arg-type]
-    base = result["baseline"]
-    assert (base["namespace"], base["workload"], base["window"]) == (NS, WL, "30s")
-    assert (base["success_rate"], base["request_rate"], base["request_count"], base["p50_ms"], base["p99_ms"]) == \
+    base = result.baseline
+    assert (base.namespace, base.workload, base.window) == (NS, WL, "30s")
+    assert (base.success_rate, base.request_rate, base.request_count, base.p50_ms, base.p99_ms) == \
         (0.998, 38.5, 1155.0, 6.0, 14.2)
-    assert base["app_memory_bytes"] == {WL: 210.0 * MI}
-    assert base["notes"] == []
-    assert "seconds" in result
+    assert base.app_memory_bytes == {WL: 210.0 * MI}
+    assert base.notes == []
+    assert result.seconds >= 0
 
 
 def test_a_baseline_that_could_not_be_measured_blocks_the_service_naming_the_query() -> None:
@@ -446,17 +446,17 @@ def test_inject_uses_the_plan_s_injection_mode(own: dict[str, Any], mode: str, a
     kube = FakeKube()
     result = steps.inject(service(**own), kube)  # type: ignore[arg-type]
     assert kube.calls == [("ensure_injected", (NS, WL, mode))]
-    assert [c["action"] for c in result["changes"]] == actions
-    assert "seconds" in result
+    assert [c["action"] for c in result.changes] == actions
+    assert result.seconds >= 0
 
 
 def test_rollback_removes_meshwave_s_policy_without_creating_one_then_the_sidecar() -> None:
     kube = FakeKube()
     result = steps.rollback_injection(service(), kube, FakeSource())  # type: ignore[arg-type]
     assert kube.calls == [("mtls.ensure_permissive", (NS, WL, False)), ("remove_injection", (NS, WL))]
-    assert [c["action"] for c in result["changes"]] == ["delete-mtls", "remove-injection"]
-    assert result["changes"][1]["after"] == {INJECT_LABEL: "false"}
-    assert "seconds" in result
+    assert [c["action"] for c in result.changes] == ["delete-mtls", "remove-injection"]
+    assert result.changes[1]["after"] == {INJECT_LABEL: "false"}
+    assert result.seconds >= 0
 
 
 # ---- Service -------------------------------------------------------------------------------------------------
@@ -481,7 +481,7 @@ def test_strict_only_needs_every_pod_injected_and_changes_nothing() -> None:
     svc = dataclasses.replace(service(), action="strict_only")
     kube = FakeKube(dataclasses.replace(deployment_state(), pods=pods(2, 0)))
     result = steps.inject(svc, kube)
-    assert (result["changes"], result["sidecars"]) == ([], "2 of 2 pods run their sidecar")
+    assert (result.changes, result.sidecars) == ([], "2 of 2 pods run their sidecar")
     assert kube.names() == ["workload"]
     half = FakeKube(dataclasses.replace(deployment_state(), pods=pods(1, 1)))
     with pytest.raises(steps.Blocked, match=f"{NS}/{WL}: 1 of 2 pods run an istio-proxy sidecar: STRICT only needs "
