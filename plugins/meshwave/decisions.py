@@ -106,6 +106,10 @@ def gate_decision(gate: GateEvent | None) -> tuple[str, str]:
     if gate is None:
         return STAY, "STRICT gate error: did not report"
     if gate.status == "pass":
+        unread = gate.extra.callers_error if gate.extra is not None else None
+        if unread:  # verify_strict would watch no caller: a flip that nobody watches is not made
+            return STAY, (f"STRICT gate passed, but the callers to watch after the flip could not be read from "
+                          f"Prometheus: {unread}")
         return FLIP, gate.reason
     callers = (gate.extra.plaintext_callers if gate.extra is not None else None) or []
     if callers:

@@ -19,8 +19,9 @@ from meshwave.checks import GateResult, GateStatus, Outcome, Verdict
 from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import parse_plan
 from meshwave.record import ServiceRecord
-from meshwave.results import StepResults
+from meshwave.results import GateEvent, StepResults
 from meshwave.steps import Service
+from meshwave.triggers import ended
 
 MI = 2**20
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z
@@ -271,6 +272,21 @@ def test_after_soak_a_failed_soak_task_is_an_error(on_no_data: str, expected: tu
 def test_after_strict_gate_pass_flips() -> None:
     assert d.after_strict_gate(typed({"strict_gate": GATE_PASS}), {"strict_gate": "success"}) == \
         (d.FLIP, "all 1 checks passed 1 poll(s) in a row")
+
+
+def test_a_passed_gate_whose_callers_could_not_be_read_does_not_flip() -> None:
+    """verify_strict watches the callers the gate hands on; none read means no caller watched after the flip (the
+    seed's outage: callers cut off by STRICT, and nothing noticing). Through the trigger's own event, as it ends."""
+    unread = gate("strict_gate", "pass", "all 1 checks passed 1 poll(s) in a row",
+                  [verdict("strict_plaintext", "pass", "all 38.5/s inbound is mutual TLS")],
+                  {"plaintext_callers": [], "callers": [], "inbound_before": None,
+                   "callers_error": "Prometheus query failed: 503 Service Unavailable"})
+    expected = (d.STAY, "STRICT gate passed, but the callers to watch after the flip could not be read from "
+                        "Prometheus: Prometheus query failed: 503 Service Unavailable")
+    assert d.after_strict_gate(typed({"strict_gate": unread}), {"strict_gate": "success"}) == expected
+    event = ended("strict_gate", GateEvent.model_validate(unread), {"after": "strict_gate"})
+    assert event.xcoms["decision"] == {"to": d.STAY, "why": expected[1]}
+    assert d.after_strict_gate(typed({"strict_gate": GATE_PASS}), {"strict_gate": "success"})[0] == d.FLIP
 
 
 def test_after_strict_gate_timeout_with_plaintext_callers_names_them() -> None:
