@@ -289,6 +289,10 @@ def _migration_state(svc: Service, results: StepResults, states: dict[str, str |
         return FinalState(outcome=ServiceOutcome.ROLLED_BACK, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
                           reason=f"STRICT undone, sidecar kept: {decisions.get('after_strict')}; recovery: {recovery}")
     if done("verify_strict"):
+        if decisions.get("after_strict_to") != STRICT_DONE:  # never "strict" without the verified decision
+            return FinalState(outcome=ServiceOutcome.FAILED, mtls=mtls_in_force(results) or "STRICT?", sidecar=True,
+                              reason=f"STRICT flipped but not confirmed as verified (after_strict: "
+                                     f"{decisions.get('after_strict', 'not decided')}); make sure it is PERMISSIVE")
         return FinalState(outcome=ServiceOutcome.STRICT, mtls=mtls_in_force(results) or "STRICT", sidecar=True,
                           reason=decisions.get("after_strict", ""))
     if results.flip_strict is not None and results.flip_strict.refused:

@@ -348,6 +348,20 @@ def test_after_strict_a_failed_verify_task_goes_back() -> None:
 
 
 # ---- outcome: the record -------------------------------------------------------------------------------------
+def test_a_verified_strict_without_the_strict_done_decision_is_never_reported_strict() -> None:
+    """back_to_permissive makes the after_strict decision (and undoes a failed verification); a run stopped before
+    it decided left STRICT in force unconfirmed: the record says so, red, and never "strict"."""
+    results = {"preflight": PREFLIGHT, "baseline": BASELINE, "inject": INJECT,
+               "wait_rollout": rollout("done", "2/2 pods updated and available, 2 proxies ready"),
+               "soak": SOAK_PASS, "strict_gate": GATE_PASS, "flip_strict": FLIP, "verify_strict": VERIFY_FAIL}
+    st = states("preflight", "baseline", "inject", "wait_rollout", "after_rollout", "soak", "after_soak",
+                "strict_gate", "after_strict_gate", "flip_strict", "verify_strict", back_to_permissive="removed")
+    r = record(service(), results, st)
+    assert (r.outcome, r.mtls, r.sidecar) == ("failed", "STRICT?", True), r.reason
+    assert r.reason == ("STRICT flipped but not confirmed as verified (after_strict: not decided); make sure it is "
+                        "PERMISSIVE")
+
+
 def test_strict_record_with_baseline_after_changes_verdicts_and_step_seconds() -> None:
     svc = service()
     results = {"preflight": PREFLIGHT, "baseline": BASELINE, "inject": INJECT,

@@ -198,7 +198,9 @@ def test_a_gate_event_keeps_its_keys_and_the_strict_gate_s_extra_its_order() -> 
                               "callers_error": "Prometheus down"}, "an explicit null stays, the unset key stays out"
     assert list(found["extra"]) == ["plaintext_callers", "callers", "inbound_before", "callers_error"]
     assert (found["stage"], found["status"], found["started"]) == ("strict_gate", "pass", T0)
-    assert event.xcoms["decision"]["to"] == "flip_strict"
+    # callers that could not be read: nothing would watch them after the flip, so it is not made
+    assert event.xcoms["decision"]["to"] == "stay_permissive"
+    assert event.xcoms["decision"]["why"].endswith("could not be read from Prometheus: Prometheus down")
 
 
 # ---- round trips, also through the triggerer's second encoding -------------------------------------------------
