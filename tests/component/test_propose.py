@@ -31,7 +31,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LabProcess
 
 def propose(lab: LabProcess, prom_url: str, out: Path, *extra: str) -> int:
     return main(["plan", "propose", "--kubeconfig", f"pc={lab.kubeconfig('pc')}", "--prometheus", prom_url,
-                 "--lookback", "20s", "--max-wave", "3", "--max-batch", "2", "--conn-prefix", "lab", "--no-picture",
+                 "--lookback", "20s", "--max-wave", "3", "--max-batch", "2", "--conn-prefix", "lab",
                  "--out", str(out), *extra])
 
 
@@ -130,3 +130,20 @@ def test_an_unreachable_prometheus_is_named_and_nothing_is_written(stack, tmp_pa
     err = capsys.readouterr().err
     assert f"Prometheus for pc: Prometheus at {url}: cannot connect" in err and "nothing written" in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_picture_colours_every_wave_s_services_in_the_wave_s_colour(proposed: Path) -> None:
+    """The PNG beside the plan, opened: each wave's colour (viridis, first wave to last) is on it, and grey for
+    what is not planned."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    image = Image.open(proposed.with_suffix(".png")).convert("RGB")
+    assert image.width > 800 and image.height > 600
+    seen = set(image.getdata())
+    waves = len(services(proposed))
+    for wave in range(waves):
+        rgb = tuple(round(255 * c) for c in colormaps["viridis"](wave / (waves - 1))[:3])
+        assert any(max(abs(a - b) for a, b in zip(rgb, pixel, strict=True)) <= 2 for pixel in seen), \
+            f"wave {wave + 1}'s colour {rgb} is not in the picture"
+    assert (211, 211, 211) in seen, "lightgrey: a node not planned (the gateway, the prober, user)"

@@ -44,7 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                    "number (the seed measured 35-50)")
     parser.add_argument("--idle-in-order", action="store_true", help="plan services with no observed traffic like "
                         "the others (default: a last wave, strict: false)")
-    parser.add_argument("--no-picture", action="store_true", help="skip the call graph picture")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,12 +177,7 @@ def _write(out: Path, result: Any) -> list[Path]:
     try:
         staged.append((_stage(out, lambda p: p.write_text(result.plan)), out))
         staged.append((_stage(md, lambda p: p.write_text(result.summary)), md))
-        why_not: list[str] = []
-        staged.append((_stage(png, lambda p: why_not.append(summary.picture(result.graph, result.proposal, p) or "")),
-                       png))
-        if why_not and why_not[0]:
-            staged.pop()[0].unlink(missing_ok=True)
-            print(f"  {why_not[0]}", file=sys.stderr)
+        staged.append((_stage(png, lambda p: summary.picture(result.graph, result.proposal, p)), png))
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)

@@ -1,5 +1,5 @@
 """The summary next to the plan: a markdown page, and a picture of the call graph coloured by wave (networkx and
-matplotlib, loaded only here, and only when installed: the plan never depends on them)."""
+matplotlib, imported only when the picture is drawn)."""
 
 from __future__ import annotations
 
@@ -71,31 +71,35 @@ def _cost_row(name: str, r: Resources) -> str:
             f"{r.memory_request_mi:g}Mi | {r.memory_limit_mi:g}Mi |")
 
 
-def picture(graph: CallGraph, proposal: Proposal, path: Path) -> str | None:
-    """The call graph coloured by wave, as a PNG; None when written, else why not (networkx or matplotlib
-    missing): the plan and the markdown do not depend on it."""
-    try:
-        import matplotlib
+def picture(graph: CallGraph, proposal: Proposal, path: Path) -> None:
+    """The call graph coloured by wave, as a PNG at `path`."""
+    import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        import networkx as nx
-    except ImportError as exc:
-        return f"no picture: {exc.name} is not installed"
+    matplotlib.use("Agg")  # no display: a file only
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
     wave_of = {s.key: i + 1 for i, w in enumerate(proposal.waves) for s in w.services}
     g = nx.DiGraph()
+    g.add_nodes_from(wave_of)  # a service nobody calls (an idle one) is planned too
     for e in graph.edges:
         g.add_edge(e.client, e.server)
     colours = [_colour(plt, wave_of.get(n), len(proposal.waves)) for n in g.nodes]
     fig = plt.figure(figsize=(16, 12))
     positions: Any = nx.spring_layout(g, seed=16, k=0.6)
-    nx.draw_networkx(g, positions, node_color=colours, node_size=120, font_size=5, arrowsize=6, width=0.4,
-                     labels={n: n.rsplit("/", 1)[-1] for n in g.nodes})
-    plt.title("call graph by wave (grey: not planned)")
+    nx.draw_networkx_nodes(g, positions, node_color=colours, node_size=120)
+    nx.draw_networkx_edges(g, positions, arrowsize=6, width=0.4, node_size=120)
+    below = {n: (x, y - 0.03) for n, (x, y) in positions.items()}  # under the node: readable on a dark colour
+    nx.draw_networkx_labels(g, below, labels={n: n.rsplit("/", 1)[-1] for n in g.nodes}, font_size=6)
+    from matplotlib.patches import Patch
+
+    legend = [Patch(color=_colour(plt, i + 1, len(proposal.waves)), label=w.name) for i, w in
+              enumerate(proposal.waves)] + [Patch(color=_colour(plt, None, 0), label="not planned")]
+    plt.legend(handles=legend, loc="upper left", fontsize=8)
+    plt.title("call graph by wave")
     plt.axis("off")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")  # path: a temp name without the suffix
     plt.close(fig)
-    return None
 
 
 def _colour(plt: Any, wave: int | None, waves: int) -> Any:
