@@ -1,4 +1,4 @@
-"""`meshlab serve` and `meshlab validate`."""
+"""`meshlab serve`, `meshlab validate` and `meshlab import`."""
 
 from __future__ import annotations
 
@@ -54,6 +54,36 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _import(args: argparse.Namespace) -> int:
+    """A topology from a fleet's inventory and call graph, read with `meshwave plan propose`'s readers."""
+    from meshlab.importer import build, read_fleet
+    from meshwave.prometheus import PrometheusError, validate_window, window_seconds
+    from meshwave.propose.command import ProposeError, _kube, _pairs, _sources
+
+    try:
+        lookback = validate_window(args.lookback, "--lookback")
+        kubes = {c: _kube(c, path) for c, path in _pairs(args.kubeconfig, "--kubeconfig", "CLUSTER=PATH").items()}
+        sources = _sources(args.prometheus, sorted(kubes))
+        inventory, graph, policies = read_fleet(kubes, sources, lookback, window_seconds(lookback))
+        roots = {k.root_namespace for k in kubes.values()}
+        imported = build(args.name or args.out.stem, inventory, graph, policies, root_namespace=min(roots))
+    except (ProposeError, PrometheusError, ValueError) as exc:
+        print(f"meshlab import: {exc}; nothing written", file=sys.stderr)
+        return 2
+    source = f"clusters {', '.join(sorted(kubes))}, telemetry of the last {lookback}"
+    args.out.write_text(imported.text(source))
+    services = imported.topology["services"]
+    calls = sum(len(s.get("calls", [])) for s in services)
+    print(f"{args.out}: {sum(1 for s in services if s.get('kind') != 'external')} deployments, "
+          f"{sum(1 for s in services if s.get('kind') == 'external')} callers outside Kubernetes, {calls} calls, "
+          f"{len(imported.topology['peer_authentications'])} PeerAuthentications ({source})")
+    from meshlab.importer import NOT_CARRIED
+
+    for line in NOT_CARRIED + imported.notes:
+        print(f"  not carried / note: {line}")
+    return 0
+
+
 def _cluster_port(text: str) -> tuple[str, int]:
     cluster, _, port = text.partition("=")
     if not cluster or not port.isdigit():
@@ -82,6 +112,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-port", type=_cluster_port, action="append", default=[], metavar="CLUSTER=PORT",
                    help="a fixed Kubernetes API port for a cluster (default: any free port)")
     p.set_defaults(func=_serve)
+    p = sub.add_parser("import", help="write a topology from a fleet's inventory and call graph")
+    p.add_argument("--kubeconfig", action="append", required=True, metavar="CLUSTER=PATH",
+                   help="a cluster's name and its kubeconfig; once per cluster")
+    p.add_argument("--prometheus", action="append", required=True, metavar="URL|CLUSTER=URL",
+                   help="the Prometheus for every cluster, or one per cluster")
+    p.add_argument("--lookback", default="10m", help="how far back the telemetry is read (default 10m)")
+    p.add_argument("--name", help="the topology's name (default: the output file's stem)")
+    p.add_argument("--out", type=Path, required=True, help="the topology file to write")
+    p.set_defaults(func=_import)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.WARNING))
     return args.func(args)

@@ -1,0 +1,78 @@
+"""`meshlab import` (issue 16, item 5): the seed fleet imported from its own lab and Prometheus: a topology the lab
+accepts, with the seed's Deployments, replicas and memory. (Serving the import as a second lab and comparing the
+call graph read back is not landed yet: under load the lab's app and edge counters drift apart by up to 15 %.)
+
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshlab.cli import main
+from meshlab.process import LabProcess, PrometheusProcess
+from meshlab.topology import load_topology
+
+pytestmark = pytest.mark.component
+
+SEED = Path(__file__).parents[2] / "include" / "lab" / "seed.yaml"
+CLUSTERS = ("prod-eu-1", "prod-us-1", "prod-ap-1")
+# a 20 s lookback of scrapes every 2 s, wholly after the first scrape (else increase() extrapolates less: -10 %)
+LOOKBACK, SETTLE = "20s", 30
+
+
+def read(lab: LabProcess, prom: PrometheusProcess):
+    from kubernetes import config
+
+    from meshlab.importer import read_fleet
+    from meshwave.kube import MeshKube
+    from meshwave.prometheus import PrometheusSource
+
+    kubes = {c: MeshKube(config.new_client_from_config(config_file=lab.kubeconfig(c)), c) for c in CLUSTERS}
+    source = PrometheusSource(prom.url, timeout=20)
+    return read_fleet(kubes, dict.fromkeys(CLUSTERS, source), LOOKBACK, 20.0)
+
+
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, object, str]]:
+    workdir = tmp_path_factory.mktemp("import")
+    out = workdir / "twin.yaml"
+    with LabProcess(SEED, workdir / "seed") as lab, PrometheusProcess([lab.metrics_target], workdir / "p1") as prom:
+        time.sleep(SETTLE)
+        started = time.monotonic()
+        args = ["import", "--prometheus", prom.url, "--lookback", LOOKBACK, "--out", str(out)]
+        for c in CLUSTERS:
+            args += ["--kubeconfig", f"{c}={lab.kubeconfig(c)}"]
+        assert main(args) == 0
+        took = time.monotonic() - started
+        original = read(lab, prom)  # the same reader, right after: the graph the twin must reproduce
+    yield out, original, f"{took:.1f}"
+
+
+def test_the_written_topology_loads_and_says_what_it_does_not_carry(imported, capsys) -> None:
+    out = imported[0]
+    topology = load_topology(out)
+    assert main(["validate", str(out)]) == 0
+    assert "ok: 3 clusters, 190 deployments" in capsys.readouterr().out  # 187 and a gateway per cluster
+    text = out.read_text()
+    assert "# Not carried over" in text and "latency_ms and error_rate" in text and "legacy" in text
+    assert {c.name for c in topology.clusters} == set(CLUSTERS)
+    eu = next(c for c in topology.clusters if c.name == "prod-eu-1")
+    monitoring = next(n for n in eu.namespaces if n.name == "monitoring")
+    assert monitoring.labels == {"istio-injection": "disabled"}
+
+
+def test_replicas_and_memory_as_the_seed_has_them(imported) -> None:
+    seed = {(s.cluster, s.namespace, s.name): s for s in load_topology(SEED).services if s.kind == "deployment"}
+    twin = {(s.cluster, s.namespace, s.name): s for s in load_topology(imported[0]).services
+            if s.kind == "deployment"}
+    assert set(twin) == set(seed)
+    for key, s in seed.items():
+        t = twin[key]
+        assert (t.replicas, t.memory_limit_mi) == (s.replicas, s.memory_limit_mi), key
+        assert t.app_memory_mi == pytest.approx(s.app_memory_mi, rel=0.01), key
+        assert t.annotations.get("sidecar.istio.io/proxyMemoryLimit") == \
+            s.annotations.get("sidecar.istio.io/proxyMemoryLimit"), key
