@@ -76,3 +76,32 @@ def test_replicas_and_memory_as_the_seed_has_them(imported) -> None:
         assert t.app_memory_mi == pytest.approx(s.app_memory_mi, rel=0.01), key
         assert t.annotations.get("sidecar.istio.io/proxyMemoryLimit") == \
             s.annotations.get("sidecar.istio.io/proxyMemoryLimit"), key
+
+
+def deployment_calls(path: Path) -> set[tuple[str, str, str]]:
+    """(caller, callee, protocol) of every call from one Deployment of a topology to another, as cluster/ns/name;
+    a caller that is not traced is the service graph's `user` (its spans start new traces: no name reaches the
+    connector)."""
+    topology = load_topology(path)
+    deployments = {(s.cluster, s.namespace, s.name) for s in topology.services if s.kind == "deployment"}
+    found = set()
+    for s in topology.services:
+        caller = (s.cluster, s.namespace, s.name)
+        for call in s.calls:
+            callee = topology.resolve(call.service, s)
+            if caller in deployments and callee in deployments:
+                found.add(("/".join(caller) if s.is_traced else "user", "/".join(callee), call.protocol))
+    return found
+
+
+def test_the_call_graph_read_from_the_seed_is_the_seed_s_and_the_twin_carries_it(imported) -> None:
+    """Into the Deployments, the graph the readers saw is the seed topology's call graph, edge for edge (an untraced
+    caller as `user`), and the imported topology calls the same (rates are not compared: see the docstring)."""
+    out, (inventory, graph, _), _ = imported
+    keys = set(inventory.by_key())
+    read = {(e.client, e.server, e.protocol) for e in graph.edges
+            if e.server in keys and (e.client in keys or e.client == "user")}
+    seed = deployment_calls(SEED)
+    assert {e for e in read if e[0] != "user"} == {e for e in seed if e[0] != "user"}
+    assert {e for e in seed if e[0] == "user"} <= read, "an untraced caller's calls reach its callee as `user`"
+    assert {e for e in deployment_calls(out) if e[0] != "user"} == {e for e in read if e[0] != "user"}
