@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import eventually
-from tests.e2e.conftest import Stack
+from tests.e2e.conftest import EARLY, Early, Stack
 from tests.e2e.test_wave import patch_template, proxies
 
 pytestmark = pytest.mark.e2e
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.e2e
 LOCKED, TEAMS, ADHOC = "meshwave_e2e_mtls_locked", "meshwave_e2e_mtls_teams", "mesh_service"
 RATIO = ('sum(rate(http_requests_total{{namespace="{ns}", app="{app}", code!~"5.."}}[15s])) / '
          'sum(rate(http_requests_total{{namespace="{ns}", app="{app}"}}[15s]))')
-
-
-def success_now(stack: Stack, ns: str, app: str) -> float:
-    found = stack.prometheus.query(RATIO.format(ns=ns, app=app))
-    assert found, f"no success rate for {ns}/{app} in Prometheus"
-    return float(found[0]["value"][1])
 
 
 def lowest_since(stack: Stack, ns: str, app: str, since: float) -> float:
@@ -67,11 +61,46 @@ def pa(stack: Stack, ns: str, name: str) -> dict[str, Any] | None:
     return next((p for p in items["items"] if p["metadata"]["name"] == name), None)
 
 
+# Both waves only end and are looked at, in namespaces of their own: triggered when the stack is up (EARLY), beside
+# the other modules' runs. The hooks run just before each trigger; they record, the tests assert (a failed assertion
+# in a hook would fail every module's tests).
+before: dict[str, dict[str, Any]] = {}  # DAG id -> "since" (the trigger's time), each caller's rate then, ...
+LOCKED_CALLERS, TEAMS_CALLERS = (("cronjobs", "l-cron"), ("locked", "l-web")), (("teams", "t-web"),)
+
+
+def rates(stack: Stack, callers: tuple[tuple[str, str], ...]) -> dict[tuple[str, str], float | None]:
+    found = {caller: stack.prometheus.query(RATIO.format(ns=caller[0], app=caller[1])) for caller in callers}
+    return {caller: float(result[0]["value"][1]) if result else None for caller, result in found.items()}
+
+
+def before_locked(stack: Stack) -> None:
+    before[LOCKED] = {"rates": rates(stack, LOCKED_CALLERS), "since": time.time()}
+
+
+def before_teams(stack: Stack) -> None:
+    # t-web calls t-auth and t-pay; with a sidecar of its own it speaks mTLS to them once they have theirs.
+    patch_template(stack, "teams", "t-web", labels={"sidecar.istio.io/inject": "true"})
+    deadline = time.monotonic() + 60
+    while not (injected := proxies(stack, "teams", "t-web") == [True, True]) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    before[TEAMS] = {"t-web injected": injected, "rates": rates(stack, TEAMS_CALLERS), "since": time.time()}
+
+
+EARLY[LOCKED] = Early(LOCKED, {}, before=before_locked, last=True)
+EARLY[TEAMS] = Early(TEAMS, {}, before=before_teams, last=True)
+
+
+def early_callers(dag_id: str) -> tuple[dict[tuple[str, str], float], float]:
+    """The callers' success rates just before the early run's trigger, and when that was."""
+    seen = before[dag_id]
+    missing = [caller for caller, rate in seen["rates"].items() if rate is None]
+    assert not missing, f"no success rate in Prometheus before the run for {missing}"
+    return seen["rates"], seen["since"]
+
+
 def test_namespace_wide_strict_blocks_the_service_a_plaintext_caller_needs(stack: Stack) -> None:
-    callers = {("cronjobs", "l-cron"): success_now(stack, "cronjobs", "l-cron"),
-               ("locked", "l-web"): success_now(stack, "locked", "l-web")}
-    since = time.time()
-    run_id, state = stack.run(LOCKED, timeout=600)
+    callers, since = early_callers(LOCKED)
+    run_id, state = stack.early_run(LOCKED, timeout=600)
     records = stack.records(LOCKED, run_id)
     summary = {w: (r["outcome"], r["mtls"], r["reason"]) for w, r in records.items()}
     assert state == "success", summary
@@ -90,12 +119,9 @@ def test_namespace_wide_strict_blocks_the_service_a_plaintext_caller_needs(stack
 
 
 def test_a_team_policy_refuses_the_flip_and_a_strict_one_is_relaxed_in_place(stack: Stack) -> None:
-    # t-web calls t-auth and t-pay; with a sidecar of its own it speaks mTLS to them once they have theirs.
-    patch_template(stack, "teams", "t-web", labels={"sidecar.istio.io/inject": "true"})
-    eventually(lambda: proxies(stack, "teams", "t-web") == [True, True], timeout=60, what="t-web injected")
-    callers = {("teams", "t-web"): success_now(stack, "teams", "t-web")}
-    since = time.time()
-    run_id, state = stack.run(TEAMS, timeout=600)
+    callers, since = early_callers(TEAMS)
+    assert before[TEAMS]["t-web injected"], "t-web had no sidecar before the wave (the early run's hook)"
+    run_id, state = stack.early_run(TEAMS, timeout=600)
     records = stack.records(TEAMS, run_id)
     auth = records["t-auth"]
     assert (state, auth["outcome"], auth["mtls"]) == ("success", "permissive", "PERMISSIVE"), auth["reason"]
