@@ -1,6 +1,6 @@
 """`make bench`: every benchmark, one table, and bench/results.json.
 
-    .venv/bin/python -m bench.run [--only parse,soak,soak-postgres,prom_load,rollback,lab,floor,soak-200]
+    .venv/bin/python -m bench.run [--only parse,soak,soak-postgres,prom_load,rollback,lab,floor,soak-200,sqlite_width]
                                   [--output bench/results.json]
 
 Each benchmark runs in its own process and starts (and stops) the lab, Prometheus and Airflow it needs; it
@@ -30,9 +30,14 @@ BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     # The same wave on the distributed stack (CeleryExecutor, Postgres, Redis): its figures' names say so.
     "soak-postgres": ["bench.soak", "--stack", "postgres", "--services", "50", "--soak", "60"],
     "floor": ["bench.floor", "--pairs", "3", "--services", "20", "--probes", "3"],
-    # A wave four times as wide (about 40 minutes): does the overhead per service stay flat, and the scheduler's loop?
+    # A wave four times as wide: does the overhead per service stay flat, and the scheduler's loop? Not in the
+    # default set: on this 2-core machine it takes about two hours (README, Benchmarks); ONLY=soak-200 runs it.
     "soak-200": ["bench.soak", "--services", "200", "--soak", "60", "--scale"],
+    # How many task processes at once the SQLite standalone stack holds before "database is locked".
+    "sqlite_width": ["bench.sqlite_width", "--parallelism", "8,16,32,64", "--services", "40"],
 }
+
+ON_REQUEST = ("soak-200",)  # run only when named in --only
 
 
 def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
@@ -53,8 +58,8 @@ def run(name: str, argv: list[str]) -> tuple[list[dict[str, Any]], list[Any]]:
 def benchmark_of(figure: dict[str, Any]) -> str | None:
     """The benchmark a figure came from, by the command that re-runs it."""
     modules = {"--stack postgres": "soak-postgres", "--scale": "soak-200", "parse_cost": "parse", "soak": "soak",
-               "prom_load": "prom_load",
-               "rollback": "rollback", "lab_cpu": "lab", "bench.floor": "floor"}  # the first that matches
+               "prom_load": "prom_load", "rollback": "rollback", "lab_cpu": "lab", "bench.floor": "floor",
+               "sqlite_width": "sqlite_width"}  # the first that matches
     return next((name for module, name in modules.items() if module in figure.get("command", "")), None)
 
 
@@ -87,7 +92,7 @@ def markdown(figures: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", default=",".join(BENCHMARKS))
+    parser.add_argument("--only", default=",".join(name for name in BENCHMARKS if name not in ON_REQUEST))
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--soak-services", type=int, default=50, help="services in the soak wave (item 2)")
     parser.add_argument("--merge", action="store_true",

@@ -266,6 +266,9 @@ class AirflowProcess:
             # parsed at the next listing (5 s).
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+            # SQLite holds 16 task processes at once, not 32 (Airflow's default): at 32 the scheduler dies on
+            # "database is locked" (`make bench`, benchmark 7)
+            "AIRFLOW__CORE__PARALLELISM": "16",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **{f"AIRFLOW_CONN_{cid.upper()}": json.dumps(c) for cid, c in self.connections.items()},
