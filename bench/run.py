@@ -1,7 +1,9 @@
 """`make bench`: every benchmark, one table, and bench/results.json.
 
-    .venv/bin/python -m bench.run [--only parse,soak,soak-postgres,prom_load,rollback,lab,floor,soak-200,sqlite_width]
-                                  [--output bench/results.json]
+    .venv/bin/python -m bench.run [--only NAME,...] [--output bench/results.json]
+
+NAME: parse, soak, soak-postgres, prom_load, rollback, lab, floor, sqlite_width, propose, and soak-200 (only when
+named).
 
 Each benchmark runs in its own process and starts (and stops) the lab, Prometheus and Airflow it needs; it
 prints one BENCH-RESULT line that this runner collects. A benchmark that fails is a row saying so, and the
@@ -35,6 +37,8 @@ BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     "soak-200": ["bench.soak", "--services", "200", "--soak", "60", "--scale"],
     # How many task processes at once the SQLite standalone stack holds before "database is locked".
     "sqlite_width": ["bench.sqlite_width", "--parallelism", "8,16,32,64", "--services", "40"],
+    # Issue 16: `meshwave plan propose` on the seed lab and on a generated fleet of 2,000 services.
+    "propose": ["bench.propose_cost", "--services", "2000", "--lookback", "20s"],
 }
 
 ON_REQUEST = ("soak-200",)  # run only when named in --only
@@ -59,7 +63,7 @@ def benchmark_of(figure: dict[str, Any]) -> str | None:
     """The benchmark a figure came from, by the command that re-runs it."""
     modules = {"--stack postgres": "soak-postgres", "--scale": "soak-200", "parse_cost": "parse", "soak": "soak",
                "prom_load": "prom_load", "rollback": "rollback", "lab_cpu": "lab", "bench.floor": "floor",
-               "sqlite_width": "sqlite_width"}  # the first that matches
+               "sqlite_width": "sqlite_width", "propose_cost": "propose"}  # the first that matches
     return next((name for module, name in modules.items() if module in figure.get("command", "")), None)
 
 

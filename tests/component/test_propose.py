@@ -38,9 +38,7 @@ def propose(lab: LabProcess, prom_url: str, out: Path, *extra: str) -> int:
 @pytest.fixture(scope="module")
 def proposed(stack, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("plan") / "shop-mesh.yaml"
-    started = time.monotonic()
-    assert propose(stack[0], stack[1].url, out) == 0
-    assert time.monotonic() - started < 10
+    assert propose(stack[0], stack[1].url, out) == 0  # how long it takes: `make bench` (bench/propose_cost.py)
     return out
 
 
