@@ -72,33 +72,37 @@ def _cost_row(name: str, r: Resources) -> str:
 
 
 def picture(graph: CallGraph, proposal: Proposal, path: Path) -> None:
-    """The call graph coloured by wave, as a PNG at `path`."""
+    """The call graph coloured by wave, as a PNG at `path`: one column per wave, left to right in the order they
+    run, and the callers outside the plan in a first, grey column (a layout without scipy, linear in the services:
+    networkx's force-directed one needs scipy from 500 nodes on)."""
     import matplotlib
 
     matplotlib.use("Agg")  # no display: a file only
     import matplotlib.pyplot as plt
     import networkx as nx
+    from matplotlib.patches import Patch
 
     wave_of = {s.key: i + 1 for i, w in enumerate(proposal.waves) for s in w.services}
     g = nx.DiGraph()
     g.add_nodes_from(wave_of)  # a service nobody calls (an idle one) is planned too
     for e in graph.edges:
         g.add_edge(e.client, e.server)
+    nx.set_node_attributes(g, {n: wave_of.get(n, 0) for n in g.nodes}, "wave")
+    positions: Any = nx.multipartite_layout(g, subset_key="wave")
     colours = [_colour(plt, wave_of.get(n), len(proposal.waves)) for n in g.nodes]
-    fig = plt.figure(figsize=(16, 12))
-    positions: Any = nx.spring_layout(g, seed=16, k=0.6)
-    nx.draw_networkx_nodes(g, positions, node_color=colours, node_size=120)
-    nx.draw_networkx_edges(g, positions, arrowsize=6, width=0.4, node_size=120)
-    below = {n: (x, y - 0.03) for n, (x, y) in positions.items()}  # under the node: readable on a dark colour
-    nx.draw_networkx_labels(g, below, labels={n: n.rsplit("/", 1)[-1] for n in g.nodes}, font_size=6)
-    from matplotlib.patches import Patch
-
+    tallest = max(sum(1 for n in g.nodes if g.nodes[n]["wave"] == w) for w in {0, *wave_of.values()})
+    fig = plt.figure(figsize=(max(12, 2.2 * (len(proposal.waves) + 1)), min(200, max(8, 0.18 * tallest))))
+    nx.draw_networkx_nodes(g, positions, node_color=colours, node_size=60)
+    nx.draw_networkx_edges(g, positions, arrowsize=5, width=0.3, node_size=60, alpha=0.5)
+    beside = {n: (x + 0.01, y) for n, (x, y) in positions.items()}
+    nx.draw_networkx_labels(g, beside, labels={n: n.rsplit("/", 1)[-1] for n in g.nodes}, font_size=5,
+                            horizontalalignment="left")
     legend = [Patch(color=_colour(plt, i + 1, len(proposal.waves)), label=w.name) for i, w in
               enumerate(proposal.waves)] + [Patch(color=_colour(plt, None, 0), label="not planned")]
-    plt.legend(handles=legend, loc="upper left", fontsize=8)
-    plt.title("call graph by wave")
+    plt.legend(handles=legend, loc="upper left", bbox_to_anchor=(1, 1), fontsize=8)
+    plt.title("call graph by wave (left to right: the order the waves run)")
     plt.axis("off")
-    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")  # path: a temp name without the suffix
+    fig.savefig(path, format="png", dpi=100, bbox_inches="tight")  # path: a temp name without the suffix
     plt.close(fig)
 
 
