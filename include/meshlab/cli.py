@@ -58,12 +58,11 @@ def _import(args: argparse.Namespace) -> int:
     """A topology from a fleet's inventory and call graph, read with `meshwave plan propose`'s readers."""
     from meshlab.importer import build, read_fleet
     from meshwave.prometheus import PrometheusError, validate_window, window_seconds
-    from meshwave.propose.command import ProposeError, _kube, _pairs, _sources
+    from meshwave.propose.command import ProposeError, connect
 
     try:
         lookback = validate_window(args.lookback, "--lookback")
-        kubes = {c: _kube(c, path) for c, path in _pairs(args.kubeconfig, "--kubeconfig", "CLUSTER=PATH").items()}
-        sources = _sources(args.prometheus, sorted(kubes))
+        kubes, sources = connect(args.kubeconfig, args.prometheus)
         inventory, graph, policies = read_fleet(kubes, sources, lookback, window_seconds(lookback))
         roots = {k.root_namespace for k in kubes.values()}
         imported = build(args.name or args.out.stem, inventory, graph, policies, root_namespace=min(roots))

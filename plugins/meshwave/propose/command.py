@@ -69,9 +69,7 @@ def _propose(args: argparse.Namespace) -> tuple[Any, Any]:
     from meshwave.propose.run import Options, propose
 
     options = _options(args)
-    kubeconfigs = _pairs(args.kubeconfig, "--kubeconfig", "CLUSTER=PATH")
-    kubes = {cluster: _kube(cluster, path) for cluster, path in kubeconfigs.items()}
-    sources = _sources(args.prometheus, sorted(kubes))
+    kubes, sources = connect(args.kubeconfig, args.prometheus)
     prefix = args.conn_prefix
     connections = {c: (f"{prefix}_{c.replace('-', '_')}", f"{prefix}_prometheus_{c.replace('-', '_')}")
                    for c in kubes}
@@ -102,6 +100,15 @@ def _options(args: argparse.Namespace) -> Any:
     return Options(migration=migration, lookback=lookback, lookback_seconds=window_seconds(lookback),
                    max_wave=args.max_wave, max_batch=args.max_batch, expected_memory_mi=args.sidecar_memory_mi,
                    per_hop_ms=hop, idle_last=not args.idle_in_order)
+
+
+def connect(kubeconfigs: list[str], prometheus: list[str]) -> tuple[dict[str, MeshKube],
+                                                                    dict[str, PrometheusSource]]:
+    """Every cluster of `--kubeconfig CLUSTER=PATH` and its Prometheus (`--prometheus URL|CLUSTER=URL`), each
+    reached once: a ProposeError names the first that does not answer (also `meshlab import`'s arguments)."""
+    kubes = {cluster: _kube(cluster, path)
+             for cluster, path in _pairs(kubeconfigs, "--kubeconfig", "CLUSTER=PATH").items()}
+    return kubes, _sources(prometheus, sorted(kubes))
 
 
 def _pairs(values: list[str], flag: str, form: str) -> dict[str, str]:
