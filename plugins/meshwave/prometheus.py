@@ -18,6 +18,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import lru_cache
 from pathlib import Path
 from string import Template
@@ -89,6 +90,14 @@ class Sample:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
         return cls(dict(data["labels"]), float(data["value"]), data.get("timestamp"))
+
+
+@dataclass(frozen=True)
+class Series:
+    """One series of a range query: its labels and its (timestamp, value) points in time order."""
+
+    labels: dict[str, str]
+    points: list[tuple[float, float]]
 
 
 class Source(Protocol):
@@ -165,12 +174,23 @@ class PrometheusSource:
 
     def instant(self, query: str, at: float | None = None) -> list[Sample]:
         """Run an instant query (at `at`, epoch seconds, or now); a vector (or scalar) result as samples."""
-        where = _redact(self.url)
         # Prometheus' own evaluation timeout, so a heavy query ends there rather than in our read timeout.
         params = {"timeout": f"{self.timeout:g}s", **({"time": f"{at:.3f}"} if at is not None else {})}
+        where = _redact(self.url)
+        return _samples(self._ask(lambda: self._client.custom_query(query, params=params), query), query, where)
+
+    def range(self, query: str, start: float, end: float, step: float) -> list[Series]:
+        """Run a range query over [start, end] (epoch seconds) every `step` seconds: one Series per label set."""
+        params = {"timeout": f"{self.timeout:g}s"}
+        result = self._ask(lambda: self._client.custom_query_range(
+            query, start_time=_utc(start), end_time=_utc(end), step=f"{step:g}", params=params), query)
+        return _series(result, query, _redact(self.url))
+
+    def _ask(self, call: Any, query: str) -> Any:
+        """One request; every way it can fail as a PrometheusError that names the URL and the query."""
+        where = _redact(self.url)
         try:
-            result = self._client.custom_query(query, params=params)
-            return _samples(result, query, where)
+            return call()
         except _HTTPStatus as exc:
             detail = f"{exc.error_type}: {exc.error}" if exc.error_type else exc.error
             if exc.status in (400, 422):
@@ -212,6 +232,22 @@ def _samples(result: Any, query: str, where: str) -> list[Sample]:
                                        f"(a range vector?); query: {query}")
         samples.append(_sample(item.get("metric", {}), item["value"], query, where))
     return samples
+
+
+def _series(result: Any, query: str, where: str) -> list[Series]:
+    """custom_query_range returns data.result: a list of {metric, values: [[ts, "v"], ...]} (a matrix)."""
+    found = []
+    for item in result or []:
+        if not isinstance(item, dict) or "values" not in item:
+            raise PrometheusQueryError(f"Prometheus at {where}: the range query does not return a matrix; "
+                                       f"query: {query}")
+        samples = [_sample(item.get("metric", {}), pair, query, where) for pair in item["values"]]
+        found.append(Series(dict(item.get("metric", {})), [(s.timestamp or 0.0, s.value) for s in samples]))
+    return found
+
+
+def _utc(epoch: float) -> datetime:
+    return datetime.fromtimestamp(epoch, UTC)
 
 
 def _sample(metric: Any, pair: Any, query: str, where: str) -> Sample:

@@ -1,0 +1,137 @@
+"""Did any caller lose traffic at any moment of the rehearsal? From Prometheus' history, not from the end state.
+
+The tracing service graph (`traces_service_graph_request_total`, the OpenTelemetry Collector's servicegraph
+connector) counts every call between traced services, sidecar or not, and a caller that is not traced as `user`.
+Per edge (client -> server, each with its namespace and cluster) the rehearsal compares the rate of requests that
+succeeded with the edge's own rate before the first wave: a caller cut off by STRICT, a pod that crash-loops, a
+rollout that drops requests all push that ratio down. An untraced caller's refused requests never reach a server
+span, so only this ratio (delivered against before) can show them.
+
+Each edge's floor is 1 - max_success_drop of the server's planned thresholds (the plan's defaults for an edge whose
+server is not planned). An edge with less than `MIN_RPS` before is too thin to judge and is listed as such; no edge
+at all (no service graph in this Prometheus) is a RehearsalError: the rehearsal cannot say that nobody lost traffic.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+from meshlab.rehearsal.plan_copy import RehearsalError
+from meshwave.plan import Plan
+from meshwave.prometheus import Series
+
+EDGE_LABELS = ("client", "client_service_namespace", "client_k8s_cluster_name", "server", "server_service_namespace",
+               "server_k8s_cluster_name")
+OK_RATE = ("sum by (" + ", ".join(EDGE_LABELS) + ") "
+           '(rate(traces_service_graph_request_total{{failed="false"}}[{window}s]))')
+MIN_RPS = 0.2
+
+
+class RangeSource(Protocol):
+    def range(self, query: str, start: float, end: float, step: float) -> list[Series]: ...
+
+
+class Edge(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    client: str  # "user": a caller that is not traced
+    client_namespace: str = ""
+    client_cluster: str = ""
+    server: str
+    server_namespace: str = ""
+    server_cluster: str = ""
+
+    def __str__(self) -> str:
+        def side(name: str, ns: str, cluster: str) -> str:
+            return "/".join(p for p in (cluster, ns, name) if p)
+        return (f"{side(self.client, self.client_namespace, self.client_cluster)} -> "
+                f"{side(self.server, self.server_namespace, self.server_cluster)}")
+
+
+class EdgeCheck(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    edge: Edge
+    before_rps: float
+    floor: float  # the least share of `before_rps` that must stay delivered
+    lowest: float  # the least share seen
+    lowest_at: float  # epoch seconds
+    seconds_below: float
+
+    @property
+    def lost_traffic(self) -> bool:
+        return self.seconds_below > 0
+
+
+class History(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    start: float
+    end: float
+    step: float
+    checks: list[EdgeCheck]
+    too_thin: list[str] = []  # edges with less than MIN_RPS before: not judged
+    lowest_by_time: list[tuple[float, float]] = []  # the least share of any judged edge, per step (for the chart)
+
+    @property
+    def lost(self) -> list[EdgeCheck]:
+        return [c for c in self.checks if c.lost_traffic]
+
+
+def check_history(source: RangeSource, plan: Plan, start: float, end: float, *, before_seconds: float = 60,
+                  window: int = 30, step: float = 10) -> History:
+    """Every edge that touches a planned service, from `start - before_seconds` to `end`."""
+    query = OK_RATE.format(window=window)
+    series = source.range(query, start - before_seconds, end, step)
+    planned = {(s.cluster, s.namespace, s.workload): s for w in plan.waves for s in w.services}
+    edges = _edges(series, planned)
+    if not edges:
+        raise RehearsalError(f"Prometheus has no service graph series touching the plan's services between "
+                             f"{start - before_seconds:.0f} and {end:.0f} ({query}): the rehearsal cannot tell whether "
+                             "a caller lost traffic")
+    # Prometheus evaluates a range query at round(start) + k * step (the client sends whole seconds): a time after
+    # `start` with no point for an edge is a moment nothing was delivered on it.
+    first = round(start - before_seconds)
+    times = [first + k * step for k in range(int((round(end) - first) // step) + 1) if first + k * step > start]
+    checks, thin, shares_by_edge = [], [], {}
+    for edge, points in sorted(edges.items(), key=lambda item: str(item[0])):
+        before = [v for t, v in points if t <= start]
+        if not before or sum(before) / len(before) < MIN_RPS:
+            thin.append(str(edge))
+            continue
+        rate_before = sum(before) / len(before)
+        by_time = {round(t, 3): v for t, v in points}
+        shares = [(t, by_time.get(round(t, 3), 0.0) / rate_before) for t in times]
+        shares_by_edge[edge] = shares
+        checks.append(_check(edge, shares, rate_before, 1 - _max_drop(plan, planned, edge), step, start))
+    lowest = [(t, min(shares[i][1] for shares in shares_by_edge.values())) for i, t in enumerate(times)] \
+        if shares_by_edge else []
+    return History(start=start, end=end, step=step, checks=checks, too_thin=thin, lowest_by_time=lowest)
+
+
+def _edges(series: list[Series], planned: dict) -> dict[Edge, list[tuple[float, float]]]:
+    found: dict[Edge, list[tuple[float, float]]] = {}
+    for s in series:
+        labels = [s.labels.get(name, "") for name in EDGE_LABELS]
+        edge = Edge(client=labels[0], client_namespace=labels[1], client_cluster=labels[2], server=labels[3],
+                    server_namespace=labels[4], server_cluster=labels[5])
+        touches = ((edge.client_cluster, edge.client_namespace, edge.client) in planned
+                   or (edge.server_cluster, edge.server_namespace, edge.server) in planned)
+        if touches:
+            found[edge] = s.points
+    return found
+
+
+def _max_drop(plan: Plan, planned: dict, edge: Edge) -> float:
+    service = planned.get((edge.server_cluster, edge.server_namespace, edge.server))
+    settings = service.settings(plan.defaults) if service is not None else plan.defaults
+    return settings.thresholds.max_success_drop
+
+
+def _check(edge: Edge, shares: list[tuple[float, float]], before: float, floor: float, step: float,
+           start: float) -> EdgeCheck:
+    lowest_at, lowest = min(shares, key=lambda p: p[1]) if shares else (start, 1.0)
+    return EdgeCheck(edge=edge, before_rps=before, floor=floor, lowest=lowest, lowest_at=lowest_at,
+                     seconds_below=sum(step for _, share in shares if share < floor))

@@ -1,0 +1,105 @@
+"""The rehearsal's plan copy (shorter waits, nothing a decision reads changed) and its end state (the data plane
+first, every record checked against it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from meshlab.rehearsal.end_state import End, end_state
+from meshlab.rehearsal.plan_copy import RehearsalError, first_waves, rehearsal_plan
+from meshwave.plan import load_plan
+from meshwave.propose.models import Workload
+from meshwave.record import ServiceRecord
+
+PLAN = {
+    "migration": "rh",
+    "clusters": {"a": {"kubernetes_conn_id": "ka", "prometheus_conn_id": "pa"},
+                 "b": {"kubernetes_conn_id": "kb", "prometheus_conn_id": "pb"}},
+    "defaults": {"soak_seconds": 600, "verify_seconds": 300, "query_window_seconds": 120, "poke_interval_seconds": 30,
+                 "breaches_to_fail": 3, "max_failures": 1, "thresholds": {"max_success_drop": 0.01}},
+    "waves": [
+        {"name": "one", "window": {"cron": "0 2 * * 6", "duration_minutes": 240, "timezone": "Europe/Berlin"},
+         "services": [{"cluster": "a", "namespace": "x", "workload": "web", "soak_seconds": 900},
+                      {"cluster": "b", "namespace": "y", "workload": "api", "strict": False, "criticality": "low"}]},
+        {"name": "two", "after": "one", "services": [{"cluster": "a", "namespace": "x", "workload": "db"}]},
+    ],
+}
+
+
+@pytest.fixture
+def plan_file(tmp_path: Path) -> Path:
+    path = tmp_path / "rh.yaml"
+    path.write_text(yaml.safe_dump(PLAN))
+    return path
+
+
+def test_the_copy_shortens_every_wait_drops_windows_and_keeps_every_decision_input(plan_file: Path) -> None:
+    original = load_plan(plan_file)
+    plan, text = rehearsal_plan(plan_file, 20)
+    assert yaml.safe_load(text)["waves"][0].get("window") is None and plan.waves[0].window is None
+    assert plan.waves[1].after == "one" and first_waves(plan) == ["one"]
+    for wave, before in zip(plan.waves, original.waves, strict=True):
+        for svc, was in zip(wave.services, before.services, strict=True):
+            now, then = svc.settings(plan.defaults), was.settings(original.defaults)
+            assert (now.soak_seconds, now.verify_seconds, now.query_window_seconds) == (20, 20, 20)
+            assert now.poke_interval_seconds * now.breaches_to_fail <= now.query_window_seconds
+            assert (now.thresholds, now.breaches_to_fail, now.min_requests, now.sidecar) == \
+                (then.thresholds, then.breaches_to_fail, then.min_requests, then.sidecar)
+            assert (svc.key, svc.strict, svc.criticality) == (was.key, was.strict, was.criticality)
+    assert plan.defaults.max_failures == 1 and plan.migration == "rh"
+
+
+def test_a_bad_plan_or_a_too_short_soak_is_refused_naming_it(plan_file: Path, tmp_path: Path) -> None:
+    with pytest.raises(RehearsalError, match="--soak-seconds 5: at least 10"):
+        rehearsal_plan(plan_file, 5)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("migration: rh\nwaves: []\n")
+    with pytest.raises(RehearsalError, match=r"plan .*broken.yaml"):
+        rehearsal_plan(broken, 20)
+
+
+def workload(name: str, ns: str = "x", cluster: str = "a", pods: int = 2, sidecars: int = 0,
+             mtls: str = "PERMISSIVE", **kw) -> Workload:
+    return Workload(cluster=cluster, namespace=ns, name=name, replicas=pods, pods=pods, pods_with_sidecar=sidecars,
+                    mtls=mtls, **kw)
+
+
+def record(key: str, outcome: str, sidecar: bool | None, mtls: str | None, reason: str = "why") -> ServiceRecord:
+    return ServiceRecord.model_validate({"service": key, "outcome": outcome, "sidecar": sidecar, "mtls": mtls,
+                                         "reason": reason})
+
+
+def test_the_end_state_is_the_data_plane_s_and_a_record_it_contradicts_is_a_mismatch(plan_file: Path) -> None:
+    plan = load_plan(plan_file)
+    workloads = [workload("web", sidecars=2, mtls="STRICT"), workload("db", sidecars=0),
+                 workload("api", ns="y", cluster="b", sidecars=2), workload("extra"),
+                 workload("gw", gateway=True)]
+    records = [record("a/x/web", "strict", True, "STRICT"), record("b/y/api", "strict", True, "STRICT")]
+    ends = {e.key: e for e in end_state(workloads, plan, records)}
+    assert set(ends) == {"a/x/web", "a/x/db", "b/y/api", "a/x/extra"}  # the gateway is no service of the plan
+    assert (ends["a/x/web"].end, ends["a/x/web"].mismatch, ends["a/x/web"].wave) == (End.STRICT, "", "one")
+    assert ends["b/y/api"].end is End.PERMISSIVE  # what the cluster shows, not what the record claims
+    assert "the record says mTLS STRICT" in ends["b/y/api"].mismatch and "PERMISSIVE" in ends["b/y/api"].mismatch
+    assert (ends["a/x/db"].end, ends["a/x/db"].mismatch) == (End.NOT_RUN, "")
+    assert (ends["a/x/extra"].end, ends["a/x/extra"].wave) == (End.EXCLUDED, None)
+
+
+def test_records_without_a_sidecar_name_why_and_a_stray_sidecar_is_a_mismatch(plan_file: Path) -> None:
+    plan = load_plan(plan_file)
+    workloads = [workload("web"), workload("db", sidecars=1), workload("api", ns="y", cluster="b")]
+    records = [record("a/x/web", "rolled_back", False, "PERMISSIVE", "soak failed: restarts"),
+               record("a/x/db", "rolled_back", False, "PERMISSIVE"),
+               record("b/y/api", "blocked", False, None, "preflight: too small")]
+    ends = {e.key: e for e in end_state(workloads, plan, records)}
+    assert (ends["a/x/web"].end, ends["a/x/web"].mismatch) == (End.ROLLED_BACK, "")
+    assert "soak failed: restarts" in ends["a/x/web"].reason
+    assert ends["a/x/db"].end is End.PARTIAL and "sidecar False" in ends["a/x/db"].mismatch
+    assert (ends["b/y/api"].end, ends["b/y/api"].mismatch) == (End.BLOCKED, "")
+
+
+def test_a_planned_workload_the_cluster_does_not_have_is_a_failure(plan_file: Path) -> None:
+    ends = {e.key: e for e in end_state([workload("web")], load_plan(plan_file), [])}
+    assert ends["b/y/api"].end is End.FAILED and ends["b/y/api"].data_plane == "no such Deployment"
