@@ -3,6 +3,8 @@ their reasons, the cost, a plan that validates; an unreachable cluster or Promet
 
 from __future__ import annotations
 
+import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -145,3 +147,52 @@ def test_the_picture_colours_every_wave_s_services_in_the_wave_s_colour(proposed
         assert any(max(abs(a - b) for a, b in zip(rgb, pixel, strict=True)) <= 2 for pixel in seen), \
             f"wave {wave + 1}'s colour {rgb} is not in the picture"
     assert (211, 211, 211) in seen, "lightgrey: a node not planned (the gateway, the prober, user)"
+
+
+def lab_connections(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lab: LabProcess, prom_url: str) -> None:
+    """The lab's connections as the DAGs would find them, in AIRFLOW_CONN_<ID> (meshlab.process.AirflowProcess)."""
+    monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))  # the metastore searched after them: not ~/airflow
+    monkeypatch.setenv("AIRFLOW_CONN_LAB_PC", json.dumps({"conn_type": "kubernetes",
+                                                          "extra": {"kube_config_path": lab.kubeconfig("pc")}}))
+    monkeypatch.setenv("AIRFLOW_CONN_LAB_PROMETHEUS_PC", json.dumps({"conn_type": "http", "host": prom_url,
+                                                                     "extra": {"cluster": "pc"}}))
+
+
+def without_rates(text: str) -> list[str]:
+    """The plan's lines after the header line, its callers' rates masked: two reads a moment apart may differ in
+    the last digit."""
+    return [re.sub(r"\d[\d.e+-]*/s", "N/s", line) for line in text.splitlines()[1:]]
+
+
+def test_the_plan_through_airflow_connections_is_the_one_through_kubeconfigs(stack, tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    lab, prom = stack
+    lab_connections(monkeypatch, tmp_path, lab, prom.url)
+    direct, through = tmp_path / "direct" / "shop-mesh.yaml", tmp_path / "conn" / "shop-mesh.yaml"
+    assert propose(lab, prom.url, direct) == 0
+    assert main(["plan", "propose", "--conn", "pc=lab_pc,lab_prometheus_pc", "--lookback", "20s", "--max-wave", "3",
+                 "--max-batch", "2", "--out", str(through)]) == 0
+    assert "from pc (their Airflow connections), telemetry of the last 20s" in through.read_text().splitlines()[0]
+    # the connection ids are the ones given, not --conn-prefix's (its default would be meshwave_pc)
+    assert without_rates(through.read_text()) == without_rates(direct.read_text())
+    assert load_plan(through).clusters["pc"].prometheus_conn_id == "lab_prometheus_pc"
+
+
+def test_a_missing_or_unreachable_connection_is_named_and_nothing_is_written(stack, tmp_path: Path, capsys,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    lab, _ = stack
+    down = f"http://127.0.0.1:{free_port()}"
+    lab_connections(monkeypatch, tmp_path, lab, down)
+    out = tmp_path / "plans" / "plan.yaml"
+    assert main(["plan", "propose", "--conn", "pc=lab_pc,lab_prom_pc", "--out", str(out)]) == 2
+    assert "cluster pc: Prometheus connection lab_prom_pc is not defined (searched: the secrets backend, " \
+           "AIRFLOW_CONN_LAB_PROM_PC, the metastore); nothing written" in capsys.readouterr().err
+    assert main(["plan", "propose", "--conn", "pc=lab_pc,lab_prometheus_pc", "--out", str(out)]) == 2
+    assert f"Prometheus for pc (connection lab_prometheus_pc): Prometheus at {down}: cannot connect" in \
+        capsys.readouterr().err
+    assert main(["plan", "propose", "--conn", "pc=lab_pc,lab_prometheus_pc", "--kubeconfig",
+                 f"pc={lab.kubeconfig('pc')}", "--out", str(out)]) == 2
+    assert "--conn reads the clusters through Airflow connections, --kubeconfig and --prometheus directly: give " \
+           "one or the other, not both" in capsys.readouterr().err
+    assert not out.parent.exists()
+

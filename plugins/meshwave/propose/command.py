@@ -20,14 +20,22 @@ if TYPE_CHECKING:
     from meshwave.kube import MeshKube
 
 
+CONN_FORM = "CLUSTER=KUBERNETES_CONN_ID,PROMETHEUS_CONN_ID"
+PROMETHEUS_TIMEOUT = 20  # seconds: a fleet's lookback queries are heavier than a check's
+
+
 class ProposeError(Exception):
     """Bad input or an unreachable cluster or Prometheus: the message says what and where."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kubeconfig", action="append", required=True, metavar="CLUSTER=PATH",
+    parser.add_argument("--conn", action="append", metavar=CONN_FORM,
+                        help="a cluster and its Airflow connections, looked up as Airflow does (the secrets backend, "
+                             "AIRFLOW_CONN_<ID>, the metastore) and written to the plan as given; once per cluster, "
+                             "instead of --kubeconfig and --prometheus")
+    parser.add_argument("--kubeconfig", action="append", metavar="CLUSTER=PATH",
                         help="a cluster's name and its kubeconfig; once per cluster")
-    parser.add_argument("--prometheus", action="append", required=True, metavar="URL|CLUSTER=URL",
+    parser.add_argument("--prometheus", action="append", metavar="URL|CLUSTER=URL",
                         help="the Prometheus for every cluster (series split by their `cluster` label), or one per "
                              "cluster")
     parser.add_argument("--lookback", default="10m", help="how far back the telemetry is read (default 10m)")
@@ -69,13 +77,11 @@ def _propose(args: argparse.Namespace) -> tuple[Any, Any]:
     from meshwave.propose.run import Options, propose
 
     options = _options(args)
-    kubes, sources = connect(args.kubeconfig, args.prometheus)
-    prefix = args.conn_prefix
-    connections = {c: (f"{prefix}_{c.replace('-', '_')}", f"{prefix}_prometheus_{c.replace('-', '_')}")
-                   for c in kubes}
+    kubes, sources, connections, how = _reach(args)
+    # One line that differs between two proposals of the same fleet: when, and how the clusters were reached.
     header = [f"Proposed by `meshwave plan propose` at {datetime.now(UTC):%Y-%m-%d %H:%M} UTC from "
-              f"{', '.join(sorted(kubes))}, telemetry of the last {options.lookback}: a proposal to review, not a "
-              "decision.", f"Connection ids: {prefix}_<cluster> and {prefix}_prometheus_<cluster>."]
+              f"{', '.join(sorted(kubes))} ({how}), telemetry of the last {options.lookback}: a proposal to review, "
+              "not a decision."]
     try:
         return propose(kubes, sources, connections, Options(**options.__dict__), header), options
     except PrometheusError as exc:
@@ -102,16 +108,39 @@ def _options(args: argparse.Namespace) -> Any:
                    per_hop_ms=hop, idle_last=not args.idle_in_order)
 
 
+def _reach(args: argparse.Namespace) -> tuple[dict[str, MeshKube], dict[str, PrometheusSource],
+                                              dict[str, tuple[str, str]], str]:
+    """The clients, each cluster's connection ids for the plan, and how they were reached (for the header)."""
+    if args.conn and (args.kubeconfig or args.prometheus):
+        raise ProposeError("--conn reads the clusters through Airflow connections, --kubeconfig and --prometheus "
+                           "directly: give one or the other, not both")
+    if args.conn:
+        from meshwave.propose.airflow_connections import connect_airflow
+
+        kubes, sources, connections = connect_airflow(args.conn)
+        return kubes, sources, connections, "their Airflow connections"
+    if not args.kubeconfig or not args.prometheus:
+        raise ProposeError(f"give --conn {CONN_FORM} for each cluster, or --kubeconfig CLUSTER=PATH for each "
+                           "cluster and --prometheus")
+    kubes, sources = connect(args.kubeconfig, args.prometheus)
+    prefix = args.conn_prefix
+    connections = {c: (f"{prefix}_{c.replace('-', '_')}", f"{prefix}_prometheus_{c.replace('-', '_')}")
+                   for c in kubes}
+    return kubes, sources, connections, f"kubeconfigs; connection ids {prefix}_<cluster> and " \
+                                        f"{prefix}_prometheus_<cluster>"
+
+
 def connect(kubeconfigs: list[str], prometheus: list[str]) -> tuple[dict[str, MeshKube],
                                                                     dict[str, PrometheusSource]]:
     """Every cluster of `--kubeconfig CLUSTER=PATH` and its Prometheus (`--prometheus URL|CLUSTER=URL`), each
     reached once: a ProposeError names the first that does not answer (also `meshlab import`'s arguments)."""
     kubes = {cluster: _kube(cluster, path)
-             for cluster, path in _pairs(kubeconfigs, "--kubeconfig", "CLUSTER=PATH").items()}
+             for cluster, path in pairs(kubeconfigs, "--kubeconfig", "CLUSTER=PATH").items()}
     return kubes, _sources(prometheus, sorted(kubes))
 
 
-def _pairs(values: list[str], flag: str, form: str) -> dict[str, str]:
+def pairs(values: list[str], flag: str, form: str) -> dict[str, str]:
+    """`CLUSTER=VALUE` arguments as cluster -> value; a ProposeError for a malformed or repeated cluster."""
     found = {}
     for value in values:
         name, sep, rest = value.partition("=")
@@ -148,7 +177,7 @@ def _kube(cluster: str, path: str) -> MeshKube:
 
 def _sources(values: list[str], clusters: list[str]) -> dict[str, PrometheusSource]:
     shared = [v for v in values if "=" not in v.split("://", 1)[0]]
-    own = _pairs([v for v in values if v not in shared], "--prometheus", "URL or CLUSTER=URL")
+    own = pairs([v for v in values if v not in shared], "--prometheus", "URL or CLUSTER=URL")
     if len(shared) > 1:
         raise ProposeError(f"--prometheus: {len(shared)} URLs for every cluster; give one, or CLUSTER=URL each")
     if unknown := sorted(set(own) - set(clusters)):
@@ -160,17 +189,18 @@ def _sources(values: list[str], clusters: list[str]) -> dict[str, PrometheusSour
     for cluster in clusters:
         url = own.get(cluster) or shared[0]
         if url not in by_url:
-            by_url[url] = _probe(url, [c for c in clusters if (own.get(c) or shared[0]) == url])
+            users = [c for c in clusters if (own.get(c) or shared[0]) == url]
+            by_url[url] = probe(PrometheusSource(url, timeout=PROMETHEUS_TIMEOUT), f"Prometheus for {', '.join(users)}")
         found[cluster] = by_url[url]
     return found
 
 
-def _probe(url: str, clusters: list[str]) -> PrometheusSource:
-    source = PrometheusSource(url, timeout=20)
+def probe(source: PrometheusSource, what: str) -> PrometheusSource:
+    """`source`, once it answered a query; else a ProposeError that starts with `what`."""
     try:
         source.instant("vector(1)")
     except PrometheusError as exc:
-        raise ProposeError(f"Prometheus for {', '.join(clusters)}: {exc}") from None
+        raise ProposeError(f"{what}: {exc}") from None
     return source
 
 
