@@ -196,3 +196,24 @@ def test_a_missing_or_unreachable_connection_is_named_and_nothing_is_written(sta
            "one or the other, not both" in capsys.readouterr().err
     assert not out.parent.exists()
 
+
+def test_an_excluded_workload_is_not_planned_and_keeps_its_callees_permissive(stack, tmp_path: Path,
+                                                                              capsys) -> None:
+    lab, prom = stack
+    out = tmp_path / "shop-mesh.yaml"
+    assert propose(lab, prom.url, out, "--exclude", "pc/shop/cart=crash-loops with a sidecar") == 0
+    planned = {s["workload"]: s for wave in services(out) for s in wave}
+    assert "cart" not in planned
+    # cart calls pricing and ledger: neither is STRICT while it stays without a sidecar; search (called by front
+    # alone, meshed in the pilot) still is
+    assert (planned["pricing"].get("strict"), planned["ledger"].get("strict"), planned["search"].get("strict")) == \
+        (False, False, None)
+    text = out.read_text()
+    assert "# strict: false: callers that stay without a sidecar: pc/shop/cart (excluded: crash-loops with a " \
+           "sidecar), " in text
+    assert "# Not planned: pc/shop/cart: excluded: crash-loops with a sidecar" in text
+    assert "- `pc/shop/cart`: excluded: crash-loops with a sidecar" in out.with_suffix(".md").read_text()
+    assert propose(lab, prom.url, tmp_path / "typo.yaml", "--exclude", "pc/shop/kart=legacy") == 2
+    assert "--exclude pc/shop/kart: no such Deployment in the clusters read; nothing written" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "typo.yaml").exists()

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 
 CONN_FORM = "CLUSTER=KUBERNETES_CONN_ID,PROMETHEUS_CONN_ID"
+EXCLUDE_FORM = "CLUSTER/NAMESPACE/WORKLOAD=REASON"
 PROMETHEUS_TIMEOUT = 20  # seconds: a fleet's lookback queries are heavier than a check's
 
 
@@ -38,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prometheus", action="append", metavar="URL|CLUSTER=URL",
                         help="the Prometheus for every cluster (series split by their `cluster` label), or one per "
                              "cluster")
+    parser.add_argument("--exclude", action="append", default=[], metavar=EXCLUDE_FORM,
+                        help="a workload its team knows cannot take a sidecar: not planned, and its callees stay "
+                             "PERMISSIVE with the reason next to them; once per workload")
     parser.add_argument("--lookback", default="10m", help="how far back the telemetry is read (default 10m)")
     parser.add_argument("--max-wave", type=int, default=20, help="services per wave at most (default 20)")
     parser.add_argument("--max-batch", type=int, default=3, help="services in parallel: the plan's batch_size and "
@@ -74,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _propose(args: argparse.Namespace) -> tuple[Any, Any]:
+    from meshwave.propose.inventory import NotInInventory
     from meshwave.propose.run import Options, propose
 
     options = _options(args)
@@ -84,7 +89,7 @@ def _propose(args: argparse.Namespace) -> tuple[Any, Any]:
               "not a decision."]
     try:
         return propose(kubes, sources, connections, Options(**options.__dict__), header), options
-    except PrometheusError as exc:
+    except (PrometheusError, NotInInventory) as exc:
         raise ProposeError(str(exc)) from None
     except ValueError as exc:  # a plan the schema refuses: a bug here, never a file on disk
         raise ProposeError(f"the proposed plan does not validate: {exc}") from None
@@ -98,6 +103,7 @@ def _options(args: argparse.Namespace) -> Any:
         migration = rfc1123_label(args.migration or args.out.stem.replace("_", "-").lower(), "--migration")
         low, _, high = args.hop_latency_ms.partition("-")
         hop = (float(low), float(high or low))
+        excluded = _exclusions(args.exclude)
     except ValueError as exc:
         raise ProposeError(str(exc)) from None
     for name in ("max_wave", "max_batch"):
@@ -105,7 +111,23 @@ def _options(args: argparse.Namespace) -> Any:
             raise ProposeError(f"--{name.replace('_', '-')}: must be at least 1")
     return Options(migration=migration, lookback=lookback, lookback_seconds=window_seconds(lookback),
                    max_wave=args.max_wave, max_batch=args.max_batch, expected_memory_mi=args.sidecar_memory_mi,
-                   per_hop_ms=hop, idle_last=not args.idle_in_order)
+                   per_hop_ms=hop, idle_last=not args.idle_in_order, excluded=excluded)
+
+
+def _exclusions(values: list[str]) -> dict[str, str]:
+    """`--exclude CLUSTER/NAMESPACE/WORKLOAD=REASON` as inventory key -> reason."""
+    found: dict[str, str] = {}
+    for value in values:
+        key, _, reason = value.partition("=")
+        parts = key.split("/")
+        if len(parts) != 3 or not reason.strip():
+            raise ValueError(f"--exclude {value!r}: expected {EXCLUDE_FORM}")
+        for part, what in zip(parts, ("cluster", "namespace", "workload"), strict=True):
+            rfc1123_label(part, f"--exclude {key}: {what}")
+        if key in found:
+            raise ValueError(f"--exclude: {key} given twice")
+        found[key] = reason.strip()
+    return found
 
 
 def _reach(args: argparse.Namespace) -> tuple[dict[str, MeshKube], dict[str, PrometheusSource],

@@ -3,7 +3,7 @@ per workload: the seed's 190 Deployments in well under a second), with the helpe
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from meshwave import gitops
@@ -42,6 +42,24 @@ def read_inventory(kubes: dict[str, MeshKube]) -> Inventory:
     for cluster in sorted(kubes):
         workloads += read_cluster(kubes[cluster])
     return Inventory(workloads=sorted(workloads, key=lambda w: w.key))
+
+
+class NotInInventory(Exception):
+    """A workload named on the command line that the clusters read do not have (a typo must not pass silently)."""
+
+
+def with_exclusions(inventory: Inventory, reasons: Mapping[str, str]) -> Inventory:
+    """Workloads their teams know cannot take a sidecar (`--exclude`), marked as an owner's opt-out is: never planned,
+    and as callers they keep their callees PERMISSIVE with the reason."""
+    workloads = inventory.by_key()
+    for key in sorted(reasons):
+        if key not in workloads:
+            raise NotInInventory(f"--exclude {key}: no such Deployment in the clusters read")
+        if workloads[key].gateway:
+            raise NotInInventory(f"--exclude {key}: an Istio gateway (an Envoy of its own), never planned")
+    return inventory.model_copy(update={"workloads": [
+        w.model_copy(update={"cannot_mesh": "; ".join(filter(None, [w.cannot_mesh, f"excluded: {reasons[w.key]}"]))})
+        if w.key in reasons else w for w in inventory.workloads]})
 
 
 def with_working_sets(inventory: Inventory, working_sets: dict[tuple[str, str, str], float]) -> Inventory:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from meshwave.propose import summary
 from meshwave.propose.callgraph import USER, Source, read_graph, working_sets
 from meshwave.propose.cost import Cost, project
-from meshwave.propose.inventory import read_inventory, with_working_sets
+from meshwave.propose.inventory import read_inventory, with_exclusions, with_working_sets
 from meshwave.propose.models import CallGraph, Inventory, PlannedService, PlannedWave, Proposal, Workload
 from meshwave.propose.order import OrderInput, order
 from meshwave.propose.plan_file import render
@@ -38,6 +38,7 @@ class Options:
     expected_memory_mi: float = 150
     per_hop_ms: tuple[float, float] = (35, 50)
     idle_last: bool = True
+    excluded: Mapping[str, str] = field(default_factory=dict)  # inventory key -> why its team cannot mesh it
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ class Result:
 
 def propose(kubes: Mapping[str, MeshKube], sources: Mapping[str, Source], connections: Mapping[str, tuple[str, str]],
             options: Options, header: list[str]) -> Result:
-    inventory = read_inventory(dict(kubes))
+    inventory = with_exclusions(read_inventory(dict(kubes)), options.excluded)
     inventory = with_working_sets(inventory, working_sets(dict(sources), options.lookback))
     graph = read_graph(dict(sources), inventory, options.lookback, options.lookback_seconds)
     proposal = plan_waves(inventory, graph, options)

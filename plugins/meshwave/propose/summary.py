@@ -21,7 +21,8 @@ def header_lines(proposal: Proposal, cost: Cost) -> list[str]:
             f"{len(proposal.excluded)} not planned (cannot take a sidecar), {len(proposal.idle)} idle (last wave).",
             f"Adds {cost.fleet.sidecars} sidecars: requests {cost.fleet.cpu_request_m:g}m cpu / "
             f"{cost.fleet.memory_request_mi:g}Mi, limits {cost.fleet.cpu_limit_m:g}m / "
-            f"{cost.fleet.memory_limit_mi:g}Mi." + _chain_line(cost), ""]
+            f"{cost.fleet.memory_limit_mi:g}Mi." + _chain_line(cost),
+            *[f"Not planned: {key}: {why}" for key, why in proposal.excluded.items()], ""]
 
 
 def _chain_line(cost: Cost) -> str:
