@@ -603,6 +603,9 @@ def _service_dict(s: Svc) -> dict[str, object]:
         d["kind"] = "external"
     d["criticality"] = s.criticality
     if s.kind == "deployment":
+        # The lab writes the topology's criticality on no object; as a Deployment label, where a team marks it,
+        # `meshwave plan propose` reads it as on a real cluster (its pilot waves pick low-criticality services).
+        d["labels"] = {"criticality": s.criticality}
         d["replicas"] = s.replicas
     if s.port != 8080:
         d["port"] = s.port
