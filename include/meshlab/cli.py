@@ -1,9 +1,10 @@
-"""`meshlab serve`, `meshlab validate` and `meshlab import`."""
+"""`meshlab serve`, `meshlab validate`, `meshlab import` and `meshlab rehearse`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import signal
 import sys
@@ -83,6 +84,23 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rehearse(args: argparse.Namespace) -> int:
+    """Every wave of a plan on the lab, a Prometheus and Airflow (meshlab.rehearsal); exit 1 when it failed."""
+    from meshlab.process import ProcessError
+    from meshlab.rehearsal.plan_copy import RehearsalError
+    from meshlab.rehearsal.run import rehearse_on_lab, summary_lines
+
+    try:
+        result = rehearse_on_lab(args.plan, args.topology, args.soak_seconds, args.out, args.timeout * 60,
+                                 log=functools.partial(print, flush=True))
+    except (RehearsalError, ProcessError, TopologyError) as exc:
+        print(f"meshlab rehearse: {exc}", file=sys.stderr)
+        return 2
+    for line in summary_lines(result):
+        print(line)
+    return 0 if result.passed else 1
+
+
 def _cluster_port(text: str) -> tuple[str, int]:
     cluster, _, port = text.partition("=")
     if not cluster or not port.isdigit():
@@ -120,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", help="the topology's name (default: the output file's stem)")
     p.add_argument("--out", type=Path, required=True, help="the topology file to write")
     p.set_defaults(func=_import)
+    p = sub.add_parser("rehearse", help="run every wave of a plan on the lab, Prometheus and Airflow, then judge it")
+    p.add_argument("plan", type=Path, help="the plan file")
+    p.add_argument("--topology", type=Path, required=True, help="the lab topology with the plan's clusters")
+    p.add_argument("--soak-seconds", type=int, default=20, help="every soak and verification (default 20)")
+    p.add_argument("--out", type=Path, default=Path(".rehearsal"), help="the report and the stack's logs "
+                                                                          "(default .rehearsal)")
+    p.add_argument("--timeout", type=float, default=120, help="minutes the waves may take in all (default 120)")
+    p.set_defaults(func=_rehearse)
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(getattr(args, "log_level", "WARNING")).upper(), logging.WARNING))
     return args.func(args)

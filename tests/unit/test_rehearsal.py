@@ -103,3 +103,16 @@ def test_records_without_a_sidecar_name_why_and_a_stray_sidecar_is_a_mismatch(pl
 def test_a_planned_workload_the_cluster_does_not_have_is_a_failure(plan_file: Path) -> None:
     ends = {e.key: e for e in end_state([workload("web")], load_plan(plan_file), [])}
     assert ends["b/y/api"].end is End.FAILED and ends["b/y/api"].data_plane == "no such Deployment"
+
+
+def test_the_command_refuses_a_plan_whose_clusters_the_topology_lacks_before_starting_anything(
+        plan_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from meshlab.cli import main
+
+    small = Path(__file__).parents[2] / "include" / "lab" / "small.yaml"  # one cluster, "lab"
+    assert main(["rehearse", str(plan_file), "--topology", str(small), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "names clusters the topology" in err and "a, b" in err and "(it has lab)" in err, err
+    assert not (tmp_path / "out").exists(), "nothing started, nothing written"
+    assert main(["rehearse", str(plan_file), "--topology", str(small), "--soak-seconds", "3"]) == 2
+    assert "--soak-seconds 3: at least 10" in capsys.readouterr().err

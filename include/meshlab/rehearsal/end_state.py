@@ -6,7 +6,8 @@ read, `meshwave.propose.inventory`), then one end state with its reason:
 - strict / permissive: every pod has a sidecar and the policies make it STRICT / not STRICT;
 - rolled back, blocked, failed, held, skipped: what the service's record says, for a service without sidecars;
 - not run: planned in a wave that never started;
-- excluded: in the cluster but not in the plan (an owner's opt-out is named); gateways are not listed.
+- excluded: in the cluster but not in the plan, whatever it runs (an owner's opt-out is named); gateways are
+  not listed.
 
 A record the data plane contradicts (a "strict" record on a workload that is not STRICT, a sidecar the record says
 was removed, ...) is a mismatch: the rehearsal fails on it, whatever else went well.
@@ -87,9 +88,9 @@ def end_state(workloads: list[Workload], plan: Plan, records: Iterable[ServiceRe
 def _one(w: Workload, wave: str | None, record: ServiceRecord | None) -> ServiceEnd:
     seen = _data_plane(w)
     common = {"cluster": w.cluster, "namespace": w.namespace, "workload": w.name, "wave": wave, "data_plane": seen}
-    if wave is None:
+    if wave is None:  # the data plane column still says what it runs
         why = f"not in the plan; {w.cannot_mesh}" if w.cannot_mesh else "not in the plan"
-        return ServiceEnd(**common, end=_observed(w) or End.EXCLUDED, reason=why)
+        return ServiceEnd(**common, end=End.EXCLUDED, reason=why)
     if record is None:
         end = _observed(w) or End.NOT_RUN
         return ServiceEnd(**common, end=end, reason=f"no record: wave {wave} did not run it",

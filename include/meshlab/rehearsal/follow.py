@@ -99,10 +99,12 @@ def _ended(airflow: Airflow, dag_id: str, wave: str, run: dict[str, Any]) -> Wav
     records = [ServiceRecord.model_validate(airflow.ti_xcom(ti, key="record"))
                for _, ti in sorted(tis.items())
                if ti["task_id"].endswith(".outcome") and ti.get("state") in ("success", "failed")]
-    published = (tis.get("publish") or {}).get("state") == "success"
+    publish = tis.get("publish")  # a wave no other wave follows has none
+    published = publish is not None and publish.get("state") == "success"
+    reason = _why_not_published(records, run["state"]) if publish is not None and not published else ""
     return WaveRun(wave=wave, dag_id=dag_id, run_id=run["dag_run_id"], state=run["state"],
-                   started=run.get("start_date"), ended=run.get("end_date"), published=published,
-                   reason="" if published else _why_not_published(records, run["state"]), records=records)
+                   started=run.get("start_date"), ended=run.get("end_date"), published=published, reason=reason,
+                   records=records)
 
 
 def _why_not_published(records: list[ServiceRecord], state: str) -> str:

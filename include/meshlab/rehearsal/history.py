@@ -14,6 +14,7 @@ at all (no service graph in this Prometheus) is a RehearsalError: the rehearsal 
 
 from __future__ import annotations
 
+import statistics
 from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -97,11 +98,13 @@ def check_history(source: RangeSource, plan: Plan, start: float, end: float, *, 
     times = [first + k * step for k in range(int((round(end) - first) // step) + 1) if first + k * step > start]
     checks, thin, shares_by_edge = [], [], {}
     for edge, points in sorted(edges.items(), key=lambda item: str(item[0])):
+        # The median: the first points' rate windows can reach back before the series began (Prometheus then
+        # extrapolates a lower rate), and a mean would lower the floor with them.
         before = [v for t, v in points if t <= start]
-        if not before or sum(before) / len(before) < MIN_RPS:
+        rate_before = statistics.median(before) if before else 0.0
+        if rate_before < MIN_RPS:
             thin.append(str(edge))
             continue
-        rate_before = sum(before) / len(before)
         by_time = {round(t, 3): v for t, v in points}
         shares = [(t, by_time.get(round(t, 3), 0.0) / rate_before) for t in times]
         shares_by_edge[edge] = shares
