@@ -54,6 +54,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="the sidecar's expected working set (the seed measured 150-300 MB; default 150)")
     parser.add_argument("--hop-latency-ms", default="35-50", help="latency a proxy adds per hop, LOW-HIGH or one "
                                                                    "number (the seed measured 35-50)")
+    parser.add_argument("--defaults-from", type=Path, metavar="PLAN",
+                        help="carry the defaults a plan sets (soaks, thresholds, timeouts) into this one, e.g. the "
+                             "plan proposed again; its batch_size and sidecar.expected_memory_mi must be --max-batch's "
+                             "and --sidecar-memory-mi's")
     parser.add_argument("--idle-in-order", action="store_true", help="plan services with no observed traffic like "
                         "the others (default: a last wave, strict: false)")
 
@@ -96,6 +100,7 @@ def _propose(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def _options(args: argparse.Namespace) -> Any:
+    from meshwave.propose.plan_file import carried_defaults
     from meshwave.propose.run import Options
 
     try:
@@ -104,6 +109,8 @@ def _options(args: argparse.Namespace) -> Any:
         low, _, high = args.hop_latency_ms.partition("-")
         hop = (float(low), float(high or low))
         excluded = _exclusions(args.exclude)
+        carried = None if args.defaults_from is None else \
+            carried_defaults(args.defaults_from, args.max_batch, args.sidecar_memory_mi)
     except ValueError as exc:
         raise ProposeError(str(exc)) from None
     for name in ("max_wave", "max_batch"):
@@ -111,7 +118,8 @@ def _options(args: argparse.Namespace) -> Any:
             raise ProposeError(f"--{name.replace('_', '-')}: must be at least 1")
     return Options(migration=migration, lookback=lookback, lookback_seconds=window_seconds(lookback),
                    max_wave=args.max_wave, max_batch=args.max_batch, expected_memory_mi=args.sidecar_memory_mi,
-                   per_hop_ms=hop, idle_last=not args.idle_in_order, excluded=excluded)
+                   per_hop_ms=hop, idle_last=not args.idle_in_order, excluded=excluded, defaults=carried,
+                   defaults_from=str(args.defaults_from or ""))
 
 
 def _exclusions(values: list[str]) -> dict[str, str]:

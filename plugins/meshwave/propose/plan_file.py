@@ -5,28 +5,49 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import yaml
 
-from meshwave.plan import parse_plan
+from meshwave.plan import PlanError, load_plan, parse_plan
 from meshwave.propose.models import PlannedService, Proposal
 
 DEFAULTS_NOTE = "# everything else (soak, thresholds, timeouts) as meshwave's defaults: review before the first run"
 
 
+def carried_defaults(path: Path, max_batch: int, expected_memory_mi: float) -> dict[str, Any]:
+    """The `defaults:` a plan sets (only what it sets, checked by the plan's schema), to carry into a proposal: the
+    soaks, thresholds and timeouts a team reviewed survive the plan being proposed again. batch_size and the sidecar's
+    expected memory shape the proposal itself (the pilot's size, which proxies are undersized), so they must agree
+    with --max-batch and --sidecar-memory-mi rather than be overridden by either side."""
+    try:
+        carried = load_plan(path).defaults.model_dump(exclude_unset=True)
+    except PlanError as exc:
+        raise ValueError(f"--defaults-from: {exc}") from None
+    expected = (carried.get("sidecar") or {}).get("expected_memory_mi", expected_memory_mi)
+    for name, theirs, ours, flag in (("batch_size", carried.get("batch_size", max_batch), max_batch, "--max-batch"),
+                                     ("sidecar.expected_memory_mi", expected, expected_memory_mi,
+                                      "--sidecar-memory-mi")):
+        if theirs != ours:
+            raise ValueError(f"--defaults-from {path}: {name} is {theirs:g}, {flag} {ours:g}: give {flag} {theirs:g}, "
+                             "or change the plan's")
+    return carried
+
+
 def render(migration: str, connections: Mapping[str, tuple[str, str]], proposal: Proposal, header: list[str],
-           max_batch: int, expected_memory_mi: float) -> str:
+           max_batch: int, expected_memory_mi: float, carried: Mapping[str, Any] | None = None,
+           carried_from: str = "") -> str:
     lines = [f"# {line}" if line else "#" for line in header]
     lines += [f"migration: {migration}", "clusters:"]
     for cluster, (kube_conn, prom_conn) in sorted(connections.items()):
         lines.append(f"  {cluster}: {{kubernetes_conn_id: {kube_conn}, prometheus_conn_id: {prom_conn}}}")
-    lines += ["defaults:", DEFAULTS_NOTE.replace("#", "  #", 1), f"  batch_size: {max_batch}",
-              f"  sidecar: {{expected_memory_mi: {expected_memory_mi:g}}}", "waves:"]
+    lines += ["defaults:", *_defaults(max_batch, expected_memory_mi, carried, carried_from), "waves:"]
     previous = None
     for wave in proposal.waves:
         lines.append(f"  - name: {wave.name}")
         if wave.description:
-            lines.append(f"    description: {_quoted(wave.description)}")
+            lines.append(f"    description: {_flow(wave.description)}")
         if previous:
             lines.append(f"    after: {previous}")
         lines.append("    services:")
@@ -36,6 +57,22 @@ def render(migration: str, connections: Mapping[str, tuple[str, str]], proposal:
     text = "\n".join(lines) + "\n"
     parse_plan(yaml.safe_load(text), "<proposed plan>")  # never write a plan that would not load
     return text
+
+
+def _defaults(max_batch: int, expected_memory_mi: float, carried: Mapping[str, Any] | None,
+              carried_from: str) -> list[str]:
+    if carried is None:
+        return [DEFAULTS_NOTE.replace("#", "  #", 1), f"  batch_size: {max_batch}",
+                f"  sidecar: {{expected_memory_mi: {expected_memory_mi:g}}}"]
+    values = {"batch_size": max_batch, **carried,
+              "sidecar": {**(carried.get("sidecar") or {}), "expected_memory_mi": expected_memory_mi}}
+    note = f"  # carried from {carried_from} (--defaults-from); meshwave's defaults for anything it does not set"
+    return [note, *[f"  {key}: {_flow(value)}" for key, value in values.items()]]
+
+
+def _flow(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf)  # type: ignore[arg-type]
+    return text.strip().removesuffix("...").strip()  # a bare scalar is dumped as a document: "x\n...\n"
 
 
 def _service(s: PlannedService) -> list[str]:
@@ -51,6 +88,3 @@ def _service(s: PlannedService) -> list[str]:
         comments.append(f"      # {s.note}")
     return comments + [f"      - {{{', '.join(fields)}}}"]
 
-
-def _quoted(text: str) -> str:
-    return yaml.safe_dump(text, width=math.inf).strip().removesuffix("...").strip()  # type: ignore[arg-type]

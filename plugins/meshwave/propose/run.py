@@ -6,7 +6,7 @@ import math
 from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from meshwave.propose import summary
 from meshwave.propose.callgraph import USER, Source, read_graph, working_sets
@@ -39,6 +39,8 @@ class Options:
     per_hop_ms: tuple[float, float] = (35, 50)
     idle_last: bool = True
     excluded: Mapping[str, str] = field(default_factory=dict)  # inventory key -> why its team cannot mesh it
+    defaults: Mapping[str, Any] | None = None  # a plan's own defaults to carry (--defaults-from), None: meshwave's
+    defaults_from: str = ""
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ def propose(kubes: Mapping[str, MeshKube], sources: Mapping[str, Source], connec
     proposal = plan_waves(inventory, graph, options)
     cost = project(inventory, graph, proposal, options.per_hop_ms)
     text = render(options.migration, connections, proposal, header + summary.header_lines(proposal, cost),
-                  options.max_batch, options.expected_memory_mi)
+                  options.max_batch, options.expected_memory_mi, options.defaults, options.defaults_from)
     return Result(inventory, graph, proposal, cost, text, summary.markdown(inventory, graph, proposal, cost, options))
 
 
