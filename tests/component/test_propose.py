@@ -219,19 +219,24 @@ def test_an_excluded_workload_is_not_planned_and_keeps_its_callees_permissive(st
     assert not (tmp_path / "typo.yaml").exists()
 
 
-def test_defaults_a_team_reviewed_are_carried_from_a_plan(stack, proposed: Path, tmp_path: Path, capsys) -> None:
+def test_defaults_a_team_reviewed_are_carried_from_a_plan(stack, proposed: Path, tmp_path: Path) -> None:
     lab, prom = stack
     reviewed = tmp_path / "reviewed.yaml"
     plan = yaml.safe_load(proposed.read_text())
-    plan["defaults"] |= {"soak_seconds": 90, "thresholds": {"max_p99_ratio": 1.5}, "max_failures": 1}
+    plan["defaults"] |= {"batch_size": 1, "soak_seconds": 90, "thresholds": {"max_p99_ratio": 1.5},
+                         "sidecar": {"expected_memory_mi": 80}}
     reviewed.write_text(yaml.safe_dump(plan))
     out = tmp_path / "again.yaml"
-    assert propose(lab, prom.url, out, "--defaults-from", str(reviewed)) == 0
+    assert main(["plan", "propose", "--kubeconfig", f"pc={lab.kubeconfig('pc')}", "--prometheus", prom.url,
+                 "--lookback", "20s", "--max-wave", "3", "--defaults-from", str(reviewed), "--out", str(out)]) == 0
     defaults = load_plan(out).defaults
-    assert (defaults.soak_seconds, defaults.thresholds.max_p99_ratio, defaults.max_failures) == (90, 1.5, 1)
-    assert (defaults.batch_size, defaults.sidecar.expected_memory_mi) == (2, 150)
+    assert (defaults.soak_seconds, defaults.thresholds.max_p99_ratio) == (90, 1.5)
     assert defaults.verify_seconds == 120 and defaults.thresholds.max_restarts == 0, "meshwave's, as it sets none"
-    # batch_size shapes the pilot wave: the plan's and --max-batch must agree, neither silently wins
-    assert propose(lab, prom.url, tmp_path / "other.yaml", "--defaults-from", str(reviewed), "--max-batch", "3") == 2
-    assert "batch_size is 2, --max-batch 3: give --max-batch 2, or change the plan's; nothing written" in \
-        capsys.readouterr().err
+    # batch_size and the sidecar's expected memory shape the proposal: the carried ones, unless given
+    assert (defaults.batch_size, defaults.sidecar.expected_memory_mi) == (1, 80)
+    assert [len(w) for w in services(out)][0] == 1, "the pilot wave is one batch"
+    assert "sidecar" not in next(s for w in services(out) for s in w if s["workload"] == "pricing"), \
+        "its 96Mi proxy holds the expected 80Mi"
+    assert propose(lab, prom.url, out, "--defaults-from", str(reviewed), "--sidecar-memory-mi", "150") == 0
+    defaults = load_plan(out).defaults
+    assert (defaults.batch_size, defaults.sidecar.expected_memory_mi, defaults.soak_seconds) == (2, 150, 90)

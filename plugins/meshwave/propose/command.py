@@ -44,20 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "PERMISSIVE with the reason next to them; once per workload")
     parser.add_argument("--lookback", default="10m", help="how far back the telemetry is read (default 10m)")
     parser.add_argument("--max-wave", type=int, default=20, help="services per wave at most (default 20)")
-    parser.add_argument("--max-batch", type=int, default=3, help="services in parallel: the plan's batch_size and "
-                                                                 "the pilot wave's size (default 3)")
+    parser.add_argument("--max-batch", type=int, help="services in parallel: the plan's batch_size and the pilot "
+                                                      "wave's size (default: --defaults-from's batch_size, else 3)")
     parser.add_argument("--out", type=Path, required=True, help="the plan file to write")
     parser.add_argument("--migration", help="the plan's migration name (default: the file's name)")
     parser.add_argument("--conn-prefix", default="meshwave", help="Airflow connection ids are <prefix>_<cluster> and "
                         "<prefix>_prometheus_<cluster>, '-' as '_' (default meshwave)")
-    parser.add_argument("--sidecar-memory-mi", type=float, default=150,
-                        help="the sidecar's expected working set (the seed measured 150-300 MB; default 150)")
+    parser.add_argument("--sidecar-memory-mi", type=float,
+                        help="the sidecar's expected working set, what undersized proxies are sized for (the seed "
+                             "measured 150-300 MB; default: --defaults-from's sidecar.expected_memory_mi, else 150)")
     parser.add_argument("--hop-latency-ms", default="35-50", help="latency a proxy adds per hop, LOW-HIGH or one "
                                                                    "number (the seed measured 35-50)")
     parser.add_argument("--defaults-from", type=Path, metavar="PLAN",
                         help="carry the defaults a plan sets (soaks, thresholds, timeouts) into this one, e.g. the "
-                             "plan proposed again; its batch_size and sidecar.expected_memory_mi must be --max-batch's "
-                             "and --sidecar-memory-mi's")
+                             "plan proposed again; --max-batch and --sidecar-memory-mi, when given, override its "
+                             "batch_size and sidecar.expected_memory_mi")
     parser.add_argument("--idle-in-order", action="store_true", help="plan services with no observed traffic like "
                         "the others (default: a last wave, strict: false)")
 
@@ -109,17 +110,28 @@ def _options(args: argparse.Namespace) -> Any:
         low, _, high = args.hop_latency_ms.partition("-")
         hop = (float(low), float(high or low))
         excluded = _exclusions(args.exclude)
-        carried = None if args.defaults_from is None else \
-            carried_defaults(args.defaults_from, args.max_batch, args.sidecar_memory_mi)
+        carried = None if args.defaults_from is None else carried_defaults(args.defaults_from)
     except ValueError as exc:
         raise ProposeError(str(exc)) from None
-    for name in ("max_wave", "max_batch"):
-        if getattr(args, name) < 1:
+    max_batch, expected_mi = _sizes(args, carried or {})
+    for name, value in (("max_wave", args.max_wave), ("max_batch", max_batch)):
+        if value < 1:
             raise ProposeError(f"--{name.replace('_', '-')}: must be at least 1")
+    if expected_mi <= 0:
+        raise ProposeError("--sidecar-memory-mi: must be positive")
     return Options(migration=migration, lookback=lookback, lookback_seconds=window_seconds(lookback),
-                   max_wave=args.max_wave, max_batch=args.max_batch, expected_memory_mi=args.sidecar_memory_mi,
+                   max_wave=args.max_wave, max_batch=max_batch, expected_memory_mi=expected_mi,
                    per_hop_ms=hop, idle_last=not args.idle_in_order, excluded=excluded, defaults=carried,
                    defaults_from=str(args.defaults_from or ""))
+
+
+def _sizes(args: argparse.Namespace, carried: dict[str, Any]) -> tuple[int, float]:
+    """batch_size and the sidecar's expected memory: the option when given, else the carried plan's, else 3 and 150
+    (they shape the proposal itself: the pilot's size, which proxies are undersized)."""
+    batch = next(v for v in (args.max_batch, carried.get("batch_size"), 3) if v is not None)
+    expected = next(v for v in (args.sidecar_memory_mi, (carried.get("sidecar") or {}).get("expected_memory_mi"), 150)
+                    if v is not None)
+    return batch, expected
 
 
 def _exclusions(values: list[str]) -> dict[str, str]:

@@ -16,23 +16,13 @@ from meshwave.propose.models import PlannedService, Proposal
 DEFAULTS_NOTE = "# everything else (soak, thresholds, timeouts) as meshwave's defaults: review before the first run"
 
 
-def carried_defaults(path: Path, max_batch: int, expected_memory_mi: float) -> dict[str, Any]:
+def carried_defaults(path: Path) -> dict[str, Any]:
     """The `defaults:` a plan sets (only what it sets, checked by the plan's schema), to carry into a proposal: the
-    soaks, thresholds and timeouts a team reviewed survive the plan being proposed again. batch_size and the sidecar's
-    expected memory shape the proposal itself (the pilot's size, which proxies are undersized), so they must agree
-    with --max-batch and --sidecar-memory-mi rather than be overridden by either side."""
+    soaks, thresholds and timeouts a team reviewed survive the plan being proposed again."""
     try:
-        carried = load_plan(path).defaults.model_dump(exclude_unset=True)
+        return load_plan(path).defaults.model_dump(exclude_unset=True)
     except PlanError as exc:
         raise ValueError(f"--defaults-from: {exc}") from None
-    expected = (carried.get("sidecar") or {}).get("expected_memory_mi", expected_memory_mi)
-    for name, theirs, ours, flag in (("batch_size", carried.get("batch_size", max_batch), max_batch, "--max-batch"),
-                                     ("sidecar.expected_memory_mi", expected, expected_memory_mi,
-                                      "--sidecar-memory-mi")):
-        if theirs != ours:
-            raise ValueError(f"--defaults-from {path}: {name} is {theirs:g}, {flag} {ours:g}: give {flag} {theirs:g}, "
-                             "or change the plan's")
-    return carried
 
 
 def render(migration: str, connections: Mapping[str, tuple[str, str]], proposal: Proposal, header: list[str],
@@ -64,7 +54,7 @@ def _defaults(max_batch: int, expected_memory_mi: float, carried: Mapping[str, A
     if carried is None:
         return [DEFAULTS_NOTE.replace("#", "  #", 1), f"  batch_size: {max_batch}",
                 f"  sidecar: {{expected_memory_mi: {expected_memory_mi:g}}}"]
-    values = {"batch_size": max_batch, **carried,
+    values = {**carried, "batch_size": max_batch,  # the proposal's own: its pilot and sizing used them
               "sidecar": {**(carried.get("sidecar") or {}), "expected_memory_mi": expected_memory_mi}}
     note = f"  # carried from {carried_from} (--defaults-from); meshwave's defaults for anything it does not set"
     return [note, *[f"  {key}: {_flow(value)}" for key, value in values.items()]]
