@@ -50,6 +50,9 @@ def services(path: Path) -> list[list[dict]]:
 
 def test_the_plan_validates_and_names_the_connections(proposed: Path) -> None:
     assert main(["plan", "validate", str(proposed)]) == 0
+    (plain := proposed.with_name("plain.txt")).touch()
+    assert {p.stat().st_mode for p in proposed.parent.iterdir()} == {plain.stat().st_mode}, \
+        "the plan and its summary are readable as any file written there (the DAG parser may be another user)"
     plan = load_plan(proposed)
     assert plan.migration == "shop-mesh"
     assert plan.clusters["pc"].kubernetes_conn_id == "lab_pc"

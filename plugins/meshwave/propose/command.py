@@ -269,5 +269,10 @@ def _write(out: Path, result: Any) -> list[Path]:
 def _stage(final: Path, write: Callable[[Path], Any]) -> Path:
     fd, name = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
     os.close(fd)
+    # mkstemp's file is private (0600): the plan must stay readable by whoever parses the DAGs, as a file written
+    # directly would be (the umask decides)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(name, 0o666 & ~umask)
     write(Path(name))
     return Path(name)

@@ -61,8 +61,16 @@ def _defaults(max_batch: int, expected_memory_mi: float, carried: Mapping[str, A
 
 
 def _flow(value: Any) -> str:
-    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=math.inf)  # type: ignore[arg-type]
+    text = yaml.safe_dump(_plain(value), default_flow_style=True, sort_keys=False,
+                          width=math.inf)  # type: ignore[arg-type]
     return text.strip().removesuffix("...").strip()  # a bare scalar is dumped as a document: "x\n...\n"
+
+
+def _plain(value: Any) -> Any:
+    """Whole floats as integers (the schema's floats dump as 250.0 where the reviewer wrote 250)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 def _service(s: PlannedService) -> list[str]:

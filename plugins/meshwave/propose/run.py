@@ -154,4 +154,4 @@ def _describe(index: int, wave: list[PlannedService], idle: frozenset[str]) -> s
         what = "pilot: low-criticality, low fan-in services whose callers are meshed or outside the plan"
     else:
         what = "callers before their callees"
-    return f"{what}; {len(wave)} services, {strict} planned STRICT"
+    return f"{what}; {len(wave)} service{'s' if len(wave) != 1 else ''}, {strict} planned STRICT"
