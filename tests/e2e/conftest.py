@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import time
+import urllib.error
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,10 +62,24 @@ class Stack:
         for name, early in sorted(entries.items(), key=lambda item: item[1].last):  # stable: else in EARLY's order
             if early.prepare is not None:
                 early.prepare(self)
+                self.wait_for_details(early.dag_id)
             self.airflow.wait_for_dag(early.dag_id)
             if early.before is not None:
                 early.before(self)
             self.early[name] = (early.dag_id, self.airflow.trigger(early.dag_id, early.conf))
+
+    def wait_for_details(self, dag_id: str, timeout: float = 120) -> None:
+        """A DAG file just written: its DAG is listed before its serialized form is stored, and a trigger in between
+        fails with a 500; the details endpoint answers only once that form is there."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.airflow.api("GET", f"/dags/{dag_id}/details")
+                return
+            except urllib.error.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
 
     def early_run(self, name: str, timeout: float = 900) -> tuple[str, str]:
         """The EARLY run triggered at start, once it has ended: (run id, state)."""
