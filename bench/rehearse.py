@@ -10,7 +10,7 @@ callers that lost traffic at any moment (target 0), with what the rehearsal foun
 from __future__ import annotations
 
 import argparse
-import tempfile
+import shutil
 import time
 from pathlib import Path
 
@@ -28,21 +28,23 @@ def main() -> None:
     parser.add_argument("--plan", type=Path, default=ROOT / "include" / "plans" / "seed-fleet.yaml")
     parser.add_argument("--soak", type=int, default=20)
     parser.add_argument("--timeout", type=float, default=150, help="minutes")
+    parser.add_argument("--out", type=Path, default=ROOT / ".rehearsal" / "bench",
+                        help="the rehearsal's report, charts and stack logs (kept to be looked at)")
     args = parser.parse_args()
     command = f"{PY} -m bench.rehearse --soak {args.soak}"
     load = load_average()
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="bench-rehearse-") as tmp:
-        try:
-            result = rehearse_on_lab(args.plan, SEED_LAB, args.soak, Path(tmp) / "out", args.timeout * 60, log=log)
-        except RehearsalError as exc:
-            minutes = (time.monotonic() - started) / 60
-            emit([Figure("16 rehearse", "seed rehearsal: wall time", round(minutes, 1), "min",
-                         f"< {TARGET_MINUTES} min", False, command, load, f"did not finish: {exc}"[:900])])
-            return
-        lines = summary_lines(result)
-        for line in lines:
-            log(line)
+    shutil.rmtree(args.out, ignore_errors=True)
+    try:
+        result = rehearse_on_lab(args.plan, SEED_LAB, args.soak, args.out, args.timeout * 60, log=log)
+    except RehearsalError as exc:
+        minutes = (time.monotonic() - started) / 60
+        emit([Figure("16 rehearse", "seed rehearsal: wall time", round(minutes, 1), "min",
+                     f"< {TARGET_MINUTES} min", False, command, load, f"did not finish: {exc}"[:900])])
+        return
+    lines = summary_lines(result)
+    for line in lines:
+        log(line)
     minutes = (time.monotonic() - started) / 60
     lost = len(result.history.lost) if result.history is not None else None
     services = sum(len(w.records) for w in result.waves)
