@@ -49,8 +49,13 @@ def main() -> None:
     lost = len(result.history.lost) if result.history is not None else None
     services = sum(len(w.records) for w in result.waves)
     notes = f"{services} service records in {len(result.waves)} waves; " + "; ".join(lines[-1 - len(result.problems):])
-    emit([Figure("16 rehearse", "seed rehearsal: wall time, start to report", round(minutes, 1), "min",
-                 f"< {TARGET_MINUTES} min", minutes < TARGET_MINUTES, command, load, notes[:900]),
+    # The time target holds only for a rehearsal that ran every wave: one stopped by a failed wave is shorter.
+    ran_all = all(w.run_id is not None for w in result.waves)
+    emit([Figure("16 rehearse", "seed rehearsal: wall time, start to report"
+                 + ("" if ran_all else f" (stopped after {sum(w.run_id is not None for w in result.waves)} of "
+                                       f"{len(result.waves)} waves)"), round(minutes, 1), "min",
+                 f"< {TARGET_MINUTES} min, every wave run", ran_all and minutes < TARGET_MINUTES, command, load,
+                 notes[:900]),
           Figure("16 rehearse", "seed rehearsal: callers that lost traffic", lost, "callers", "0", lost == 0, command,
                  load_average(), "from the tracing service graph's history (meshlab.rehearsal.history)")])
 
