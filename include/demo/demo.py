@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -44,7 +45,7 @@ def start() -> int:
     if STATE.exists():
         print(f"a demo stack is already recorded in {STATE}: run `make stop` first", file=sys.stderr)
         return 1
-    WORK.mkdir(exist_ok=True)
+    _fresh()
     print("starting meshlab with the seed fleet (3 clusters, 190 deployments, 800 pods)...", flush=True)
     lab = LabProcess(ROOT / "include" / "lab" / "seed.yaml", WORK / "lab").start()
     prom = PrometheusProcess([lab.metrics_target], WORK / "prometheus").start()
@@ -66,16 +67,38 @@ def start() -> int:
     records.sort(key=lambda r: (r.batch or 0, r.service))
     print(f"\n{WAVE_DAG}: run {state}\n")
     print(report.render(report.report_frame(records)))
-    chained = airflow.api("GET", f"/dags/{NEXT_DAG}/dagRuns?limit=5")["dag_runs"]
-    if chained:
-        print(f"\n{NEXT_DAG} was started by wave-1's Asset ({chained[0]['run_type']}); follow it in the UI.")
-    else:
-        print(f"\n{NEXT_DAG} did not start: wave-1 did not end within its failure budget.")
+    _chained(airflow, state)
     _reconcile(airflow)
     print(f"\nAirflow UI: {airflow.url}  (login: admin / {airflow.password})")
     print(f"Prometheus: {prom.url}   lab kubeconfigs: {WORK / 'lab' / 'kube'}")
     print("Everything keeps running until `make stop`.")
     return 0
+
+
+def _fresh() -> None:
+    """Every demo starts from nothing but the reports: a previous demo's Airflow database would resume its unfinished
+    runs against this new lab (a wave-2 run that `make stop` left running holds max_active_runs, so this demo's
+    wave 2 would wait behind it), and its Prometheus would hold a lab that no longer runs."""
+    WORK.mkdir(exist_ok=True)
+    for name in ("lab", "prometheus", "airflow"):
+        shutil.rmtree(WORK / name, ignore_errors=True)
+
+
+def _chained(airflow: AirflowProcess, state: str) -> None:
+    """The next wave's run, which wave 1's Asset starts only when wave 1 ended within its failure budget (its run
+    succeeded); the scheduler creates it a few seconds after the event."""
+    deadline = time.monotonic() + (60 if state == "success" else 0)
+    while True:
+        runs = airflow.api("GET", f"/dags/{NEXT_DAG}/dagRuns?limit=5")["dag_runs"]
+        if runs:
+            print(f"\n{NEXT_DAG} was started by wave-1's Asset ({runs[0]['run_type']}); follow it in the UI.")
+            return
+        if time.monotonic() > deadline:
+            why = "no run a minute after wave-1's Asset (the scheduler's log says why)" if state == "success" else \
+                "wave-1 did not end within its failure budget"
+            print(f"\n{NEXT_DAG} did not start: {why}.")
+            return
+        time.sleep(2)
 
 
 def _reconcile(airflow: AirflowProcess) -> None:
