@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/parse_cost.py [--services 2000]
 
-Plans: the committed seed plan (include/plans/seed-fleet.yaml), every seed deployment (187 services, waves
-of 25) and a generated plan of --services services (waves of 100), each in a temp plans dir
+Plans: the committed seed plan (include/plans/seed-fleet.yaml, proposed by `meshwave plan propose`: 184 of the
+187 seed services in 11 waves of up to 20, batches of 3), every seed deployment (187 services, waves of 25) and a
+generated plan of --services services (waves of 100), each in a temp plans dir
 (MESHWAVE_PLANS_DIR) with a one-plan DAG file in a temp dags folder. Each folder is parsed twice, in
 subprocesses: `airflow dags report -o json` (DagBag's per-file duration, DAGs, tasks) with
 dagbag_import_timeout raised to 600 s so a slow file is measured rather than cut, and a DagBag with

@@ -22,6 +22,7 @@ import urllib.parse
 
 from meshlab.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, free_port
 from meshwave import report
+from meshwave.plan import load_plan
 from meshwave.record import ServiceRecord
 
 WORK = ROOT / ".demo"
@@ -57,10 +58,11 @@ def start() -> int:
     airflow.start(timeout=300)
     _record({"lab": lab.proc.pid, "prometheus": prom.proc.pid, "airflow": airflow.proc.pid})
     airflow.wait_for_dag(WAVE_DAG, timeout=180)
-    # The demo runs now, not on Saturday at 02:00: the override param is what an operator would use.
-    run_id = airflow.trigger(WAVE_DAG, {"outside_window": True})
-    print(f"triggered {WAVE_DAG} ({run_id}) with outside_window=true; following it (about 4 minutes)...",
-          flush=True)
+    # The demo runs now: were wave 1 given a maintenance window, the override param is what an operator would use.
+    conf = {"outside_window": True} if load_plan(ROOT / "include" / "plans" / PLAN).waves[0].window else {}
+    run_id = airflow.trigger(WAVE_DAG, conf)
+    print(f"triggered {WAVE_DAG} ({run_id}){' with outside_window=true' if conf else ''}; following it "
+          "(2 to 3 minutes)...", flush=True)
     state = _follow(airflow, run_id)
     records = [ServiceRecord.model_validate(airflow.ti_xcom(ti, key="record"))
                for ti in airflow.task_instances(WAVE_DAG, run_id).values() if ti["task_id"].endswith(".outcome")]

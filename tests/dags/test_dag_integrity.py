@@ -62,11 +62,11 @@ def test_project_dags_parse_without_network(monkeypatch: pytest.MonkeyPatch) -> 
 def test_the_map_index_label_names_the_service() -> None:
     import jinja2
 
-    dag = dagbag(DAGS).dags["meshwave_seed_fleet_wave_1"]
-    template = dag.get_task("batch_1.soak").map_index_template
     plan = load_plan(SEED_PLAN)
+    wave = next(w for w in plan.waves if len(w.services) > 1)  # map index 1: the second service of its first batch
+    template = dagbag(DAGS).dags[plan.dag_id(wave)].get_task("batch_1.soak").map_index_template
     rendered = jinja2.Environment().from_string(template).render(ti=type("TI", (), {"map_index": 1}))
-    assert rendered == plan.waves[0].services[1].key
+    assert rendered == wave.services[1].key
 
 
 def test_a_group_is_wired_as_documented() -> None:
@@ -98,7 +98,7 @@ def test_a_bad_plan_is_an_import_error_of_its_own_file_only(tmp_path: Path, monk
     good = yaml.safe_load(SEED_PLAN.read_text())
     bad = yaml.safe_load(SEED_PLAN.read_text())
     bad["migration"] = "broken"
-    bad["waves"][0]["services"][1]["namespace"] = "Edge"
+    bad["waves"][1]["services"][1]["namespace"] = "Edge"
     (plans / "good.yaml").write_text(yaml.safe_dump(good))
     (plans / "bad.yaml").write_text(yaml.safe_dump(bad))
     for name in ("good", "bad"):
@@ -106,7 +106,7 @@ def test_a_bad_plan_is_an_import_error_of_its_own_file_only(tmp_path: Path, monk
                                          f'globals().update(wave_dags("{name}.yaml"))\n')
     monkeypatch.setenv("MESHWAVE_PLANS_DIR", str(plans))
     bag = dagbag(dags)
-    message = f"{plans / 'bad.yaml'}: waves[0].services[1].namespace: 'Edge' is not a valid RFC 1123 label"
+    message = f"{plans / 'bad.yaml'}: waves[1].services[1].namespace: 'Edge' is not a valid RFC 1123 label"
     assert list(bag.import_errors) == [str(dags / "bad.py")]
     assert message in bag.import_errors[str(dags / "bad.py")]
     assert "meshwave_seed_fleet_wave_1" in bag.dags, "the good plan's DAGs still load"

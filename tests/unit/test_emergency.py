@@ -102,6 +102,19 @@ def test_without_any_plan_the_clusters_come_from_cluster_connections(tmp_path: P
                                                                "prometheus_conn_id": "a b"}}}, fleet)
 
 
+def test_the_seed_plan_gives_stage_2_the_criticality_of_every_seed_service_it_plans(fleet: Fleet) -> None:
+    """Stage 2 removes sidecars critical first, by the plans' criticality: the seed plan carries the seed's own for
+    all but the three services it does not plan (a service no plan names would go last, as unknown)."""
+    topology = yaml.safe_load((ROOT / "include" / "lab" / "seed.yaml").read_text())
+    seed = {f"{s['cluster']}/{s['namespace']}/{s['name']}": s["criticality"] for s in topology["services"]
+            if s.get("kind") != "external" and not s.get("gateway")}
+    planned = em.criticality_of(fleet)
+    assert planned == {k: c for k, c in seed.items() if k in planned}
+    assert sorted(set(seed) - set(planned)) == ["prod-eu-1/data/legacy-reporting",
+                                                "prod-eu-1/monitoring/blackbox-exporter",
+                                                "prod-eu-1/platform/email-service"]
+
+
 def test_a_broken_plan_hides_only_its_own_clusters(tmp_path: Path) -> None:
     (tmp_path / "a-broken.yaml").write_text("migration: x\nclusters: {}\nwaves: []\n")
     (tmp_path / "seed.yaml").write_text(SEED_PLAN.read_text())
