@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from kubernetes import config
 
 from meshlab.rehearsal.end_state import End
@@ -16,6 +17,7 @@ from meshwave.kube import MeshKube
 from meshwave.prometheus import PrometheusSource
 from tests.e2e.conftest import EARLY, Early, Stack
 
+pytestmark = pytest.mark.e2e
 PLAN_FILE = Path(__file__).parent / "plans" / "rehearse.yaml"
 PLAN, TEXT = rehearsal_plan(PLAN_FILE, 20)
 WEBS, APIS = (PLAN.dag_id(w) for w in PLAN.waves)
