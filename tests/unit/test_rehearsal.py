@@ -116,3 +116,68 @@ def test_the_command_refuses_a_plan_whose_clusters_the_topology_lacks_before_sta
     assert not (tmp_path / "out").exists(), "nothing started, nothing written"
     assert main(["rehearse", str(plan_file), "--topology", str(small), "--soak-seconds", "3"]) == 2
     assert "--soak-seconds 3: at least 10" in capsys.readouterr().err
+
+
+class FakeAirflow:
+    """Airflow's REST API as `follow` reads it: runs per DAG, each with its task instances and records."""
+
+    def __init__(self) -> None:
+        self.runs: dict[str, list[dict]] = {}
+        self.tis: dict[str, dict[str, dict]] = {}
+        self.records: dict[tuple[str, str], dict] = {}
+        self.triggered: list[str] = []
+
+    def add_run(self, dag_id: str, state: str, outcomes: dict[str, str], publish: str | None) -> None:
+        run_id = f"run-{dag_id}"
+        self.runs[dag_id] = [{"dag_run_id": run_id, "state": state, "start_date": "2026-11-29T10:00:00Z",
+                              "end_date": "2026-11-29T10:05:00Z" if state in ("success", "failed") else None}]
+        tis = {f"batch_1.outcome[{key}]": {"task_id": "batch_1.outcome", "state": "success", "dag_id": dag_id,
+                                           "dag_run_id": run_id, "map_index": i, "key": key}
+               for i, key in enumerate(outcomes)}
+        if publish is not None:
+            tis["publish"] = {"task_id": "publish", "state": publish}
+        self.tis[run_id] = tis
+        for key, outcome in outcomes.items():
+            self.records[(run_id, key)] = {"service": key, "outcome": outcome, "reason": f"{outcome} because"}
+
+    def api(self, method: str, path: str, body: object = None) -> dict:
+        dag_id = path.split("/")[2]
+        if path.endswith("limit=1"):
+            return {"dag_runs": self.runs.get(dag_id, [])}
+        return next(r for r in self.runs[dag_id] if path.endswith(r["dag_run_id"]))
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        self.triggered.append(dag_id)
+        self.add_run(dag_id, "running", {}, None)
+        return f"run-{dag_id}"
+
+    def task_instances(self, dag_id: str, run_id: str) -> dict[str, dict]:
+        return self.tis[run_id]
+
+    def ti_xcom(self, ti: dict, key: str = "return_value") -> dict:
+        return self.records[(ti["dag_run_id"], ti["key"])]
+
+
+def test_a_wave_over_its_budget_keeps_the_chained_wave_from_starting_and_says_why(plan_file: Path) -> None:
+    from meshlab.rehearsal.follow import follow
+
+    plan = load_plan(plan_file)
+    airflow = FakeAirflow()
+    airflow.add_run(plan.dag_id(plan.waves[0]), "failed", {"a/x/web": "rolled_back", "b/y/api": "held"}, "skipped")
+    waves = follow(airflow, plan, timeout=5, poll=0, log=lambda _: None)
+    assert airflow.triggered == [], "the first wave's run existed: followed, not triggered again"
+    assert (waves[0].state, waves[0].published, len(waves[0].records)) == ("failed", False, 2)
+    assert waves[1].run_id is None and waves[1].state == "not started"
+    assert "wave one did not publish" in waves[1].reason and "held: b/y/api" in waves[1].reason, waves[1].reason
+
+
+def test_a_rehearsal_out_of_time_names_the_waves_it_did_not_see_end(plan_file: Path) -> None:
+    from meshlab.rehearsal.follow import follow
+
+    plan = load_plan(plan_file)
+    airflow = FakeAirflow()
+    waves = follow(airflow, plan, timeout=0.2, poll=0.05, log=lambda _: None)
+    assert airflow.triggered == [plan.dag_id(plan.waves[0])]
+    assert [w.state for w in waves] == ["timed out", "timed out"]
+    assert waves[0].run_id == f"run-{plan.dag_id(plan.waves[0])}" and waves[1].run_id is None
+    assert "still running or waiting" in waves[0].reason

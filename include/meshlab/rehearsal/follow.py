@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from meshlab.rehearsal.plan_copy import RehearsalError, first_waves
+from meshlab.rehearsal.plan_copy import first_waves
 from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import Plan
 from meshwave.record import ServiceRecord
@@ -38,7 +38,7 @@ class WaveRun(BaseModel):
     wave: str
     dag_id: str
     run_id: str | None = None
-    state: str = "not started"  # success, failed, not started
+    state: str = "not started"  # success, failed, not started, timed out
     started: datetime | None = None
     ended: datetime | None = None
     published: bool = False
@@ -56,9 +56,16 @@ def follow(airflow: Airflow, plan: Plan, timeout: float, poll: float = 5, log: A
     results: dict[str, WaveRun] = {}
     deadline = time.monotonic() + timeout
     while len(results) < len(plan.waves):
-        if time.monotonic() > deadline:
-            raise RehearsalError(f"the rehearsal did not end within {timeout:.0f} s: waves still running or waiting: "
-                                 f"{', '.join(w.name for w in plan.waves if w.name not in results)}")
+        if time.monotonic() > deadline:  # what ended is reported; the rest is named, not waited for
+            for wave in plan.waves:
+                if wave.name not in results:
+                    run_id = runs.get(wave.name)
+                    done = _records(airflow, plan.dag_id(wave), run_id) if run_id else []
+                    results[wave.name] = WaveRun(wave=wave.name, dag_id=plan.dag_id(wave), run_id=run_id,
+                                                 state="timed out", records=done, reason=f"still running or waiting "
+                                                 f"after the rehearsal's {timeout / 60:.0f} min")
+                    log(f"{plan.dag_id(wave)}: {results[wave.name].reason}")
+            break
         for wave in plan.waves:
             if wave.name not in results:
                 _step(airflow, plan, wave, runs, results, log)
@@ -96,15 +103,21 @@ def _step(airflow: Airflow, plan: Plan, wave: Any, runs: dict[str, str | None], 
 
 def _ended(airflow: Airflow, dag_id: str, wave: str, run: dict[str, Any]) -> WaveRun:
     tis = airflow.task_instances(dag_id, run["dag_run_id"])
-    records = [ServiceRecord.model_validate(airflow.ti_xcom(ti, key="record"))
-               for _, ti in sorted(tis.items())
-               if ti["task_id"].endswith(".outcome") and ti.get("state") in ("success", "failed")]
+    records = _records(airflow, dag_id, run["dag_run_id"], tis)
     publish = tis.get("publish")  # a wave no other wave follows has none
     published = publish is not None and publish.get("state") == "success"
     reason = _why_not_published(records, run["state"]) if publish is not None and not published else ""
     return WaveRun(wave=wave, dag_id=dag_id, run_id=run["dag_run_id"], state=run["state"],
                    started=run.get("start_date"), ended=run.get("end_date"), published=published, reason=reason,
                    records=records)
+
+
+def _records(airflow: Airflow, dag_id: str, run_id: str,
+             tis: dict[str, dict[str, Any]] | None = None) -> list[ServiceRecord]:
+    """The records of the services whose outcome task has ended."""
+    tis = airflow.task_instances(dag_id, run_id) if tis is None else tis
+    return [ServiceRecord.model_validate(airflow.ti_xcom(ti, key="record")) for _, ti in sorted(tis.items())
+            if ti["task_id"].endswith(".outcome") and ti.get("state") in ("success", "failed")]
 
 
 def _why_not_published(records: list[ServiceRecord], state: str) -> str:
