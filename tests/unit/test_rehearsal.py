@@ -181,3 +181,33 @@ def test_a_rehearsal_out_of_time_names_the_waves_it_did_not_see_end(plan_file: P
     assert [w.state for w in waves] == ["timed out", "timed out"]
     assert waves[0].run_id == f"run-{plan.dag_id(plan.waves[0])}" and waves[1].run_id is None
     assert "still running or waiting" in waves[0].reason
+
+
+class FakeRange:
+    """A range query's answer: one edge's delivered rate at each evaluation time."""
+
+    def __init__(self, rates: list[float]) -> None:
+        self.rates = rates
+
+    def range(self, query: str, start: float, end: float, step: float) -> list:
+        from meshwave.prometheus import Series
+
+        labels = {"client": "web", "client_service_namespace": "x", "client_k8s_cluster_name": "a",
+                  "server": "db", "server_service_namespace": "x", "server_k8s_cluster_name": "a"}
+        first = round(start)
+        return [Series(labels, [(first + i * step, rate) for i, rate in enumerate(self.rates)])]
+
+
+def test_a_lone_low_evaluation_is_no_loss_and_two_in_a_row_are(plan_file: Path) -> None:
+    from meshlab.rehearsal.history import check_history
+
+    plan = load_plan(plan_file)
+    before = [5.0] * 7  # start - 60 s .. start, every 10 s
+    lone = check_history(FakeRange([*before, 5.0, 4.6, 5.0, 5.0]), plan, 1000.0 + 60, 1000.0 + 100)
+    assert lone.checks[0].lowest == pytest.approx(0.92) and lone.lost == []
+    cut = check_history(FakeRange([*before, 5.0, 4.6, 3.0, 4.0, 5.0]), plan, 1000.0 + 60, 1000.0 + 110)
+    assert [str(c.edge) for c in cut.lost] == ["a/x/web -> a/x/db"] and cut.lost[0].seconds_below == 30
+    gone = check_history(FakeRange(before), plan, 1000.0 + 60, 1000.0 + 100)  # no point after start: nothing
+    assert gone.lost[0].lowest == 0 and gone.lost[0].seconds_below == 40
+    with pytest.raises(ValueError, match="at least 2 steps"):
+        check_history(FakeRange(before), plan, 1060.0, 1100.0, window=15, step=10)
