@@ -184,30 +184,46 @@ def test_a_rehearsal_out_of_time_names_the_waves_it_did_not_see_end(plan_file: P
 
 
 class FakeRange:
-    """A range query's answer: one edge's delivered rate at each evaluation time."""
+    """Prometheus' answers for one edge whose counter is scraped every 2 s, delivering `rates[i]` requests per second
+    over the i-th 10 s from `origin`; a sample in `late` reaches Prometheus that many seconds after it was counted
+    (it carries the time it was counted at, as the lab's do)."""
 
-    def __init__(self, rates: list[float]) -> None:
-        self.rates = rates
+    LABELS = {"client": "web", "client_service_namespace": "x", "client_k8s_cluster_name": "a",
+              "server": "db", "server_service_namespace": "x", "server_k8s_cluster_name": "a"}
+
+    def __init__(self, rates: list[float], origin: float = 900.0, late: dict[float, float] | None = None) -> None:
+        self.samples, total, t = [], 0.0, origin
+        for rate in rates:
+            for _ in range(5):
+                t += 2
+                total += 2 * rate
+                self.samples.append((t, total))
+        self.late = late or {}
 
     def range(self, query: str, start: float, end: float, step: float) -> list:
+        from meshlab.rehearsal.history import OK_SAMPLED_AT
         from meshwave.prometheus import Series
 
-        labels = {"client": "web", "client_service_namespace": "x", "client_k8s_cluster_name": "a",
-                  "server": "db", "server_service_namespace": "x", "server_k8s_cluster_name": "a"}
-        first = round(start)
-        return [Series(labels, [(first + i * step, rate) for i, rate in enumerate(self.rates)])]
+        points = []
+        for k in range(int((end - round(start)) // step) + 1):
+            at = round(start) + k * step
+            taken = [(ts, v) for ts, v in self.samples if ts + self.late.get(ts, 0) <= at]  # stamped when counted
+            if taken:
+                points.append((at, taken[-1][0] if query == OK_SAMPLED_AT else taken[-1][1]))
+        return [Series(dict(self.LABELS), points)]
 
 
-def test_a_lone_low_evaluation_is_no_loss_and_two_in_a_row_are(plan_file: Path) -> None:
+def test_a_late_scrape_is_no_loss_and_a_cut_off_is(plan_file: Path) -> None:
+    """Rates are read between real samples: a scrape taken 6 s late (a loaded lab) changes nothing, while 20 s of
+    nothing delivered is a loss, named with how long the rate stayed under the floor."""
     from meshlab.rehearsal.history import check_history
 
     plan = load_plan(plan_file)
-    before = [5.0] * 7  # start - 60 s .. start, every 10 s
-    lone = check_history(FakeRange([*before, 5.0, 4.6, 5.0, 5.0]), plan, 1000.0 + 60, 1000.0 + 100)
-    assert lone.checks[0].lowest == pytest.approx(0.92) and lone.lost == []
-    cut = check_history(FakeRange([*before, 5.0, 4.6, 3.0, 4.0, 5.0]), plan, 1000.0 + 60, 1000.0 + 110)
-    assert [str(c.edge) for c in cut.lost] == ["a/x/web -> a/x/db"] and cut.lost[0].seconds_below == 30
-    gone = check_history(FakeRange(before), plan, 1000.0 + 60, 1000.0 + 100)  # no point after start: nothing
-    assert gone.lost[0].lowest == 0 and gone.lost[0].seconds_below == 40
+    start, end = 1060.0, 1200.0  # the first wave starts at 1060; 60 s before it, from 1000
+    late = check_history(FakeRange([5.0] * 30, late={1090.0 + d: 14.0 for d in (2, 4, 6, 8, 10)}), plan, start, end)
+    assert late.lost == [] and late.checks[0].lowest == pytest.approx(1.0), late.checks
+    cut = check_history(FakeRange([5.0] * 19 + [0.0, 0.0] + [5.0] * 9), plan, start, end)
+    assert [str(c.edge) for c in cut.lost] == ["a/x/web -> a/x/db"]
+    assert cut.lost[0].lowest < 0.5 and cut.lost[0].seconds_below >= 30, cut.lost[0]
     with pytest.raises(ValueError, match="at least 2 steps"):
-        check_history(FakeRange(before), plan, 1060.0, 1100.0, window=15, step=10)
+        check_history(FakeRange([5.0] * 30), plan, start, end, window=15, step=10)

@@ -14,6 +14,7 @@ at all (no service graph in this Prometheus) is a RehearsalError: the rehearsal 
 
 from __future__ import annotations
 
+import bisect
 import statistics
 from typing import Protocol
 
@@ -25,8 +26,10 @@ from meshwave.prometheus import Series
 
 EDGE_LABELS = ("client", "client_service_namespace", "client_k8s_cluster_name", "server", "server_service_namespace",
                "server_k8s_cluster_name")
-OK_RATE = ("sum by (" + ", ".join(EDGE_LABELS) + ") "
-           '(rate(traces_service_graph_request_total{{failed="false"}}[{window}s]))')
+OK = 'traces_service_graph_request_total{failed="false"}'
+OK_COUNT = f"sum by ({', '.join(EDGE_LABELS)}) ({OK})"
+OK_SAMPLED_AT = f"max by ({', '.join(EDGE_LABELS)}) (timestamp({OK}))"
+SAMPLE_STEP = 2.0  # seconds between the raw reads: at most the scrape interval, so that every sample is seen
 MIN_RPS = 0.2
 MIN_RUN = 2  # evaluations below the floor in a row that make a loss (see _runs_below)
 
@@ -88,22 +91,25 @@ def check_history(source: RangeSource, plan: Plan, start: float, end: float, *, 
     if window < MIN_RUN * step:
         raise ValueError(f"window {window} s: at least {MIN_RUN} steps of {step:g} s, so that a lost request lowers "
                          f"{MIN_RUN} evaluations in a row")
-    query = OK_RATE.format(window=window)
-    series = source.range(query, start - before_seconds, end, step)
+    # The counters as scraped, each value at the time its sample was taken, and the rates computed between real
+    # samples: rate() extrapolates a window's last sample to the window's end, so a late scrape (a loaded lab, a slow
+    # exporter) read as a drop on every edge at once, for as long as it was late.
+    sample_step = max(SAMPLE_STEP, (end - start + before_seconds) / 10_000)  # the API's 11,000 points per series
+    counts = source.range(OK_COUNT, start - before_seconds - window, end, sample_step)
+    sampled_at = source.range(OK_SAMPLED_AT, start - before_seconds - window, end, sample_step)
+    first = round(start - before_seconds)
+    grid = [first + k * step for k in range(int((round(end) - first) // step) + 1)]
+    series = _rates(counts, sampled_at, grid, window)
     planned = {(s.cluster, s.namespace, s.workload): s for w in plan.waves for s in w.services}
     edges = _edges(series, planned)
     if not edges:
         raise RehearsalError(f"Prometheus has no service graph series touching the plan's services between "
-                             f"{start - before_seconds:.0f} and {end:.0f} ({query}): the rehearsal cannot tell whether "
-                             "a caller lost traffic")
-    # Prometheus evaluates a range query at round(start) + k * step (the client sends whole seconds): a time after
-    # `start` with no point for an edge is a moment nothing was delivered on it.
-    first = round(start - before_seconds)
-    times = [first + k * step for k in range(int((round(end) - first) // step) + 1) if first + k * step > start]
+                             f"{start - before_seconds:.0f} and {end:.0f} ({OK_COUNT}): the rehearsal cannot tell "
+                             "whether a caller lost traffic")
+    times = [t for t in grid if t > start]  # a time with no rate for an edge: nothing was delivered on it
     checks, thin, shares_by_edge = [], [], {}
     for edge, points in sorted(edges.items(), key=lambda item: str(item[0])):
-        # The median: the first points' rate windows can reach back before the series began (Prometheus then
-        # extrapolates a lower rate), and a mean would lower the floor with them.
+        # The median: a first window can reach back before the series began, and a mean would lower the floor.
         before = [v for t, v in points if t <= start]
         rate_before = statistics.median(before) if before else 0.0
         if rate_before < MIN_RPS:
@@ -116,6 +122,24 @@ def check_history(source: RangeSource, plan: Plan, start: float, end: float, *, 
     lowest = [(t, min(shares[i][1] for shares in shares_by_edge.values())) for i, t in enumerate(times)] \
         if shares_by_edge else []
     return History(start=start, end=end, step=step, checks=checks, too_thin=thin, lowest_by_time=lowest)
+
+
+def _rates(counts: list[Series], sampled_at: list[Series], grid: list[float], window: float) -> list[Series]:
+    """Per edge, its delivered rate at each grid time: the counter's increase between its first and last sample in
+    the window before that time, over the time between them (no sample, or one: no rate)."""
+    times = {tuple(sorted(s.labels.items())): dict(s.points) for s in sampled_at}
+    found = []
+    for s in counts:
+        when = times.get(tuple(sorted(s.labels.items())), {})
+        samples = sorted({when[t]: v for t, v in s.points if t in when}.items())  # one per scrape
+        stamps = [ts for ts, _ in samples]
+        points = []
+        for t in grid:
+            lo, hi = bisect.bisect_right(stamps, t - window), bisect.bisect_right(stamps, t) - 1
+            if hi > lo and samples[hi][1] >= samples[lo][1]:  # two samples at least; a lower value: a reset
+                points.append((t, (samples[hi][1] - samples[lo][1]) / (samples[hi][0] - samples[lo][0])))
+        found.append(Series(s.labels, points))
+    return found
 
 
 def _edges(series: list[Series], planned: dict) -> dict[Edge, list[tuple[float, float]]]:
