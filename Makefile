@@ -14,8 +14,8 @@ help:
 	@echo "make test-distributed  CeleryExecutor on Postgres and Redis, two workers, one killed mid-wave"
 	@echo "make rehearse  every wave of a plan on the lab, Prometheus and Airflow (PLAN=, TOPOLOGY=, SOAK=)"
 	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
-	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback, the lab and the no-op floor"
-	@echo "             (about 70 minutes; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
+	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback, the lab, the no-op floor, propose and the seed rehearsal"
+	@echo "             (about 80 minutes, then the seed rehearsal: 20 minutes to hours; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
 setup: $(STAMP) prometheus services bytecode
 

@@ -170,9 +170,8 @@ def _check(edge: Edge, shares: list[tuple[float, float]], before: float, floor: 
 
 def _runs_below(shares: list[tuple[float, float]], floor: float) -> list[int]:
     """The lengths of the runs of evaluations below the floor that last at least MIN_RUN. A request lost at any
-    moment lowers every evaluation whose window holds it: window / step of them (3), one after another. A lone low
-    evaluation is no lost request but a late sample: the window's last scrape arrived late, and rate() extrapolated
-    less (the seed lab at load 2 dips every edge at once, one evaluation in ten, to 92-95 %)."""
+    moment lowers every evaluation whose window holds it: window / step of them (3), one after another; a lone low
+    evaluation is no such loss."""
     runs, length = [], 0
     for _, share in [*shares, (0.0, float("inf"))]:
         if share < floor:
