@@ -227,3 +227,18 @@ def test_a_late_scrape_is_no_loss_and_a_cut_off_is(plan_file: Path) -> None:
     assert cut.lost[0].lowest < 0.5 and cut.lost[0].seconds_below >= 30, cut.lost[0]
     with pytest.raises(ValueError, match="at least 2 steps"):
         check_history(FakeRange([5.0] * 30), plan, start, end, window=15, step=10)
+
+
+def test_a_wave_after_one_that_never_ran_says_so_without_repeating_the_chain(tmp_path: Path) -> None:
+    from meshlab.rehearsal.follow import follow
+
+    three = {**PLAN, "waves": [*PLAN["waves"], {"name": "three", "after": "two",
+                                                 "services": [{"cluster": "a", "namespace": "x", "workload": "q"}]}]}
+    path = tmp_path / "three.yaml"
+    path.write_text(yaml.safe_dump(three))
+    plan = load_plan(path)
+    airflow = FakeAirflow()
+    airflow.add_run(plan.dag_id(plan.waves[0]), "failed", {"a/x/web": "failed"}, "upstream_failed")
+    waves = follow(airflow, plan, timeout=5, poll=0, log=lambda _: None)
+    assert waves[1].reason.startswith("wave one did not publish its Asset: over budget or unknown: a/x/web failed")
+    assert waves[2].reason == "wave two did not run"

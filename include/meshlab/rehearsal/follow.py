@@ -81,8 +81,9 @@ def _step(airflow: Airflow, plan: Plan, wave: Any, runs: dict[str, str | None], 
         if before is None:
             return
         if not before.published:
-            results[wave.name] = WaveRun(wave=wave.name, dag_id=dag_id, reason=f"wave {before.wave} did not "
-                                         f"publish its Asset: {before.reason or 'see its run'}")
+            why = (f"wave {before.wave} did not run" if before.run_id is None else
+                   f"wave {before.wave} did not publish its Asset: {before.reason or 'see its run'}")
+            results[wave.name] = WaveRun(wave=wave.name, dag_id=dag_id, reason=why)
             log(f"{dag_id}: not started: {results[wave.name].reason}")
             return
         run_id = _latest_run(airflow, dag_id)
