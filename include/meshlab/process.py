@@ -18,6 +18,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -340,8 +341,25 @@ class AirflowProcess:
             time.sleep(2)
 
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str:
-        run = self.api("POST", f"/dags/{dag_id}/dagRuns", {"logical_date": None, "conf": conf or {}})
-        return run["dag_run_id"]
+        """A manual run of `dag_id`. The API can answer a 500 while SQLite is busy (a stack starting a dozen runs
+        at once): then the run made meanwhile, if any, is taken, else the trigger is sent again (twice at most)."""
+        body = {"logical_date": None, "conf": conf or {}}
+        for attempt in range(3):
+            sent = time.time()
+            try:
+                return self.api("POST", f"/dags/{dag_id}/dagRuns", body)["dag_run_id"]
+            except urllib.error.HTTPError as exc:
+                if exc.code != 500 or attempt == 2:
+                    raise
+            time.sleep(2)
+            if made := self._manual_runs_since(dag_id, sent, body["conf"]):
+                return made[0]
+        raise AssertionError("unreachable")
+
+    def _manual_runs_since(self, dag_id: str, since: float, conf: dict[str, Any]) -> list[str]:
+        runs = self.api("GET", f"/dags/{dag_id}/dagRuns?order_by=-run_after&limit=20")["dag_runs"]
+        return [r["dag_run_id"] for r in runs if r.get("run_type") == "manual" and r.get("conf") == conf
+                and datetime.fromisoformat(r["run_after"].replace("Z", "+00:00")).timestamp() >= since - 1]
 
     def wait_for_run(self, dag_id: str, run_id: str, timeout: float = 600) -> str:
         deadline = time.monotonic() + timeout
