@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from meshlab.rehearsal.plan_copy import first_waves
 from meshwave.outcomes import ServiceOutcome
-from meshwave.plan import Plan
+from meshwave.plan import Plan, Wave
 from meshwave.record import ServiceRecord
 
 DONE = ("success", "failed")
@@ -73,7 +73,7 @@ def follow(airflow: Airflow, plan: Plan, timeout: float, poll: float = 5, log: A
     return [results[w.name] for w in plan.waves]
 
 
-def _step(airflow: Airflow, plan: Plan, wave: Any, runs: dict[str, str | None], results: dict[str, WaveRun],
+def _step(airflow: Airflow, plan: Plan, wave: Wave, runs: dict[str, str | None], results: dict[str, WaveRun],
           log: Any) -> None:
     dag_id = plan.dag_id(wave)
     if wave.name not in runs:  # chained: waits for its predecessor
