@@ -32,8 +32,6 @@ class Early:
     dag_id: str
     conf: dict[str, Any]
     before: Callable[[Stack], object] | None = None
-    # Runs before the DAG is looked for: writes a plan and its DAG file that the stack did not start with.
-    prepare: Callable[[Stack], object] | None = None
     # Triggered after every other entry: a DAG's runs queue in trigger order (mesh_service runs one at a time), so
     # an entry that can wait must not delay one racing a timed fault (test_undo's outage).
     last: bool = False
@@ -60,9 +58,6 @@ class Stack:
     def start_early(self) -> None:
         entries = {name: entry if isinstance(entry, Early) else Early(name, entry) for name, entry in EARLY.items()}
         for name, early in sorted(entries.items(), key=lambda item: item[1].last):  # stable: else in EARLY's order
-            if early.prepare is not None:
-                early.prepare(self)
-                self.wait_for_details(early.dag_id)
             self.airflow.wait_for_dag(early.dag_id)
             if early.before is not None:
                 early.before(self)
