@@ -170,7 +170,6 @@ class Lab:
         self.telemetry = Telemetry()
         self.flows = Flows({}, [])
         self._last_tick: float | None = None
-        self.counted_at: float | None = None  # the wall-clock time (epoch) the counters were last advanced to
         self._epoch: float | None = None  # the lab's first tick: callers' bursts are timed from it
         self._bootstrap()
 
@@ -252,7 +251,6 @@ class Lab:
                                    lambda call: call.burst_factor(start - epoch, now - epoch))
         if dt:
             self.telemetry.advance(self.flows, dt)
-        self.counted_at = time.time() - (time.monotonic() - now)
 
     # ---- the mesh's view of a workload -----------------------------------------------------------
     def workload(self, key: WorkloadKey) -> Workload:

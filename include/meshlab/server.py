@@ -34,26 +34,12 @@ SHUTDOWN_SECONDS = 1.0
 HOST = "127.0.0.1"  # the lab, its admin endpoint included, listens on loopback unless told (a container: --host)
 
 
-# The request counters a proxy, an app or the trace pipeline keeps. A body is rendered from counters advanced at the
-# last tick, and a large fleet's body is rendered after a tick and served to the next scrapes (Exposition): seconds
-# old under load. A live process's counters are current when scraped, so these samples carry the time they were
-# counted at (the exposition format's timestamp, which Prometheus honours): rate() then sees the real rate, not the
-# render's lag (+-10 % over a 30 s window on the seed lab at load 7). These series never disappear, so Prometheus'
-# staleness handling (not applied to samples with timestamps) changes nothing for them. The cluster gauges
-# (kube-state-metrics, cAdvisor) come and go with their pods and stay without timestamps.
-COUNTED = ("istio_", "http_", "traces_service_graph_")
-
-
 class _Collector:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
 
     def collect(self):
-        at = self.lab.counted_at
-        for family in self.lab.telemetry.families(self.lab.metric_sources()):
-            if at is not None and family.name.startswith(COUNTED):
-                family.samples = [sample._replace(timestamp=at) for sample in family.samples]
-            yield family
+        yield from self.lab.telemetry.families(self.lab.metric_sources())
 
 
 class Exposition:
