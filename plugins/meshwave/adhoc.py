@@ -23,7 +23,7 @@ from meshwave.names import RFC1123_LABEL, rfc1123_label
 from meshwave.plan import ServicePlan, timing_problems
 from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, service_group
-from meshwave.steps import ACTIONS, Service
+from meshwave.steps import ACTIONS, Service, peers_of
 from meshwave.wave import dry_run_param
 
 DAG_ID = "mesh_service"
@@ -89,7 +89,8 @@ def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
         settings = settings.model_copy(update={"soak_seconds": soak})
         if problems := timing_problems(settings):  # the plan's own settings were checked when it loaded
             raise ValueError(f"{problems[0]} (the form's soak_seconds over the plan's settings)")
-    return Service(plan_service, settings, fleet.clusters[cluster], batch=1, action=action)
+    return Service(plan_service, settings, fleet.clusters[cluster], batch=1, action=action,
+                   peers=peers_of(fleet.clusters, cluster))
 
 
 def _resolve(context: dict[str, Any], key: str) -> Service:

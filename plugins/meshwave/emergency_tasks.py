@@ -114,6 +114,7 @@ class RemoveSidecarsOperator(BaseOperator):
         self.poke_interval = poke_interval
         self._kubes: dict[str, MeshKube] = {}
         self._sources: dict[str, Source] = {}
+        self._would_relax: dict[str, frozenset[str]] = {}
 
     def _kube(self, request: em.Request, cluster: str) -> MeshKube:
         if cluster not in self._kubes:
@@ -121,6 +122,21 @@ class RemoveSidecarsOperator(BaseOperator):
             self._kubes[cluster] = mesh_kube(BaseHook.get_connection(target.kubernetes_conn_id), cluster,
                                              target.root_namespace, dry_run=request.dry_run)
         return self._kubes[cluster]
+
+    def _peer(self, request: em.Request, cluster: str) -> MeshKube:
+        """A destination's cluster, when it is one of the request's targets (else its mode cannot be read)."""
+        if not any(t.cluster == cluster for t in request.targets):
+            return outbound.no_peers(cluster)
+        return self._kube(request, cluster)
+
+    def _relaxed_first(self, request: em.Request, cluster: str) -> frozenset[str]:
+        """A dry run: the policies stage 1 would have relaxed on `cluster` (it wrote nothing), so that stage 2 counts
+        them as relaxed. A real run's stage 2 finds them relaxed."""
+        if not request.dry_run:
+            return frozenset()
+        if cluster not in self._would_relax:
+            self._would_relax[cluster] = em.would_relax(self._kube(request, cluster), request.scope)
+        return self._would_relax[cluster]
 
     def _source(self, request: em.Request, cluster: str) -> Source:
         """The cluster's Prometheus: where each workload's proxy calls, before its sidecar goes."""
@@ -168,7 +184,6 @@ class RemoveSidecarsOperator(BaseOperator):
                      results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         print(f"chunk {i + 1}/{total}: {', '.join(key(w) for w in chunk)}")
         wait = []
-        first: dict[str, frozenset[str]] = {}  # a dry run: per cluster, the policies stage 1 would have relaxed
         for w in chunk:
             try:
                 kube = self._kube(request, w["cluster"])
@@ -176,10 +191,9 @@ class RemoveSidecarsOperator(BaseOperator):
                 note = f"meshwave emergency stage 2 ({request.scope.describe()})"
                 # the red button overrides any run's lease: broken, so the holder's next write is refused
                 changes = [kube.leases.break_(w["namespace"], w["workload"], note)]
-                if request.dry_run and w["cluster"] not in first:
-                    first[w["cluster"]] = em.would_relax(kube, request.scope)
                 more, _ = outbound.prepare_removal(kube, self._source(request, w["cluster"]), w["namespace"],
-                                                   w["workload"], note, first.get(w["cluster"], frozenset()))
+                                                   w["workload"], note, lambda c: self._relaxed_first(request, c),
+                                                   lambda c: self._peer(request, c))
                 changes += more + kube.remove_injection(w["namespace"], w["workload"])
             except outbound.RemovalRefused as exc:  # the sidecar stays; stage 1 left the workload PERMISSIVE
                 results[key(w)] = {"status": "refused", "message": str(exc), "criticality": w["criticality"]}

@@ -9,11 +9,16 @@ destination is read and its mode decides) and the mode each one's pods enforce, 
 The run's scope, kept simple and safe:
 - a destination STRICT only by meshwave's own policy (`meshwave-<workload>`, which a wave wrote) is relaxed first,
   through `ensure_permissive` (deleted, or kept PERMISSIVE over a namespace-wide STRICT), and proven PERMISSIVE;
-- a destination STRICT by anything else (a team's workload policy, a namespace- or mesh-wide policy), in another
-  cluster, or whose mode cannot be read refuses the removal, naming it and the policy: meshwave does not loosen
-  what it does not own on the side of a rollback. The workload keeps its sidecar and is made PERMISSIVE; the
-  operator relaxes the destination (`mesh_service permissive` on it, or its owners) and removes again;
+- a destination STRICT by anything else (a team's workload policy, a namespace- or mesh-wide policy), or whose mode
+  cannot be read refuses the removal, naming it and the policy: meshwave does not loosen what it does not own on
+  the side of a rollback. The workload keeps its sidecar and is made PERMISSIVE; the operator relaxes the
+  destination (`mesh_service permissive` on it, or its owners) and removes again;
 - a destination without a sidecar, or not STRICT on any port, needs nothing.
+
+A destination in another cluster (Istio's `destination_cluster`, the mesh's cluster ID, differs from the caller's)
+is read, and relaxed when meshwave owns its STRICT, through that cluster's own API (`peers`: the plan's other
+clusters, by the same name as the mesh's cluster ID). A cluster the run has no connection for cannot be read: the
+removal refuses. A cluster that does not answer fails the try (retried), as the workload's own would.
 
 After the rollout, `after_removal` compares the workload's own success rate with its rate before the removal (else
 its baseline): a removal that made things worse says so in the outcome.
@@ -22,6 +27,7 @@ its baseline): a removal that made things worse says so in the outcome.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -46,10 +52,29 @@ class RemovalRefused(ValueError):
     A ValueError so the step fails at once (a refusal is never retried)."""
 
 
+class PeerUnavailable(Exception):
+    """A destination's cluster cannot be read: not one of the run's clusters, or no connection to it."""
+
+
+# Another cluster's MeshKube by its name (the mesh's cluster ID); raises PeerUnavailable.
+Peers = Callable[[str], "MeshKube"]
+# Per cluster, the policies ("ns/name") relaxed before this removal whatever it finds (an emergency dry run: its
+# stage 1 wrote nothing, but the real run's stage 1 relaxes them before stage 2 removes any sidecar).
+RelaxedFirst = Callable[[str], frozenset[str]]
+
+
+def no_peers(cluster: str) -> MeshKube:
+    raise PeerUnavailable(f"cluster {cluster} is not one of this run's clusters: no connection to read it")
+
+
+def none_relaxed(cluster: str) -> frozenset[str]:
+    return frozenset()
+
+
 class Verdict(StrEnum):
     FINE = "fine"      # removing the sidecar leaves the calls working
     RELAX = "relax"    # STRICT by meshwave's own policy: relaxed before the removal
-    REFUSE = "refuse"  # STRICT by a policy meshwave does not own, another cluster, or unreadable
+    REFUSE = "refuse"  # STRICT by a policy meshwave does not own, or unreadable
 
 
 class Destination(BaseModel):
@@ -113,9 +138,6 @@ def judge(dest: Destination, state: EffectiveMtls | None, proxied: bool, unreada
           relaxed_first: frozenset[str] = frozenset()) -> Checked:
     """Pure: what a destination needs before the caller's sidecar goes. `relaxed_first`: the policies ("ns/name")
     that are relaxed before this removal whatever it finds (an emergency dry run: stage 1 would have)."""
-    if not dest.same_cluster:
-        return Checked(destination=dest, verdict=Verdict.REFUSE,
-                       why="in another cluster: this run can neither read nor relax its mode")
     if unreadable is not None or state is None:
         return Checked(destination=dest, verdict=Verdict.REFUSE, why=f"its mode cannot be read: {unreadable}")
     if not proxied:
@@ -137,28 +159,36 @@ def judge(dest: Destination, state: EffectiveMtls | None, proxied: bool, unreada
 
 
 def check_removal(kube: MeshKube, source: Source, namespace: str, workload: str,
-                  relaxed_first: frozenset[str] = frozenset()) -> RemovalCheck:
-    """Every destination the workload calls, judged from its effective mode and its sidecars."""
+                  relaxed_first: RelaxedFirst = none_relaxed, peers: Peers = no_peers) -> RemovalCheck:
+    """Every destination the workload calls, judged from its effective mode and its sidecars, each read in its own
+    cluster."""
     found, query = destinations(source, namespace, workload)
     checked = []
     for dest in found:
-        if not dest.same_cluster:
-            checked.append(judge(dest, None, False))
-            continue
         try:
-            state = kube.mtls.effective(dest.namespace, dest.workload)
-            proxied = kube.workload(dest.namespace, dest.workload).pods_with_proxy > 0
+            at = _cluster_of(kube, dest, peers)
+            state = at.mtls.effective(dest.namespace, dest.workload)
+            proxied = at.workload(dest.namespace, dest.workload).pods_with_proxy > 0
+        except PeerUnavailable as exc:
+            checked.append(judge(dest, None, False, str(exc)))
+            continue
         except NotFound as exc:  # not a Deployment meshwave can read (a StatefulSet, deleted): do not guess
             checked.append(judge(dest, None, False, str(exc)))
             continue
-        checked.append(judge(dest, state, proxied, relaxed_first=relaxed_first))
+        checked.append(judge(dest, state, proxied, relaxed_first=relaxed_first(at.cluster)))
     return RemovalCheck(workload=f"{namespace}/{workload}", query=query, checked=checked)
 
 
+def _cluster_of(kube: MeshKube, dest: Destination, peers: Peers) -> MeshKube:
+    return kube if dest.same_cluster else peers(dest.cluster)
+
+
 def prepare_removal(kube: MeshKube, source: Source, namespace: str, workload: str, note: str,
-                    relaxed_first: frozenset[str] = frozenset()) -> tuple[list[Change], RemovalCheck]:
-    """Relax the STRICT destinations meshwave owns, or refuse (RemovalRefused) before any of them is touched."""
-    check = check_removal(kube, source, namespace, workload, relaxed_first)
+                    relaxed_first: RelaxedFirst = none_relaxed,
+                    peers: Peers = no_peers) -> tuple[list[Change], RemovalCheck]:
+    """Relax the STRICT destinations meshwave owns (in whichever cluster), or refuse (RemovalRefused) before any of
+    them is touched."""
+    check = check_removal(kube, source, namespace, workload, relaxed_first, peers)
     refused = check.of(Verdict.REFUSE)
     if refused:
         raise RemovalRefused(
@@ -168,8 +198,10 @@ def prepare_removal(kube: MeshKube, source: Source, namespace: str, workload: st
             "remove the sidecar again")
     changes: list[Change] = []
     for c in check.of(Verdict.RELAX):
-        relaxed, _ = kube.mtls.ensure_permissive(c.destination.namespace, c.destination.workload,
-                                                 f"{note}: {namespace}/{workload} loses its sidecar and calls it")
+        at = _cluster_of(kube, c.destination, peers)
+        relaxed, _ = at.mtls.ensure_permissive(c.destination.namespace, c.destination.workload,
+                                               f"{note}: {kube.cluster}/{namespace}/{workload} loses its sidecar "
+                                               "and calls it")
         changes += relaxed
     return changes, check
 

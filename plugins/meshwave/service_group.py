@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
-from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException, TaskDeferred
+from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowSkipException, TaskDeferred
 
 from meshwave import decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
@@ -47,7 +47,7 @@ from meshwave.group_state import GroupState, decision, decoded, pull, results_of
 from meshwave.kube_errors import KubeError, NotInForce
 from meshwave.lease import LeaseRefused
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
-from meshwave.plan import Settings
+from meshwave.plan import ClusterConfig, Settings
 from meshwave.record import ServiceRecord
 from meshwave.results import (
     BackToPermissiveResult,
@@ -117,15 +117,33 @@ def dry_rollout() -> RolloutResult:
 def kube_for(svc: Service, context: dict[str, Any]) -> Any:
     """The cluster's MeshKube, one per task execution: a step that renews the lease, re-reads the freeze and writes
     asks for it several times, and each new one would fetch the connection and rediscover the API again."""
+    return _kube(context, svc.plan.cluster, svc.cluster)
+
+
+def peers_for(svc: Service, context: dict[str, Any]) -> outbound.Peers:
+    """The plan's other clusters, built on first use: where a rollback reads a destination its workload calls."""
+
+    def peer(cluster: str) -> Any:
+        if cluster not in svc.peers:
+            return outbound.no_peers(cluster)
+        try:
+            return _kube(context, cluster, svc.peers[cluster])
+        except AirflowNotFoundException as exc:
+            raise outbound.PeerUnavailable(f"cluster {cluster}: connection "
+                                           f"{svc.peers[cluster].kubernetes_conn_id}: {exc}") from None
+
+    return peer
+
+
+def _kube(context: dict[str, Any], cluster: str, config: ClusterConfig) -> Any:
     from meshwave.connections import mesh_kube  # the kubernetes client: at run time, not at parse time
 
     dry_run = bool(context["params"].get("dry_run"))
     kubes = context.setdefault("meshwave_kubes", {})
-    key = (svc.cluster.kubernetes_conn_id, svc.plan.cluster, dry_run)
+    key = (config.kubernetes_conn_id, cluster, dry_run)
     if key not in kubes:
-        connection = BaseHook.get_connection(svc.cluster.kubernetes_conn_id)
-        kubes[key] = mesh_kube(connection, svc.plan.cluster, svc.cluster.root_namespace, dry_run=dry_run,
-                               revision=svc.cluster.revision)
+        connection = BaseHook.get_connection(config.kubernetes_conn_id)
+        kubes[key] = mesh_kube(connection, cluster, config.root_namespace, dry_run=dry_run, revision=config.revision)
     return kubes[key]
 
 
@@ -321,7 +339,8 @@ def _back(svc: Service, context: dict[str, Any]) -> BackToPermissiveResult | Cle
 
 def _rollback(svc: Service, context: dict[str, Any]) -> RollbackResult:
     kube = kube_for(svc, context)
-    result = logged(steps.rollback_injection(svc, kube, prometheus_for(svc), _note(context)))
+    result = logged(steps.rollback_injection(svc, kube, prometheus_for(svc), _note(context),
+                                             peers_for(svc, context)))
     return result.model_copy(update={"pending": _settle(svc, kube, "sidecar removed")})
 
 

@@ -7,7 +7,7 @@ and tests, without Airflow. Every cluster change goes through `MeshKube`, which 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from meshwave import headroom, outbound
@@ -60,6 +60,8 @@ class Service:
     cluster: ClusterConfig
     batch: int
     action: str = "migrate"
+    # the plan's other clusters: a rollback reads (and may relax) a destination its workload calls in one of them
+    peers: dict[str, ClusterConfig] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -72,12 +74,14 @@ class Service:
 
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.model_dump(mode="json"), "settings": self.settings.model_dump(mode="json"),
-                "cluster": self.cluster.model_dump(mode="json"), "batch": self.batch, "action": self.action}
+                "cluster": self.cluster.model_dump(mode="json"), "batch": self.batch, "action": self.action,
+                "peers": {name: c.model_dump(mode="json") for name, c in self.peers.items()}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Service:
         return cls(ServicePlan(**data["plan"]), Settings(**data["settings"]), ClusterConfig(**data["cluster"]),
-                   data["batch"], data.get("action", "migrate"))
+                   data["batch"], data.get("action", "migrate"),
+                   {name: ClusterConfig(**c) for name, c in (data.get("peers") or {}).items()})
 
     @property
     def window(self) -> str:
@@ -91,6 +95,11 @@ class Service:
         """N breaches in a row confirm a failure; no data and errors wait for the deadline, then count."""
         return {"breaches_to_fail": self.settings.breaches_to_fail,
                 "default": {"on_no_data": on_no_data, "on_error": "wait"}}
+
+
+def peers_of(clusters: dict[str, ClusterConfig], own: str) -> dict[str, ClusterConfig]:
+    """Every cluster of the plan (or fleet) but the service's own: where its rollback may read a destination."""
+    return {name: config for name, config in clusters.items() if name != own}
 
 
 def took(started: float) -> float:
@@ -258,8 +267,8 @@ def back_to_permissive(svc: Service, kube: MeshKube, note: str) -> BackToPermiss
                                   seconds=took(started))
 
 
-def rollback_injection(svc: Service, kube: MeshKube, source: Source,
-                       note: str = "meshwave rollback") -> RollbackResult:
+def rollback_injection(svc: Service, kube: MeshKube, source: Source, note: str = "meshwave rollback",
+                       peers: outbound.Peers = outbound.no_peers) -> RollbackResult:
     """Back to where it started: the STRICT destinations it calls relaxed (meshwave's own) or the removal refused
     (outbound.py), meshwave's own policy on it deleted (or relaxed), then no sidecar.
 
@@ -270,7 +279,7 @@ def rollback_injection(svc: Service, kube: MeshKube, source: Source,
     p = svc.plan
     before = outbound.success_rate(source, p.namespace, p.workload, svc.window)  # what after_removal compares with
     try:
-        relaxed, check = outbound.prepare_removal(kube, source, p.namespace, p.workload, note)
+        relaxed, check = outbound.prepare_removal(kube, source, p.namespace, p.workload, note, peers=peers)
     except outbound.RemovalRefused as exc:
         kept, state = kube.mtls.ensure_permissive(p.namespace, p.workload, note)
         for change in kept:

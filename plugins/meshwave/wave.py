@@ -40,7 +40,7 @@ from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import Plan, Wave, load_plan
 from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, service_group
-from meshwave.steps import Service
+from meshwave.steps import Service, peers_of
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
@@ -83,8 +83,8 @@ def _catchup(wave: Wave) -> bool:
 
 def services_of(plan: Plan, wave: Wave) -> list[Service]:
     size = plan.defaults.batch_size
-    return [Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], i // size + 1)
-            for i, svc in enumerate(wave.services)]
+    return [Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], i // size + 1,
+                    peers=peers_of(plan.clusters, svc.cluster)) for i, svc in enumerate(wave.services)]
 
 
 def batch_group(batch: int) -> str:

@@ -5,6 +5,7 @@ before, and the outcome says when the removal made things worse."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import pytest
@@ -15,7 +16,9 @@ from meshwave.kube import PodState
 from meshwave.mtls import effective_mtls
 from meshwave.outbound import Destination, RemovalRefused, Verdict
 from meshwave.outcomes import ServiceOutcome
+from meshwave.plan import parse_plan
 from meshwave.results import StepResults
+from meshwave.wave import services_of
 from tests.unit.test_steps import NS, WL, FakeKube, FakeSource, deployment_state, service
 
 MESHWAVE = {"app.kubernetes.io/managed-by": "meshwave"}
@@ -79,10 +82,7 @@ def test_a_strict_that_is_relaxed_before_the_removal_is_fine_and_only_that_one()
     assert refused.verdict == Verdict.REFUSE and "shop/team-ledger" in refused.why, refused
 
 
-def test_another_cluster_or_an_unreadable_destination_refuses() -> None:
-    far = outbound.judge(dest(same_cluster=False), None, False)
-    assert far.verdict == Verdict.REFUSE and far.describe() == (
-        "prod-us-1/shop/ledger: in another cluster: this run can neither read nor relax its mode")
+def test_an_unreadable_destination_refuses() -> None:
     gone = outbound.judge(dest(), None, False, "deployment shop/ledger not found")
     assert gone.verdict == Verdict.REFUSE and "cannot be read: deployment shop/ledger not found" in gone.why
 
@@ -146,6 +146,87 @@ def test_a_prometheus_that_does_not_answer_fails_the_try_rather_than_remove_blin
     assert not [c for c in kube.calls if c[0] in ("mtls.ensure_permissive", "remove_injection")]
 
 
+# ---- a destination in another cluster: read there, through the plan's connection to it ---------------------------
+def calling_far(*dests: tuple[str, str]) -> FakeSource:
+    """The workload's proxy called these (cluster, workload) destinations of namespace `shop`."""
+    source = FakeSource(window=outbound.LOOKBACK).set("outbound_destinations",
+                                                      [sample(NS, wl, dest_cluster=c) for c, wl in dests])
+    source.answers[p.render("app_success_rate", namespace=NS, workload=WL, window=service().window)] = 0.99
+    return source
+
+
+def test_a_destination_in_a_cluster_the_run_has_no_connection_for_refuses_the_removal() -> None:
+    kube = FakeKube(state=deployment_state())
+    with pytest.raises(RemovalRefused) as refused:
+        steps.rollback_injection(service(), kube, calling_far(("prod-us-1", "ledger")), "t")  # type: ignore[arg-type]
+    assert "its calls to prod-us-1/shop/ledger: its mode cannot be read: cluster prod-us-1 is not one of this " \
+           "run's clusters: no connection to read it" in str(refused.value)
+    writes = [c for c in kube.calls if c[0] in ("mtls.ensure_permissive", "remove_injection")]
+    assert writes == [("mtls.ensure_permissive", (NS, WL, True))], "the sidecar kept, the workload PERMISSIVE"
+
+
+def far_kube(policies: list[dict[str, Any]], proxied: bool = True) -> FakeKube:
+    far = FakeKube(state=deployment_state(), policies=policies, cluster="prod-us-1")
+    if proxied:
+        far.state.pods.append(pod_with_proxy())
+    return far
+
+
+def test_a_permissive_destination_in_another_cluster_of_the_plan_is_read_there_and_the_sidecar_goes() -> None:
+    kube, far = FakeKube(state=deployment_state()), far_kube([])
+    asked: list[str] = []
+
+    def peers(cluster: str) -> FakeKube:
+        asked.append(cluster)
+        return far
+
+    result = steps.rollback_injection(service(), kube, calling_far(("prod-us-1", "ledger")), "t",
+                                      peers)  # type: ignore[arg-type]
+    assert asked == ["prod-us-1"]
+    assert ("mtls.effective", (NS, "ledger")) in far.calls and ("workload", (NS, "ledger")) in far.calls
+    assert ("workload", (NS, "ledger")) not in kube.calls, "read in its own cluster, not the caller's"
+    [checked] = result.outbound["destinations"]
+    assert checked["verdict"] == "fine" and checked["why"].startswith("not STRICT"), checked
+    assert [c["action"] for c in result.changes][-1] == "remove-injection"
+
+
+def test_a_destination_meshwave_made_strict_in_another_cluster_is_relaxed_there_first() -> None:
+    kube = FakeKube(state=deployment_state())
+    far = far_kube([policy(NS, "meshwave-ledger", "STRICT", {"app": "ledger"}, MESHWAVE)])
+    result = steps.rollback_injection(service(), kube, calling_far(("prod-us-1", "ledger")), "t",
+                                      lambda cluster: far)  # type: ignore[arg-type]
+    assert [c for c in far.calls if c[0] == "mtls.ensure_permissive"] == [
+        ("mtls.ensure_permissive", (NS, "ledger", True))]
+    assert (result.changes[0]["cluster"], result.changes[0]["target"]) == (
+        "prod-us-1", "peerauthentication shop/meshwave-ledger")
+    assert [c for c in kube.calls if c[0] == "mtls.ensure_permissive"] == [
+        ("mtls.ensure_permissive", (NS, WL, False))], "the caller's own undo only, in its own cluster"
+
+
+def test_a_team_s_strict_in_another_cluster_refuses_and_nothing_is_touched_there() -> None:
+    kube = FakeKube(state=deployment_state())
+    far = far_kube([policy(NS, "team-ledger", "STRICT", {"app": "ledger"})])
+    with pytest.raises(RemovalRefused) as refused:
+        steps.rollback_injection(service(), kube, calling_far(("prod-us-1", "ledger")), "t",
+                                 lambda cluster: far)  # type: ignore[arg-type]
+    assert "prod-us-1/shop/ledger: STRICT by a policy meshwave does not own" in str(refused.value)
+    assert not [c for c in far.calls if c[0] == "mtls.ensure_permissive"]
+
+
+def test_the_policies_relaxed_first_count_in_their_own_cluster_only() -> None:
+    """An emergency dry run: stage 1 would relax the far cluster's mesh-wide policy, not the caller's."""
+    mesh_wide = [policy("istio-system", "default", "STRICT")]
+    kube, far = FakeKube(state=deployment_state()), far_kube(mesh_wide)
+    first = {"prod-us-1": frozenset({"istio-system/default"})}
+    check = outbound.check_removal(kube, calling_far(("prod-us-1", "ledger")), NS, WL,  # type: ignore[arg-type]
+                                   lambda c: first.get(c, frozenset()), lambda c: far)  # type: ignore[arg-type]
+    assert [c.verdict for c in check.checked] == [Verdict.FINE]
+    check = outbound.check_removal(kube, calling_far(("prod-us-1", "ledger")), NS, WL,  # type: ignore[arg-type]
+                                   lambda c: first.get(c, frozenset()) if c == "lab" else frozenset(),
+                                   lambda c: far)  # type: ignore[arg-type]
+    assert [c.verdict for c in check.checked] == [Verdict.REFUSE]
+
+
 def pod_with_proxy() -> PodState:
     """The destination runs a sidecar (FakeKube answers every workload with the same state)."""
     return PodState("ledger-1", current=True, ready=True, has_proxy=True, proxy_ready=True)
@@ -199,3 +280,16 @@ def test_a_refused_wave_rollback_is_failed_and_names_what_is_left() -> None:
     why = {"after_soak": "soak failed: p99", "after_soak_to": decisions.ROLLBACK_AFTER_SOAK}
     record = decisions.outcome(service(), StepResults(), states, {"rollback_injection": error}, why, dry_run=False)
     assert record.outcome == "failed" and error in record.reason, record
+
+
+def test_a_wave_s_service_carries_the_plan_s_other_clusters_through_its_xcom() -> None:
+    plan = parse_plan({"migration": "two", "clusters": {
+        "eu": {"kubernetes_conn_id": "k_eu", "prometheus_conn_id": "p_eu"},
+        "us": {"kubernetes_conn_id": "k_us", "prometheus_conn_id": "p_us", "root_namespace": "mesh"}},
+        "waves": [{"name": "w", "services": [{"cluster": "eu", "namespace": NS, "workload": WL}]}]})
+    [svc] = services_of(plan, plan.waves[0])
+    assert svc.peers == {"us": plan.clusters["us"]}
+    back = steps.Service.from_dict(json.loads(json.dumps(svc.to_dict())))
+    assert back == svc and back.peers["us"].root_namespace == "mesh"
+    older = {k: v for k, v in svc.to_dict().items() if k != "peers"}  # a record written before peers existed
+    assert steps.Service.from_dict(older).peers == {}

@@ -125,7 +125,8 @@ class FakeKube:
                  workload_error: Exception | None = None, metadata: dict[str, Any] | None = None,
                  spec: dict[str, Any] | None = None, injector: dict[str, Any] | None = None,
                  quotas: list[dict[str, Any]] | None = None, limit_ranges: list[dict[str, Any]] | None = None,
-                 nodes: list[dict[str, Any]] | Exception | None = None) -> None:
+                 nodes: list[dict[str, Any]] | Exception | None = None, cluster: str = "lab") -> None:
+        self.cluster = cluster
         self.state = state or deployment_state()
         self.mtls = FakeMtls(self, policies or [])
         self.workload_error = workload_error
@@ -137,7 +138,8 @@ class FakeKube:
         self.calls: list[tuple[str, tuple[Any, ...]]] = []
 
     def _change(self, action: str, target: str, before: Any, after: Any, reason: str) -> Change:
-        return Change("lab", action, target, before, after, applied=True, reason=reason, resource_version="81724")
+        return Change(self.cluster, action, target, before, after, applied=True, reason=reason,
+                      resource_version="81724")
 
     def workload(self, ns: str, name: str) -> WorkloadState:
         self.calls.append(("workload", (ns, name)))
