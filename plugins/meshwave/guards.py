@@ -54,6 +54,10 @@ def freeze_for_emergency(why: str) -> str:
     return frozen() or f"the Airflow Variable {FREEZE_VARIABLE} is set: {why}"
 
 
+class OutsideWindow(ValueError):
+    """A run started while its maintenance window is closed, without the override."""
+
+
 def now() -> datetime:
     return datetime.now(UTC)
 
@@ -61,7 +65,7 @@ def now() -> datetime:
 def window_at_start(window: Window | None, override: bool, at: datetime) -> dict[str, Any]:
     """The window a run works in: {"closes": iso} when open, {"override": True, ...} when forced outside it.
 
-    Raises ValueError (with when it opens next) for a run outside its window without the override.
+    Raises OutsideWindow (with when it opens next) for a run outside its window without the override.
     """
     if window is None:
         return {"window": None}
@@ -71,8 +75,8 @@ def window_at_start(window: Window | None, override: bool, at: datetime) -> dict
     upcoming = window.next_open(at)
     when = f"; it opens next at {upcoming.isoformat()}" if upcoming else "; no window date is left"
     if not override:
-        raise ValueError(f"outside the maintenance window ({window.describe()}){when}. To run now anyway, trigger "
-                         "with the param outside_window = true (the log records it)")
+        raise OutsideWindow(f"outside the maintenance window ({window.describe()}){when}. To run now anyway, "
+                            "trigger with the param outside_window = true (the log records it)")
     return {"window": window.describe(), "override": True, "closes": None,
             "note": f"OVERRIDE: running outside the maintenance window ({window.describe()}){when}"}
 

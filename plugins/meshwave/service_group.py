@@ -720,7 +720,8 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
     @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
     def outcome(key: str, **context: Any) -> dict[str, Any]:
         state = GroupState(context, prefix)
-        wave_error = context["ti"].xcom_pull(task_ids=wave_error_task, key="error") if wave_error_task else None
+        wave_error = (context["ti"].xcom_pull(task_ids=wave_error_task, key="error")
+                      or context["ti"].xcom_pull(task_ids=wave_error_task, key="skipped")) if wave_error_task else None
         if wave_error:
             state.errors["wave"] = wave_error
         svc = state.service

@@ -27,6 +27,7 @@ pytestmark = pytest.mark.e2e
 GOOD_1, GOOD_2 = "meshwave_e2e_chain_good_wave_1", "meshwave_e2e_chain_good_wave_2"
 BAD_1, BAD_2 = "meshwave_e2e_chain_bad_wave_1", "meshwave_e2e_chain_bad_wave_2"
 WINDOW = "meshwave_e2e_window_main"
+PASSED = "meshwave_e2e_window_passed"  # its window closed before the DAG appeared
 ADHOC = "mesh_service"
 # The window opens 75 s from the fixture's start and lasts 50 s; w-early soaks 45 s and verifies 15 s, so it is
 # always in flight when the window closes and w-late (the next batch) always comes after.
@@ -54,6 +55,11 @@ waves:
     services:
       - {{cluster: lab, namespace: window, workload: w-early}}
       - {{cluster: lab, namespace: window, workload: w-late}}
+  - name: passed
+    window:
+      dates: [{{start: "{passed_start}", end: "{passed_end}"}}]
+    services:
+      - {{cluster: lab, namespace: window, workload: w-passed}}
 """
 
 
@@ -83,7 +89,10 @@ def refused(stack: Stack, body: dict[str, Any]) -> str:
 def started(stack: Stack) -> dict[str, Any]:
     start = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=WINDOW_OPENS_IN)
     end = start + timedelta(seconds=WINDOW_SECONDS)
-    stack.add_wave_dags("window", WINDOW_PLAN.format(start=start.isoformat(), end=end.isoformat()))
+    passed = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=2)
+    stack.add_wave_dags("window", WINDOW_PLAN.format(start=start.isoformat(), end=end.isoformat(),
+                                                     passed_start=passed.isoformat(),
+                                                     passed_end=(passed + timedelta(hours=1)).isoformat()))
     found: dict[str, Any] = {"window": (start, end)}
     for dag_id in (GOOD_1, BAD_1):
         stack.airflow.wait_for_dag(dag_id)
@@ -148,6 +157,27 @@ def test_the_window_closes_mid_run_without_leaving_a_service_half_migrated(stack
     assert "outside the maintenance window" in preflight_error and "outside_window = true" in preflight_error
     assert {r["outcome"] for r in stack.records(WINDOW, run_id).values()} == {"skipped"}
     assert not any(proxies(stack, "window", "w-late"))
+
+
+def test_a_scheduled_run_for_a_window_that_closed_before_the_dag_appeared_is_skipped_not_failed(
+        stack: Stack, started: dict[str, Any]) -> None:
+    """The scheduler makes a run for a window date already past when the DAG first appears (the first `make demo`
+    on a Saturday): nothing is started, and the run says why without showing as a failed DAG."""
+    [run] = eventually(lambda: runs(stack, PASSED), timeout=180, what="the run made for the passed window")
+    assert run["run_type"] == "scheduled"
+    assert finished(stack, PASSED, run["dag_run_id"]) == "success"
+    run_id = run["dag_run_id"]
+    assert stack.airflow.task_instances(PASSED, run_id)["wave_preflight"]["state"] == "skipped"
+    skipped = stack.airflow.xcom(PASSED, run_id, "wave_preflight", key="skipped")
+    assert skipped.startswith("a scheduled run that started after its window: outside the maintenance window"), \
+        skipped
+    with pytest.raises(urllib.error.HTTPError) as none:
+        stack.airflow.xcom(PASSED, run_id, "wave_preflight", key="error")
+    assert none.value.code == 404, "a skip, not an error"
+    record = stack.records(PASSED, run_id)["w-passed"]
+    assert (record["outcome"], record["reason"], record["changes"]) == ("skipped", f"not started: {skipped}", [])
+    assert stack.airflow.xcom(PASSED, run_id, "report")["skipped"] == skipped
+    assert not any(proxies(stack, "window", "w-passed"))
 
 
 def test_mesh_service_from_the_rest_api(stack: Stack, started: dict[str, Any]) -> None:

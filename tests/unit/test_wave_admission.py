@@ -106,3 +106,20 @@ def test_clusters_sharing_a_prometheus_without_the_cluster_extra_stop_the_wave(m
         wave._one_cluster_per_prometheus(plan)
     extras["p_us"]["cluster"] = "us"
     wave._one_cluster_per_prometheus(plan)  # both scoped: fine
+
+
+class FakeRun:
+    def __init__(self, run_type: str) -> None:
+        self.run_type = run_type
+
+
+def test_outside_the_window_only_a_scheduled_run_is_told_apart(clock: list[datetime]) -> None:
+    """wave_preflight skips a scheduled run that starts after its window (the scheduler made it for a window that had
+    closed) and fails any other; both come from the same OutsideWindow."""
+    plan = parse_plan(PLAN)
+    clock[0] = AFTER
+    with pytest.raises(guards.OutsideWindow, match="outside the maintenance window"):
+        wave._admit_wave(plan, plan.waves[0], context(FakeTI()))
+    assert wave._scheduled({"dag_run": FakeRun("scheduled")})
+    assert not wave._scheduled({"dag_run": FakeRun("manual")})
+    assert not wave._scheduled({"dag_run": FakeRun("asset_triggered")}) and not wave._scheduled({})
