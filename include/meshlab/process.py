@@ -395,6 +395,14 @@ class AirflowProcess:
         """The XCom of one task instance as `task_instances` lists it (mapped or not)."""
         return self.xcom(ti["dag_id"], ti["dag_run_id"], ti["task_id"], key, ti.get("map_index", -1))
 
+    def task_log(self, ti: dict[str, Any]) -> str:
+        """A task instance's last try as the REST API gives it, as `task_instances` lists it (structured: each event
+        and any error's details; the triggerer's lines for a deferred task included)."""
+        path = (f"/dags/{ti['dag_id']}/dagRuns/{urllib.parse.quote(ti['dag_run_id'], safe='')}/taskInstances/"
+                f"{ti['task_id']}/logs/{ti['try_number']}?map_index={ti.get('map_index', -1)}&full_content=true")
+        content = self.api("GET", path)["content"]
+        return content if isinstance(content, str) else json.dumps(content)
+
     def add_connection(self, conn_id: str, conn_type: str, host: str | None = None,
                        extra: dict[str, Any] | None = None) -> None:
         """Create (or replace) a connection through the REST API: tasks read connections at run time."""

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from airflow.sdk import BaseHook
 from airflow.triggers.base import BaseTrigger, TaskSuccessEvent, TriggerEvent
 
 from meshwave import decisions, stages
-from meshwave.checks import BreachTracker, GatePolicy, GateStatus
+from meshwave.checks import BreachTracker, GatePolicy, GateStatus, Verdict
 from meshwave.kube_errors import KubeError
 from meshwave.prometheus import BatchingSource, bucket_seconds
 from meshwave.results import GateEvent, GateExtra, RolloutResult, RolloutStatus
@@ -54,6 +54,18 @@ def ended(result_key: str, event: RolloutResult | GateEvent, decide: dict[str, A
     return TaskSuccessEvent(xcoms=xcoms)
 
 
+def poll_line(stage: str, elapsed: float, min_seconds: float, tracker: BreachTracker,
+              verdicts: Sequence[Verdict]) -> str:
+    """One poll as the task log shows it while the gate is deferred: where the wait is, each check's verdict and why,
+    and the breaches counting towards a failure (so a soak's log is not empty until it decides)."""
+    phase = f"{elapsed:.0f} of {min_seconds:.0f} s soaked" if elapsed < min_seconds else f"{elapsed:.0f} s"
+    checks = "; ".join(f"{v.check} {v.outcome.value}: {v.reason}" for v in verdicts) or "no checks"
+    needed = tracker.policy.breaches_to_fail
+    counting = ", ".join(f"{check} {n}/{needed}" for check, n in sorted(tracker.breaches.items()))
+    return f"{stage} poll {tracker.polls} ({phase}): {checks}" + (f" | breaches in a row: {counting}"
+                                                                   if counting else "")
+
+
 class RolloutTrigger(BaseTrigger):
     """Polls a deployment until its rollout is done or failed (OOMKilled, CrashLoopBackOff...) or the deadline."""
 
@@ -83,7 +95,7 @@ class RolloutTrigger(BaseTrigger):
         started = time.time()
         connection = await BaseHook.aget_connection(self.kubernetes_conn_id)
         kube = await asyncio.to_thread(mesh_kube, connection, self.cluster)
-        last_error = ""
+        last_error, last = "", ""
         while True:
             try:
                 state = await asyncio.to_thread(kube.rollout, self.namespace, self.workload, self.expect_proxy)
@@ -93,6 +105,8 @@ class RolloutTrigger(BaseTrigger):
                     yield self._end(RolloutResult(status=RolloutStatus(state.status), message=state.message,
                                                   state=state.to_dict(), started=started, ended=done))
                     return
+                if state.message != last:  # each new state of the rollout, once: the log says where it is
+                    self.log.info("%s: %s", self.result_key, state.message)
                 last = state.message
             except KubeError as exc:  # transient: keep polling until the deadline
                 last_error = str(exc)
@@ -161,6 +175,7 @@ class GateTrigger(BaseTrigger):
             poll = await asyncio.to_thread(stages.evaluate, self.stage, source, params)
             result = tracker.feed(poll.verdicts, now)
             state = tracker.to_dict()
+            self.log.info("%s", poll_line(self.stage, now - self.started, self.min_seconds, tracker, poll.verdicts))
             if result.decided:
                 extra = {}
                 if result.status is GateStatus.PASS:

@@ -14,8 +14,6 @@ once the stack's early runs (waves of other modules running beside this one) hav
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.parse
 from typing import Any
 
 import pytest
@@ -62,14 +60,6 @@ def policy(stack: Stack, cluster: str, ns: str, name: str) -> dict[str, Any] | N
 def soaking(stack: Stack, run_id: str) -> bool:
     tis = stack.airflow.task_instances(WAVE, run_id).values()
     return any(ti["task_id"] == "batch_1.soak" and ti["state"] == "deferred" for ti in tis)
-
-
-def task_log(stack: Stack, run_id: str, ti: dict[str, Any]) -> str:
-    """A task instance's last try as the REST API gives it (structured: each event and any error's details)."""
-    path = (f"/dags/{DAG}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances/{ti['task_id']}/logs/"
-            f"{ti['try_number']}?map_index={ti.get('map_index', -1)}&full_content=true")
-    content = patiently(lambda: stack.airflow.api("GET", path))["content"]
-    return content if isinstance(content, str) else json.dumps(content)
 
 
 def test_the_button_pressed_while_a_wave_soaks_relaxes_everything_and_the_wave_ends_frozen(
@@ -130,7 +120,7 @@ def test_a_webhook_denying_one_policy_every_other_relaxed_the_mesh_wide_first(st
     tis = stack.airflow.task_instances(DAG, run_id)
     stage1 = tis["stage_1.to_permissive[gk]"]
     assert stage1["state"] == "failed" and stage1["try_number"] == 1, "failed at once: a retry is refused the same way"
-    log = task_log(stack, run_id, stage1)
+    log = patiently(lambda: stack.airflow.task_log(stage1))
     assert "STILL STRICT: gk: peerauthentication guarded/default (namespace-wide): webhook denial" in log, log[-3000:]
     assert ("stage 1 on gk: 1 polic(ies) still STRICT, every other one relaxed: guarded/default (namespace-wide): "
             "webhook denial") in log, log[-3000:]  # the task's failure

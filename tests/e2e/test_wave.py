@@ -102,6 +102,12 @@ def test_main_wave(stack: Stack) -> None:
     assert "caller_success_rate[shop/reporting]" in records["reviews"]["reason"]
     assert state == "success", "two rollbacks stay within max_failures 3"
 
+    # The soak's log says what each poll saw while it was deferred (the triggerer's lines), not only its end.
+    soaks = [ti for ti in stack.airflow.task_instances(SHOP, run_id).values()
+             if ti["task_id"].endswith(".soak") and ti["state"] == "success"]
+    log = stack.airflow.task_log(soaks[0])
+    assert "soak poll 1 (0 of " in log and "soak poll 2 (" in log and "app_success_rate pass: " in log, log[-2000:]
+
 
 def deployment_state(apps: Any) -> tuple[Any, Any, dict]:
     """pricing's Deployment as a re-run could change it: its pod template (generation), its spec, and every

@@ -237,3 +237,29 @@ def test_the_events_window_covers_the_soak_so_far_plus_one_query_window() -> Non
     assert stages.events_window("15s", 3) == "30s"
     assert stages.poll_params("soak", {"window": "60s"}, 300) == {"window": "60s", "events_window": "360s"}
     assert stages.poll_params("strict_gate", {"window": "60s"}, 300) == {"window": "60s"}
+
+
+def test_each_poll_of_a_soak_is_in_the_log_with_its_verdicts_and_the_breaches_counting(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """The log of a deferred soak is not empty until it decides: every poll says where the soak is and what each
+    check saw (the trigger's logger is Airflow's structlog, which writes the lines out; the triggerer puts them in
+    the task's log)."""
+    settings = Settings(soak_seconds=300, poke_interval_seconds=30, query_window_seconds=60, breaches_to_fail=3)
+    event = soak(monkeypatch, settings, ooms=())
+    lines = re.findall(r"soak poll \d+ .*", capsys.readouterr().out)
+    assert event["status"] == "pass" and len(lines) == event["polls"] == 11, (len(lines), event["polls"])
+    assert lines[0].startswith("soak poll 1 (0 of 300 s soaked): app_request_rate pass: "), lines[0]
+    assert lines[-1].startswith("soak poll 11 (300 s): "), lines[-1]
+    assert all("app_success_rate pass: success rate 1.00 >= baseline 1.00 - 0.02" in line and
+               "app_latency_p99 pass: p99 14.0 ms" in line for line in lines), lines[0]
+    assert not any("breaches in a row" in line for line in lines)
+
+
+def test_a_poll_line_counts_the_breaches_towards_the_failure() -> None:
+    tracker = c.BreachTracker(c.GatePolicy(breaches_to_fail=3))
+    verdicts = [Verdict("success_rate", "fail", "0.900 < 0.980"), Verdict("p99_latency", "pass", "14 ms")]
+    tracker.feed(verdicts, 10.0)
+    tracker.feed(verdicts, 40.0)
+    line = triggers.poll_line("strict_gate", 40.0, 0.0, tracker, verdicts)
+    assert line == ("strict_gate poll 2 (40 s): success_rate fail: 0.900 < 0.980; p99_latency pass: 14 ms"
+                    " | breaches in a row: success_rate 2/3")
