@@ -22,6 +22,7 @@ from meshwave.connections import mesh_kube
 from meshwave.emergency_tasks import RemoveSidecarsOperator, VerifyHealthOperator, log_changes, request_of
 from meshwave.fleet import load_fleet, plans_dir
 from meshwave.names import RFC1123_LABEL
+from meshwave.plan import NotifyEvent
 
 DAG_ID = "mesh_emergency_rollback"
 FLEET = load_fleet()  # local plan files only; a broken one keeps its error for the docs
@@ -125,6 +126,15 @@ def _not_relaxed(cluster: str, left: list[dict[str, Any]]) -> str:
             + "; ".join(f"{i['policy']} ({i['scope']}): {i['why']}" for i in left))
 
 
+def _tell(request: em.Request, context: Any, event: NotifyEvent, subject: str, what: str, why: str) -> None:
+    """The targets of the plans naming the clusters in scope (a real run only; never raises: see notify.py)."""
+    from meshwave import notify
+
+    targets = notify.fleet_targets(load_fleet(), request.scope.clusters)
+    link = notify.run_link(DAG_ID, context["run_id"])
+    notify.send(targets, [notify.message(event, subject, f"{DAG_ID}: {what}", why, link)], context)
+
+
 def _kube(target: dict[str, Any], dry_run: bool) -> Any:
     return mesh_kube(BaseHook.get_connection(target["kubernetes_conn_id"]), target["cluster"],
                      target["root_namespace"], dry_run=dry_run)
@@ -156,6 +166,9 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
                                               f"{request.scope.describe()}")
             print(f"FREEZE: {why}; every wave's next inject or flip to STRICT stops there (outcome frozen). Lift it "
                   f"when the incident is over: airflow variables delete {guards.FREEZE_VARIABLE}")
+            _tell(request, context, NotifyEvent.EMERGENCY_STARTED, "emergency rollback STARTED",
+                  f"stage 1 (every STRICT in scope to PERMISSIVE) starts now; stage 2 (remove sidecars) "
+                  f"{'on' if request.remove_sidecars else 'off'}", f"{request.scope.describe()}; freeze: {why}")
         context["ti"].xcom_push(key="request", value=request.to_dict())
         return [t.to_dict() for t in request.targets]  # stage 1 maps over them
 
@@ -238,6 +251,12 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
         ti.xcom_push(key="summary", value=summary)
         if request.dry_run:  # the outage is still there in a dry run; an incomplete plan of action is a failure
             problems = [p for p in problems if not p.startswith("stage 3")]
+        else:
+            seconds = summary["stage_1_seconds"]
+            _tell(request, context, NotifyEvent.EMERGENCY_FINISHED,
+                  f"emergency rollback FINISHED{' with problems' if problems else ''}",
+                  f"stage 1 took {'-' if seconds is None else f'{seconds:.2f}'} s; health {summary['health']}, "
+                  f"{summary['seconds_to_healthy'] or '-'} s to healthy", "; ".join(problems) or "nothing left")
         if problems:
             raise AirflowFailException(("dry run incomplete: " if request.dry_run else "") + "; ".join(problems))
         return summary

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -110,6 +111,42 @@ class Probe(Strict):
     timeout_seconds: Annotated[int, Field(ge=5, le=600)] = 90
 
 
+class NotifyEvent(StrEnum):
+    """What a notification target may be told about (notify.py sends them)."""
+
+    ROLLED_BACK = "rolled_back"          # a service was rolled back
+    HELD = "held"                        # a service was held for lack of data
+    FAILED = "failed"                    # a service failed (its state may be unknown)
+    FROZEN = "frozen"                    # a service stopped by the freeze
+    CIRCUIT_BREAKER = "circuit_breaker"  # the wave's remaining batches were skipped
+    WAVE_FAILED = "wave_failed"          # the wave's run failed
+    UNDO_GAVE_UP = "undo_gave_up"        # an undo (back to PERMISSIVE, sidecar removal) ran out of retries
+    EMERGENCY_STARTED = "emergency_started"
+    EMERGENCY_FINISHED = "emergency_finished"
+
+
+class NotifyTarget(Strict):
+    """Where notifications go: an Airflow connection and which events. `email`: an SMTP connection (the SMTP
+    provider's SmtpNotifier) and `to`; `webhook`: a Slack-compatible incoming webhook (the Slack provider's
+    SlackWebhookNotifier; the connection's password is the webhook URL or token)."""
+
+    channel: Literal["email", "webhook"]
+    conn_id: str
+    to: list[str] = Field(default_factory=list, description="email: the recipients")
+    events: list[NotifyEvent] = Field(default_factory=lambda: list(NotifyEvent),
+                                      description="which events (default: all)", min_length=1)
+
+    _conn = field_validator("conn_id")(_conn_id)
+
+    @model_validator(mode="after")
+    def _recipients(self) -> NotifyTarget:
+        if self.channel == "email" and not self.to:
+            raise ValueError("an email target needs `to` (one or more addresses)")
+        if self.channel == "webhook" and self.to:
+            raise ValueError("`to` is for email targets; a webhook posts to its connection's URL")
+        return self
+
+
 class Settings(Strict):
     """Knobs every service inherits from `defaults` unless it sets its own."""
 
@@ -130,6 +167,8 @@ class Settings(Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
     sidecar: Sidecar = Field(default_factory=Sidecar)
     probe: Probe = Field(default_factory=Probe)
+    notify: list[NotifyTarget] = Field(default_factory=list, description="who is told about this service's "
+                                       "rollbacks, holds, failures and freezes (defaults: the wave's events too)")
 
 
 def timing_problems(settings: Settings) -> list[str]:
@@ -186,6 +225,7 @@ class ServicePlan(Strict):
     thresholds: Thresholds | None = None
     sidecar: Sidecar | None = None
     probe: Probe | None = None
+    notify: list[NotifyTarget] | None = None
 
     _names = field_validator("cluster", "namespace", "workload")(rfc1123_label)
 

@@ -716,6 +716,16 @@ def _what_is_left(kube: Any, svc: Service) -> dict[str, Any]:
                                             f"{mtls.describe()}"}
 
 
+def _notify(svc: Service, record: Any, state: GroupState, context: dict[str, Any]) -> None:
+    """The service's own notification targets told what they asked for (never raises: see notify.py)."""
+    from meshwave import notify
+
+    dag_id = context["dag"].dag_id
+    messages = notify.service_messages(record, state.states, state.errors, dag_id,
+                                       notify.run_link(dag_id, context["run_id"]))
+    notify.send(svc.settings.notify, messages, context)
+
+
 def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: Any):
     @task(task_id="outcome", trigger_rule=TriggerRule.ALL_DONE)
     def outcome(key: str, **context: Any) -> dict[str, Any]:
@@ -739,6 +749,8 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         pushed = record.model_dump(mode="json")
         context["ti"].xcom_push(key="record", value=pushed)
         print(f"{record.service}: {record.outcome}: {record.reason}")
+        if state.service is not None and state.service.settings.notify and not dry_run:
+            _notify(state.service, record, state, context)
         if record.outcome.red:
             raise AirflowFailException(f"{record.service}: {record.outcome}: {record.reason}")
         return pushed

@@ -37,7 +37,7 @@ from meshwave.fleet import ROOT, check_unique, plans_dir
 from meshwave.group_state import decoded
 from meshwave.kube_errors import KubeError
 from meshwave.outcomes import ServiceOutcome
-from meshwave.plan import Plan, Wave, load_plan
+from meshwave.plan import NotifyEvent, Plan, Wave, load_plan
 from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service, peers_of
@@ -343,6 +343,17 @@ def _admit_wave(plan: Plan, wave: Wave, context: dict[str, Any]) -> None:
     context["ti"].xcom_push(key="window", value=window)
 
 
+def _tell(plan: Plan, context: dict[str, Any], event: NotifyEvent, subject: str, what: str, why: str) -> None:
+    """The plan's notification targets told about the wave's own event (a real run only; never raises)."""
+    if not plan.defaults.notify or context["params"].get("dry_run"):
+        return
+    from meshwave import notify
+
+    dag_id = context["dag"].dag_id
+    notify.send(plan.defaults.notify, [notify.message(event, f"{dag_id}: {subject}", f"{dag_id}: {what}", why,
+                                                      notify.run_link(dag_id, context["run_id"]))], context)
+
+
 def _circuit_breaker(plan: Plan, services: list[Service], batch: int):
     @task(task_id=f"after_batch_{batch}", trigger_rule=TriggerRule.ALL_DONE)
     def breaker(**context: Any) -> dict[str, Any]:
@@ -352,8 +363,11 @@ def _circuit_breaker(plan: Plan, services: list[Service], batch: int):
         failed = [r.service for r in records if r.outcome.against_budget]
         limit = plan.defaults.max_failures
         if len(failed) >= limit:
-            raise AirflowSkipException(f"circuit breaker: {len(failed)} rollbacks/failures ({', '.join(failed)}) "
-                                       f">= max_failures {limit}: the remaining batches are skipped")
+            why = (f"circuit breaker: {len(failed)} rollbacks/failures ({', '.join(failed)}) >= max_failures "
+                   f"{limit}: the remaining batches are skipped")
+            _tell(plan, context, NotifyEvent.CIRCUIT_BREAKER, "circuit breaker TRIPPED",
+                  f"after batch {batch}, the batches after it are not started", why)
+            raise AirflowSkipException(why)
         return {"failed": failed, "limit": limit}
 
     return breaker()
@@ -369,17 +383,23 @@ def _report(plan: Plan, services: list[Service]):
         path = reports.save(frame, records, context["dag"].dag_id, context["run_id"])
         print(reports.render(frame))
         print(f"report saved to {path}")
+        chart = reports.chart_of(path)
+        print(f"chart saved to {chart}" if chart else "no chart drawn (no services, or it failed: see the log above)")
         counts = reports.summary(frame)
         failed = [r for r in records if r.outcome.against_budget]
         preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error")
         if preflight_error:
+            _tell(plan, context, NotifyEvent.WAVE_FAILED, "wave FAILED", "the wave preflight stopped it before any "
+                  "change", preflight_error)
             raise AirflowFailException(preflight_error)
         if skipped := context["ti"].xcom_pull(task_ids="wave_preflight", key="skipped"):
             print(f"nothing was started: {skipped}")
             return {"counts": counts, "report": str(path), "skipped": skipped}
         if len(failed) >= plan.defaults.max_failures or any(r.outcome.fails_wave for r in records):
-            raise AirflowFailException(f"wave over its failure budget, with services in an unknown state or held "
-                                       f"without data: {counts}")
+            why = f"wave over its failure budget, with services in an unknown state or held without data: {counts}"
+            names = ", ".join(r.service for r in records if r.outcome.against_budget or r.outcome.fails_wave)
+            _tell(plan, context, NotifyEvent.WAVE_FAILED, "wave FAILED", f"services that failed it: {names}", why)
+            raise AirflowFailException(why)
         return {"counts": counts, "report": str(path)}
 
     return report()

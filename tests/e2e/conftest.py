@@ -14,6 +14,7 @@ import pytest
 from kubernetes import client, config
 
 from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess
+from tests.notify_sink import NotifySink
 
 HERE = Path(__file__).parent
 ROOT = HERE.parents[1]
@@ -53,6 +54,7 @@ class Stack:
     airflow: AirflowProcess
     plans: Path  # a writable copy of tests/e2e/plans (MESHWAVE_PLANS_DIR)
     dags: Path  # the DAG folder: tests may add a plan and its thin DAG file at run time
+    notified: NotifySink  # what the plans' `notify` targets were sent
     early: dict[str, tuple[str, str]] = field(default_factory=dict)  # EARLY name -> (DAG id, run id)
 
     def start_early(self) -> None:
@@ -111,8 +113,10 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e")
     with LabProcess(HERE / "topology.yaml", work / "lab") as lab, \
-            PrometheusProcess([lab.metrics_target], work / "prometheus") as prom:
+            PrometheusProcess([lab.metrics_target], work / "prometheus") as prom, NotifySink() as sink:
         connections = {
+            # plans/breaker.yaml notifies both: the SMTP server and the chat webhook this session runs on loopback
+            **sink.connections("e2e_smtp", "e2e_chat"),
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
             "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
         }
@@ -130,7 +134,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         airflow = AirflowProcess(work / "airflow", connections, env)
         try:
             airflow.start(timeout=360)  # a busy 2-core machine can take minutes to start all components
-            stack = Stack(lab, prom, airflow, plans, dags)
+            stack = Stack(lab, prom, airflow, plans, dags, sink)
             stack.start_early()
             yield stack
         finally:

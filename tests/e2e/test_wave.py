@@ -5,7 +5,9 @@ The tests share one stack and run in order; the last one stops Prometheus.
 
 from __future__ import annotations
 
+import html
 import time
+import urllib.parse
 from typing import Any
 
 import pytest
@@ -57,6 +59,19 @@ def test_circuit_breaker_stops_the_wave_after_two_rollbacks(stack: Stack) -> Non
     assert "OOMKilled" in records["alpha"]["reason"]
     assert state == "failed", "a wave over its failure budget fails its run"
     assert not any(proxies(stack, "breaker", "gamma")), "the skipped services were not touched"
+
+    # One message per event and target, each with the service (or wave), the reason and the run's link.
+    mails = {m.subject: m.body for m in stack.notified.mails if "e2e_breaker" in m.body}
+    dag = "meshwave_e2e_breaker_main"
+    assert sorted(mails) == sorted([
+        "meshwave: lab/breaker/alpha ROLLED_BACK", "meshwave: lab/breaker/beta ROLLED_BACK",
+        f"meshwave: {dag}: circuit breaker TRIPPED", f"meshwave: {dag}: wave FAILED"]), sorted(mails)
+    link = f"/dags/{dag}/runs/{urllib.parse.quote(run_id, safe='')}"
+    assert all(link in body for body in mails.values()), mails
+    assert f"why: {records['alpha']['reason']}" in html.unescape(mails["meshwave: lab/breaker/alpha ROLLED_BACK"])
+    assert "circuit breaker: 2 rollbacks/failures" in mails[f"meshwave: {dag}: circuit breaker TRIPPED"]
+    chats = [t for t in stack.notified.texts() if dag in t or "lab/breaker/" in t]
+    assert sorted(t.splitlines()[0] for t in chats) == sorted(mails), chats
 
 
 def test_main_wave(stack: Stack) -> None:

@@ -62,6 +62,13 @@ def test_effective_settings_inherit_and_override() -> None:
     ("waves.0.services.0.colour", "red", "waves[0].services[0].colour: Extra inputs are not permitted"),
     ("clusters.lab.kubernetes_conn_id", "http://x", "clusters.lab.kubernetes_conn_id: 'http://x' is not a valid"),
     ("waves", [], "waves: List should have at least 1 item"),
+    ("defaults.notify", [{"channel": "email", "conn_id": "smtp"}],
+     "defaults.notify[0]: an email target needs `to` (one or more addresses)"),
+    ("defaults.notify", [{"channel": "webhook", "conn_id": "chat", "events": ["rollback"]}],
+     "defaults.notify[0].events[0]: Input should be 'rolled_back', 'held', 'failed'"),
+    ("defaults.notify", [{"channel": "pager", "conn_id": "p"}], "defaults.notify[0].channel: Input should be"),
+    ("waves.0.services.0.notify", [{"channel": "webhook", "conn_id": "a b"}],
+     "waves[0].services[0].notify[0].conn_id: 'a b' is not a valid Airflow connection id"),
 ])
 def test_bad_plans_name_the_field_and_problem(path: str, value: object, message: str) -> None:
     with pytest.raises(PlanError) as info:
@@ -161,3 +168,15 @@ def test_the_benchmarks_generated_plans_load() -> None:
 
     for name, data in (("seed", seed_plan()), ("synthetic", synthetic_plan(200)), ("soak", soak.plan_for(50, 60)[1])):
         assert parse_plan(data, name).waves, name
+
+
+def test_a_service_s_own_notify_replaces_the_defaults_and_events_default_to_all() -> None:
+    team = {"channel": "webhook", "conn_id": "payments_chat"}
+    data = variant("defaults.notify", [{"channel": "email", "conn_id": "smtp", "to": ["sre@example.test"],
+                                        "events": ["wave_failed", "undo_gave_up"]}])
+    data["waves"][0]["services"][0]["notify"] = [team]
+    plan = parse_plan(data)
+    auth, user = plan.waves[0].services
+    [own] = auth.settings(plan.defaults).notify
+    assert own.conn_id == "payments_chat" and len(own.events) == 9, "all events when none are named"
+    assert [t.conn_id for t in user.settings(plan.defaults).notify] == ["smtp"]
