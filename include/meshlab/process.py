@@ -225,6 +225,13 @@ class PrometheusProcess:
         self.stop()
 
 
+def wave_dag_file(plan_file: str, title: str) -> str:
+    """The text of a thin DAG file that loads one plan's waves (what dags/seed_fleet.py is for the seed plan): the
+    rehearsal and the e2e tests write one beside a plan they add to a stack's plans directory."""
+    return (f'"""airflow dag: {title}"""\nfrom meshwave.wave import wave_dags\n\n'
+            f'globals().update(wave_dags("{plan_file}"))\n')
+
+
 class AirflowProcess:
     """`airflow standalone` (scheduler, dag-processor, triggerer, api-server; SQLite, LocalExecutor) on a free
     loopback port, with this project's dags/ and plugins/, connections from the environment, and a small REST

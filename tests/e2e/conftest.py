@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess
+from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess, wave_dag_file
 from tests.notify_sink import NotifySink
 
 HERE = Path(__file__).parent
@@ -86,9 +86,8 @@ class Stack:
     def add_wave_dags(self, name: str, plan_yaml: str) -> None:
         """A new plan and its DAG file; the dag-processor picks them up within its refresh interval."""
         (self.plans / f"{name}.yaml").write_text(plan_yaml)
-        (self.dags / f"e2e_{name.replace('-', '_')}.py").write_text(
-            f'"""airflow dag: waves of {name}.yaml"""\nfrom meshwave.wave import wave_dags\n\n'
-            f'globals().update(wave_dags("{name}.yaml"))\n')
+        (self.dags / f"e2e_{name.replace('-', '_')}.py").write_text(wave_dag_file(f"{name}.yaml",
+                                                                                  f"waves of {name}.yaml"))
 
     def k8s(self, cluster: str = "lab") -> tuple[client.CoreV1Api, client.AppsV1Api, client.CustomObjectsApi]:
         api = config.new_client_from_config(config_file=self.lab.kubeconfig(cluster))

@@ -90,7 +90,7 @@ def rehearse_on_lab(plan_path: Path, topology: Path, soak_seconds: int, out: Pat
     stop them all (their logs stay under `out`/stack)."""
     from kubernetes import config
 
-    from meshlab.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess
+    from meshlab.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, wave_dag_file
     from meshlab.topology import load_topology
     from meshwave.kube import MeshKube
     from meshwave.prometheus import PrometheusSource
@@ -106,8 +106,7 @@ def rehearse_on_lab(plan_path: Path, topology: Path, soak_seconds: int, out: Pat
         folder.mkdir(parents=True, exist_ok=True)
     (plans / f"{plan.migration}.yaml").write_text(text)
     (dags / f"rehearse_{plan.migration.replace('-', '_')}.py").write_text(
-        f'"""airflow dag: the rehearsal of {plan_path.name}"""\nfrom meshwave.wave import wave_dags\n\n'
-        f'globals().update(wave_dags("{plan.migration}.yaml"))\n')
+        wave_dag_file(f"{plan.migration}.yaml", f"the rehearsal of {plan_path.name}"))
     for dag_file in sorted((ROOT / "dags").glob("mesh_*.py")):
         link = dags / dag_file.name
         if not link.exists():
