@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +12,8 @@ import pandas as pd
 
 from meshwave.outcomes import ServiceOutcome
 from meshwave.record import ServiceRecord
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "success_before",
            "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
@@ -76,7 +79,8 @@ def report_dir() -> Path:
 
 
 def save(frame: pd.DataFrame, records: Sequence[ServiceRecord], dag_id: str, run_id: str) -> Path:
-    """Write `<dag_id>/<run_id>.csv` (the table) and `.json` (everything seen, the ledger) under the report dir."""
+    """Write `<dag_id>/<run_id>.csv` (the table), `.json` (everything seen, the ledger) and `.png` (the chart, see
+    `chart_of`) under the report dir; returns the CSV's path."""
     safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
     folder = report_dir() / dag_id
     folder.mkdir(parents=True, exist_ok=True)
@@ -84,4 +88,26 @@ def save(frame: pd.DataFrame, records: Sequence[ServiceRecord], dag_id: str, run
     frame.to_csv(base.with_suffix(".csv"), index=False)
     # the records as the outcome tasks pushed them (plain JSON)
     base.with_suffix(".json").write_text(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+    _save_chart(records, base.with_suffix(".png"), f"{dag_id}  {run_id}")  # last: the CSV and JSON are the record
     return base.with_suffix(".csv")
+
+
+def chart_of(report: Path) -> Path | None:
+    """The chart `save` wrote beside the report at `report` (its CSV); None when it drew none: no services, or the
+    drawing failed (the task log says why)."""
+    chart = report.with_suffix(".png")
+    return chart if chart.is_file() else None
+
+
+def _save_chart(records: Sequence[ServiceRecord], path: Path, title: str) -> Path | None:
+    """The chart, or None. A chart is a picture of the record, not the record: whatever breaks in drawing it
+    (matplotlib, a font, the disk) is logged and the report goes on."""
+    path.unlink(missing_ok=True)  # an earlier try's chart of this run is not this report's
+    try:
+        from meshwave import charts  # matplotlib: only when a report is written
+
+        return charts.write(records, path, title)
+    except Exception:
+        log.exception("the report's chart %s was not drawn; the CSV and JSON beside it are complete", path)
+        path.unlink(missing_ok=True)  # half a file is no chart
+        return None
