@@ -229,6 +229,28 @@ def test_a_late_scrape_is_no_loss_and_a_cut_off_is(plan_file: Path) -> None:
         check_history(FakeRange([5.0] * 30), plan, start, end, window=15, step=10)
 
 
+def test_a_long_history_is_read_in_chunks_on_one_grid_and_judged_as_one(plan_file: Path) -> None:
+    """78 minutes of the seed in one range query outlasted Prometheus' query timeout: the history is read 10 minutes
+    at a time, each chunk starting one step after the last, and a cut-off inside the second chunk is still found."""
+    from meshlab.rehearsal.history import CHUNK_SECONDS, OK_COUNT, check_history
+
+    calls: list[tuple[float, float]] = []
+
+    class Recording(FakeRange):
+        def range(self, query: str, start: float, end: float, step: float) -> list:
+            if query == OK_COUNT:
+                calls.append((start, end))
+            return super().range(query, start, end, step)
+
+    plan = load_plan(plan_file)
+    rates = [5.0] * 100 + [0.0, 0.0] + [5.0] * 60  # 27 minutes; nothing delivered 16:40-17:00 after 900
+    history = check_history(Recording(rates), plan, 1060.0, 900.0 + 10 * len(rates))
+    assert len(calls) == 3 and all(end - start <= CHUNK_SECONDS for start, end in calls), calls
+    assert all(b[0] == a[1] + 2.0 for a, b in zip(calls, calls[1:], strict=False)), "contiguous, no overlap"
+    [lost] = history.lost
+    assert lost.lowest < 0.5 and lost.seconds_below >= 30, lost
+
+
 def test_a_wave_after_one_that_never_ran_says_so_without_repeating_the_chain(tmp_path: Path) -> None:
     from meshlab.rehearsal.follow import follow
 

@@ -30,6 +30,9 @@ OK = 'traces_service_graph_request_total{failed="false"}'
 OK_COUNT = f"sum by ({', '.join(EDGE_LABELS)}) ({OK})"
 OK_SAMPLED_AT = f"max by ({', '.join(EDGE_LABELS)}) (timestamp({OK}))"
 SAMPLE_STEP = 2.0  # seconds between the raw reads: at most the scrape interval, so that every sample is seen
+# One range query per 10 minutes of history: the seed's 78 minutes in one query (340 edges, a point every 2 s) ran
+# past Prometheus' query timeout on this loaded machine (HTTP 503, 2026-11-29), and the caller check was lost.
+CHUNK_SECONDS = 600
 MIN_RPS = 0.2
 MIN_RUN = 2  # evaluations below the floor in a row that make a loss (see _runs_below)
 
@@ -94,9 +97,8 @@ def check_history(source: RangeSource, plan: Plan, start: float, end: float, *, 
     # The counters as scraped, each value at the time its sample was taken, and the rates computed between real
     # samples: rate() extrapolates a window's last sample to the window's end, so a late scrape (a loaded lab, a slow
     # exporter) read as a drop on every edge at once, for as long as it was late.
-    sample_step = max(SAMPLE_STEP, (end - start + before_seconds) / 10_000)  # the API's 11,000 points per series
-    counts = source.range(OK_COUNT, start - before_seconds - window, end, sample_step)
-    sampled_at = source.range(OK_SAMPLED_AT, start - before_seconds - window, end, sample_step)
+    counts = range_in_chunks(source, OK_COUNT, start - before_seconds - window, end, SAMPLE_STEP)
+    sampled_at = range_in_chunks(source, OK_SAMPLED_AT, start - before_seconds - window, end, SAMPLE_STEP)
     first = round(start - before_seconds)
     grid = [first + k * step for k in range(int((round(end) - first) // step) + 1)]
     series = _rates(counts, sampled_at, grid, window)
@@ -122,6 +124,24 @@ def check_history(source: RangeSource, plan: Plan, start: float, end: float, *, 
     lowest = [(t, min(shares[i][1] for shares in shares_by_edge.values())) for i, t in enumerate(times)] \
         if shares_by_edge else []
     return History(start=start, end=end, step=step, checks=checks, too_thin=thin, lowest_by_time=lowest)
+
+
+def range_in_chunks(source: RangeSource, query: str, start: float, end: float, step: float) -> list[Series]:
+    """A range query over [start, end] as consecutive queries of at most CHUNK_SECONDS, on one grid of `step`, each
+    label set's points joined in time order."""
+    span = step * max(1, int(CHUNK_SECONDS // step))
+    joined: dict[tuple[tuple[str, str], ...], Series] = {}
+    at = start
+    while at <= end:
+        last = min(at + span, end)
+        for series in source.range(query, at, last, step):
+            key = tuple(sorted(series.labels.items()))
+            if key in joined:
+                joined[key].points.extend(series.points)
+            else:
+                joined[key] = Series(dict(series.labels), list(series.points))
+        at = last + step
+    return list(joined.values())
 
 
 def _rates(counts: list[Series], sampled_at: list[Series], grid: list[float], window: float) -> list[Series]:
