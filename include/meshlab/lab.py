@@ -239,7 +239,9 @@ class Lab:
     # ---- time ----------------------------------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
-        dt = 0.0 if self._last_tick is None else max(0.0, now - self._last_tick)
+        if self._last_tick is not None and now < self._last_tick:  # a scrape's tick behind a simulated clock's
+            return
+        dt = 0.0 if self._last_tick is None else now - self._last_tick
         start = now - dt
         self._last_tick = now
         epoch = self._epoch = now if self._epoch is None else self._epoch

@@ -43,14 +43,17 @@ class _Collector:
 
 
 class Exposition:
-    """The `/metrics` body. A small fleet renders it fresh for each scrape. A large one (thousands of services:
-    seconds to render, longer than a scrape timeout) renders it after each tick while it is being scraped, and a
-    scrape gets the latest rendering at once: a tick old, never a timeout."""
+    """The `/metrics` body. A small fleet renders it fresh for each scrape, its counters first brought up to the
+    scrape's moment (a tick): a real proxy's counters are current when scraped, and counters as of the last tick,
+    up to a tick old (longer on a loaded machine), read as every edge's rate jittering by a few percent at once. A
+    large fleet (thousands of services: seconds to render, longer than a scrape timeout) renders it after each
+    tick while it is being scraped, and a scrape gets the latest rendering at once: a tick old, never a timeout."""
 
     INLINE_SECONDS = 0.25  # a rendering slower than this moves off the request path
     SCRAPED_RECENTLY = 10.0  # seconds after a scrape during which the ticks keep rendering
 
     def __init__(self, lab: Lab) -> None:
+        self.lab = lab
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(lab))
         self.body: bytes | None = None
@@ -65,6 +68,7 @@ class Exposition:
     def for_scrape(self) -> bytes:
         self.scraped_at = time.monotonic()
         if self.body is None or self.render_seconds < self.INLINE_SECONDS:
+            self.lab.tick()
             self.render()
         assert self.body is not None
         return self.body

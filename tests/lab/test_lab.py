@@ -262,3 +262,21 @@ def test_a_slow_exposition_is_rendered_after_the_ticks_not_on_the_scrape(lab: La
     body = exposition.body
     exposition.after_tick()
     assert exposition.body is body, "nobody scraping: the ticks do not render"
+
+
+def test_a_fast_scrape_brings_the_counters_up_to_its_own_moment(lab: Lab, clock: Clock,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real proxy's counters are current when scraped: a scrape a second after the last tick (a loaded machine's
+    tick loop running late) counts that second too, instead of reading the tick's counters as if they were now."""
+    import meshlab.lab
+    from meshlab.server import Exposition
+
+    exposition = Exposition(lab)
+    clock.run(2)
+    monkeypatch.setattr(meshlab.lab.time, "monotonic", lambda: clock.now)
+    at_tick = _requests_total(exposition.for_scrape())
+    clock.run(1)
+    per_second = _requests_total(exposition.for_scrape()) - at_tick  # what one second of ticks counts
+    monkeypatch.setattr(meshlab.lab.time, "monotonic", lambda: clock.now + 1.0)
+    a_second_later = _requests_total(exposition.for_scrape()) - at_tick
+    assert per_second > 0 and a_second_later == pytest.approx(2 * per_second, rel=0.05), (per_second, a_second_later)
