@@ -54,7 +54,8 @@ class Stack:
     airflow: AirflowProcess
     plans: Path  # a writable copy of tests/e2e/plans (MESHWAVE_PLANS_DIR)
     dags: Path  # the DAG folder: tests may add a plan and its thin DAG file at run time
-    notified: NotifySink  # what the plans' `notify` targets were sent
+    # what the plans' `notify` targets were sent (the distributed stack runs none: an empty, unstarted sink)
+    notified: NotifySink = field(default_factory=NotifySink)
     early: dict[str, tuple[str, str]] = field(default_factory=dict)  # EARLY name -> (DAG id, run id)
 
     def start_early(self) -> None:
