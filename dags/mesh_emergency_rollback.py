@@ -130,9 +130,8 @@ def _tell(request: em.Request, context: Any, event: NotifyEvent, subject: str, w
     """The targets of the plans naming the clusters in scope (a real run only; never raises: see notify.py)."""
     from meshwave import notify
 
-    targets = notify.fleet_targets(load_fleet(), request.scope.clusters)
-    link = notify.run_link(DAG_ID, context["run_id"])
-    notify.send(targets, [notify.message(event, subject, f"{DAG_ID}: {what}", why, link)], context)
+    notify.tell(notify.fleet_targets(load_fleet(), request.scope.clusters), event, subject, what, why, DAG_ID,
+                context)
 
 
 def _kube(target: dict[str, Any], dry_run: bool) -> Any:

@@ -110,8 +110,26 @@ def send(targets: Iterable[NotifyTarget], messages: Sequence[Message], context: 
     return done
 
 
+def tell(targets: Iterable[NotifyTarget], event: NotifyEvent, subject: str, what: str, why: str, dag_id: str,
+         context: Any) -> list[str]:
+    """A wave's or the emergency rollback's own event, to the targets that want it: the body is `dag_id: what`, the
+    reason and the link to this run (`context["run_id"]`); the subject is the caller's (after `meshwave: `).
+    Whether a dry run tells anybody is the caller's decision. Returns what happened to each target. Never raises."""
+    targets = list(targets)
+    if not targets:
+        return []
+    try:
+        msg = message(event, subject, f"{dag_id}: {what}", why, run_link(dag_id, context["run_id"]))
+    except Exception as exc:  # no link or message (a broken [api] base_url): the run goes on, untold
+        done = [f"NOT notified anyone ({event.value}): {type(exc).__name__}: {exc}"]
+        print(done[-1])
+        return done
+    return send(targets, [msg], context)
+
+
 def _unique(targets: Iterable[NotifyTarget]) -> list[NotifyTarget]:
-    """A target listed twice (a service's own list repeating the defaults) is told once."""
+    """A target listed twice (a service's own list repeating the defaults) is told once. A list scan, not a dict:
+    a NotifyTarget is frozen but not hashable (its `to` and `events` are lists)."""
     seen: list[NotifyTarget] = []
     for target in targets:
         if target not in seen:

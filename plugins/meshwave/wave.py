@@ -350,8 +350,7 @@ def _tell(plan: Plan, context: dict[str, Any], event: NotifyEvent, subject: str,
     from meshwave import notify
 
     dag_id = context["dag"].dag_id
-    notify.send(plan.defaults.notify, [notify.message(event, f"{dag_id}: {subject}", f"{dag_id}: {what}", why,
-                                                      notify.run_link(dag_id, context["run_id"]))], context)
+    notify.tell(plan.defaults.notify, event, f"{dag_id}: {subject}", what, why, dag_id, context)
 
 
 def _circuit_breaker(plan: Plan, services: list[Service], batch: int):

@@ -69,3 +69,29 @@ def test_the_emergency_tells_every_plan_with_a_service_in_scope() -> None:
         fleet.add(p, p.migration)
     assert [t.conn_id for t in notify.fleet_targets(fleet, ["eu"])] == ["chat_a", "chat_b"]
     assert [t.conn_id for t in notify.fleet_targets(fleet, ["eu", "us"])] == ["chat_a", "chat_b", "chat_c"]
+
+
+def test_a_wave_or_emergency_event_is_told_with_the_run_link_to_the_targets_that_want_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    sent: list[tuple[str, str, str]] = []
+
+    class Fake:
+        def __init__(self, target: NotifyTarget, msg: notify.Message) -> None:
+            self.target, self.msg = target, msg
+
+        def notify(self, context: Any) -> None:
+            sent.append((self.target.conn_id, self.msg.subject, self.msg.text))
+
+    monkeypatch.setattr(notify, "_notifier", Fake)
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "http://ui/")
+    wants = NotifyTarget(channel="webhook", conn_id="c", events=[NotifyEvent.CIRCUIT_BREAKER])
+    other = NotifyTarget(channel="email", conn_id="m", to=["a@b.c"], events=[NotifyEvent.WAVE_FAILED])
+    run_id = "manual__2026-01-01T00:00:00+00:00"
+    done = notify.tell([wants, other], NotifyEvent.CIRCUIT_BREAKER, "d: circuit breaker TRIPPED",
+                       "after batch 1, the batches after it are not started", "2 rollbacks", "d",
+                       {"run_id": run_id})
+    assert sent == [("c", "meshwave: d: circuit breaker TRIPPED",
+                     "d: after batch 1, the batches after it are not started\nwhy: 2 rollbacks\n"
+                     "run: http://ui/dags/d/runs/manual__2026-01-01T00%3A00%3A00%2B00%3A00")]
+    assert done == ["notified webhook via c: meshwave: d: circuit breaker TRIPPED"]
+    assert notify.tell([], NotifyEvent.WAVE_FAILED, "s", "w", "r", "d", {"run_id": run_id}) == []
