@@ -92,3 +92,9 @@ class ServiceRecord(BaseModel):
     mtls: str | None = None
     sidecar: bool | None = None
     reason: str
+
+
+def unrecorded(service: str, batch: int | None = None) -> ServiceRecord:
+    """What a service counts as when its outcome task recorded nothing (it never ran, or broke) in a run that
+    reached its report: failed. The report, the breaker, `publish` and the migration page all read it so."""
+    return ServiceRecord(service=service, batch=batch, outcome=ServiceOutcome.FAILED, reason="no outcome recorded")

@@ -38,7 +38,7 @@ from meshwave.group_state import decoded
 from meshwave.kube_errors import KubeError
 from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import NotifyEvent, Plan, Wave, load_plan
-from meshwave.record import ServiceRecord
+from meshwave.record import ServiceRecord, unrecorded
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service, peers_of
 
@@ -211,8 +211,7 @@ def _records(context: dict[str, Any], services: list[Service], up_to: int | None
             if isinstance(value := decoded(value), dict):  # None: a map index that pushed nothing
                 record = ServiceRecord.model_validate(value)
                 found[record.service] = record
-    return [found.get(svc.plan.key) or ServiceRecord(service=svc.plan.key, batch=svc.batch,
-                                                     outcome=ServiceOutcome.FAILED, reason="no outcome recorded")
+    return [found.get(svc.plan.key) or unrecorded(svc.plan.key, svc.batch)
             for svc in services if up_to is None or svc.batch <= up_to]
 
 
@@ -258,6 +257,9 @@ def _wave_preflight(plan: Plan, wave: Wave):
             if isinstance(exc, KubeError) and getattr(exc, "code", None) not in (404,):
                 raise
             raise AirflowFailException(str(exc)) from None
+        except Exception as exc:  # a connection that does not exist, a client that broke: named, then retried
+            context["ti"].xcom_push(key="error", value=f"wave preflight: {type(exc).__name__}: {exc}")
+            raise
         return checked
 
     return wave_preflight()
@@ -386,7 +388,7 @@ def _report(plan: Plan, services: list[Service]):
         print(f"chart saved to {chart}" if chart else "no chart drawn (no services, or it failed: see the log above)")
         counts = reports.summary(frame)
         failed = [r for r in records if r.outcome.against_budget]
-        preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error")
+        preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error") or _unfinished(context)
         if preflight_error:
             _tell(plan, context, NotifyEvent.WAVE_FAILED, "wave FAILED", "the wave preflight stopped it before any "
                   "change", preflight_error)
@@ -402,6 +404,17 @@ def _report(plan: Plan, services: list[Service]):
         return {"counts": counts, "report": str(path)}
 
     return report()
+
+
+def _unfinished(context: dict[str, Any]) -> str | None:
+    """Why the wave preflight did not end as it ends (its checks returned, or it skipped the run), when it did not:
+    it broke without saying why, or never ran. A wave whose preflight did not pass is not green, whatever its
+    services' records say (they were all skipped)."""
+    ti = context["ti"]
+    if ti.xcom_pull(task_ids="wave_preflight") is None and ti.xcom_pull(task_ids="wave_preflight",
+                                                                        key="skipped") is None:
+        return "wave preflight did not complete (it left no result): see its log"
+    return None
 
 
 def wave_dags(plan_file: str) -> dict[str, DAG]:

@@ -123,3 +123,61 @@ def test_outside_the_window_only_a_scheduled_run_is_told_apart(clock: list[datet
     assert wave._scheduled({"dag_run": FakeRun("scheduled")})
     assert not wave._scheduled({"dag_run": FakeRun("manual")})
     assert not wave._scheduled({"dag_run": FakeRun("asset_triggered")}) and not wave._scheduled({})
+
+
+class PullingTI:
+    """Answers xcom_pull from a dict keyed by (task id, key); anything else is None, as Airflow answers."""
+
+    def __init__(self, xcoms: dict[tuple[str, str], Any]) -> None:
+        self.xcoms = xcoms
+        self.pushed: dict[str, Any] = {}
+
+    def xcom_pull(self, task_ids: str, key: str = "return_value", **_: Any) -> Any:
+        return self.xcoms.get((task_ids, key))
+
+    def xcom_push(self, key: str, value: Any) -> None:
+        self.pushed[key] = value
+
+
+def _report_context(ti: PullingTI, dag: Any) -> dict[str, Any]:
+    return {"ti": ti, "params": {"dry_run": False}, "dag": dag, "run_id": "manual__1"}
+
+
+SKIPPED = {"service": "lab/shop/cart", "outcome": "skipped", "reason": "not started: the wave stopped before this batch"}
+
+
+def test_a_wave_whose_preflight_left_nothing_is_not_green(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The preflight broke without naming why (or never ran): every service was skipped, which is within any budget,
+    and the report used to end the run green. It fails, saying so."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    monkeypatch.setenv("MESHWAVE_REPORT_DIR", str(tmp_path))
+    plan = parse_plan({**PLAN, "waves": [{**PLAN["waves"][0], "window": None}]})
+    dag = wave.wave_dag(plan, plan.waves[0], "plan.yaml")
+    report = dag.get_task("report").python_callable
+    records = {("batch_1.outcome", "record"): [SKIPPED]}
+    with pytest.raises(AirflowFailException, match="wave preflight did not complete"):
+        report(**_report_context(PullingTI(records), dag))
+    # the same records after a preflight that returned its checks: the report returns
+    passed = PullingTI({**records, ("wave_preflight", "return_value"): {"lab": {"version": "v1.31"}}})
+    assert report(**_report_context(passed, dag))["counts"] == {"skipped": 1}
+
+
+def test_the_preflight_names_any_error_before_it_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection id the deployment does not define raises Airflow's own not-found error, which the preflight's
+    named errors did not catch: it left no error for the services' records to give. Now it names it, and re-raises
+    (a task retry may find the connection created meanwhile)."""
+    from airflow.exceptions import AirflowNotFoundException
+
+    plan = parse_plan({**PLAN, "waves": [{**PLAN["waves"][0], "window": None}]})
+    dag = wave.wave_dag(plan, plan.waves[0], "plan.yaml")
+    preflight = dag.get_task("wave_preflight").python_callable
+
+    def missing(conn_id: str) -> Any:
+        raise AirflowNotFoundException(f"The conn_id `{conn_id}` isn't defined")
+
+    monkeypatch.setattr(wave.BaseHook, "get_connection", missing)
+    ti = PullingTI({})
+    with pytest.raises(AirflowNotFoundException):
+        preflight(**{**_report_context(ti, dag), "dag_run": FakeRun("manual")})
+    assert ti.pushed["error"] == "wave preflight: AirflowNotFoundException: The conn_id `p` isn't defined"
