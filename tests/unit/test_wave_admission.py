@@ -143,7 +143,8 @@ def _report_context(ti: PullingTI, dag: Any) -> dict[str, Any]:
     return {"ti": ti, "params": {"dry_run": False}, "dag": dag, "run_id": "manual__1"}
 
 
-SKIPPED = {"service": "lab/shop/cart", "outcome": "skipped", "reason": "not started: the wave stopped before this batch"}
+SKIPPED = {"service": "lab/shop/cart", "outcome": "skipped",
+           "reason": "not started: the wave stopped before this batch"}
 
 
 def test_a_wave_whose_preflight_left_nothing_is_not_green(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
