@@ -190,6 +190,8 @@ def _pairs(ax: Axes, records: Sequence[ServiceRecord], pairs: list[Pair], size: 
         if (missing := _missing(p)) is not None:
             ax.text(0.99, y, missing, transform=edge, ha="right", va="center", fontsize=size, color=MISSING,
                     style="italic")
+    if not log:  # ticks read as values: no "1e-14+4.97" offset under a narrow range (seen on a 3-service wave)
+        ax.ticklabel_format(axis="x", useOffset=False)
     ax.grid(axis="x", color="#dddddd", linewidth=0.6, linestyle=":")
     ax.tick_params(axis="x", labelsize=8)
 
