@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: setup bytecode prometheus services test test-distributed lint unit lab-up help demo stop bench rehearse
+.PHONY: setup bytecode prometheus services browser test test-distributed lint unit lab-up help demo stop bench rehearse
 
 help:
 	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
@@ -17,7 +17,7 @@ help:
 	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback, the lab, the no-op floor, propose and the seed rehearsal"
 	@echo "             (about 80 minutes, then the seed rehearsal: 20 minutes to hours; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
 
-setup: $(STAMP) prometheus services bytecode
+setup: $(STAMP) prometheus services browser bytecode
 
 # Every task run imports the meshwave package in a fresh process. An editable install has no bytecode, and with
 # PYTHONDONTWRITEBYTECODE set (as on this machine) each process compiled it again: about 0.4 s of CPU per task run.
@@ -50,6 +50,16 @@ services:
 	  $$SUDO apt-get update -q >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends postgresql redis-server >/dev/null; }
 	@redis-server --version | cut -d' ' -f1-3; ls /usr/lib/postgresql/
+
+# Chromium and its driver from the distribution's packages, for the migration page's browser test (selenium drives
+# them; no test tool downloads a browser of its own).
+browser:
+	@{ command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; } || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing chromium and chromium-driver (Debian packages)"; \
+	  $$SUDO apt-get update -q >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver >/dev/null; }
+	@chromium --version
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -315,17 +315,21 @@ class AirflowProcess:
         generated = self.home / "simple_auth_manager_passwords.json.generated"
         return json.loads(generated.read_text())["admin"]
 
-    def api(self, method: str, path: str, body: Any = None) -> Any:
+    def token(self) -> str:
+        """The admin's JWT, as `POST /auth/token` gives it (asked once)."""
         if self._token is None:
             req = urllib.request.Request(f"{self.url}/auth/token", method="POST",
                                          data=json.dumps({"username": "admin", "password": self.password}).encode(),
                                          headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(req, timeout=30) as resp:
                 self._token = json.loads(resp.read())["access_token"]
+        return self._token
+
+    def api(self, method: str, path: str, body: Any = None) -> Any:
         req = urllib.request.Request(f"{self.url}/api/v2{path}", method=method,
                                      data=json.dumps(body).encode() if body is not None else None,
                                      headers={"Content-Type": "application/json",
-                                              "Authorization": f"Bearer {self._token}"})
+                                              "Authorization": f"Bearer {self.token()}"})
         for attempt in range(3 if method == "GET" else 1):  # a read may be retried; a busy machine is slow
             try:
                 with urllib.request.urlopen(req, timeout=60) as resp:

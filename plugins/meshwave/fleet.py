@@ -37,8 +37,10 @@ class Fleet:
     defaults: dict[str, Defaults] = field(default_factory=dict)  # per cluster: the first plan naming it
     services: dict[str, PlannedService] = field(default_factory=dict)  # by "cluster/namespace/workload"
     errors: list[str] = field(default_factory=list)
+    plans: list[Plan] = field(default_factory=list)  # in file name order
 
     def add(self, plan: Plan, source: str) -> None:
+        self.plans.append(plan)
         for name, cfg in plan.clusters.items():
             known = self.clusters.setdefault(name, cfg)
             self.defaults.setdefault(name, plan.defaults)

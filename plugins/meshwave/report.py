@@ -78,13 +78,18 @@ def report_dir() -> Path:
     return Path(os.environ.get("MESHWAVE_REPORT_DIR", default))
 
 
+def report_base(dag_id: str, run_id: str) -> Path:
+    """`<report dir>/<dag_id>/<run_id>`, the run id's characters other than letters, digits and `-_.` as `_` (a
+    manual run's id holds `:` and `+`); `save` adds the suffixes."""
+    safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
+    return report_dir() / dag_id / safe_run
+
+
 def save(frame: pd.DataFrame, records: Sequence[ServiceRecord], dag_id: str, run_id: str) -> Path:
     """Write `<dag_id>/<run_id>.csv` (the table), `.json` (everything seen, the ledger) and `.png` (the chart, see
     `chart_of`) under the report dir; returns the CSV's path."""
-    safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
-    folder = report_dir() / dag_id
-    folder.mkdir(parents=True, exist_ok=True)
-    base = folder / safe_run
+    base = report_base(dag_id, run_id)
+    base.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(base.with_suffix(".csv"), index=False)
     # the records as the outcome tasks pushed them (plain JSON)
     base.with_suffix(".json").write_text(json.dumps([r.model_dump(mode="json") for r in records], indent=2))

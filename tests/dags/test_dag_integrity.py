@@ -195,14 +195,17 @@ HEAVY = ("pandas", "kubernetes", "matplotlib")
 
 
 def test_plugin_load_and_dag_parse_import_no_heavy_library(tmp_path: Path) -> None:
-    """Issue 15, item 1: the plugin scan skips the library (plugins/.airflowignore) and parsing every DAG file loads
+    """Issue 15, item 1: the plugin scan skips the library (plugins/.airflowignore), the one plugin
+    (plugins/meshwave_ui.py) imports no web framework until the api-server asks, and parsing every DAG file loads
     neither pandas, the kubernetes client nor matplotlib: each task run pays for them only where it uses them.
     A fresh interpreter, because this test session has imported them already."""
     script = f"""
 import sys
 from airflow import plugins_manager
 from airflow.dag_processing.dagbag import DagBag
-plugins_manager.ensure_plugins_loaded() if hasattr(plugins_manager, "ensure_plugins_loaded") else None
+plugins_manager.ensure_plugins_loaded()
+web = sorted({{m for m in sys.modules if m.split(".")[0] in ("fastapi", "starlette") or m.startswith("meshwave.ui")}})
+print("PLUGINS", [p.name for p in plugins_manager._get_plugins()[0]], "WEB", web)
 bag = DagBag(dag_folder={str(DAGS)!r})
 assert not bag.import_errors, bag.import_errors
 top = sorted({{m for m in sys.modules if m in ("kube", "report", "plan", "wave", "checks")}})
@@ -214,3 +217,5 @@ print("HEAVY", sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
     assert out.returncode == 0, out.stderr[-3000:]
     line = next(x for x in out.stdout.splitlines() if x.startswith("HEAVY"))
     assert line == "HEAVY [] TOP []", line
+    # the migration page's plugin is loaded, and builds its web app only when the api-server asks for it
+    assert "PLUGINS ['meshwave'] WEB []" in out.stdout, out.stdout[-2000:]
