@@ -6,9 +6,11 @@ The tests share one stack and run in order; the last one stops Prometheus.
 from __future__ import annotations
 
 import html
+import json
 import re
 import time
 import urllib.parse
+import urllib.request
 from typing import Any
 
 import pytest
@@ -41,6 +43,15 @@ def proxies(stack: Stack, ns: str, workload: str) -> list[bool]:
 def success(stack: Stack, ns: str, app: str) -> float | None:
     result = stack.prometheus.query(SUCCESS.format(ns=ns, app=app))
     return float(result[0]["value"][1]) if result else None
+
+
+def page_wave(stack: Stack, dag_id: str) -> dict[str, Any]:
+    """A wave as the migration page's JSON shows it (GET /meshwave/api/fleet)."""
+    req = urllib.request.Request(f"{stack.airflow.url}/meshwave/api/fleet",
+                                 headers={"Authorization": f"Bearer {stack.airflow.token()}"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        fleet = json.loads(resp.read())
+    return next(w for w in fleet["waves"] if w["dag_id"] == dag_id)
 
 
 def patch_template(stack: Stack, ns: str, name: str, labels: dict | None = None, annotations: dict | None = None):
@@ -85,6 +96,7 @@ def test_main_wave(stack: Stack) -> None:
     # Fault: once reviews is STRICT, reporting starts bypassing its sidecar for port 8080 (plaintext).
     eventually(lambda: pa_mode(stack, "shop", "reviews") == "STRICT", timeout=600, interval=1,
                what="reviews flipped to STRICT")
+    midway = page_wave(stack, SHOP)  # the migration page while the wave is under way
     patch_template(stack, "shop", "reporting",
                    annotations={"traffic.sidecar.istio.io/excludeOutboundPorts": "8080"})
     threshold = 1 - 0.02
@@ -117,6 +129,15 @@ def test_main_wave(stack: Stack) -> None:
     assert records["reviews"]["outcome"] == "rolled_back" and records["reviews"]["mtls"] == "PERMISSIVE"
     assert "caller_success_rate[shop/reporting]" in records["reviews"]["reason"]
     assert state == "success", "two rollbacks stay within max_failures 3"
+
+    # The migration page mid-wave: this run, services still under way named with the group task they were in, and
+    # every service it already showed an outcome for showing the outcome the run ended with.
+    assert midway["run_id"] == run_id, midway
+    under_way = [r for r in midway["services"] if r["state"] == "in progress"]
+    assert under_way and all(r["step"].split(" ")[0] in (*TASKS, "outcome") for r in under_way), midway
+    for row in midway["services"]:
+        if row["state"] not in ("in progress", "not started"):
+            assert row["state"] == records[row["workload"]]["outcome"], row
 
     # The soak's log says what each poll saw while it was deferred (the triggerer's lines), not only its end.
     soaks = [ti for ti in stack.airflow.task_instances(SHOP, run_id).values()

@@ -93,3 +93,16 @@ def test_report_links_only_when_the_files_exist_and_under_the_ui_root() -> None:
     assert wave.report_url == f"/airflow/meshwave/reports/{DAG1}/manual__2026-11-29T21%3A00%3A00%2B00%3A00.csv"
     assert wave.chart_url is None
     assert wave.run_url.startswith(f"/airflow/dags/{DAG1}/runs/")
+
+
+def test_between_two_tasks_a_service_is_in_progress_after_the_last_that_ran() -> None:
+    """Its soak ended and its STRICT gate is not queued yet: in progress after the soak, not "not started"; a path
+    not taken (rollback_injection skipped itself) is not where it is."""
+    data = WaveData(run=run("running"), tasks=[
+        TaskInfo(task_id="batch_1.admit", map_index=0, state="success"),
+        TaskInfo(task_id="batch_1.inject", map_index=0, state="success"),
+        TaskInfo(task_id="batch_1.soak", map_index=0, state="success"),
+        TaskInfo(task_id="batch_1.rollback_injection", map_index=0, state="skipped"),
+        TaskInfo(task_id="batch_1.strict_gate", map_index=0, state=None)])
+    row = fleet_view([PLAN], {DAG1: data}, Links()).waves[0].services[0]
+    assert (row.state, row.step) == ("in progress", "soak (success)")

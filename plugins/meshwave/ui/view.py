@@ -24,6 +24,8 @@ from meshwave.record import ServiceRecord, unrecorded
 
 # A task instance in one of these is the service's step now (Airflow's TaskInstanceState values).
 ACTIVE = ("running", "deferred", "queued", "scheduled", "up_for_retry", "up_for_reschedule", "restarting")
+# A task in one of these did not run its steps: a path not taken (it skips itself), or an upstream that broke.
+NOT_RUN = ("skipped", "upstream_failed", "removed")
 # A run in one of these has ended: a service without a record then never got one.
 ENDED = ("success", "failed")
 
@@ -198,10 +200,13 @@ def _row(planned, batch: int, group: str, index: int, tasks: list[TaskInfo], rec
 
 
 def _current(group: str, tasks: list[TaskInfo]) -> TaskInfo | None:
-    """The furthest group task of the service that is under way (the tasks run in TASKS' order, then outcome)."""
+    """Where the service is: its furthest group task under way (the tasks run in TASKS' order, then outcome); between
+    two tasks (one ended, the next not queued yet), the furthest that ran; None when none has a state yet."""
     order = [*TASKS, "outcome"]
-    active = [ti for ti in tasks if ti.state in ACTIVE and ti.task_id.partition(".")[2] in order]
-    return max(active, key=lambda ti: order.index(ti.task_id.partition(".")[2]), default=None)
+    own = [ti for ti in tasks if ti.state and ti.task_id.partition(".")[2] in order]
+    active = [ti for ti in own if ti.state in ACTIVE]
+    ran = [ti for ti in own if ti.state not in NOT_RUN]
+    return max(active or ran or own, key=lambda ti: order.index(ti.task_id.partition(".")[2]), default=None)
 
 
 def cluster_totals(waves: Iterable[WaveView]) -> list[ClusterTotals]:
