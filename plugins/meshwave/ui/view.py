@@ -23,7 +23,8 @@ from meshwave.plan import Plan, Wave
 from meshwave.record import ServiceRecord, unrecorded
 
 # A task instance in one of these is the service's step now (Airflow's TaskInstanceState values).
-ACTIVE = ("running", "deferred", "queued", "scheduled", "up_for_retry", "up_for_reschedule", "restarting")
+ACTIVE = ("running", "deferred", "queued", "scheduled", "up_for_retry", "up_for_reschedule", "restarting",
+          "awaiting_input")
 # A task in one of these did not run its steps: a path not taken (it skips itself), or an upstream that broke.
 NOT_RUN = ("skipped", "upstream_failed", "removed")
 # A run in one of these has ended: a service without a record then never got one.
