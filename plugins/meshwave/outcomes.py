@@ -49,6 +49,11 @@ class ServiceOutcome(StrEnum):
         return self not in (ServiceOutcome.FAILED, ServiceOutcome.PLANNED)
 
     @property
+    def changed_nothing(self) -> bool:
+        """The run left the service exactly as it found it: refused, frozen, not started, or a dry run."""
+        return self in (ServiceOutcome.BLOCKED, ServiceOutcome.FROZEN, ServiceOutcome.SKIPPED, ServiceOutcome.PLANNED)
+
+    @property
     def undone(self) -> bool:
         """A mesh_reconcile undo that ended here is done (`skipped`: settled meanwhile, read again before acting)."""
         return self in (ServiceOutcome.PERMISSIVE, ServiceOutcome.REMOVED, ServiceOutcome.SKIPPED)

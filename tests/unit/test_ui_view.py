@@ -106,3 +106,36 @@ def test_between_two_tasks_a_service_is_in_progress_after_the_last_that_ran() ->
         TaskInfo(task_id="batch_1.strict_gate", map_index=0, state=None)])
     row = fleet_view([PLAN], {DAG1: data}, Links()).waves[0].services[0]
     assert (row.state, row.step) == ("in progress", "soak (success)")
+
+
+def test_a_later_mesh_service_run_is_where_the_service_is_an_earlier_one_is_not() -> None:
+    from datetime import timedelta
+
+    from meshwave.ui.view import LaterRecord
+
+    wave_run = run("success")
+    data = WaveData(run=wave_run, records={
+        k: record(k, "strict", "STRICT verified") for k in ("east/shop/auth", "east/shop/user", "west/shop/cart",
+                                                            "west/shop/search")})
+
+    def later(key: str, outcome: str, reason: str, delta: int) -> LaterRecord:
+        return LaterRecord(record=record(key, outcome, reason, mtls="PERMISSIVE", sidecar=True), dag_id="mesh_service",
+                           run_id=f"manual__{delta}", task_id="service.outcome", map_index=0,
+                           run_after=wave_run.run_after + timedelta(minutes=delta))
+    after = {"east/shop/auth": later("east/shop/auth", "permissive", "PERMISSIVE verified", 5),
+             "east/shop/user": later("east/shop/user", "permissive", "PERMISSIVE verified", -5)}
+    rows = {r.service: r for r in fleet_view([PLAN], {DAG1: data}, Links(), later=after).waves[0].services}
+    assert rows["east/shop/auth"].state == "permissive"
+    assert rows["east/shop/auth"].reason == "mesh_service manual__5, after the wave's run: PERMISSIVE verified"
+    assert rows["east/shop/auth"].task_url == "/dags/mesh_service/runs/manual__5/tasks/service.outcome/mapped/0"
+    assert rows["east/shop/user"].state == "strict", "a run before the wave's is not where the service is now"
+    # a wave that never ran: the later run is all there is
+    none_yet = {r.service: r for r in fleet_view([PLAN], {}, Links(), later=after).waves[0].services}
+    assert none_yet["east/shop/auth"].state == "permissive"
+    assert none_yet["west/shop/cart"].state == "not started"
+
+
+def test_only_runs_that_changed_something_stand_for_a_service() -> None:
+    from meshwave.outcomes import ServiceOutcome
+
+    assert {o.value for o in ServiceOutcome if o.changed_nothing} == {"blocked", "frozen", "skipped", "planned"}

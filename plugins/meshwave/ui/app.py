@@ -51,11 +51,12 @@ def fleet(user) -> FleetView:
     readable = _readable(user)
     plans = [p.model_copy(update={"waves": [w for w in p.waves if p.dag_id(w) in readable]}) for p in loaded.plans]
     plans = [p for p in plans if p.waves]
+    links = _links()
     try:
-        data = metadata.read_waves(p.dag_id(w) for p in plans for w in p.waves)
+        got = metadata.read((p.dag_id(w) for p in plans for w in p.waves), readable, links)
     except Exception as exc:  # the page says what it could not read, rather than a bare 500
         raise HTTPException(503, f"Airflow's metadata database did not answer: {type(exc).__name__}: {exc}") from exc
-    return fleet_view(plans, data, _links(), loaded.errors)
+    return fleet_view(plans, got.waves, links, loaded.errors, got.later, got.emergency)
 
 
 @app.get("/api/fleet", response_model=FleetView)

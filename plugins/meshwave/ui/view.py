@@ -68,6 +68,20 @@ class TaskInfo(BaseModel):
     state: str | None = None
 
 
+class LaterRecord(BaseModel):
+    """A service's record from a run after its wave's: `mesh_service` or `mesh_reconcile` acted on it since (the same
+    service group, the same record)."""
+
+    model_config = _FROZEN
+
+    record: ServiceRecord
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int = -1
+    run_after: datetime
+
+
 class WaveData(BaseModel):
     """What Airflow holds for a wave's latest run: the run, its task instances, the outcome records by service key,
     and whether its report's CSV and chart are on disk."""
@@ -141,10 +155,21 @@ class ClusterTotals(BaseModel):
     counts: dict[str, int]
 
 
+class EmergencyView(BaseModel):
+    """The freeze, and the emergency rollback's latest real run: records before it may say STRICT where it relaxed."""
+
+    freeze: str | None = Field(None, description="why changes are frozen (the Airflow Variable), or None")
+    run_id: str | None = None
+    run_state: str | None = None
+    run_after: datetime | None = None
+    run_url: str | None = None
+
+
 class FleetView(BaseModel):
     waves: list[WaveView]
     clusters: list[ClusterTotals]
     errors: list[str] = Field(default_factory=list, description="plan files that did not load, and why")
+    emergency: EmergencyView = Field(default_factory=EmergencyView)
 
 
 def counts(states: Iterable[str]) -> dict[str, int]:
@@ -152,7 +177,8 @@ def counts(states: Iterable[str]) -> dict[str, int]:
     return {str(s): found[s] for s in STATE_ORDER if found.get(s)}
 
 
-def wave_view(plan: Plan, wave: Wave, data: WaveData, links: Links) -> WaveView:
+def wave_view(plan: Plan, wave: Wave, data: WaveData, links: Links,
+              later: Mapping[str, LaterRecord] | None = None) -> WaveView:
     from meshwave.wave import batch_group, services_of  # the DAG factory's own batching: one rule for both
 
     dag_id = plan.dag_id(wave)
@@ -168,8 +194,8 @@ def wave_view(plan: Plan, wave: Wave, data: WaveData, links: Links) -> WaveView:
         index = position[svc.batch]
         position[svc.batch] += 1
         own = [ti for ti in by_batch.get(svc.batch, []) if ti.map_index == index]
-        rows.append(_row(svc.plan, svc.batch, batch_group(svc.batch), index, own, data.records.get(svc.plan.key),
-                         run, links))
+        row = _row(svc.plan, svc.batch, batch_group(svc.batch), index, own, data.records.get(svc.plan.key), run, links)
+        rows.append(_since(row, (later or {}).get(svc.plan.key), run, links))
     wave_counts = counts(r.state for r in rows)
     return WaveView(
         migration=plan.migration, wave=wave.name, dag_id=dag_id,
@@ -200,6 +226,17 @@ def _row(planned, batch: int, group: str, index: int, tasks: list[TaskInfo], rec
                       task_url=links.task(run.dag_id, run.run_id, current.task_id, index))
 
 
+def _since(row: ServiceRow, later: LaterRecord | None, run: RunInfo | None, links: Links) -> ServiceRow:
+    """The row as a run after the wave's left the service, when one did: the latest record is where it is."""
+    if later is None or (run is not None and later.run_after <= run.run_after):
+        return row
+    r = later.record
+    return row.model_copy(update={
+        "state": r.outcome.value, "step": None, "mtls": r.mtls, "sidecar": r.sidecar,
+        "reason": f"{later.dag_id} {later.run_id}, after the wave's run: {r.reason}",
+        "task_url": links.task(later.dag_id, later.run_id, later.task_id, later.map_index)})
+
+
 def _current(group: str, tasks: list[TaskInfo]) -> TaskInfo | None:
     """Where the service is: its furthest group task under way (the tasks run in TASKS' order, then outcome); between
     two tasks (one ended, the next not queued yet), the furthest that ran; None when none has a state yet."""
@@ -219,9 +256,12 @@ def cluster_totals(waves: Iterable[WaveView]) -> list[ClusterTotals]:
             for c, states in sorted(by_cluster.items())]
 
 
-def fleet_view(plans: Iterable[Plan], data: Mapping[str, WaveData], links: Links,
-               errors: Iterable[str] = ()) -> FleetView:
-    """`data` by wave DAG id; a wave with none shows every service not started."""
-    waves = [wave_view(plan, wave, data.get(plan.dag_id(wave)) or WaveData(), links)
+def fleet_view(plans: Iterable[Plan], data: Mapping[str, WaveData], links: Links, errors: Iterable[str] = (),
+               later: Mapping[str, LaterRecord] | None = None,
+               emergency: EmergencyView | None = None) -> FleetView:
+    """`data` by wave DAG id (a wave with none shows every service not started); `later`: by service key, the latest
+    record a `mesh_service` or `mesh_reconcile` run left, which stands for a service when newer than its wave's."""
+    waves = [wave_view(plan, wave, data.get(plan.dag_id(wave)) or WaveData(), links, later)
              for plan in plans for wave in plan.waves]
-    return FleetView(waves=waves, clusters=cluster_totals(waves), errors=list(errors))
+    return FleetView(waves=waves, clusters=cluster_totals(waves), errors=list(errors),
+                     emergency=emergency or EmergencyView())
