@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from meshwave.group_state import TASKS
 from meshwave.outcomes import ServiceOutcome
-from meshwave.plan import Plan, Wave
+from meshwave.plan import Plan, ServicePlan, Wave
 from meshwave.record import ServiceRecord, unrecorded
 
 # A task instance in one of these is the service's step now (Airflow's TaskInstanceState values).
@@ -183,17 +183,15 @@ def wave_view(plan: Plan, wave: Wave, data: WaveData, links: Links,
 
     dag_id = plan.dag_id(wave)
     run = data.run
-    by_batch: dict[int, list[TaskInfo]] = {}
+    by_group: dict[str, list[TaskInfo]] = {}  # the task group (a batch), then the task
     for ti in data.tasks:
-        group, _, _ = ti.task_id.partition(".")
-        if group.startswith("batch_") and group[6:].isdigit():
-            by_batch.setdefault(int(group[6:]), []).append(ti)
+        by_group.setdefault(ti.task_id.partition(".")[0], []).append(ti)
     rows = []
     position: Counter[int] = Counter()  # a service's map index: its place among its batch's services
     for svc in services_of(plan, wave):
         index = position[svc.batch]
         position[svc.batch] += 1
-        own = [ti for ti in by_batch.get(svc.batch, []) if ti.map_index == index]
+        own = [ti for ti in by_group.get(batch_group(svc.batch), []) if ti.map_index == index]
         row = _row(svc.plan, svc.batch, batch_group(svc.batch), index, own, data.records.get(svc.plan.key), run, links)
         rows.append(_since(row, (later or {}).get(svc.plan.key), run, links))
     wave_counts = counts(r.state for r in rows)
@@ -207,7 +205,7 @@ def wave_view(plan: Plan, wave: Wave, data: WaveData, links: Links,
         counts=wave_counts, done=sum(1 for r in rows if r.state not in _BEFORE), total=len(rows), services=rows)
 
 
-def _row(planned, batch: int, group: str, index: int, tasks: list[TaskInfo], record: ServiceRecord | None,
+def _row(planned: ServicePlan, batch: int, group: str, index: int, tasks: list[TaskInfo], record: ServiceRecord | None,
          run: RunInfo | None, links: Links) -> ServiceRow:
     base = dict(service=planned.key, cluster=planned.cluster, namespace=planned.namespace,
                 workload=planned.workload, criticality=str(planned.criticality), batch=batch)
