@@ -17,12 +17,14 @@ from pathlib import Path
 from typing import Annotated
 
 from airflow.api_fastapi.app import get_auth_manager
+from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.configuration import conf
 from fastapi import FastAPI, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from sqlalchemy.exc import SQLAlchemyError
 
 from meshwave import report
 from meshwave.fleet import load_fleet
@@ -41,11 +43,11 @@ def _links() -> Links:
     return Links(ui_root=ui_root, app_root=ui_root + PREFIX)
 
 
-def _readable(user) -> set[str]:
+def _readable(user: BaseUser) -> set[str]:
     return get_auth_manager().get_authorized_dag_ids(user=user, method="GET")
 
 
-def fleet(user) -> FleetView:
+def fleet(user: BaseUser) -> FleetView:
     """Every plan's waves the user may read, with what Airflow holds for each."""
     loaded = load_fleet()
     readable = _readable(user)
@@ -54,7 +56,7 @@ def fleet(user) -> FleetView:
     links = _links()
     try:
         got = metadata.read((p.dag_id(w) for p in plans for w in p.waves), readable, links)
-    except Exception as exc:  # the page says what it could not read, rather than a bare 500
+    except SQLAlchemyError as exc:  # the page says what it could not read, rather than a bare 500
         raise HTTPException(503, f"Airflow's metadata database did not answer: {type(exc).__name__}: {exc}") from exc
     return fleet_view(plans, got.waves, links, loaded.errors, got.later, got.emergency)
 
