@@ -139,3 +139,22 @@ def test_only_runs_that_changed_something_stand_for_a_service() -> None:
     from meshwave.outcomes import ServiceOutcome
 
     assert {o.value for o in ServiceOutcome if o.changed_nothing} == {"blocked", "frozen", "skipped", "planned"}
+
+
+def test_the_page_names_broken_plans_the_freeze_and_each_service_s_state() -> None:
+    """The HTML as the app renders it (the template alone: no Airflow database)."""
+    import re
+
+    from meshwave.ui.app import page_html
+    from meshwave.ui.view import EmergencyView
+
+    data = WaveData(run=run("running"), records={
+        "east/shop/auth": record("east/shop/auth", "rolled_back", "p99 <breached> & more")})
+    view = fleet_view([PLAN], {DAG1: data}, Links(), errors=["broken.yaml: waves[0].name: Field required"],
+                      emergency=EmergencyView(freeze="mesh_emergency_rollback manual__1: incident 42"))
+    html = page_html(view, user="ops")
+    assert "broken.yaml: waves[0].name: Field required" in html
+    assert "The freeze is on" in html and "incident 42" in html
+    assert 'data-service="east/shop/auth" data-state="rolled_back"' in html
+    assert "p99 &lt;breached&gt; &amp; more" in html, "record text is escaped"
+    assert len(re.findall(r'data-service="[^"]+" data-state="not started"', html)) == 4  # wave-1: 3, wave-2: 1

@@ -20,7 +20,7 @@ from airflow.api_fastapi.app import get_auth_manager
 from airflow.api_fastapi.auth.managers.models.base_user import BaseUser
 from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.configuration import conf
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, HTMLResponse
 from jinja2 import Environment, FileSystemLoader, select_autoescape
@@ -66,12 +66,13 @@ def fleet_json(user: GetUserDep) -> FleetView:
     return fleet(user)
 
 
+def page_html(view: FleetView, user: str) -> str:
+    return _TEMPLATES.get_template("page.html").render(view=view, states=[str(s) for s in STATE_ORDER], user=user)
+
+
 @app.get("/", response_class=HTMLResponse)
-def page(request: Request, user: GetUserDep) -> HTMLResponse:
-    view = fleet(user)
-    html = _TEMPLATES.get_template("page.html").render(view=view, states=[str(s) for s in STATE_ORDER],
-                                                       user=user.get_name())
-    return HTMLResponse(html)
+def page(user: GetUserDep) -> HTMLResponse:
+    return HTMLResponse(page_html(fleet(user), user.get_name()))
 
 
 _DAG_ID = PathParam(pattern=r"^[A-Za-z0-9_.-]+$")
