@@ -78,7 +78,8 @@ def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
                          "change it (the emergency rollback leaves it alone too)")
     planned = fleet.services.get(f"{cluster}/{namespace}/{workload}")
     if planned:
-        plan_service, settings = planned.service, planned.service.settings(planned.plan.defaults)
+        plan = planned.plan
+        plan_service, settings = planned.service, plan.settings_of(plan.wave_of(planned.service.key), planned.service)
     else:
         plan_service = ServicePlan(cluster=cluster, namespace=namespace, workload=workload)
         settings = plan_service.settings(fleet.defaults[cluster])
@@ -186,7 +187,7 @@ def mesh_service_dag() -> DAG:
              access_control=operator_access_control()) as dag:
         # mapped over one entry: the service comes from the form, at run time
         group = service_group(GROUP, _resolve, "The service from the trigger form, through the wave's task group.",
-                              [FORM], label=LABEL, guard=_guard)
+                              [FORM], label=LABEL, guard=_guard, approval_asked=True)
         group >> _report()
     return dag
 

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from meshwave.outcomes import ServiceOutcome
-from meshwave.record import After, Baseline, FinalState, ServiceRecord
+from meshwave.record import After, ApprovalRecord, Baseline, FinalState, ServiceRecord
 from meshwave.results import GateEvent, RolloutResult, RolloutStatus, StepResults
 from meshwave.steps import Service
 
@@ -145,8 +145,13 @@ def mtls_in_force(results: StepResults) -> str | None:
 
 def _after_values(results: StepResults) -> After:
     """The last application values seen by the soak (the 'after' column of the report): only those it judged."""
+    return soaked_values(results.soak)
+
+
+def soaked_values(event: GateEvent | None) -> After:
+    """What the soak judged last: the workload's success rate and p99 (only those it judged)."""
     found: dict[str, Any] = {}
-    soak = results.soak.result if results.soak is not None else None
+    soak = event.result if event is not None else None
     for v in (soak or {}).get("verdicts", []):
         values = v.get("values") or {}
         if v.get("check") == "app_success_rate":
@@ -178,16 +183,17 @@ def _plaintext_callers(results: StepResults) -> list[str]:
 
 
 def outcome(svc: Service | None, results: StepResults, states: dict[str, str | None], errors: dict[str, str],
-            decisions: dict[str, str], dry_run: bool) -> ServiceRecord:
+            decisions: dict[str, str], dry_run: bool, approval: ApprovalRecord | None = None) -> ServiceRecord:
     """The final state and why: strict, permissive, frozen, removed, rolled_back, blocked, failed, skipped, planned.
 
-    `svc` is None when the input was refused before a service could be named.
+    `svc` is None when the input was refused before a service could be named. `approval`: the answer of the batch's
+    approval, when the service needed one (flip_strict read it).
     """
     final = _final_state(svc, results, states, errors, decisions, dry_run)
     return ServiceRecord(
         **_identity(svc), baseline=_baseline(results), after=_after_values(results), changes=results.changes(),
         verdicts=results.verdicts(), plaintext_callers=_plaintext_callers(results), decisions=decisions,
-        errors=errors, steps=results.seconds(),
+        errors=errors, steps=results.seconds(), approval=approval,
         outcome=final.outcome, mtls=final.mtls, sidecar=final.sidecar, reason=final.reason)
 
 
@@ -298,6 +304,13 @@ def _migration_state(svc: Service, results: StepResults, states: dict[str, str |
     if results.flip_strict is not None and results.flip_strict.refused:
         return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results), sidecar=True,
                           reason=f"STRICT not flipped: {results.flip_strict.refused}")
+    if decisions.get("after_approval_to") == STAY:  # not approved, or its gate no longer held once approved
+        return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
+                          reason=decisions.get("after_approval", ""))
+    if decisions.get("after_strict_gate_to") == FLIP and states.get("flip_strict") == "upstream_failed":
+        # the gate passed; the one other task flip_strict waits for is the batch's approval, which broke
+        return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
+                          reason="STRICT not flipped: the batch's approval task did not complete (see its log)")
     if decisions.get("after_strict_gate_to") == STAY:
         return FinalState(outcome=ServiceOutcome.PERMISSIVE, mtls=mtls_in_force(results) or "PERMISSIVE", sidecar=True,
                           reason=decisions.get("after_strict_gate", ""))

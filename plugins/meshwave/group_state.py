@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from meshwave import decisions
+from meshwave.record import ApprovalRecord
 from meshwave.results import StepError, StepResults
 from meshwave.steps import Service
 
@@ -28,7 +29,7 @@ TASKS: dict[str, tuple[str, ...]] = {
 TASK_OF = {step: task for task, steps in TASKS.items() for step in steps}
 # The decisions after admit, and the task that makes each: a wait decides what follows it when it ends.
 DECIDED_BY = {"after_rollout": "inject", "after_soak": "soak", "after_strict_gate": "strict_gate",
-              "after_strict": "back_to_permissive"}
+              "after_approval": "flip_strict", "after_strict": "back_to_permissive"}
 # Task states in which a task may have left results or an error.
 _LEFT_SOMETHING = ("success", "failed", "up_for_retry", "skipped")
 
@@ -105,18 +106,30 @@ class GroupState:
         self.results = StepResults.model_validate(pulled)
         self.service = Service.from_dict(admitted) if admitted else None
         self.decisions = self._decisions(context, prefix)
+        self.approval = self._approval(context, prefix)
 
     def _decisions(self, context: dict[str, Any], prefix: str) -> dict[str, str]:
         """The decisions the tasks pushed; a wait whose task failed (its trigger crashed, its retries ran out) pushed
         none: its decision is made here, from the step states, as the wait would have made it."""
         chosen: dict[str, str] = {}
         for name, task in DECIDED_BY.items():
+            if name == "after_approval" and not self._asked():
+                continue  # flip_strict decides only about an approval (a pull less for every other service)
             d = decision(context, prefix, task) if self.tasks.get(task) is not None else None
             if d is None and self.tasks.get(task) == "failed":
                 d = self._fallback(name)
             if d is not None:
                 chosen[name], chosen[f"{name}_to"] = d.why, d.to
         return chosen
+
+    def _asked(self) -> bool:
+        """Whether flip_strict ran for a service that needed approval (and so read the batch's answer)."""
+        return self.service is not None and self.service.needs_approval and self.tasks.get("flip_strict") in \
+            _LEFT_SOMETHING
+
+    def _approval(self, context: dict[str, Any], prefix: str) -> ApprovalRecord | None:
+        found = pull(context, prefix, "flip_strict", "approval") if self._asked() else None
+        return ApprovalRecord.model_validate(found) if found else None
 
     def _fallback(self, name: str) -> decisions.Decision | None:
         if name == "after_rollout":

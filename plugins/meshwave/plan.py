@@ -147,8 +147,31 @@ class NotifyTarget(Strict):
         return self
 
 
+Criticality = Literal["critical", "high", "medium", "low"]
+
+
+class Approval(Strict):
+    """A person confirms STRICT: after the STRICT gates of a batch pass, one approval task per batch (Airflow's
+    human-in-the-loop) lists the services of these criticalities that are ready, with their evidence; the approver
+    chooses which to flip. The others, and all of them when nobody answers in `timeout_seconds`, stay PERMISSIVE
+    ("not approved"). Set per wave or in `defaults`."""
+
+    before_strict: list[Criticality] | Literal["all"] = Field(
+        default_factory=list, description="the criticalities that need a person's approval before STRICT, or 'all'")
+    timeout_seconds: Seconds = Field(3600, description="how long the approval waits for an answer; none in time is "
+                                                       "'not approved' (the services stay PERMISSIVE)")
+
+    def required(self, criticality: str) -> bool:
+        return self.before_strict == "all" or criticality in self.before_strict
+
+    @property
+    def asked(self) -> bool:
+        """Some service may wait for an approval (and its batch-mates with it)."""
+        return bool(self.before_strict)
+
+
 class Settings(Strict):
-    """Knobs every service inherits from `defaults` unless it sets its own."""
+    """Knobs every service inherits from `defaults` unless it sets its own (`approval`: per wave or default)."""
 
     injection: Literal["workload", "namespace"] = "workload"
     soak_seconds: Seconds = 300
@@ -169,6 +192,9 @@ class Settings(Strict):
     probe: Probe = Field(default_factory=Probe)
     notify: list[NotifyTarget] = Field(default_factory=list, description="who is told about this service's "
                                        "rollbacks, holds, failures and freezes (defaults: the wave's events too)")
+    approval: Approval = Field(default_factory=Approval, description="a person's approval before STRICT: per wave or "
+                                                                     "default, never per service (a batch waits for "
+                                                                     "its one approval task together)")
 
 
 def timing_problems(settings: Settings) -> list[str]:
@@ -199,14 +225,14 @@ class Defaults(Settings):
     _schedule = field_validator("schedule")(_cron)
 
 
-_OVERRIDABLE = tuple(Settings.model_fields)
+_OVERRIDABLE = tuple(f for f in Settings.model_fields if f != "approval")
 
 
 class ServicePlan(Strict):
     cluster: str
     namespace: str
     workload: str
-    criticality: Literal["critical", "high", "medium", "low"] = "medium"
+    criticality: Criticality = "medium"
     strict: bool = True
     exclude_inbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
     exclude_outbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
@@ -233,10 +259,12 @@ class ServicePlan(Strict):
     def key(self) -> str:
         return f"{self.cluster}/{self.namespace}/{self.workload}"
 
-    def settings(self, defaults: Settings) -> Settings:
-        """The effective settings: the service's own values over the plan's defaults."""
+    def settings(self, defaults: Settings, approval: Approval | None = None) -> Settings:
+        """The effective settings: the service's own values over the plan's defaults; `approval`: its wave's, over
+        the defaults'."""
         own = {f: getattr(self, f) for f in _OVERRIDABLE if getattr(self, f) is not None}
-        return Settings(**{**{f: getattr(defaults, f) for f in _OVERRIDABLE}, **own})
+        return Settings(**{**{f: getattr(defaults, f) for f in _OVERRIDABLE}, **own},
+                        approval=approval or defaults.approval)
 
 
 class Occurrence(Strict):
@@ -312,6 +340,8 @@ class Wave(Strict):
     schedule: str | None = None
     window: Window | None = None
     after: str | None = Field(None, description="Start when this wave (of the same plan) ended within its budget.")
+    approval: Approval | None = Field(None, description="a person's approval before STRICT for this wave's services "
+                                                        "(unset: the defaults')")
     services: list[ServicePlan] = Field(min_length=1)
 
     _name = field_validator("name")(rfc1123_label)
@@ -372,13 +402,24 @@ class Plan(Strict):
             raise ValueError(f"defaults.{problems[0]}")
         for w, wave in enumerate(self.waves):
             for s, svc in enumerate(wave.services):
-                if problems := timing_problems(svc.settings(self.defaults)):
+                if problems := timing_problems(svc.settings(self.defaults, wave.approval)):
                     raise ValueError(f"waves[{w}].services[{s}].{problems[0]} (the service's settings over the "
                                      "defaults)")
         return self
 
     def dag_id(self, wave: Wave) -> str:
         return f"meshwave_{self.migration}_{wave.name}".replace("-", "_")
+
+    def settings_of(self, wave: Wave, svc: ServicePlan) -> Settings:
+        """A service's effective settings: its own over its wave's approval over the defaults."""
+        return svc.settings(self.defaults, wave.approval)
+
+    def wave_of(self, key: str) -> Wave:
+        """The wave that plans the service `key` (cluster/namespace/workload)."""
+        for wave in self.waves:
+            if any(s.key == key for s in wave.services):
+                return wave
+        raise KeyError(key)
 
     def wave(self, name: str) -> Wave:
         for wave in self.waves:

@@ -58,6 +58,24 @@ class After(BaseModel):
         return {k: v for k, v in handler(self).items() if k in self.model_fields_set}
 
 
+class ApprovalRecord(BaseModel):
+    """What the person asked to approve STRICT answered (approval.py), for a service that needed it."""
+
+    model_config = _RECORD
+
+    approved: bool = Field(description="whether its STRICT was approved")
+    by: str | None = Field(None, description="who answered; None when nobody did (the timeout) or nobody was asked")
+    at: str | None = Field(None, description="when the answer came (ISO 8601, UTC)")
+    timed_out: bool = Field(False, description="nobody answered in time: not approved")
+    why: str = Field(description="the answer in words, as the record's reason gives it")
+
+    def describe(self) -> str:
+        """The report's approval column."""
+        if self.timed_out:
+            return "timed out"
+        return f"{'approved' if self.approved else 'refused'}{f' by {self.by}' if self.by else ''}"
+
+
 class ServiceRecord(BaseModel):
     """One service's outcome record. Only `service`, `outcome` and `reason` are required: the wave names a service
     whose outcome task recorded nothing with those three alone (wave._records)."""
@@ -87,11 +105,20 @@ class ServiceRecord(BaseModel):
                                                                         "'<name>_to' the path it chose")
     errors: dict[str, str] = Field(default_factory=dict, description="the error of each step that failed, by step")
     steps: dict[str, float] = Field(default_factory=dict, description="seconds each step took, by step")
+    approval: ApprovalRecord | None = Field(None, description="the approval before STRICT, when the plan asked for one")
     # where it was left: FinalState's fields, flat (as the JSON has always had them)
     outcome: ServiceOutcome
     mtls: str | None = None
     sidecar: bool | None = None
     reason: str
+
+    @model_serializer(mode="wrap")
+    def _approval_when_asked(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """`approval` is in the JSON of a service that needed one only: every other record keeps its shape."""
+        found = handler(self)
+        if found.get("approval") is None:
+            found.pop("approval", None)
+        return found
 
 
 def unrecorded(service: str, batch: int | None = None) -> ServiceRecord:

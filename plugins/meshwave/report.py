@@ -15,8 +15,8 @@ from meshwave.record import ServiceRecord
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "success_before",
-           "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
+COLUMNS = ["service", "batch", "outcome", "mtls", "sidecar", "reason", "plaintext_callers", "approval",
+           "success_before", "success_after", "p99_before_ms", "p99_after_ms", "changes", "seconds"]
 
 
 def _value(value: float | None) -> float | None:
@@ -35,6 +35,7 @@ def report_frame(records: Sequence[ServiceRecord]) -> pd.DataFrame:
             "sidecar": "yes" if r.sidecar else "no",
             "reason": r.reason,
             "plaintext_callers": ", ".join(r.plaintext_callers) or "-",
+            "approval": r.approval.describe() if r.approval is not None else "-",
             "success_before": _value(r.baseline.success_rate),
             "success_after": _value(r.after.success_rate),
             "p99_before_ms": _value(r.baseline.p99_ms),
@@ -63,7 +64,7 @@ def render(frame: pd.DataFrame) -> str:
         return "no services"
     table = pd.DataFrame({
         "service": frame["service"], "batch": frame["batch"], "outcome": frame["outcome"], "mTLS": frame["mtls"],
-        "sidecar": frame["sidecar"],
+        "sidecar": frame["sidecar"], **({"approval": frame["approval"]} if (frame["approval"] != "-").any() else {}),
         "success": [_pair(b, a, 3) for b, a in zip(frame["success_before"], frame["success_after"], strict=True)],
         "p99 ms": [_pair(b, a, 0) for b, a in zip(frame["p99_before_ms"], frame["p99_after_ms"], strict=True)],
         "changes": frame["changes"], "seconds": frame["seconds"],

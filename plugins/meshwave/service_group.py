@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -41,7 +42,7 @@ from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowSkipException, TaskDeferred
 
-from meshwave import decisions, guards, outbound, stages, steps
+from meshwave import approval, decisions, guards, outbound, stages, steps
 from meshwave.changes import Change
 from meshwave.group_state import GroupState, decision, decoded, pull, results_of
 from meshwave.kube_errors import KubeError, NotInForce
@@ -221,6 +222,56 @@ def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
     return check
 
 
+def approved_if_needed(prefix: str, approval_task: str | None) -> Callable[[dict[str, Any]], None]:
+    """flip_strict's check: on its path (the STRICT gate chose the flip), and, for a service that needs a person's
+    approval, approved in the batch's answer and its gate still true after the time the approval took. Not
+    approved, the service stays PERMISSIVE: the decision `after_approval` says why, the XCom "approval" what the
+    answer was (both for the outcome)."""
+    chosen = on_path(prefix, "flip_strict")
+
+    def check(context: dict[str, Any]) -> None:
+        chosen(context)
+        svc = _service(context, prefix)
+        if approval_task is None or not svc.needs_approval:
+            return
+        pulled = decoded(context["ti"].xcom_pull(task_ids=approval_task))
+        approved, answer = approval.decide(svc.plan.key, approval.Answer.model_validate(pulled) if pulled else None)
+        to, why = (decisions.FLIP, answer.why) if approved else (decisions.STAY, answer.why)
+        if approved and not _dry(context):
+            to, why = _gate_still_holds(svc, context, prefix, why)
+        context["ti"].xcom_push(key="approval", value=answer.model_dump(mode="json"))
+        context["ti"].xcom_push(key="decision", value=decisions.Decision(to=to, why=why).model_dump())
+        print(f"after_approval: -> {to}: {why}")
+        if to != decisions.FLIP:
+            raise AirflowSkipException(why)
+
+    return check
+
+
+def _gate_still_holds(svc: Service, context: dict[str, Any], prefix: str, why: str) -> tuple[str, str]:
+    """The STRICT gate's own check once more, over the time since the gate ended (the approval's wait) plus a query
+    window: a caller that started sending plaintext meanwhile keeps the service PERMISSIVE; so does a Prometheus
+    that does not answer (STRICT is not made on evidence that could not be read again)."""
+    from meshwave import checks
+    from meshwave.checks import Outcome
+    from meshwave.prometheus import window_seconds
+
+    gate = results_of(context, prefix, "strict_gate").strict_gate
+    ended = gate.ended if gate is not None and gate.ended else None
+    waited = max(0.0, time.time() - ended) if ended else float(svc.settings.approval.timeout_seconds)
+    lookback = stages.strict_lookback(svc.window, window_seconds(svc.window), waited)
+    p = svc.plan
+    try:
+        with contextlib.closing(prometheus_for(svc)) as source:
+            verdict, _ = checks.strict_gate(source, p.namespace, p.workload, svc.window, lookback=lookback)
+    except Exception as exc:  # noqa: BLE001 - whatever broke, STRICT is not made unchecked
+        return decisions.STAY, f"{why}; but the STRICT gate could not be read again before the flip: {exc}"
+    if verdict.outcome != Outcome.PASS:
+        return decisions.STAY, (f"{why}; but {waited:.0f} s after the STRICT gate passed it no longer holds: "
+                                f"{verdict.reason}")
+    return decisions.FLIP, f"{why}; the STRICT gate still held at the flip ({verdict.reason})"
+
+
 def rollback_if_chosen(prefix: str) -> Callable[[dict[str, Any]], None]:
     """rollback_injection's check: on request, or when the rollout or the soak decided to roll back. A wait whose
     task failed (its trigger crashed, its retries ran out) made no decision: GroupState makes it, as the wait
@@ -260,7 +311,12 @@ TRIAL, UNVERIFIED = "sidecar on trial (the soak has not accepted it yet)", "STRI
 def _trial_seconds(s: Settings) -> int:
     """Until the run's own decisions should have settled the sidecar: rollout, soak, STRICT gate, flip, verify."""
     return (s.rollout_timeout_seconds + s.soak_seconds + s.verify_seconds + s.strict_gate_timeout_seconds
-            + s.probe.timeout_seconds + 2 * s.verify_seconds + s.reconcile_grace_seconds)
+            + _approval_seconds(s) + s.probe.timeout_seconds + 2 * s.verify_seconds + s.reconcile_grace_seconds)
+
+
+def _approval_seconds(s: Settings) -> int:
+    """A batch with an approval waits for it, every service of it (the approver may take the whole timeout)."""
+    return s.approval.timeout_seconds if s.approval.asked else 0
 
 
 def _unverified_seconds(s: Settings) -> int:
@@ -568,6 +624,26 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
     return watch
 
 
+def _gate_decides(prefix: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """The STRICT gate's decision needs nothing; a service that needs approval hands on what its approver sees."""
+
+    def decide(context: dict[str, Any]) -> dict[str, Any]:
+        svc = _service(context, prefix)
+        if not svc.needs_approval:
+            return {"after": "strict_gate"}
+        found = results_of(context, prefix, "baseline", "soak")
+        base = found.baseline.baseline if found.baseline is not None else None
+        soak = decisions.soaked_values(found.soak)
+        candidate = approval.Candidate(
+            service=svc.plan.key, criticality=svc.plan.criticality,
+            timeout_seconds=svc.settings.approval.timeout_seconds, to="", why="",
+            success_before=base.success_rate if base else None, p99_before_ms=base.p99_ms if base else None,
+            success_soak=soak.success_rate, p99_soak_ms=soak.p99_ms)
+        return {"after": "strict_gate", "candidate": candidate.model_dump(mode="json")}
+
+    return decide
+
+
 def _soak_decides(prefix: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
     def decide(context: dict[str, Any]) -> dict[str, Any]:
         svc = _service(context, prefix)
@@ -741,7 +817,8 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         dry_run = bool(context["params"].get("dry_run"))
         if state.service is not None and not dry_run:
             state.results = state.results.model_copy(update={"after_removal": _after_removal(state.service, state)})
-        record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run)
+        record = decisions.outcome(svc, state.results, state.states, state.errors, state.decisions, dry_run,
+                                   state.approval)
         if state.service is not None and not dry_run:
             record = _settle_outcome(state.service, record, context)
             _release_lease(state.service, record, context)
@@ -759,14 +836,19 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
 
 
 def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | XComArg, label: str, *,
-                  guard: Guard | None = None, wave_error_task: str | None = None) -> DAGNode:
+                  guard: Guard | None = None, wave_error_task: str | None = None, approval_asked: bool = False
+                  ) -> DAGNode:
     """Build the mapped service group in the current DAG context, one map index per entry of `keys`.
 
     `resolve(context, key)` gives the service at run time (a ValueError refuses it before any change);
     `guard(service, context)` may raise AirflowSkipException to keep it from starting (freeze, window), or a
     ValueError to refuse it before any change;
-    `label` is the Jinja template that names a map index in the UI (rendered before each task runs).
+    `label` is the Jinja template that names a map index in the UI (rendered before each task runs);
+    `approval_asked`: some service may need a person's approval before STRICT: the batch's approval task
+    (approval.py) sits between the group's STRICT gates and its flips.
     """
+    approval_task = approval.approval_task_id(group_id) if approval_asked else None
+
     @task_group(group_id=group_id, tooltip=doc.split("\n")[0][:200], doc_md=doc,
                 default_args={"map_index_template": label})
     def services(key: str) -> None:
@@ -778,11 +860,11 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
                           decide=_soak_decides(prefix), on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
-                                 decide=lambda context: {"after": "strict_gate"}, batch=_batch_wait(prefix),
+                                 decide=_gate_decides(prefix), batch=_batch_wait(prefix),
                                  on_path=on_path(prefix, "strict_gate"), **RETRIES)
         # STRICT not proven in force goes back to PERMISSIVE at once: a retry would only prolong it
         flip = _write_then_wait("flip_strict", prefix, holding(_flip, _unverified_seconds), "verify_strict",
-                                _verify(prefix, "verify_strict"), on_path(prefix, "flip_strict"),
+                                _verify(prefix, "verify_strict"), approved_if_needed(prefix, approval_task),
                                 lambda: dry_gate("verify_strict"), final=(NotInForce,), **RETRIES)
         # an undo waits for everything that could call for it, and runs when something did
         undo = {"trigger_rule": TriggerRule.ALL_DONE, **UNDO_RETRIES}
@@ -798,5 +880,18 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         [admit, inject, soak] >> rollback
         [admit, inject, soak, strict_gate, flip, back, rollback] >> _outcome(prefix, resolve, wave_error_task, key)
 
-    return services.expand(key=keys)
+    group = services.expand(key=keys)
+    if approval_task is not None:
+        _approval_between(group, group_id, approval_task)
+    return group
+
+
+def _approval_between(group: Any, group_id: str, task_id: str) -> None:
+    """The batch's approval task, outside the mapped group, between its STRICT gates and its flips (a task outside
+    a mapped group may sit between two of its tasks: each flip waits for it and its own gate)."""
+    from meshwave.approval_task import StrictApproval  # the HITL operator: only in DAGs that ask for approval
+
+    dag = group.dag
+    approve = StrictApproval(task_id=task_id, group_id=group_id, doc_md=approval.__doc__)
+    dag.get_task(f"{group_id}.strict_gate") >> approve >> dag.get_task(f"{group_id}.flip_strict")
 

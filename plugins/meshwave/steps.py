@@ -72,6 +72,11 @@ class Service:
         """Whether this run ends in STRICT when every check passes."""
         return self.action == "strict_only" or (self.action == "migrate" and self.plan.strict)
 
+    @property
+    def needs_approval(self) -> bool:
+        """Whether a person must approve its STRICT (the plan's `approval`, for its criticality)."""
+        return self.strict and self.settings.approval.required(self.plan.criticality)
+
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan.model_dump(mode="json"), "settings": self.settings.model_dump(mode="json"),
                 "cluster": self.cluster.model_dump(mode="json"), "batch": self.batch, "action": self.action,

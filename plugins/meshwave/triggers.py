@@ -51,6 +51,10 @@ def ended(result_key: str, event: RolloutResult | GateEvent, decide: dict[str, A
         else:
             raise ValueError(f"no decision is made after {after!r} on a {type(event).__name__}")
         xcoms["decision"] = decisions.Decision(to=to, why=why).model_dump()
+        if decide.get("candidate"):  # for the batch's approval: the service, its evidence and the gate's decision
+            seen = [v.get("reason", "") for v in ((getattr(event, "result", None) or {}).get("verdicts") or [])]
+            xcoms["candidate"] = {**decide["candidate"], "to": to, "why": "; ".join(seen) or why,
+                                  "gate_ended": event.ended, "dry_run": bool(getattr(event, "dry_run", False))}
     return TaskSuccessEvent(xcoms=xcoms)
 
 

@@ -83,7 +83,7 @@ def _catchup(wave: Wave) -> bool:
 
 def services_of(plan: Plan, wave: Wave) -> list[Service]:
     size = plan.defaults.batch_size
-    return [Service(svc, svc.settings(plan.defaults), plan.clusters[svc.cluster], i // size + 1,
+    return [Service(svc, plan.settings_of(wave, svc), plan.clusters[svc.cluster], i // size + 1,
                     peers=peers_of(plan.clusters, svc.cluster)) for i, svc in enumerate(wave.services)]
 
 
@@ -185,7 +185,8 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
             keys = [svc.plan.key for svc in members]
             group = service_group(batch_group(batch), _planned(members), _batch_doc(batch, members), keys,
                                   label=label_template(keys), guard=_guard(plan),
-                                  wave_error_task="wave_preflight")
+                                  wave_error_task="wave_preflight",
+                                  approval_asked=any(svc.needs_approval for svc in members))
             upstream >> group
             if batch != batches[-1]:
                 breaker = _circuit_breaker(plan, services, batch)

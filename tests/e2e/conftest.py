@@ -6,6 +6,7 @@ import shutil
 import time
 import urllib.error
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ class Early:
     # Triggered after every other entry: a DAG's runs queue in trigger order (mesh_service runs one at a time), so
     # an entry that can wait must not delay one racing a timed fault (test_undo's outage).
     last: bool = False
+    # What a person does while the run goes on (test_wave_approval's approver): `during(stack, run_id)` in a thread
+    # of its own, from the trigger on; its result (or its error) is `Stack.during[name]`.
+    during: Callable[[Stack, str], object] | None = None
 
 
 def dags_folder(work: Path) -> Path:
@@ -57,6 +61,8 @@ class Stack:
     # what the plans' `notify` targets were sent (the distributed stack runs none: an empty, unstarted sink)
     notified: NotifySink = field(default_factory=NotifySink)
     early: dict[str, tuple[str, str]] = field(default_factory=dict)  # EARLY name -> (DAG id, run id)
+    during: dict[str, Future] = field(default_factory=dict)  # EARLY name -> what its `during` did
+    threads: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(4, thread_name_prefix="during"))
 
     def start_early(self) -> None:
         entries = {name: entry if isinstance(entry, Early) else Early(name, entry) for name, entry in EARLY.items()}
@@ -65,6 +71,8 @@ class Stack:
             if early.before is not None:
                 early.before(self)
             self.early[name] = (early.dag_id, self.airflow.trigger(early.dag_id, early.conf))
+            if early.during is not None:
+                self.during[name] = self.threads.submit(early.during, self, self.early[name][1])
 
     def wait_for_details(self, dag_id: str, timeout: float = 120) -> None:
         """A DAG file just written: its DAG is listed before its serialized form is stored, and a trigger in between
@@ -132,10 +140,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                "MESHWAVE_REPORT_DIR": str(work / "reports"),
                "MESHWAVE_RECONCILE_SCHEDULE": "none"}  # tests trigger mesh_reconcile when they need it
         airflow = AirflowProcess(work / "airflow", connections, env)
+        stack = None
         try:
             airflow.start(timeout=360)  # a busy 2-core machine can take minutes to start all components
             stack = Stack(lab, prom, airflow, plans, dags, sink)
             stack.start_early()
             yield stack
         finally:
+            if stack is not None:
+                stack.threads.shutdown(wait=False, cancel_futures=True)
             airflow.stop()

@@ -158,3 +158,19 @@ def test_the_page_names_broken_plans_the_freeze_and_each_service_s_state() -> No
     assert 'data-service="east/shop/auth" data-state="rolled_back"' in html
     assert "p99 &lt;breached&gt; &amp; more" in html, "record text is escaped"
     assert len(re.findall(r'data-service="[^"]+" data-state="not started"', html)) == 4  # wave-1: 3, wave-2: 1
+
+
+def test_a_batch_waiting_for_its_approval_links_to_where_a_person_answers() -> None:
+    """Issue 18: between the STRICT gates and the flips, the batch's approval task (outside the group) is where
+    every service of the batch is; the link opens the run's required action, where the approver answers."""
+    data = WaveData(run=run("running"), tasks=[
+        TaskInfo(task_id="batch_1.strict_gate", map_index=0, state="success"),
+        TaskInfo(task_id="batch_1.strict_gate", map_index=1, state="success"),
+        TaskInfo(task_id="batch_1.rollback_injection", map_index=1, state="skipped"),
+        TaskInfo(task_id="approve_batch_1", state="awaiting_input"),
+        TaskInfo(task_id="batch_1.flip_strict", map_index=0, state=None)])
+    rows = fleet_view([PLAN], {DAG1: data}, Links()).waves[0].services
+    for row in rows[:2]:
+        assert (row.state, row.step) == ("in progress", "approve_batch_1 (awaiting_input)"), row
+        assert row.task_url.endswith("/tasks/approve_batch_1/required_actions"), row.task_url
+    assert rows[2].state == "not started", "batch 2's services do not wait for batch 1's approval"

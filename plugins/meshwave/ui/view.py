@@ -17,6 +17,7 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from meshwave.approval import approval_task_id
 from meshwave.group_state import TASKS
 from meshwave.outcomes import ServiceOutcome
 from meshwave.plan import Plan, ServicePlan, Wave
@@ -109,6 +110,10 @@ class Links(BaseModel):
         mapped = f"/mapped/{map_index}" if map_index >= 0 else ""
         return f"{self.run(dag_id, run_id)}/tasks/{_q(task_id)}{mapped}"
 
+    def required_actions(self, dag_id: str, run_id: str, task_id: str) -> str:
+        """Where a person answers a human-in-the-loop task (the batch's approval before STRICT)."""
+        return f"{self.run(dag_id, run_id)}/tasks/{_q(task_id)}/required_actions"
+
     def report(self, dag_id: str, run_id: str, suffix: str) -> str:
         return f"{self.app_root}/reports/{_q(dag_id)}/{_q(run_id)}.{suffix}"
 
@@ -192,6 +197,7 @@ def wave_view(plan: Plan, wave: Wave, data: WaveData, links: Links,
         index = position[svc.batch]
         position[svc.batch] += 1
         own = [ti for ti in by_group.get(batch_group(svc.batch), []) if ti.map_index == index]
+        own += by_group.get(approval_task_id(batch_group(svc.batch)), [])  # the batch's approval: every service's
         row = _row(svc.plan, svc.batch, batch_group(svc.batch), index, own, data.records.get(svc.plan.key), run, links)
         rows.append(_since(row, (later or {}).get(svc.plan.key), run, links))
     wave_counts = counts(r.state for r in rows)
@@ -219,6 +225,10 @@ def _row(planned: ServicePlan, batch: int, group: str, index: int, tasks: list[T
     if run is None or current is None:
         why = "no run of this wave yet" if run is None else f"{group} has not reached it"
         return ServiceRow(**base, state=PageState.NOT_STARTED.value, reason=why)
+    if current.task_id == approval_task_id(group):  # the batch waits for a person: the link is where they answer
+        return ServiceRow(**base, state=PageState.IN_PROGRESS.value, step=f"{current.task_id} ({current.state})",
+                          reason="the batch's approval before STRICT",
+                          task_url=links.required_actions(run.dag_id, run.run_id, current.task_id))
     step = current.task_id.partition(".")[2]
     return ServiceRow(**base, state=PageState.IN_PROGRESS.value, step=f"{step} ({current.state})",
                       task_url=links.task(run.dag_id, run.run_id, current.task_id, index))
@@ -236,13 +246,19 @@ def _since(row: ServiceRow, later: LaterRecord | None, run: RunInfo | None, link
 
 
 def _current(group: str, tasks: list[TaskInfo]) -> TaskInfo | None:
-    """Where the service is: its furthest group task under way (the tasks run in TASKS' order, then outcome); between
-    two tasks (one ended, the next not queued yet), the furthest that ran; None when none has a state yet."""
+    """Where the service is: its furthest group task under way (the tasks run in TASKS' order, with the batch's
+    approval between strict_gate and flip_strict, then outcome); between two tasks (one ended, the next not queued
+    yet), the furthest that ran; None when none has a state yet."""
     order = [*TASKS, "outcome"]
-    own = [ti for ti in tasks if ti.state and ti.task_id.partition(".")[2] in order]
+    order.insert(order.index("flip_strict"), approval_task_id(group))
+
+    def step(ti: TaskInfo) -> str:
+        return ti.task_id if ti.task_id == approval_task_id(group) else ti.task_id.partition(".")[2]
+
+    own = [ti for ti in tasks if ti.state and step(ti) in order]
     active = [ti for ti in own if ti.state in ACTIVE]
     ran = [ti for ti in own if ti.state not in NOT_RUN]
-    return max(active or ran or own, key=lambda ti: order.index(ti.task_id.partition(".")[2]), default=None)
+    return max(active or ran or own, key=lambda ti: order.index(step(ti)), default=None)
 
 
 def cluster_totals(waves: Iterable[WaveView]) -> list[ClusterTotals]:

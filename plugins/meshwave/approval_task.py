@@ -1,0 +1,65 @@
+"""The batch's approval task: Airflow's human-in-the-loop operator over the services ready for STRICT (approval.py
+says how the approval works; this module is the operator, imported only by DAGs that ask for approval)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import HITLOperator
+from airflow.sdk import TriggerRule
+
+from meshwave.approval import NONE, Answer, Candidate, answer_of, candidates, user_name
+from meshwave.decisions import FLIP
+
+
+class StrictApproval(HITLOperator):
+    """The batch's approval task (see the module's doc). The options are the ready services, known only once the
+    gates have ended: set at run time, and again when the task resumes (a new process), from the same XComs."""
+
+    ui_color = "#fff3cd"
+
+    def __init__(self, *, group_id: str, **kwargs: Any) -> None:
+        super().__init__(subject=f"{group_id}: approve STRICT", options=[NONE], defaults=[NONE], multiple=True,
+                         trigger_rule=TriggerRule.ALL_DONE, **kwargs)
+        self.group_id = group_id
+
+    def _ready(self, context: Any) -> list[Candidate]:
+        pulled = context["ti"].xcom_pull(task_ids=f"{self.group_id}.strict_gate", key="candidate")
+        return [c for c in candidates(pulled) if c.to == FLIP]
+
+    def _offer(self, ready: list[Candidate]) -> None:
+        self.options = [c.service for c in ready] + [NONE]
+        self.response_timeout = timedelta(seconds=min(c.timeout_seconds for c in ready))
+        self.subject = f"{self.group_id}: approve STRICT for {len(ready)} service(s)"
+        self.body = ("Their STRICT gate passed: no plaintext caller over the lookback. Choose the services to make "
+                     f"STRICT; the others stay PERMISSIVE ('not approved'). No answer in "
+                     f"{int(self.response_timeout.total_seconds())} s: none is approved. Each approved service's "
+                     "gate is read again over the time this took before its flip.\n\n"
+                     + "\n".join(c.evidence() for c in ready))
+
+    def execute(self, context: Any) -> Any:
+        ready = self._ready(context)
+        if not ready:
+            print("no service of this batch is ready for STRICT and needs approval: nobody is asked")
+            return Answer().model_dump(mode="json")
+        if context["params"].get("dry_run"):
+            asked = [c.service for c in ready]
+            print(f"dry run: approval would be asked for {', '.join(asked)}; nobody is asked")
+            return Answer(asked=asked, approved=asked, dry_run=True,
+                          note="dry run: approval not asked").model_dump(mode="json")
+        self._offer(ready)
+        print(f"asking for approval of STRICT: {', '.join(self.options[:-1])} (timeout {self.response_timeout})")
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        ready = self._ready(context)
+        if ready:
+            self._offer(ready)
+        chosen = super().execute_complete(context, event)
+        at = chosen.get("responded_at")
+        found = answer_of(ready, list(chosen.get("chosen_options") or []), user_name(chosen.get("responded_by_user")),
+                          at.isoformat() if hasattr(at, "isoformat") else at, bool(event.get("timedout")))
+        print(f"approved: {', '.join(found.approved) or 'none'}; by {found.by or 'nobody'}"
+              + (f" ({found.note})" if found.note else ""))
+        return found.model_dump(mode="json")
