@@ -1,6 +1,7 @@
 """airflow dag: mesh_emergency_rollback, the big red button (see meshwave.emergency).
 
-    validate -> stage_1: to_permissive (one mapped task per cluster) -> stage_1_done
+    validate -> confirm (optional: a person confirms the dry run's plan of action, then it is applied)
+             -> stage_1: to_permissive (one mapped task per cluster) -> stage_1_done
              -> stage_2: remove_sidecars (optional, deferrable, chunked) -> stage_3: verify_health -> report
 
 Parsing reads the local plan files only (for the cluster list); nothing here depends on the wave DAGs.
@@ -16,10 +17,17 @@ from airflow.sdk import DAG, BaseHook, Param, TaskGroup, TriggerRule, get_curren
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
 
 from meshwave import emergency as em
-from meshwave import guards
 from meshwave.access import connection_prefixes, operator_access_control
 from meshwave.connections import mesh_kube
-from meshwave.emergency_tasks import RemoveSidecarsOperator, VerifyHealthOperator, log_changes, request_of
+from meshwave.emergency_tasks import (
+    ConfirmRollback,
+    RemoveSidecarsOperator,
+    VerifyHealthOperator,
+    begin,
+    log_changes,
+    request_of,
+    tell,
+)
 from meshwave.fleet import load_fleet, plans_dir
 from meshwave.names import RFC1123_LABEL
 from meshwave.plan import NotifyEvent
@@ -33,6 +41,13 @@ PARAMS = {
     "dry_run": Param(True, type="boolean", title="Dry run: show the plan of action, change nothing",
                      description="ON (default): every stage logs exactly what it would change, with the request, "
                                  "and stage 3 reports the current health once. Switch OFF to APPLY the rollback."),
+    "confirm": Param(False, type="boolean", title="Dry run, then ask, then apply: in this one run",
+                     description="ON: the run shows its plan of action (a dry run, nothing changed) to a person in "
+                                 "the UI's Required Actions and waits; 'apply the rollback' applies it in the same "
+                                 "run, 'cancel' or no answer in time leaves it a dry run. Overrides 'Dry run'."),
+    "confirm_timeout_seconds": Param(900, type="integer", minimum=10, maximum=24 * 3600,
+                                     title="Wait for the confirmation (s)",
+                                     description="With 'confirm': no answer by then is 'cancel' (nothing changed)."),
     "clusters": Param([em.ALL], type="array", title="Clusters", examples=[em.ALL, *sorted(FLEET.clusters)],
                       items={"type": "string"}, section=SCOPE,
                       description=f"'{em.ALL}' = every cluster the plans name, or pick clusters. A cluster that no "
@@ -98,7 +113,10 @@ be paused or broken; this DAG only reads the plans' cluster list and criticality
    until every service in scope with traffic is at or above `min_success_rate`; reports what is still
    unhealthy and the seconds from stage-1 start to all healthy.
 
-**Dry run is ON by default**: trigger once to see the plan of action, then again with dry run OFF.
+**Dry run is ON by default**: trigger once to see the plan of action, then again with dry run OFF. Or, in one
+run, **`confirm`**: the task `confirm` shows the plan of action to a person (the UI's Required Actions) and waits;
+"apply the rollback" sets the freeze and applies it in the same run; "cancel", or no answer within
+`confirm_timeout_seconds`, leaves the run a dry run.
 Re-running changes nothing already rolled back.
 
 Clusters from the plans in `{plans_dir()}`: {clusters}.{broken}
@@ -126,14 +144,6 @@ def _not_relaxed(cluster: str, left: list[dict[str, Any]]) -> str:
             + "; ".join(f"{i['policy']} ({i['scope']}): {i['why']}" for i in left))
 
 
-def _tell(request: em.Request, context: Any, event: NotifyEvent, subject: str, what: str, why: str) -> None:
-    """The targets of the plans naming the clusters in scope (a real run only; never raises: see notify.py)."""
-    from meshwave import notify
-
-    notify.tell(notify.fleet_targets(load_fleet(), request.scope.clusters), event, subject, what, why, DAG_ID,
-                context)
-
-
 def _kube(target: dict[str, Any], dry_run: bool) -> Any:
     return mesh_kube(BaseHook.get_connection(target["kubernetes_conn_id"]), target["cluster"],
                      target["root_namespace"], dry_run=dry_run)
@@ -157,17 +167,12 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
             raise AirflowFailException(str(exc)) from None
         for note in request.notes:
             print(note)
-        mode = "DRY RUN: nothing will be changed" if request.dry_run else "APPLYING"
+        mode = ("TO BE CONFIRMED: a dry run until a person applies it (task confirm)" if request.confirm else
+                "DRY RUN: nothing will be changed" if request.dry_run else "APPLYING")
         print(f"{mode}: {request.scope.describe()}; stage 2 (remove sidecars): "
               f"{'on, ' + str(request.max_parallel) + ' at a time' if request.remove_sidecars else 'off'}")
         if not request.dry_run:  # before stage 1: no wave may write inject or STRICT from here on
-            why = guards.freeze_for_emergency(f"{DAG_ID} {context['run_id']}: emergency rollback of "
-                                              f"{request.scope.describe()}")
-            print(f"FREEZE: {why}; every wave's next inject or flip to STRICT stops there (outcome frozen). Lift it "
-                  f"when the incident is over: airflow variables delete {guards.FREEZE_VARIABLE}")
-            _tell(request, context, NotifyEvent.EMERGENCY_STARTED, "emergency rollback STARTED",
-                  f"stage 1 (every STRICT in scope to PERMISSIVE) starts now; stage 2 (remove sidecars) "
-                  f"{'on' if request.remove_sidecars else 'off'}", f"{request.scope.describe()}; freeze: {why}")
+            begin(request, context)
         context["ti"].xcom_push(key="request", value=request.to_dict())
         return [t.to_dict() for t in request.targets]  # stage 1 maps over them
 
@@ -242,9 +247,14 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
                    "failed_clusters": stage1.get("failed_clusters", []),
                    "stage_2_failed": stage2.get("failed", []), "health": health.get("status", "not checked"),
                    "seconds_to_healthy": health.get("seconds_since_stage_1"),
-                   "unhealthy": health.get("unhealthy", []), "counts": health.get("counts", {})}
+                   "unhealthy": health.get("unhealthy", []), "counts": health.get("counts", {}),
+                   "confirmation": ti.xcom_pull(task_ids="confirm") or {"asked": False}}
         print(em.table([{"what": k, "value": v if not isinstance(v, list) else len(v)} for k, v in summary.items()
-                        if k != "scope"], ["what", "value"]))
+                        if k not in ("scope", "confirmation")], ["what", "value"]))
+        if (confirmation := summary["confirmation"]).get("asked"):
+            print("confirmed: applied" if confirmation["applied"] else
+                  f"NOT APPLIED ({'nobody answered in time' if confirmation['timed_out'] else 'cancelled'}"
+                  f"{', by ' + confirmation['by'] if confirmation.get('by') else ''}): this run was a dry run")
         print(em.table(summary["unhealthy"], ["cluster", "service", "success_rate", "status"]))
         problems = _problems(summary, health.get("errors") or {})
         ti.xcom_push(key="summary", value=summary)
@@ -252,7 +262,7 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
             problems = [p for p in problems if not p.startswith("stage 3")]
         else:
             seconds = summary["stage_1_seconds"]
-            _tell(request, context, NotifyEvent.EMERGENCY_FINISHED,
+            tell(request, context, NotifyEvent.EMERGENCY_FINISHED,
                   f"emergency rollback FINISHED{' with problems' if problems else ''}",
                   f"stage 1 took {'-' if seconds is None else f'{seconds:.2f}'} s; health {summary['health']}, "
                   f"{summary['seconds_to_healthy'] or '-'} s to healthy", "; ".join(problems) or "nothing left")
@@ -260,4 +270,6 @@ with DAG(DAG_ID, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC
             raise AirflowFailException(("dry run incomplete: " if request.dry_run else "") + "; ".join(problems))
         return summary
 
-    validated >> stage_1 >> stage_2 >> stage_3 >> report()
+    confirm = ConfirmRollback(task_id="confirm", doc_md="With the form's `confirm`: the plan of action (a dry run) "
+                              "goes to a person, who applies it in this run or cancels; without it, nobody is asked.")
+    validated >> confirm >> stage_1 >> stage_2 >> stage_3 >> report()

@@ -16,7 +16,7 @@ import math
 import re
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from string import Template
 from typing import TYPE_CHECKING, Any
 
@@ -39,7 +39,8 @@ CRITICALITY = ("critical", "high", "medium", "low")  # then: unknown (not in any
 HEALTH_QUERY = "app_success_rate_by_workload"
 EPSILON = 1e-9
 GATEWAY_LABEL = "istio"  # istio: ingressgateway / egressgateway: a gateway IS a proxy, never "un-injected"
-LIMITS = {"max_parallel": (1, 50), "rollout_timeout_seconds": (10, 3600), "health_timeout_seconds": (0, 7200)}
+LIMITS = {"max_parallel": (1, 50), "rollout_timeout_seconds": (10, 3600), "health_timeout_seconds": (0, 7200),
+          "confirm_timeout_seconds": (10, 24 * 3600)}
 
 
 class ScopeError(ValueError):
@@ -108,7 +109,15 @@ class Request:
     min_success_rate: float = 0.99
     health_window: str = "1m"
     health_timeout_seconds: int = 300
+    # one run: a dry run's plan of action, a person's confirmation, then the rollback (mesh_emergency_rollback's
+    # `confirm` task); until confirmed the run is a dry run, whatever `dry_run` says
+    confirm: bool = False
+    confirm_timeout_seconds: int = 900
     notes: list[str] = field(default_factory=list)
+
+    def applying(self) -> Request:
+        """The same request, confirmed: the rollback is applied."""
+        return replace(self, dry_run=False, confirm=False)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -221,7 +230,7 @@ def parse_request(params: dict[str, Any], fleet: Fleet) -> Request:
                   0, 1, float)
     window = _check(errors, "health_window", validate_window, params.get("health_window", "1m"), "health_window")
     flags = {}
-    for name, default in (("dry_run", True), ("remove_sidecars", False)):
+    for name, default in (("dry_run", True), ("remove_sidecars", False), ("confirm", False)):
         flags[name] = params.get(name, default)
         if not isinstance(flags[name], bool):
             errors.append(f"{name}: {flags[name]!r} is not true or false")
@@ -232,8 +241,10 @@ def parse_request(params: dict[str, Any], fleet: Fleet) -> Request:
     scope = Scope(tuple(t.cluster for t in targets), namespace, services)
     notes = [f"plan file error (its clusters are unknown here unless in cluster_connections): {e.splitlines()[0]}"
              for e in fleet.errors]
-    return Request(scope, targets, flags["dry_run"], flags["remove_sidecars"], notes=notes, min_success_rate=rate,
-                   health_window=window, **numbers)
+    # to be confirmed, the run starts as a dry run (its plan of action is what the person confirms)
+    dry_run = flags["dry_run"] or flags["confirm"]
+    return Request(scope, targets, dry_run, flags["remove_sidecars"], notes=notes, min_success_rate=rate,
+                   health_window=window, confirm=flags["confirm"], **numbers)
 
 
 # ---- stage 1: PeerAuthentications back to PERMISSIVE ------------------------------------------------------

@@ -1,4 +1,5 @@
-"""The emergency rollback's waits: stage 2 (sidecars out, a bounded number at a time) and stage 3 (health).
+"""The emergency rollback's confirmation (a person between the dry run's plan of action and the rollback, in one run)
+and its waits: stage 2 (sidecars out, a bounded number at a time) and stage 3 (health).
 
 Both are deferrable: no worker slot is held while pods roll or while Prometheus is polled. Stage 2 is one
 task that re-defers once per chunk: it removes injection from at most `max_parallel` workloads, defers
@@ -14,20 +15,22 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import BaseHook, BaseOperator
 from airflow.sdk.exceptions import AirflowSkipException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from meshwave import emergency as em
-from meshwave import outbound
+from meshwave import guards, outbound
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.fleet import load_fleet
 from meshwave.kube_errors import KubeError
+from meshwave.plan import NotifyEvent
 from meshwave.prometheus import PrometheusError, Source
 
 if TYPE_CHECKING:
@@ -35,13 +38,105 @@ if TYPE_CHECKING:
 
 POLL_SECONDS = 2.0
 MARGIN = 120  # seconds the task timeout leaves a trigger to report its own deadline
-VALIDATE = "validate"
+VALIDATE, CONFIRM = "validate", "confirm"
 STAGE_1_DONE = "stage_1.stage_1_done"
+DAG_ID = "mesh_emergency_rollback"
 
 
 def request_of(context: Any) -> em.Request | None:
-    data = context["ti"].xcom_pull(task_ids=VALIDATE, key="request")
+    """What the stages do: the confirmed request once a person confirmed it, else the form's (a dry run when it
+    asked for a confirmation that did not come)."""
+    ti = context["ti"]
+    data = ti.xcom_pull(task_ids=CONFIRM, key="request") or ti.xcom_pull(task_ids=VALIDATE, key="request")
     return em.Request.from_dict(data) if data else None
+
+
+def tell(request: em.Request, context: Any, event: NotifyEvent, subject: str, what: str, why: str) -> None:
+    """The targets of the plans naming the clusters in scope (a real run only; never raises: see notify.py)."""
+    from meshwave import notify
+
+    notify.tell(notify.fleet_targets(load_fleet(), request.scope.clusters), event, subject, what, why, DAG_ID,
+                context)
+
+
+def begin(request: em.Request, context: Any) -> None:
+    """Before stage 1 of a real rollback: the freeze (no wave writes inject or STRICT from here on), then the news."""
+    why = guards.freeze_for_emergency(f"{DAG_ID} {context['run_id']}: emergency rollback of "
+                                      f"{request.scope.describe()}")
+    print(f"FREEZE: {why}; every wave's next inject or flip to STRICT stops there (outcome frozen). Lift it "
+          f"when the incident is over: airflow variables delete {guards.FREEZE_VARIABLE}")
+    tell(request, context, NotifyEvent.EMERGENCY_STARTED, "emergency rollback STARTED",
+         f"stage 1 (every STRICT in scope to PERMISSIVE) starts now; stage 2 (remove sidecars) "
+         f"{'on' if request.remove_sidecars else 'off'}", f"{request.scope.describe()}; freeze: {why}")
+
+
+# ---- the confirmation -----------------------------------------------------------------------------------------
+APPLY, CANCEL = "apply the rollback", "cancel: change nothing"
+
+
+def plan_of_action(request: em.Request, kube_of: Callable[[em.Target], MeshKube]) -> tuple[str, dict[str, Any]]:
+    """What the rollback would change, per cluster, read now (read-only): the policies stage 1 relaxes and, with
+    stage 2, the workloads whose sidecars go. Markdown for the person, and the counts."""
+    lines, counts = [f"Scope: {request.scope.describe()}.", ""], {}
+    for target in request.targets:
+        try:
+            kube = kube_of(target)
+            relax = sorted(em.would_relax(kube, request.scope))
+            restart = em.sidecar_workloads(kube, request.scope) if request.remove_sidecars else []
+        except Exception as exc:  # noqa: BLE001 - a cluster that cannot be read is shown to the person, not hidden
+            lines.append(f"- **{target.cluster}**: cannot be read ({exc}): stage 1 will fail there")
+            counts[target.cluster] = {"error": str(exc)}
+            continue
+        counts[target.cluster] = {"policies": len(relax), "restarts": len(restart)}
+        shown = ", ".join(relax[:20]) + (f" and {len(relax) - 20} more" if len(relax) > 20 else "")
+        lines.append(f"- **{target.cluster}**: {len(relax)} STRICT polic(ies) to PERMISSIVE"
+                     + (f" ({shown})" if relax else "")
+                     + (f"; {len(restart)} workload(s) restarted without a sidecar" if request.remove_sidecars
+                        else ""))
+    return "\n".join(lines), counts
+
+
+class ConfirmRollback(HITLOperator):
+    """`confirm`: with the form's `confirm` on, the dry run's plan of action is put to a person (Airflow's
+    human-in-the-loop: the task waits in `awaiting_input`); applied only when they choose APPLY. CANCEL, or nobody
+    answering in `confirm_timeout_seconds`, leaves the run a dry run. Without `confirm` it asks nobody."""
+
+    ui_color = "#fde8e8"
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(subject="Emergency rollback: apply?", options=[APPLY, CANCEL], defaults=[CANCEL],
+                         **kwargs)
+
+    def execute(self, context: Any) -> Any:
+        request = request_of(context)
+        if request is None or not request.confirm:
+            return {"asked": False}
+        body, counts = plan_of_action(request, lambda t: mesh_kube(BaseHook.get_connection(t.kubernetes_conn_id),
+                                                                   t.cluster, t.root_namespace, dry_run=True))
+        print(f"plan of action, for confirmation:\n{body}")
+        context["ti"].xcom_push(key="plan_of_action", value=counts)
+        self.body = (f"{body}\n\nChoose **{APPLY}** to relax them now (the freeze is set first); **{CANCEL}**, or "
+                     f"no answer in {request.confirm_timeout_seconds} s, changes nothing (the run goes on as a dry "
+                     "run).")
+        self.response_timeout = timedelta(seconds=request.confirm_timeout_seconds)
+        return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        chosen = super().execute_complete(context, event)
+        by = (chosen.get("responded_by_user") or {}).get("name")
+        at = chosen.get("responded_at")
+        answer = {"asked": True, "applied": chosen.get("chosen_options") == [APPLY], "by": by,
+                  "at": at.isoformat() if hasattr(at, "isoformat") else at, "timed_out": bool(event.get("timedout"))}
+        request = request_of(context)
+        if not answer["applied"] or request is None:
+            why = "nobody answered in time" if answer["timed_out"] else f"cancelled by {by or 'unknown'}"
+            print(f"NOT APPLIED: {why}: the rest of this run is a dry run, nothing is changed")
+            return answer
+        print(f"APPLYING: confirmed by {by} at {answer['at']}")
+        applying = request.applying()
+        begin(applying, context)
+        context["ti"].xcom_push(key="request", value=applying.to_dict())
+        return answer
 
 
 def log_changes(changes: list[dict[str, Any]]) -> None:

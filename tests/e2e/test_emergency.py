@@ -107,6 +107,11 @@ def patiently(call: Callable[[], T], tries: int = 4) -> T:
 
 def trigger(stack: Stack, conf: dict, timeout: float = 600) -> tuple[str, str]:
     """Trigger with our own run id (so a retried POST cannot start a second run) and wait for the end."""
+    run_id = start(stack, conf)
+    return run_id, wait(stack, run_id, timeout)
+
+
+def start(stack: Stack, conf: dict) -> str:
     patiently(lambda: stack.airflow.wait_for_dag(DAG))
     run_id = f"e2e_emergency_{uuid.uuid4().hex[:8]}"
 
@@ -119,11 +124,15 @@ def trigger(stack: Stack, conf: dict, timeout: float = 600) -> tuple[str, str]:
                 raise
 
     patiently(post)
+    return run_id
+
+
+def wait(stack: Stack, run_id: str, timeout: float = 600) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         state = patiently(lambda: stack.airflow.api("GET", f"/dags/{DAG}/dagRuns/{run_id}"))["state"]
         if state in ("success", "failed"):
-            return run_id, state
+            return state
         time.sleep(3)
     raise AssertionError(f"{DAG} {run_id} not finished after {timeout}s")
 
@@ -185,8 +194,11 @@ def test_rollback_recovers_the_seed_outage_with_a_wave_paused_and_a_broken_plan(
         patiently(lambda: stack.airflow.set_paused(WAVE, True))
         eventually(lambda: "zz-broken.yaml" in (doc_md(stack) or ""), timeout=90, interval=2,
                    what="the DAG re-parsed with the broken plan file present")
-        run_id, state = trigger(stack, {"clusters": CLUSTERS, "dry_run": False, **FAST})
-        request = xcom(stack, run_id, "validate", key="request")
+        # issue 18 item 2: the dry run, the confirmation and the rollback in one run
+        run_id = start(stack, {"clusters": CLUSTERS, "confirm": True, **FAST})
+        asked = confirm_when_asked(stack, seed, run_id)
+        state = wait(stack, run_id)
+        request = xcom(stack, run_id, "confirm", key="request")
         assert patiently(lambda: stack.airflow.api("GET", f"/dags/{WAVE}"))["is_paused"]
     finally:
         broken.unlink(missing_ok=True)
@@ -199,6 +211,8 @@ def test_rollback_recovers_the_seed_outage_with_a_wave_paused_and_a_broken_plan(
                f"{health['counts']}; the seed took 72 hours")
     print(f"\n{message}")
     assert state == "success", message
+    assert "- **prod-eu-1**: 1 STRICT polic(ies) to PERMISSIVE (istio-system/default)" in asked["body"], asked["body"]
+    assert request["dry_run"] is False and xcom(stack, run_id, "confirm")["by"] == "admin"
     assert any("zz-broken.yaml" in n for n in request["notes"]), "the broken plan is reported, not fatal"
     # Generous bounds: the machine is shared; the stage-1 window includes the mapped tasks' start skew.
     assert stage1["seconds"] < 30 and not stage1["failed_clusters"], message
@@ -209,6 +223,21 @@ def test_rollback_recovers_the_seed_outage_with_a_wave_paused_and_a_broken_plan(
         assert policy["spec"]["mtls"]["mode"] == "PERMISSIVE", "kept, not deleted"
         assert json.loads(policy["metadata"]["annotations"][PREVIOUS_MTLS_ANNOTATION]) == {"mtls": "STRICT"}
     assert fleet_success(seed.prometheus) == 1.0
+
+
+def confirm_when_asked(stack: Stack, seed: Seed, run_id: str) -> dict:
+    """The person: once `confirm` waits for them, nothing has changed yet (every mesh-wide policy STRICT, no freeze);
+    they read the plan of action and apply it. What they were shown."""
+    path = f"/dags/{DAG}/dagRuns/{run_id}/taskInstances/confirm"
+    eventually(lambda: patiently(lambda: stack.airflow.api("GET", path))["state"] == "awaiting_input", timeout=300,
+               interval=2, what="the confirmation asked")
+    assert all(seed.mesh_policy(c)["spec"]["mtls"]["mode"] == "STRICT" for c in CLUSTERS), "nothing before it"
+    with pytest.raises(urllib.error.HTTPError) as unset:
+        stack.airflow.api("GET", f"/variables/{FREEZE_VARIABLE}")
+    assert unset.value.code == 404, "no freeze before the confirmation"
+    asked = patiently(lambda: stack.airflow.api("GET", f"{path}/-1/hitlDetails"))
+    stack.airflow.api("PATCH", f"{path}/-1/hitlDetails", {"chosen_options": ["apply the rollback"]})
+    return asked
 
 
 def test_stage_2_removes_sidecars_critical_first_a_bounded_number_at_a_time(stack: Stack, seed: Seed) -> None:

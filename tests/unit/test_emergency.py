@@ -49,6 +49,21 @@ def test_defaults_are_a_dry_run_on_every_planned_cluster(fleet: Fleet) -> None:
     assert request.scope.whole_clusters and request.scope.namespaces() is None
 
 
+def test_a_run_to_be_confirmed_is_a_dry_run_until_confirmed(fleet: Fleet) -> None:
+    """Issue 18 item 2: dry run, confirmation and rollback in one run. Whatever `dry_run` says, a request that asks
+    for a confirmation changes nothing until the confirm task applies it."""
+    for dry_run in (True, False):
+        request = em.parse_request({"confirm": True, "dry_run": dry_run, "confirm_timeout_seconds": 60}, fleet)
+        assert (request.dry_run, request.confirm, request.confirm_timeout_seconds) == (True, True, 60)
+        applying = request.applying()
+        assert (applying.dry_run, applying.confirm, applying.scope) == (False, False, request.scope)
+        assert em.Request.from_dict(json.loads(json.dumps(request.to_dict()))) == request
+    with pytest.raises(em.ScopeError, match=r"confirm: 'yes' is not true or false"):
+        em.parse_request({"confirm": "yes"}, fleet)
+    with pytest.raises(em.ScopeError, match="confirm_timeout_seconds"):
+        em.parse_request({"confirm": True, "confirm_timeout_seconds": 5}, fleet)
+
+
 def test_a_scope_of_services_in_named_clusters(fleet: Fleet) -> None:
     request = em.parse_request({"clusters": ["prod-eu-1"], "services": ["payments/payment-service", "edge/cdn"],
                                 "dry_run": False, "max_parallel": 2, "health_window": "30s"}, fleet)
@@ -373,8 +388,11 @@ def test_the_dag_parses_with_a_broken_plan_and_with_no_plan_at_all(tmp_path: Pat
     assert dag.params["dry_run"] is True and dag.params["remove_sidecars"] is False
     assert dag.params.get_param("clusters").schema["examples"] == ["all", *SEED_CLUSTERS]
     assert "broken.yaml" in dag.doc_md
-    assert {t.task_id for t in dag.tasks} == {"validate", "stage_1.to_permissive", "stage_1.stage_1_done",
+    assert {t.task_id for t in dag.tasks} == {"validate", "confirm", "stage_1.to_permissive", "stage_1.stage_1_done",
                                               "stage_2.remove_sidecars", "stage_3.verify_health", "report"}
+    assert dag.get_task("stage_1.to_permissive").upstream_task_ids == {"validate", "confirm"}, \
+        "nothing is relaxed before the confirmation has ended"
+    assert dag.params["confirm"] is False
     for path in plans.iterdir():
         path.unlink()
     empty = DagBag(dag_folder=str(ROOT / "dags" / "mesh_emergency_rollback.py"))
