@@ -45,6 +45,8 @@ class Candidate(BaseModel):
     p99_before_ms: float | None = None
     p99_soak_ms: float | None = None
     dry_run: bool = False
+    notify: list[dict[str, Any]] = Field(default_factory=list, description="the service's notification targets "
+                                                                           "(plan.NotifyTarget, as JSON)")
 
     def evidence(self) -> str:
         """One line of the approval's body."""

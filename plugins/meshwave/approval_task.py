@@ -50,7 +50,20 @@ class StrictApproval(HITLOperator):
                           note="dry run: approval not asked").model_dump(mode="json")
         self._offer(ready)
         print(f"asking for approval of STRICT: {', '.join(self.options[:-1])} (timeout {self.response_timeout})")
+        self._tell(ready, context)
         return super().execute(context)
+
+    def _tell(self, ready: list[Candidate], context: Any) -> None:
+        """The services' notification targets: a person is needed (a notification never fails the task)."""
+        from meshwave import notify
+        from meshwave.plan import NotifyEvent, NotifyTarget
+
+        targets = [NotifyTarget.model_validate(t) for c in ready for t in c.notify]
+        dag_id, seconds = context["dag"].dag_id, int(self.response_timeout.total_seconds())
+        notify.tell(targets, NotifyEvent.APPROVAL_NEEDED, f"{dag_id}: approval needed before STRICT",
+                    f"{self.group_id}: {', '.join(c.service for c in ready)} ready for STRICT, waiting for a person",
+                    f"answer in the run's Required Actions ({self.task_id}) within {seconds} s; no answer keeps them "
+                    "PERMISSIVE", dag_id, context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         ready = self._ready(context)

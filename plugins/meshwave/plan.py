@@ -121,6 +121,7 @@ class NotifyEvent(StrEnum):
     CIRCUIT_BREAKER = "circuit_breaker"  # the wave's remaining batches were skipped
     WAVE_FAILED = "wave_failed"          # the wave's run failed
     UNDO_GAVE_UP = "undo_gave_up"        # an undo (back to PERMISSIVE, sidecar removal) ran out of retries
+    APPROVAL_NEEDED = "approval_needed"  # a batch waits for a person's approval before STRICT
     EMERGENCY_STARTED = "emergency_started"
     EMERGENCY_FINISHED = "emergency_finished"
 

@@ -638,7 +638,8 @@ def _gate_decides(prefix: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
             service=svc.plan.key, criticality=svc.plan.criticality,
             timeout_seconds=svc.settings.approval.timeout_seconds, to="", why="",
             success_before=base.success_rate if base else None, p99_before_ms=base.p99_ms if base else None,
-            success_soak=soak.success_rate, p99_soak_ms=soak.p99_ms)
+            success_soak=soak.success_rate, p99_soak_ms=soak.p99_ms,
+            notify=[t.model_dump(mode="json") for t in svc.settings.notify])
         return {"after": "strict_gate", "candidate": candidate.model_dump(mode="json")}
 
     return decide

@@ -4,7 +4,7 @@ real Prometheus, run EARLY.
 - Wave `asked`: ap-yes (critical) and ap-no (high) pass their STRICT gates; the batch's approval task asks once for
   both, with their evidence. The approver (a thread beside the run, through the REST API a UI answer goes through)
   approves ap-yes alone: ap-yes ends STRICT, ap-no PERMISSIVE "not approved", each with the approver in its record and
-  the report.
+  the report. The chat webhook (a loopback server) was told a person is needed.
 - Wave `unanswered`: ap-late's approval times out after 20 s: PERMISSIVE, "not approved", timed out.
 Every record's sidecar and mTLS mode are the lab's data plane's.
 """
@@ -92,6 +92,9 @@ def test_the_approver_chooses_which_services_go_strict(stack: Stack) -> None:
     assert no["approval"] == {"approved": False, "by": "admin", "at": no["approval"]["at"], "timed_out": False,
                               "why": no["reason"]}, no["approval"]
     assert pa(stack, "approve", "meshwave-ap-no") is None, "no STRICT policy was written"
+
+    told = [t for t in stack.notified.texts() if t.startswith(f"meshwave: {ASKED}: approval needed before STRICT")]
+    assert len(told) == 1 and f"batch_1: {YES}, {NO} ready for STRICT, waiting for a person" in told[0], told
 
     rows = report_rows(stack, ASKED, run_id)
     assert (rows[YES]["approval"], rows[NO]["approval"]) == ("approved by admin", "refused by admin"), rows

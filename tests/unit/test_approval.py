@@ -272,12 +272,21 @@ def test_the_operator_asks_only_about_the_ready_services_and_returns_the_answer(
     monkeypatch.setattr("airflow.providers.standard.operators.hitl.upsert_hitl_detail",
                         lambda **kwargs: written.update(kwargs))
     op = StrictApproval(task_id="approve_batch_1", group_id="batch_1")
-    pulled = [candidate("lab/shop/pay", timeout=900).model_dump(mode="json"),
+    told: list[tuple] = []
+    monkeypatch.setattr("meshwave.notify.tell", lambda *args: told.append(args))
+    chat = {"channel": "webhook", "conn_id": "chat", "events": ["approval_needed"]}
+    pulled = [candidate("lab/shop/pay", timeout=900).model_copy(update={"notify": [chat]}).model_dump(mode="json"),
               candidate("lab/shop/ads", to=d.STAY).model_dump(mode="json"),  # its gate timed out: not offered
               candidate("lab/shop/db", timeout=300).model_dump(mode="json")]
-    ctx = {"ti": OperatorTI(pulled), "task_instance": OperatorTI(pulled), "params": {"dry_run": False}}
+    ctx = {"ti": OperatorTI(pulled), "task_instance": OperatorTI(pulled), "params": {"dry_run": False},
+           "dag": type("Dag", (), {"dag_id": "meshwave_m_w"}), "run_id": "r"}
     with pytest.raises(TaskAwaitingInput):
         op.execute(ctx)
+    [(targets, event, subject, what, why, dag_id, _)] = told  # a person is needed: the services' targets are told
+    assert ([t.conn_id for t in targets], event, dag_id) == (["chat"], "approval_needed", "meshwave_m_w")
+    assert subject == "meshwave_m_w: approval needed before STRICT"
+    assert what == "batch_1: lab/shop/pay, lab/shop/db ready for STRICT, waiting for a person"
+    assert "within 300 s; no answer keeps them PERMISSIVE" in why
     assert written["options"] == ["lab/shop/pay", "lab/shop/db", ap.NONE] and written["defaults"] == [ap.NONE]
     assert op.response_timeout.total_seconds() == 300, "the shortest timeout of the batch"
     assert "**lab/shop/pay** (critical)" in written["body"] and "lab/shop/ads" not in written["body"]
