@@ -35,7 +35,8 @@ class StrictApproval(HITLOperator):
         self.body = ("Their STRICT gate passed: no plaintext caller over the lookback. Choose the services to make "
                      f"STRICT; the others stay PERMISSIVE ('not approved'). No answer in "
                      f"{int(self.response_timeout.total_seconds())} s: none is approved. Each approved service's "
-                     "gate is read again over the time this took before its flip.\n\n"
+                     "gate is read again over the time this took before its flip. Take out the pre-selected "
+                     f"'{NONE}' when you choose services: both at once approve nothing.\n\n"
                      + "\n".join(c.evidence() for c in ready))
 
     def execute(self, context: Any) -> Any:
