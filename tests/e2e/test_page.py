@@ -32,8 +32,16 @@ def status(url: str, token: str | None = None) -> int:
 
 
 def latest_real_emergency(stack: Stack) -> str | None:
+    """Its latest run that was not a dry run, or whose `confirm` a person answered with apply."""
     runs = stack.airflow.api("GET", "/dags/mesh_emergency_rollback/dagRuns?order_by=-run_after&limit=50")["dag_runs"]
-    return next((r["dag_run_id"] for r in runs if (r.get("conf") or {}).get("dry_run") is False), None)
+
+    def real(run: dict) -> bool:
+        conf = run.get("conf") or {}
+        if conf.get("confirm"):
+            return (stack.airflow.xcom("mesh_emergency_rollback", run["dag_run_id"], "confirm") or {}).get("applied")
+        return conf.get("dry_run") is False
+
+    return next((r["dag_run_id"] for r in runs if real(r)), None)
 
 
 def test_the_page_and_its_files_need_a_token(stack: Stack) -> None:

@@ -92,9 +92,20 @@ def _later(session: Session, dag_ids: list[str]) -> dict[str, LaterRecord]:
     return found
 
 
+def _confirmed(session: Session, run: DagRun) -> bool:
+    """A run whose form asked for a confirmation and whose person applied it (its `confirm` task's answer)."""
+    if not (run.conf or {}).get("confirm"):
+        return False
+    row = session.execute(select(XComModel.value).where(
+        XComModel.dag_id == EMERGENCY, XComModel.run_id == run.run_id, XComModel.task_id == "confirm",
+        XComModel.key == "return_value")).first()
+    value = decoded(XComModel.deserialize_value(row)) if row is not None else None
+    return isinstance(value, dict) and value.get("applied") is True
+
+
 def _emergency(session: Session, readable: bool, links: Links) -> EmergencyView:
     """The freeze (an Airflow Variable: no cluster call) and, when the user may read it, the emergency rollback's
-    latest run that was not a dry run (its form's dry_run defaults to on)."""
+    latest run that was not a dry run (its form's dry_run defaults to on), or that a person confirmed."""
     variable = session.scalars(select(Variable).where(Variable.key == FREEZE_VARIABLE)).first()
     value = str(variable.val).strip() if variable is not None and variable.val is not None else ""
     freeze = value if value.lower() not in OFF else None
@@ -102,7 +113,7 @@ def _emergency(session: Session, readable: bool, links: Links) -> EmergencyView:
         return EmergencyView(freeze=freeze)
     runs = session.scalars(select(DagRun).where(DagRun.dag_id == EMERGENCY)
                            .order_by(DagRun.run_after.desc()).limit(50)).all()
-    real = next((r for r in runs if (r.conf or {}).get("dry_run") is False), None)
+    real = next((r for r in runs if (r.conf or {}).get("dry_run") is False or _confirmed(session, r)), None)
     if real is None:
         return EmergencyView(freeze=freeze)
     return EmergencyView(freeze=freeze, run_id=real.run_id, run_state=str(real.state), run_after=real.run_after,
