@@ -38,7 +38,11 @@ def latest_real_emergency(stack: Stack) -> str | None:
     def real(run: dict) -> bool:
         conf = run.get("conf") or {}
         if conf.get("confirm"):
-            return (stack.airflow.xcom("mesh_emergency_rollback", run["dag_run_id"], "confirm") or {}).get("applied")
+            try:
+                answer = stack.airflow.xcom("mesh_emergency_rollback", run["dag_run_id"], "confirm")
+            except urllib.error.HTTPError:  # confirm has not answered (or not run)
+                return False
+            return bool((answer or {}).get("applied"))
         return conf.get("dry_run") is False
 
     return next((r["dag_run_id"] for r in runs if real(r)), None)
