@@ -59,18 +59,19 @@ def _import(args: argparse.Namespace) -> int:
     """A topology from a fleet's inventory and call graph, read with `meshwave plan propose`'s readers."""
     from meshlab.importer import build, read_fleet
     from meshwave.prometheus import PrometheusError, validate_window, window_seconds
-    from meshwave.propose.command import ProposeError, connect
+    from meshwave.propose.command import ProposeError, clients
 
     try:
         lookback = validate_window(args.lookback, "--lookback")
-        kubes, sources = connect(args.kubeconfig, args.prometheus)
+        kubes, sources, connections = clients(args.conn, args.kubeconfig, args.prometheus)
         inventory, graph, policies = read_fleet(kubes, sources, lookback, window_seconds(lookback))
         roots = {k.root_namespace for k in kubes.values()}
         imported = build(args.name or args.out.stem, inventory, graph, policies, root_namespace=min(roots))
     except (ProposeError, PrometheusError, ValueError) as exc:
         print(f"meshlab import: {exc}; nothing written", file=sys.stderr)
         return 2
-    source = f"clusters {', '.join(sorted(kubes))}, telemetry of the last {lookback}"
+    through = " (their Airflow connections)" if connections is not None else ""
+    source = f"clusters {', '.join(sorted(kubes))}{through}, telemetry of the last {lookback}"
     args.out.write_text(imported.text(source))
     services = imported.topology["services"]
     calls = sum(len(s.get("calls", [])) for s in services)
@@ -130,9 +131,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="a fixed Kubernetes API port for a cluster (default: any free port)")
     p.set_defaults(func=_serve)
     p = sub.add_parser("import", help="write a topology from a fleet's inventory and call graph")
-    p.add_argument("--kubeconfig", action="append", required=True, metavar="CLUSTER=PATH",
+    p.add_argument("--conn", action="append", metavar="CLUSTER=KUBERNETES_CONN_ID,PROMETHEUS_CONN_ID",
+                   help="a cluster and its Airflow connections (looked up as Airflow does: the secrets backend, "
+                        "AIRFLOW_CONN_<ID>, the metastore); once per cluster, instead of --kubeconfig and "
+                        "--prometheus")
+    p.add_argument("--kubeconfig", action="append", metavar="CLUSTER=PATH",
                    help="a cluster's name and its kubeconfig; once per cluster")
-    p.add_argument("--prometheus", action="append", required=True, metavar="URL|CLUSTER=URL",
+    p.add_argument("--prometheus", action="append", metavar="URL|CLUSTER=URL",
                    help="the Prometheus for every cluster, or one per cluster")
     p.add_argument("--lookback", default="10m", help="how far back the telemetry is read (default 10m)")
     p.add_argument("--name", help="the topology's name (default: the output file's stem)")

@@ -36,6 +36,9 @@ def read(lab: LabProcess, prom: PrometheusProcess):
     return read_fleet(kubes, dict.fromkeys(CLUSTERS, source), LOOKBACK, 20.0)
 
 
+THROUGH_AIRFLOW: dict[str, Path] = {}  # the same import through Airflow connections (`--conn`), and its output
+
+
 @pytest.fixture(scope="module")
 def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, object, str]]:
     workdir = tmp_path_factory.mktemp("import")
@@ -49,7 +52,40 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, o
         assert main(args) == 0
         took = time.monotonic() - started
         original = read(lab, prom)  # the same reader, right after: the graph the twin must reproduce
+        THROUGH_AIRFLOW["out"] = import_through_airflow(lab, prom, workdir)
     yield out, original, f"{took:.1f}"
+
+
+def import_through_airflow(lab: LabProcess, prom: PrometheusProcess, workdir: Path) -> Path:
+    """`meshlab import --conn`: the clusters through the Airflow connections a plan's DAGs use (here in
+    AIRFLOW_CONN_<ID>, as meshlab.process.AirflowProcess gives them)."""
+    import json
+
+    out = workdir / "twin-conn.yaml"
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("AIRFLOW_HOME", str(workdir / "airflow"))  # the metastore searched after them: not ~/airflow
+        args = ["import", "--lookback", LOOKBACK, "--out", str(out)]
+        for c in CLUSTERS:
+            conn = c.replace("-", "_").upper()
+            env.setenv(f"AIRFLOW_CONN_LAB_{conn}", json.dumps({"conn_type": "kubernetes",
+                                                               "extra": {"kube_config_path": lab.kubeconfig(c)}}))
+            env.setenv(f"AIRFLOW_CONN_LAB_PROMETHEUS_{conn}", json.dumps({"conn_type": "http", "host": prom.url,
+                                                                          "extra": {"cluster": c}}))
+            args += ["--conn", f"{c}=lab_{conn.lower()},lab_prometheus_{conn.lower()}"]
+        assert main(args) == 0
+    return out
+
+
+def test_the_twin_through_airflow_connections_is_the_one_through_kubeconfigs(imported) -> None:
+    """Issue 16: `meshlab import --conn`. The same Deployments, replicas and calls (rates are read a moment later)."""
+    direct, through = load_topology(imported[0]), load_topology(THROUGH_AIRFLOW["out"])
+    assert "(their Airflow connections), telemetry of the last 20s" in THROUGH_AIRFLOW["out"].read_text()
+
+    def deployments(t: object) -> dict[tuple[str, str, str], int]:
+        return {(s.cluster, s.namespace, s.name): s.replicas for s in t.services if s.kind == "deployment"}
+
+    assert deployments(through) == deployments(direct) and len(deployments(direct)) == 190
+    assert deployment_calls(THROUGH_AIRFLOW["out"]) == deployment_calls(imported[0])
 
 
 def test_the_written_topology_loads_and_says_what_it_does_not_carry(imported, capsys) -> None:

@@ -150,21 +150,29 @@ def _exclusions(values: list[str]) -> dict[str, str]:
     return found
 
 
+def clients(conn: list[str] | None, kubeconfig: list[str] | None, prometheus: list[str] | None
+            ) -> tuple[dict[str, MeshKube], dict[str, PrometheusSource], dict[str, tuple[str, str]] | None]:
+    """The clusters' clients, each reached once: through Airflow connections (`--conn`; with each cluster's
+    connection ids), or a kubeconfig per cluster and `--prometheus` (ids None). Also `meshlab import`'s."""
+    if conn and (kubeconfig or prometheus):
+        raise ProposeError("--conn reads the clusters through Airflow connections, --kubeconfig and --prometheus "
+                           "directly: give one or the other, not both")
+    if conn:
+        from meshwave.propose.airflow_connections import connect_airflow
+
+        return connect_airflow(conn)
+    if not kubeconfig or not prometheus:
+        raise ProposeError(f"give --conn {CONN_FORM} for each cluster, or --kubeconfig CLUSTER=PATH for each "
+                           "cluster and --prometheus")
+    return (*connect(kubeconfig, prometheus), None)
+
+
 def _reach(args: argparse.Namespace) -> tuple[dict[str, MeshKube], dict[str, PrometheusSource],
                                               dict[str, tuple[str, str]], str]:
     """The clients, each cluster's connection ids for the plan, and how they were reached (for the header)."""
-    if args.conn and (args.kubeconfig or args.prometheus):
-        raise ProposeError("--conn reads the clusters through Airflow connections, --kubeconfig and --prometheus "
-                           "directly: give one or the other, not both")
-    if args.conn:
-        from meshwave.propose.airflow_connections import connect_airflow
-
-        kubes, sources, connections = connect_airflow(args.conn)
+    kubes, sources, connections = clients(args.conn, args.kubeconfig, args.prometheus)
+    if connections is not None:
         return kubes, sources, connections, "their Airflow connections"
-    if not args.kubeconfig or not args.prometheus:
-        raise ProposeError(f"give --conn {CONN_FORM} for each cluster, or --kubeconfig CLUSTER=PATH for each "
-                           "cluster and --prometheus")
-    kubes, sources = connect(args.kubeconfig, args.prometheus)
     prefix = args.conn_prefix
     connections = {c: (f"{prefix}_{c.replace('-', '_')}", f"{prefix}_prometheus_{c.replace('-', '_')}")
                    for c in kubes}
