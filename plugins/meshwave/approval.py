@@ -44,7 +44,6 @@ class Candidate(BaseModel):
     success_soak: float | None = None
     p99_before_ms: float | None = None
     p99_soak_ms: float | None = None
-    dry_run: bool = False
     notify: list[dict[str, Any]] = Field(default_factory=list, description="the service's notification targets "
                                                                            "(plan.NotifyTarget, as JSON)")
 

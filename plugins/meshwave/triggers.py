@@ -54,7 +54,7 @@ def ended(result_key: str, event: RolloutResult | GateEvent, decide: dict[str, A
         if decide.get("candidate"):  # for the batch's approval: the service, its evidence and the gate's decision
             seen = [v.get("reason", "") for v in ((getattr(event, "result", None) or {}).get("verdicts") or [])]
             xcoms["candidate"] = {**decide["candidate"], "to": to, "why": "; ".join(seen) or why,
-                                  "gate_ended": event.ended, "dry_run": bool(getattr(event, "dry_run", False))}
+                                  "gate_ended": event.ended}
     return TaskSuccessEvent(xcoms=xcoms)
 
 
