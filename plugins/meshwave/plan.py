@@ -162,6 +162,17 @@ class Approval(Strict):
     timeout_seconds: Seconds = Field(3600, description="how long the approval waits for an answer; none in time is "
                                                        "'not approved' (the services stay PERMISSIVE)")
 
+    @field_validator("before_strict", mode="before")
+    @classmethod
+    def _criticalities(cls, value: object) -> object:
+        """One clear message instead of the union's two."""
+        known = ("critical", "high", "medium", "low")
+        if value == "all":
+            return value
+        if not isinstance(value, list) or any(v not in known for v in value):
+            raise ValueError(f"{value!r}: give 'all' or a list of criticalities ({', '.join(known)})")
+        return value
+
     def required(self, criticality: str) -> bool:
         return self.before_strict == "all" or criticality in self.before_strict
 
@@ -255,6 +266,14 @@ class ServicePlan(Strict):
     notify: list[NotifyTarget] | None = None
 
     _names = field_validator("cluster", "namespace", "workload")(rfc1123_label)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_own_approval(cls, data: object) -> object:
+        if isinstance(data, dict) and "approval" in data:
+            raise ValueError("approval: set it per wave or in defaults, not per service (a batch waits for one "
+                             "approval together)")
+        return data
 
     @property
     def key(self) -> str:
