@@ -13,6 +13,7 @@ from meshlab.rehearsal.plan_copy import RehearsalError, first_waves, rehearsal_p
 from meshwave.plan import load_plan
 from meshwave.propose.models import Workload
 from meshwave.record import ServiceRecord
+from meshwave.wave import services_of
 
 PLAN = {
     "migration": "rh",
@@ -50,6 +51,21 @@ def test_the_copy_shortens_every_wait_drops_windows_and_keeps_every_decision_inp
                 (then.thresholds, then.breaches_to_fail, then.min_requests, then.sidecar)
             assert (svc.key, svc.strict, svc.criticality) == (was.key, was.strict, was.criticality)
     assert plan.defaults.max_failures == 1 and plan.migration == "rh"
+
+
+def test_approvals_are_not_rehearsed(plan_file: Path, tmp_path: Path) -> None:
+    """Nobody answers in a rehearsal: the copy asks for no approval (else every batch waits out its timeout and
+    ends PERMISSIVE where the plan means STRICT)."""
+    data = yaml.safe_load(plan_file.read_text())
+    data.setdefault("defaults", {})["approval"] = {"before_strict": "all", "timeout_seconds": 3600}
+    data["waves"][0]["approval"] = {"before_strict": ["medium"]}
+    asked = tmp_path / "asked.yaml"
+    asked.write_text(yaml.safe_dump(data))
+    original = load_plan(asked)
+    assert [[s.needs_approval for s in services_of(original, w)] for w in original.waves] == [[True, False], [True]]
+    plan, text = rehearsal_plan(asked, 20)
+    assert "approval" not in text
+    assert not any(s.needs_approval for w in plan.waves for s in services_of(plan, w))
 
 
 def test_a_bad_plan_or_a_too_short_soak_is_refused_naming_it(plan_file: Path, tmp_path: Path) -> None:

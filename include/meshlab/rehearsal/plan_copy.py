@@ -4,6 +4,8 @@ A rehearsal runs now: a wave's maintenance window or schedule is dropped (the fi
 chained ones still start on their predecessor's Asset). Soaks and verifications last `soak_seconds`; the query
 window and the poll interval shrink with them so the plan's own timing rules still hold (plan.timing_problems).
 Everything a decision reads (thresholds, breaches, min_requests, strict flags, sidecar sizes) stays as written.
+Approvals before STRICT are dropped: nobody is there to answer, and a rehearsal that waited out every timeout would
+end PERMISSIVE where the plan means STRICT. The copy flips what the gates pass, as the plan does once approved.
 """
 
 from __future__ import annotations
@@ -33,9 +35,11 @@ def rehearsal_plan(source: Path, soak_seconds: int) -> tuple[Plan, str]:
         raise RehearsalError(f"--soak-seconds {soak_seconds}: at least {MIN_WINDOW} (the least query window)")
     data = plan.model_dump(mode="json", exclude_unset=True)
     data["defaults"] = {**data.get("defaults", {}), **_timing(plan, soak_seconds)}
+    data["defaults"].pop("approval", None)
     for wave in data["waves"]:
         wave.pop("window", None)
         wave.pop("schedule", None)
+        wave.pop("approval", None)
         for service in wave["services"]:
             for name in TIMING:
                 service.pop(name, None)
