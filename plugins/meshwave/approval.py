@@ -18,6 +18,7 @@ with the answer as its reason.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -95,11 +96,12 @@ def answer_of(ready: list[Candidate], chosen: list[str], by: str | None, at: str
     return Answer(asked=asked, approved=approved, by=by, at=at, timed_out=timed_out, note=note)
 
 
-def user_name(responded: Any) -> str | None:
-    """The approver as the HITL response names them ({"id", "name"})."""
-    if isinstance(responded, dict):
-        return responded.get("name") or responded.get("id")
-    return None
+def responder(chosen: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """Who answered a human-in-the-loop request and when (ISO 8601), from the operator's resumed payload: the user
+    comes as {"id", "name"}, or None when the timeout answered."""
+    user, at = chosen.get("responded_by_user"), chosen.get("responded_at")
+    by = (user.get("name") or user.get("id")) if isinstance(user, dict) else None
+    return by, at.isoformat() if hasattr(at, "isoformat") else at
 
 
 def decide(service: str, answer: Answer | None) -> tuple[bool, ApprovalRecord]:

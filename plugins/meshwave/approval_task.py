@@ -9,7 +9,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import TriggerRule
 
-from meshwave.approval import NONE, Answer, Candidate, answer_of, candidates, user_name
+from meshwave.approval import NONE, Answer, Candidate, answer_of, candidates, responder
 from meshwave.decisions import FLIP
 
 
@@ -71,9 +71,8 @@ class StrictApproval(HITLOperator):
         if ready:
             self._offer(ready)
         chosen = super().execute_complete(context, event)
-        at = chosen.get("responded_at")
-        found = answer_of(ready, list(chosen.get("chosen_options") or []), user_name(chosen.get("responded_by_user")),
-                          at.isoformat() if hasattr(at, "isoformat") else at, bool(event.get("timedout")))
+        found = answer_of(ready, list(chosen.get("chosen_options") or []), *responder(chosen),
+                          bool(event.get("timedout")))
         print(f"approved: {', '.join(found.approved) or 'none'}; by {found.by or 'nobody'}"
               + (f" ({found.note})" if found.note else ""))
         return found.model_dump(mode="json")

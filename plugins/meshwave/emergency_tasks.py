@@ -26,6 +26,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from meshwave import emergency as em
 from meshwave import guards, outbound
+from meshwave.approval import responder
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.fleet import load_fleet
@@ -123,10 +124,9 @@ class ConfirmRollback(HITLOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         chosen = super().execute_complete(context, event)
-        by = (chosen.get("responded_by_user") or {}).get("name")
-        at = chosen.get("responded_at")
-        answer = {"asked": True, "applied": chosen.get("chosen_options") == [APPLY], "by": by,
-                  "at": at.isoformat() if hasattr(at, "isoformat") else at, "timed_out": bool(event.get("timedout"))}
+        by, at = responder(chosen)
+        answer = {"asked": True, "applied": chosen.get("chosen_options") == [APPLY], "by": by, "at": at,
+                  "timed_out": bool(event.get("timedout"))}
         request = request_of(context)
         if not answer["applied"] or request is None:
             why = "nobody answered in time" if answer["timed_out"] else f"cancelled by {by or 'unknown'}"

@@ -11,7 +11,7 @@ import re
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
@@ -166,7 +166,7 @@ class Approval(Strict):
     @classmethod
     def _criticalities(cls, value: object) -> object:
         """One clear message instead of the union's two."""
-        known = ("critical", "high", "medium", "low")
+        known = get_args(Criticality)
         if value == "all":
             return value
         if not isinstance(value, list) or any(v not in known for v in value):
