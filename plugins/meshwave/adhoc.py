@@ -29,7 +29,7 @@ from meshwave.wave import dry_run_param
 DAG_ID = "mesh_service"
 GROUP = "service"
 # undoing is allowed while frozen; so is the all-clear of the emergency mark (it changes no mode)
-CHANGES_UNDER_FREEZE = ("permissive", "remove_sidecar", "clear_emergency")
+CHANGES_UNDER_FREEZE = ("permissive", "remove_sidecar", "remove_canary", "clear_emergency")
 SOAK_RANGE = (10, 24 * 3600)
 FORM = "trigger-form"  # the group's one map index: the service named by the trigger form
 LABEL = "{{ params.cluster }}/{{ params.namespace }}/{{ params.service }}"
@@ -38,6 +38,11 @@ LABEL = "{{ params.cluster }}/{{ params.namespace }}/{{ params.service }}"
 def _label_param(title: str, description: str) -> Param:
     return Param(type="string", title=title, description=description, minLength=1, maxLength=63,
                  pattern=RFC1123_LABEL.pattern)
+
+
+def _actions(fleet: Fleet) -> dict[str, str]:
+    """The actions this DAG offers: remove_canary only where a plan tries canaries (the group has its task then)."""
+    return {k: v for k, v in ACTIONS.items() if k != "remove_canary" or fleet.canary_asked}
 
 
 def form(fleet: Fleet) -> dict[str, Param]:
@@ -50,7 +55,8 @@ def form(fleet: Fleet) -> dict[str, Param]:
         "cluster": cluster,
         "namespace": _label_param("Namespace", "The service's Kubernetes namespace, e.g. payments."),
         "service": _label_param("Service", "The Deployment's name (the workload), e.g. payment-service."),
-        "action": Param("migrate", type="string", title="Action", enum=list(ACTIONS), values_display=ACTIONS,
+        "action": Param("migrate", type="string", title="Action", enum=list(_actions(fleet)),
+                        values_display=_actions(fleet),
                         description="What to do. migrate = the wave's full path; the undo actions work even when "
                                     "the migration is frozen."),
         "soak_seconds": Param(None, type=["null", "integer"], minimum=SOAK_RANGE[0], maximum=SOAK_RANGE[1],
@@ -70,8 +76,8 @@ def resolve_service(params: dict[str, Any], fleet: Fleet) -> Service:
     namespace = rfc1123_label(params.get("namespace"), "namespace")
     workload = rfc1123_label(params.get("service"), "service")
     action = params.get("action", "migrate")
-    if action not in ACTIONS:
-        raise ValueError(f"action: {action!r} is not one of {', '.join(ACTIONS)}")
+    if action not in _actions(fleet):
+        raise ValueError(f"action: {action!r} is not one of {', '.join(_actions(fleet))}")
     root = fleet.clusters[cluster].root_namespace
     if namespace == root:  # Istio's own: the control plane and its gateways, never migrated one by one (finding 22)
         raise ValueError(f"namespace: {namespace} is cluster {cluster}'s Istio root namespace: mesh_service does not "
@@ -187,7 +193,8 @@ def mesh_service_dag() -> DAG:
              access_control=operator_access_control()) as dag:
         # mapped over one entry: the service comes from the form, at run time
         group = service_group(GROUP, _resolve, "The service from the trigger form, through the wave's task group.",
-                              [FORM], label=LABEL, guard=_guard, approval_asked=True)
+                              [FORM], label=LABEL, guard=_guard, approval_asked=True,
+                              canary_asked=fleet.canary_asked)
         group >> _report()
     return dag
 

@@ -508,6 +508,66 @@ def _sidecar_memory_verdict(sidecar: _Reading, limit: _Reading, th: Thresholds) 
                    values, expectation, queries)
 
 
+# ---- the canary (canary.py) -----------------------------------------------------------------------------
+def judge_canary(source: Source, namespace: str, workload: str, canary: str, window: str | int,
+                 thresholds: Thresholds | None = None, cluster: str | None = None,
+                 events_window: str | int | None = None) -> list[Verdict]:
+    """The canary against its primary, live, over the same window: the canary's success rate and p99 as its own
+    proxy reports them (what the proxy fails itself never reaches the application) against those of the primary's
+    pods (their application's metrics); the canary's restarts and OOMKills over its soak so far (`events_window`).
+    The primary is judged on its own pods only: the canary's carry the same `app` label."""
+    th = thresholds or Thresholds()
+    primary = _Reader(source, namespace, workload, window, cluster)
+    own = _Reader(source, namespace, canary, window, cluster)
+    events = validate_window(events_window, "events_window") if events_window is not None else own.window
+    count = primary.read("deployment_app_request_count")
+    restarts = own.read("container_restarts", window=events)
+    return [_canary_success(own, primary, count, th), _canary_p99(own, primary, count, th),
+            _restarts_verdict(restarts, th, events), _oom_verdict(own.read("oom_killed", window=events), restarts,
+                                                                  events)]
+
+
+def _canary_success(own: _Reader, primary: _Reader, count: _Reading, th: Thresholds) -> Verdict:
+    reference = primary.read("deployment_app_success_rate")
+    check = "canary_success_rate"
+    if err := _error(check, "the primary's success rate readable", reference, count):
+        return err
+    # no count is a primary that served nothing here: too few requests to compare with, never a pass
+    served = count.scalar if _usable(count.scalar) else 0.0
+    return _istio_success_verdict(own, reference.scalar if _usable(reference.scalar) else None, th,
+                                  window_seconds(own.window), served, "primary", check)
+
+
+def _canary_p99(own: _Reader, primary: _Reader, count: _Reading, th: Thresholds) -> Verdict:
+    check = "canary_latency_p99"
+    p99, reference = own.read("istio_latency_p99_ms"), primary.read("deployment_app_latency_p99_ms")
+    canary_count = own.read("istio_inbound_request_rate")
+    expectation = (f"canary p99 not both > primary + {th.max_p99_increase_ms:g} ms and > {th.max_p99_ratio:g} x "
+                   "primary")
+    if err := _error(check, expectation, p99, reference, count, canary_count):
+        return err
+    current, base = p99.scalar, reference.scalar
+    values: dict[str, Any] = {"p99_ms": current, "primary_p99_ms": base, "primary_requests": count.scalar}
+    queries = _queries(p99, reference, count, canary_count)
+
+    def verdict(outcome: Outcome, reason: str) -> Verdict:
+        return Verdict(check, outcome, reason, values, expectation, queries)
+
+    seen = canary_count.scalar * window_seconds(own.window) if _usable(canary_count.scalar) else None
+    for who, n in (("the primary", count.scalar), ("the canary", seen)):
+        if low := _low_traffic(n, th, own.window):
+            return verdict(Outcome.NO_DATA, f"too little traffic to judge {who}: {low}")
+    if not _usable(current) or not _usable(base):
+        return verdict(Outcome.NO_DATA, f"p99 canary {_fmt(current)} ms, primary {_fmt(base)} ms")
+    increase, ratio = current - base, current / base if base > 0 else math.inf
+    values.update(increase_ms=increase, ratio=ratio)
+    over_ms, over_ratio = increase > th.max_p99_increase_ms, ratio > th.max_p99_ratio
+    detail = (f"canary p99 {current:.1f} ms vs primary {base:.1f} ms: {increase:+.1f} ms "
+              f"({'>' if over_ms else '<='} {th.max_p99_increase_ms:g}), x{_fmt(ratio)} "
+              f"({'>' if over_ratio else '<='} {th.max_p99_ratio:g})")
+    return verdict(Outcome.FAIL if over_ms and over_ratio else Outcome.PASS, detail)
+
+
 # ---- the STRICT gate ------------------------------------------------------------------------------------
 def _callers(reading: _Reading, protocol: str) -> list[Caller]:
     return [Caller(s.labels.get("source_workload_namespace", NO_SIDECAR), s.labels.get("source_workload", NO_SIDECAR),
@@ -654,14 +714,14 @@ def verify_after_strict(source: Source, namespace: str, workload: str, callers: 
 
 
 def _istio_success_verdict(reader: _Reader, reference: float | None, th: Thresholds, seconds: float,
-                           reference_count: float | None = None, reference_name: str = "before") -> Verdict:
+                           reference_count: float | None = None, reference_name: str = "before",
+                           check: str = "istio_success_rate") -> Verdict:
     """The workload's success rate as its own proxy reports it, 5xx, code 0 and response flags all failures."""
     success, rate = reader.read("istio_success_rate"), reader.read("istio_inbound_request_rate")
     # The request count is rate x window here: one query fewer, same min_requests meaning.
     count = _Reading(rate.name, rate.query, error=rate.error, samples=None if rate.samples is None else [
         Sample(s.labels, s.value * seconds, s.timestamp) for s in rate.samples])
-    return _success_verdict("istio_success_rate", success, count, reference, reference_count, th, reader.window,
-                            reference_name)
+    return _success_verdict(check, success, count, reference, reference_count, th, reader.window, reference_name)
 
 
 def _inbound_verdict(reader: _Reader, inbound_before: float | None, th: Thresholds) -> Verdict:

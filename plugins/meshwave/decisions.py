@@ -12,6 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from meshwave.canary import canary_name
 from meshwave.outcomes import ServiceOutcome
 from meshwave.record import After, ApprovalRecord, Baseline, FinalState, ServiceRecord
 from meshwave.results import GateEvent, RolloutResult, RolloutStatus, StepResults
@@ -26,6 +27,9 @@ SOAK, ROLLBACK_AFTER_ROLLOUT, NOT_STARTED = "soak", "rollback_after_rollout", "n
 STRICT_GATE, ROLLBACK_AFTER_SOAK, HOLD = "strict_gate", "rollback_after_soak", "hold_permissive"
 FLIP, STAY = "flip_strict", "stay_permissive"
 STRICT_DONE, BACK = "strict_done", "back_to_permissive"
+# The canary (canary.py): its rollout decides canary_soak | canary_failed; its soak inject | canary_failed |
+# canary_held. The canary task chooses inject at once when the service has no canary to try.
+CANARY_SOAK, CANARY_FAILED, CANARY_HELD, INJECT = "canary_soak", "canary_failed", "canary_held", "inject"
 
 
 class Decision(BaseModel):
@@ -61,6 +65,30 @@ def rollout_decision(rollout: RolloutResult | None) -> tuple[str, str]:
     if rollout.status == RolloutStatus.DONE:
         return SOAK, rollout.message
     return ROLLBACK_AFTER_ROLLOUT, f"rollout {rollout.status}: {rollout.message}"
+
+
+def canary_rollout_decision(rollout: RolloutResult | None) -> tuple[str, str]:
+    """After the canary's rollout: its pods ready with their sidecar, or the canary failed (OOMKilled, crash loop,
+    never ready by the deadline)."""
+    if rollout is not None and rollout.status == RolloutStatus.DONE:
+        return CANARY_SOAK, f"canary ready: {rollout.message}"
+    if rollout is None:
+        return CANARY_FAILED, "canary rollout: the wait left no result"
+    return CANARY_FAILED, f"canary rollout {rollout.status}: {rollout.message}"
+
+
+def canary_decision(gate: GateEvent | None, on_no_data: str) -> tuple[str, str]:
+    """After the canary's soak: only a pass lets the primary be injected. A canary that could not be judged (no
+    traffic, no primary to compare with, Prometheus down) is held, or failed when the plan says roll back."""
+    status = gate.status if gate is not None else "error"
+    reason = (gate.reason if gate is not None else "") or "the canary soak did not report"
+    if status == "pass":
+        return INJECT, f"canary passed: {reason}"
+    if status == "fail":
+        return CANARY_FAILED, f"canary failed: {reason}"
+    if on_no_data == "rollback":
+        return CANARY_FAILED, f"canary ended {status} and the plan says roll back: {reason}"
+    return CANARY_HELD, f"canary ended {status}: not judged, so the workload is not injected: {reason}"
 
 
 def after_soak(svc: Service, results: StepResults, states: dict[str, str | None]) -> tuple[str, str]:
@@ -209,6 +237,8 @@ def _final_state(svc: Service | None, results: StepResults, states: dict[str, st
         return _cleared(results, states, errors, dry_run)
     if svc.action in ("permissive", "remove_sidecar"):
         return _requested_undo(svc, results, states, errors, dry_run)
+    if svc.action == "remove_canary":
+        return _canary_removed(svc, results, states, errors, dry_run)
     return _migration_state(svc, results, states, errors, decisions, dry_run)
 
 
@@ -241,6 +271,23 @@ def _requested_undo(svc: Service, results: StepResults, states: dict[str, str | 
                       reason=f"sidecar removed on request: {rollout.message}{_after_note(results)}")
 
 
+def _canary_removed(svc: Service, results: StepResults, states: dict[str, str | None], errors: dict[str, str],
+                    dry_run: bool) -> FinalState:
+    """mesh_reconcile's undo of a canary a run left: the canary deleted; the workload itself untouched."""
+    p = svc.plan
+    if dry_run:
+        return FinalState(outcome=ServiceOutcome.PLANNED, mtls=None, sidecar=None,
+                          reason="dry run of remove_canary: the changes listed were logged, none applied")
+    if states.get("remove_canary") != "success" or results.remove_canary is None:
+        problem = errors.get("remove_canary", "see the task log")
+        return FinalState(outcome=ServiceOutcome.FAILED, mtls=None, sidecar=None,
+                          reason=f"the canary {p.namespace}/{canary_name(p.workload)} could not be removed: {problem}")
+    done = "removed" if results.remove_canary.removed else "already gone"
+    return FinalState(outcome=ServiceOutcome.REMOVED, mtls=None, sidecar=None,
+                      reason=f"canary {p.namespace}/{canary_name(p.workload)} {done}; {p.namespace}/{p.workload} "
+                             "was not touched")
+
+
 def _after_note(results: StepResults) -> str:
     """What the workload's own success rate did once its sidecar was gone (empty when it was not checked)."""
     after = results.after_removal
@@ -269,6 +316,8 @@ def _migration_state(svc: Service, results: StepResults, states: dict[str, str |
                           reason="dry run: the changes listed were logged, none applied")
     if frozen := _frozen(results, errors):
         return frozen
+    if canary := _canary_state(svc, results, states, errors, decisions):
+        return canary
     if states.get("inject") in BROKEN and str(errors.get("inject", "")).startswith("blocked:"):
         return FinalState(outcome=ServiceOutcome.BLOCKED, mtls=None, sidecar=False,
                           reason=f"inject: {errors['inject'].removeprefix('blocked: ')}")
@@ -324,10 +373,43 @@ def _migration_state(svc: Service, results: StepResults, states: dict[str, str |
                       reason="; ".join(f"{s}: {errors.get(s, states[s])}" for s in broken) or "unknown state")
 
 
+def _canary_state(svc: Service, results: StepResults, states: dict[str, str | None], errors: dict[str, str],
+                  decisions: dict[str, str]) -> FinalState | None:
+    """The end of a service whose canary did not let it go on (None: no canary, or it passed). Its primary was never
+    changed: the record says so, or what is left when the canary could not be removed."""
+    broken = [step for step in ("canary", "wait_canary", "canary_soak") if states.get(step) in BROKEN]
+    chosen = decisions.get("after_canary_to") or decisions.get("after_canary_rollout_to")
+    if not broken and chosen not in (CANARY_FAILED, CANARY_HELD):
+        return None
+    p = svc.plan
+    mtls = mtls_in_force(results) or "PERMISSIVE"
+    if states.get("remove_canary") != "success":
+        problem = errors.get("remove_canary") or f"remove_canary {states.get('remove_canary')}"
+        why = decisions.get("after_canary") or decisions.get("after_canary_rollout") or \
+            "; ".join(f"{step}: {errors.get(step, states[step])}" for step in broken)
+        return FinalState(outcome=ServiceOutcome.FAILED, mtls=mtls, sidecar=False,
+                          reason=f"{why}; the canary could not be removed ({problem}): LEFT: deployment "
+                                 f"{p.namespace}/{canary_name(p.workload)} with a sidecar takes a share of the "
+                                 f"Service's traffic; {p.namespace}/{p.workload} was not changed")
+    removed = results.remove_canary is not None and results.remove_canary.removed
+    untouched = ("the canary was removed; " if removed else "") + \
+        f"{p.namespace}/{p.workload} was not changed or restarted"
+    if broken:
+        step = broken[0]
+        error = str(errors.get(step) or states[step])
+        outcome = ServiceOutcome.BLOCKED if error.startswith("blocked:") else ServiceOutcome.FAILED
+        return FinalState(outcome=outcome, mtls=mtls, sidecar=False,
+                          reason=f"{step}: {error.removeprefix('blocked: ')}; {untouched}")
+    why = decisions.get("after_canary") or decisions.get("after_canary_rollout", "")
+    outcome = ServiceOutcome.ROLLED_BACK if chosen == CANARY_FAILED else ServiceOutcome.HELD
+    return FinalState(outcome=outcome, mtls=mtls, sidecar=False, reason=f"{why}; {untouched}")
+
+
 def _frozen(results: StepResults, errors: dict[str, str]) -> FinalState | None:
     """The freeze came while the service was in flight: read again just before the injection or the flip to STRICT
     (service_group._not_frozen), that write was not made. The service stays as it was (PERMISSIVE)."""
-    for step, what, sidecar in (("inject", "not injected", False), ("flip_strict", "sidecar kept, not STRICT", True)):
+    for step, what, sidecar in (("canary", "no canary made, not injected", False), ("inject", "not injected", False),
+                                ("flip_strict", "sidecar kept, not STRICT", True)):
         error = str(errors.get(step, ""))
         if error.startswith("frozen:"):
             return FinalState(outcome=ServiceOutcome.FROZEN, mtls=mtls_in_force(results) or "PERMISSIVE",

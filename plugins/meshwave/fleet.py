@@ -54,6 +54,14 @@ class Fleet:
                     self.errors.append(_twice(svc.key, known_svc.source, source) + f"; {known_svc.source}'s is used")
 
 
+    @property
+    def canary_asked(self) -> bool:
+        """Some planned service, or a cluster's defaults (an unplanned service's), tries a canary first."""
+        return any(d.canary is not None for d in self.defaults.values()) or any(
+            ps.plan.settings_of(ps.plan.wave_of(key), ps.service).canary is not None
+            for key, ps in self.services.items())
+
+
 def load_fleet(directory: Path | None = None) -> Fleet:
     """Every `*.yaml` plan in the plans directory, in name order."""
     fleet = Fleet()

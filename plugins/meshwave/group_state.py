@@ -19,6 +19,9 @@ from meshwave.steps import Service
 # The group's tasks and the steps each runs, in order.
 TASKS: dict[str, tuple[str, ...]] = {
     "admit": ("admit", "preflight", "baseline"),
+    "canary": ("canary", "wait_canary"),
+    "canary_soak": ("canary_soak",),
+    "remove_canary": ("remove_canary",),
     "inject": ("inject", "wait_rollout"),
     "soak": ("soak",),
     "strict_gate": ("strict_gate",),
@@ -28,7 +31,8 @@ TASKS: dict[str, tuple[str, ...]] = {
 }
 TASK_OF = {step: task for task, steps in TASKS.items() for step in steps}
 # The decisions after admit, and the task that makes each: a wait decides what follows it when it ends.
-DECIDED_BY = {"after_rollout": "inject", "after_soak": "soak", "after_strict_gate": "strict_gate",
+DECIDED_BY = {"after_canary_rollout": "canary", "after_canary": "canary_soak",
+              "after_rollout": "inject", "after_soak": "soak", "after_strict_gate": "strict_gate",
               "after_approval": "flip_strict", "after_strict": "back_to_permissive"}
 # Task states in which a task may have left results or an error.
 _LEFT_SOMETHING = ("success", "failed", "up_for_retry", "skipped")

@@ -21,6 +21,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 
+from meshwave import canary
 from meshwave.changes import ApiRequest, Change, utc_now
 from meshwave.gitops import revert_note, reverted_by
 from meshwave.kube_errors import (  # noqa: F401 (re-exported: callers catch them from here too)
@@ -822,6 +823,77 @@ class MeshKube:
                                     "recreates the pods", annotations=wanted)
 
     # ---- injection ---------------------------------------------------------------------------------
+    def _injectable(self, ns: str, name: str) -> dict[str, str]:
+        """The namespace's labels, when they let a pod label inject (InjectionBlocked when they disable it)."""
+        ns_labels = _meta(self.namespace(ns)).get("labels") or {}
+        if ns_labels.get(NS_INJECT_LABEL) == "disabled":
+            raise InjectionBlocked(
+                f"cluster {self.cluster}: namespace {ns} is labelled {NS_INJECT_LABEL}=disabled, which beats the pod "
+                f"label {INJECT_LABEL}=true: deployment {ns}/{name} would get no sidecar. Change the namespace label "
+                f"first (it affects every workload in {ns}).",
+                cluster=self.cluster, verb="PATCH", target=f"deployment {ns}/{name}")
+        return ns_labels
+
+    def _deployment_or_none(self, ns: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self._deployment(ns, name)
+        except WorkloadNotFound:
+            return None
+
+    def ensure_canary(self, ns: str, name: str, replicas: int, run: str) -> Change:
+        """The canary copy of deployment ns/name (canary.py), with the sidecar by its own pod template label whatever
+        the plan's injection mode (a namespace label would mesh every workload of the namespace). Reads before it
+        writes: this workload's canary, already there, is kept (a retry); a Deployment of that name that is not its
+        canary refuses (InjectionBlocked), and so does a namespace that disables injection."""
+        validate_name(ns, "namespace")
+        validate_name(name, "workload")
+        ns_labels = self._injectable(ns, name)
+        primary = self._deployment(ns, name)
+        cname = canary.canary_name(name)
+        target = f"deployment {ns}/{cname}"
+        existing = self._deployment_or_none(ns, cname)
+        if existing is not None:
+            if canary.is_canary_of(existing, name):
+                return self._noop("create-canary", target, {"replicas": (existing.get("spec") or {}).get("replicas")},
+                                  f"the canary of {ns}/{name} is already there (made by "
+                                  f"{(_meta(existing).get('annotations') or {}).get('meshwave.io/canary-run')})")
+            raise InjectionBlocked(f"cluster {self.cluster}: {target} exists and is not meshwave's canary of "
+                                   f"{ns}/{name} (no label {canary.CANARY_LABEL}={name}): no canary is made over it",
+                                   cluster=self.cluster, verb="POST", target=target)
+        tlabels = (((primary.get("spec") or {}).get("template") or {}).get("metadata") or {}).get("labels") or {}
+        inject, _ = self._injection_labels(tlabels, ns_labels, target)
+        body = canary.manifest(primary, replicas, inject, run)
+        shown = ", ".join(f"{k}={v}" if v is not None else f"{k} removed" for k, v in inject.items())
+        change = Change(self.cluster, "create-canary", target, None, {"replicas": replicas, **inject},
+                        ApiRequest("POST", f"/apis/apps/v1/namespaces/{ns}/deployments", "application/json", body),
+                        reason=f"a canary of {ns}/{name}: {replicas} pod(s) of its template with {shown}, taking "
+                               f"their share of the Service's traffic; {ns}/{name} itself is not changed")
+        call = functools.partial(self._call, "POST", target, self.apps.create_namespaced_deployment, ns, body)
+        return self._send(change, call)
+
+    def remove_canary(self, ns: str, name: str) -> Change:
+        """Delete the canary of deployment ns/name, its ReplicaSets and pods with it (background propagation, as
+        kubectl). Nothing there, or a Deployment of that name that is not its canary: nothing is deleted."""
+        cname = canary.canary_name(name)
+        target = f"deployment {ns}/{cname}"
+        existing = self._deployment_or_none(ns, cname)
+        if existing is None:
+            return self._noop("delete-canary", target, None, "no canary")
+        if not canary.is_canary_of(existing, name):
+            return self._noop("delete-canary", target, None, f"not meshwave's canary of {ns}/{name}: left alone")
+        meta = _meta(existing)
+        body = {"propagationPolicy": "Background", "preconditions": {"uid": meta.get("uid")}}
+        before = {"replicas": (existing.get("spec") or {}).get("replicas")}
+        request = ApiRequest("DELETE", f"/apis/apps/v1/namespaces/{ns}/deployments/{cname}", "application/json", body)
+        change = Change(self.cluster, "delete-canary", target, before, None, request,
+                        reason=f"the canary of {ns}/{name} removed; its pods go with it")
+        call = functools.partial(self._call, "DELETE", target, self.apps.delete_namespaced_deployment, cname, ns,
+                                 body=body)
+        try:
+            return self._send(change, call)
+        except NotFound:
+            return self._noop("delete-canary", target, None, "already deleted")
+
     def ensure_injected(self, ns: str, name: str, mode: Literal["workload", "namespace"]) -> list[Change]:
         """Workload mode: a pod template label. Namespace mode: label the namespace, then restart.
 
@@ -835,18 +907,11 @@ class MeshKube:
             raise ValueError(f"mode must be 'workload' or 'namespace', not {mode!r}")
         validate_name(ns, "namespace")
         validate_name(name, "workload")
-        namespace = self.namespace(ns)
-        ns_labels = _meta(namespace).get("labels") or {}
-        if ns_labels.get(NS_INJECT_LABEL) == "disabled":
-            raise InjectionBlocked(
-                f"cluster {self.cluster}: namespace {ns} is labelled {NS_INJECT_LABEL}=disabled, which beats the pod "
-                f"label {INJECT_LABEL}=true: deployment {ns}/{name} would get no sidecar. Change the namespace label "
-                f"first (it affects every workload in {ns}).",
-                cluster=self.cluster, verb="PATCH", target=f"deployment {ns}/{name}")
+        ns_labels = self._injectable(ns, name)
         w = self.workload(ns, name)
         if mode == "workload":
             return [self._inject_workload(w, ns_labels)]
-        return self._inject_namespace(w, namespace)
+        return self._inject_namespace(w, self.namespace(ns))
 
     def injectors(self) -> Injectors:
         """The revisions and tags Istio's injection webhooks serve on this cluster (one cluster-wide LIST)."""
@@ -867,15 +932,22 @@ class MeshKube:
         """The namespace picks the injector: the default one, or the revision in its istio.io/rev."""
         return ns_labels.get(NS_INJECT_LABEL) == "enabled" or REV_LABEL in ns_labels
 
-    def _inject_workload(self, w: WorkloadState, ns_labels: dict[str, str]) -> Change:
+    def _injection_labels(self, template_labels: dict[str, str], ns_labels: dict[str, str],
+                          target: str) -> tuple[dict[str, str | None], frozenset[str] | None]:
+        """(the pod template labels that inject a sidecar, a None value dropping that label; the injectors found, or
+        None when none were listed)."""
         injectors: frozenset[str] | None = None
         wanted: dict[str, str | None] = {INJECT_LABEL: "true"}  # works with whichever injector the namespace picks
         if not self._namespace_injects(ns_labels):
-            revision, injectors = self._revision_for(f"deployment {w.namespace}/{w.name}")
+            revision, injectors = self._revision_for(target)
             if revision != DEFAULT_REVISION:
                 # The default injector skips a pod with istio.io/rev; inject=false would beat it: drop that.
-                wanted = {REV_LABEL: revision, **({INJECT_LABEL: None} if w.template_labels.get(INJECT_LABEL) ==
+                wanted = {REV_LABEL: revision, **({INJECT_LABEL: None} if template_labels.get(INJECT_LABEL) ==
                                                   "false" else {})}
+        return wanted, injectors
+
+    def _inject_workload(self, w: WorkloadState, ns_labels: dict[str, str]) -> Change:
+        wanted, injectors = self._injection_labels(w.template_labels, ns_labels, f"deployment {w.namespace}/{w.name}")
         if all(w.template_labels.get(k) == v for k, v in wanted.items()):
             return self._restart_if_needed(w, True, "already injected")
         if w.pods_total == w.pods_with_proxy and injection_applies(ns_labels, w.template_labels, injectors):

@@ -12,8 +12,9 @@ class ServiceOutcome(StrEnum):
     STRICT = "strict"  # STRICT in force, verified with the service and its callers
     PERMISSIVE = "permissive"  # a sidecar, PERMISSIVE: a plaintext caller or an inconclusive gate kept it there
     REMOVED = "removed"  # its sidecar removed on request (mesh_service remove_sidecar)
-    HELD = "held"  # injected, but the soak could not judge it (no data, Prometheus down)
-    ROLLED_BACK = "rolled_back"  # its sidecar removed again after a failed rollout or soak
+    HELD = "held"  # injected, but the soak could not judge it (no data, Prometheus down); or its canary could not be
+    # judged, and then it was not injected
+    ROLLED_BACK = "rolled_back"  # its sidecar removed again after a failed rollout or soak; or its canary failed
     BLOCKED = "blocked"  # refused before any change (preflight, a policy of a team's, a lease)
     FAILED = "failed"  # a step broke: the state is what the record's LEFT says
     FROZEN = "frozen"  # the freeze stopped it before a write that would make it stricter

@@ -32,6 +32,7 @@ class Undo(StrEnum):
 
     PERMISSIVE = "permissive"
     REMOVE_SIDECAR = "remove_sidecar"
+    REMOVE_CANARY = "remove_canary"
 
 
 class Pending(WorkloadAnnotation):

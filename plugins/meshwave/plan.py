@@ -182,6 +182,15 @@ class Approval(Strict):
         return bool(self.before_strict)
 
 
+class Canary(Strict):
+    """Part of the replicas first: a copy of the Deployment with the sidecar and the same selector labels takes its
+    share of the Service's traffic for `soak_seconds`, judged against the primary's live metrics over the same
+    window; then it is removed, and the primary is injected only if it passed (canary.py)."""
+
+    replicas: Annotated[int, Field(ge=1, le=100)] = Field(1, description="pods of the canary copy")
+    soak_seconds: Seconds = Field(300, description="how long the canary takes traffic before it is judged")
+
+
 class Settings(Strict):
     """Knobs every service inherits from `defaults` unless it sets its own (`approval`: per wave or default)."""
 
@@ -204,6 +213,8 @@ class Settings(Strict):
     probe: Probe = Field(default_factory=Probe)
     notify: list[NotifyTarget] = Field(default_factory=list, description="who is told about this service's "
                                        "rollbacks, holds, failures and freezes (defaults: the wave's events too)")
+    canary: Canary | None = Field(None, description="a sidecar tried on a canary copy of the Deployment first "
+                                                    "(none: the primary is injected directly)")
     approval: Approval = Field(default_factory=Approval, description="a person's approval before STRICT: per wave or "
                                                                      "default, never per service (a batch waits for "
                                                                      "its one approval task together)")
@@ -222,9 +233,12 @@ def timing_problems(settings: Settings) -> list[str]:
         problems.append(f"query_window_seconds: {s.query_window_seconds} is shorter than breaches_to_fail "
                         f"{s.breaches_to_fail} x poke_interval_seconds {s.poke_interval_seconds} = {polls}: a breach "
                         "would leave the window before enough polls saw it to confirm it")
-    for name in ("soak_seconds", "verify_seconds"):
-        if getattr(s, name) < s.query_window_seconds:
-            problems.append(f"{name}: {getattr(s, name)} is shorter than query_window_seconds "
+    soaks = [("soak_seconds", s.soak_seconds), ("verify_seconds", s.verify_seconds)]
+    if s.canary is not None:
+        soaks.append(("canary.soak_seconds", s.canary.soak_seconds))
+    for name, seconds in soaks:
+        if seconds < s.query_window_seconds:
+            problems.append(f"{name}: {seconds} is shorter than query_window_seconds "
                             f"{s.query_window_seconds}: its judgement would rest mostly on data from before the change")
     return problems
 
@@ -264,6 +278,8 @@ class ServicePlan(Strict):
     sidecar: Sidecar | None = None
     probe: Probe | None = None
     notify: list[NotifyTarget] | None = None
+    canary: Canary | Literal[False] | None = Field(None, description="its own canary, or false: none though the "
+                                                                     "defaults set one")
 
     _names = field_validator("cluster", "namespace", "workload")(rfc1123_label)
 
@@ -283,6 +299,8 @@ class ServicePlan(Strict):
         """The effective settings: the service's own values over the plan's defaults; `approval`: its wave's, over
         the defaults'."""
         own = {f: getattr(self, f) for f in _OVERRIDABLE if getattr(self, f) is not None}
+        if own.get("canary") is False:
+            own["canary"] = None
         return Settings(**{**{f: getattr(defaults, f) for f in _OVERRIDABLE}, **own},
                         approval=approval or defaults.approval)
 

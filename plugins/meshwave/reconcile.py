@@ -121,8 +121,9 @@ A wave that is **paused**, whose **plan file broke**, or whose **undo ran out of
 confirmed. Before each such change meshwave writes what it expects next onto the Deployment (annotation
 `meshwave.io/pending`: the state, the undo, a deadline, the run, and the service's settings), and removes it when
 the run settles it. This DAG lists those annotations in every cluster of the plan files; for each one past its
-deadline it carries out the undo (`permissive`, or `remove_sidecar`) through the same service task group as the waves,
-with the same checks. An undo that fails stays due and fails this run, naming it; the next run tries again.
+deadline it carries out the undo (`permissive`, `remove_sidecar`, or `remove_canary`) through the same service task
+group as the waves, with the same checks. An undo that fails stays due and fails this run, naming it; the next run
+tries again.
 
 Scheduled every 10 minutes (environment `{SCHEDULE_ENV}`: another cron expression, or `none`); trigger it by hand
 after pausing a wave. `clusters` limits it to some clusters; `dry_run` lists and logs, and changes nothing.
@@ -139,6 +140,6 @@ def mesh_reconcile_dag() -> DAG:
              ) as dag:
         keys = _find_due()
         group = service_group(GROUP, _resolve, "A pending state past its deadline: its undo, with the same checks.",
-                              keys, label=LABEL, guard=_still_due)
+                              keys, label=LABEL, guard=_still_due, canary_asked=True)
         group >> _summary()
     return dag

@@ -99,6 +99,24 @@ class InjectResult(_Result):
     pending: dict[str, Any] | None = None
 
 
+class CanaryResult(_Result):
+    """The canary copy made (or found: a retry), or why the service has none (`none`: nothing written)."""
+
+    changes: Changes
+    canary: str | None = Field(None, description="the canary Deployment's name")
+    none: str | None = Field(None, description="why there is no canary to try (no canary in the plan, ...)")
+    seconds: float
+
+
+class RemoveCanaryResult(_Result):
+    changes: Changes
+    seconds: float
+
+    @property
+    def removed(self) -> bool:
+        return any(c.get("applied") for c in self.changes)
+
+
 class FlipResult(_Result):
     """STRICT written and proven; or refused (`refused`, nothing written); or a dry run (no mtls_in_force, no probe)."""
 
@@ -155,6 +173,7 @@ class RolloutResult(_Result):
 
 
 class Stage(StrEnum):
+    CANARY_SOAK = "canary_soak"
     SOAK = "soak"
     STRICT_GATE = "strict_gate"
     VERIFY_STRICT = "verify_strict"
@@ -172,7 +191,8 @@ class GateExtra(_Result):
 
 
 class GateEvent(_Result):
-    """soak, strict_gate, verify_strict, verify_recovery. A dry run has only stage, status, reason and dry_run."""
+    """canary_soak, soak, strict_gate, verify_strict, verify_recovery. A dry run has only stage, status, reason and
+    dry_run."""
 
     stage: Stage
     status: GateStatus
@@ -193,7 +213,8 @@ class StepError(_Result):
     message: str
 
 
-WRITES = (PreflightResult, InjectResult, FlipResult, BackToPermissiveResult, ClearEmergencyResult, RollbackResult)
+WRITES = (PreflightResult, CanaryResult, RemoveCanaryResult, InjectResult, FlipResult, BackToPermissiveResult,
+          ClearEmergencyResult, RollbackResult)
 WAITS = (RolloutResult, GateEvent)
 TIMED = (*WRITES, BaselineResult)  # the steps that say how long they took
 
@@ -206,6 +227,10 @@ class StepResults(BaseModel):
 
     preflight: PreflightResult | None = None
     baseline: BaselineResult | None = None
+    canary: CanaryResult | None = None
+    wait_canary: RolloutResult | None = None
+    canary_soak: GateEvent | None = None
+    remove_canary: RemoveCanaryResult | None = None
     inject: InjectResult | None = None
     wait_rollout: RolloutResult | None = None
     soak: GateEvent | None = None

@@ -11,6 +11,10 @@ the decision after it: on the happy path a service costs 8 task runs (starts and
     admit: resolve the service (the plan, or the trigger form), refuse bad input, apply the guards (freeze,
       maintenance window), take the workload's lease; on the forward path, preflight and baseline; route by action:
       inject | to_permissive | to_remove
+    canary (only in a group where some service tries a canary first, canary.py): the canary copy, then wait_canary
+      in the triggerer, which decides: canary_soak | canary_failed; or inject at once when there is no canary to try
+    canary_soak decides: inject | canary_failed | canary_held (the end: the primary is never changed)
+    remove_canary, whatever the canary did (its undo's retries); the injection follows it
     inject: the sidecar, then wait_rollout in the triggerer, which decides: soak | rollback_after_rollout |
       not_started (the end)
     soak decides: strict_gate | rollback_after_soak | hold_permissive (the end)
@@ -38,26 +42,29 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from airflow.sdk import BaseHook, TriggerRule, XComArg, task, task_group
+from airflow.sdk import BaseHook, TriggerRule, XComArg, chain, task, task_group
 from airflow.sdk.definitions._internal.abstractoperator import DAGNode
 from airflow.sdk.exceptions import AirflowFailException, AirflowNotFoundException, AirflowSkipException, TaskDeferred
 
 from meshwave import approval, decisions, guards, outbound, stages, steps
+from meshwave.canary import canary_name
 from meshwave.changes import Change
 from meshwave.group_state import GroupState, decision, decoded, pull, results_of
-from meshwave.kube_errors import KubeError, NotInForce
+from meshwave.kube_errors import InjectionBlocked, KubeError, NotInForce
 from meshwave.lease import LeaseRefused
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import ClusterConfig, Settings
 from meshwave.record import ServiceRecord
 from meshwave.results import (
     BackToPermissiveResult,
+    CanaryResult,
     ClearEmergencyResult,
     FlipResult,
     GateEvent,
     GateExtra,
     InjectResult,
     PreflightResult,
+    RemoveCanaryResult,
     RollbackResult,
     RolloutResult,
     RolloutStatus,
@@ -77,12 +84,15 @@ from meshwave.steps import ACTIONS, Service
 
 NEVER = 10**9
 FORWARD, TO_PERMISSIVE, TO_REMOVE = "inject", "to_permissive", "to_remove"
+TO_REMOVE_CANARY = "to_remove_canary"
 ROUTES = {"migrate": FORWARD, "inject_only": FORWARD, "strict_only": FORWARD,
-          "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE,
+          "permissive": TO_PERMISSIVE, "remove_sidecar": TO_REMOVE, "remove_canary": TO_REMOVE_CANARY,
           "clear_emergency": TO_PERMISSIVE}  # its one write, in back_to_permissive's place (no mode changes)
-UNDO_ROUTES = (TO_PERMISSIVE, TO_REMOVE)
+UNDO_ROUTES = (TO_PERMISSIVE, TO_REMOVE, TO_REMOVE_CANARY)
 # The first task of each path, and the decisions (deciding task: what it chose) that put a service on it.
 ON_PATH = {
+    "canary": {"admit": FORWARD},
+    "canary_soak": {"canary": decisions.CANARY_SOAK},
     "inject": {"admit": FORWARD},
     "soak": {"inject": decisions.SOAK},
     "strict_gate": {"soak": decisions.STRICT_GATE},
@@ -91,6 +101,8 @@ ON_PATH = {
     "rollback_injection": {"admit": TO_REMOVE, "inject": decisions.ROLLBACK_AFTER_ROLLOUT,
                            "soak": decisions.ROLLBACK_AFTER_SOAK},
 }
+# In a group with a canary, the injection follows the canary's decision (inject at once when there is none to try).
+AFTER_CANARY = {"canary": decisions.INJECT, "canary_soak": decisions.INJECT}
 Resolve = Callable[[dict[str, Any], str], Service]  # (context, the map index's key) -> the service
 Guard = Callable[[Service, dict[str, Any]], None]
 Written = InjectResult | FlipResult | BackToPermissiveResult | ClearEmergencyResult | RollbackResult
@@ -211,9 +223,10 @@ def _chosen(context: dict[str, Any], prefix: str, decider: str) -> str | None:
     return chosen.to if chosen else None
 
 
-def on_path(prefix: str, step: str) -> Callable[[dict[str, Any]], None]:
-    """The check a path's first task runs before anything else: skip unless a decision chose this path."""
-    routes = ON_PATH[step]
+def on_path(prefix: str, step: str, routes: dict[str, str] | None = None) -> Callable[[dict[str, Any]], None]:
+    """The check a path's first task runs before anything else: skip unless a decision chose this path (`routes`:
+    deciding task -> its choice, ON_PATH[step] unless given)."""
+    routes = routes or ON_PATH[step]
 
     def check(context: dict[str, Any]) -> None:
         if not any(_chosen(context, prefix, decider) == target for decider, target in routes.items()):
@@ -306,12 +319,20 @@ def _run_of(context: dict[str, Any]) -> str:
 # What a run leaves on a workload before a change it has yet to confirm (pending.py): mesh_reconcile undoes it
 # when the run has not settled it by then (paused, plan file broken, undo out of retries).
 TRIAL, UNVERIFIED = "sidecar on trial (the soak has not accepted it yet)", "STRICT, not verified yet"
+CANARY_TRIAL = "a canary copy with a sidecar on trial (not removed yet)"
 
 
 def _trial_seconds(s: Settings) -> int:
-    """Until the run's own decisions should have settled the sidecar: rollout, soak, STRICT gate, flip, verify."""
-    return (s.rollout_timeout_seconds + s.soak_seconds + s.verify_seconds + s.strict_gate_timeout_seconds
-            + _approval_seconds(s) + s.probe.timeout_seconds + 2 * s.verify_seconds + s.reconcile_grace_seconds)
+    """Until the run's own decisions should have settled the sidecar: the canary, rollout, soak, STRICT gate, flip,
+    verify."""
+    return (_canary_seconds(s) + s.rollout_timeout_seconds + s.soak_seconds + s.verify_seconds
+            + s.strict_gate_timeout_seconds + _approval_seconds(s) + s.probe.timeout_seconds + 2 * s.verify_seconds
+            + s.reconcile_grace_seconds)
+
+
+def _canary_seconds(s: Settings) -> int:
+    """The canary's rollout and soak (and the verification's margin), when the service has one."""
+    return s.rollout_timeout_seconds + s.canary.soak_seconds + s.verify_seconds if s.canary is not None else 0
 
 
 def _approval_seconds(s: Settings) -> int:
@@ -592,7 +613,11 @@ def _gate_watch(prefix: str, stage: str) -> Callable[[dict[str, Any]], GateWatch
         params: dict[str, Any] = {"namespace": p.namespace, "workload": p.workload, "window": svc.window,
                                   "thresholds": svc.thresholds()}
         policy, wait, minimum = svc.gate_policy(), float(s.verify_seconds), 0.0
-        if stage == "soak":
+        if stage == "canary_soak":  # the canary's own name: it is judged against this workload's pods
+            assert s.canary is not None  # on its path only when a canary was made
+            params["canary"] = canary_name(p.workload)
+            wait, minimum = s.canary.soak_seconds + s.verify_seconds, s.canary.soak_seconds
+        elif stage == "soak":
             base = results_of(context, prefix, "baseline").baseline
             if base is None:
                 raise ValueError(f"{p.key}: no baseline result: the soak has nothing to compare with")
@@ -713,6 +738,99 @@ def _batch_wait(prefix: str) -> Callable[[dict[str, Any]], BatchWait | None]:
                          max(float(s.poke_interval_seconds), BATCH_POKE_SECONDS))
 
     return batch
+
+
+# ---- the canary (canary.py) ---------------------------------------------------------------------------------
+
+
+def _no_canary(svc: Service, kube: Any) -> str | None:
+    """Why the service has no canary to try, or None."""
+    if svc.settings.canary is None:
+        return "the plan sets no canary for it"
+    if svc.action not in ("migrate", "inject_only"):
+        return f"action {svc.action} injects no sidecar"
+    w = kube.workload(svc.plan.namespace, svc.plan.workload)
+    if w.pods_total > 0 and w.pods_with_proxy == w.pods_total:
+        return f"all {w.pods_total} pods already run a sidecar"
+    return None
+
+
+def _make_canary(svc: Service, context: dict[str, Any]) -> CanaryResult:
+    started, kube, p = time.time(), kube_for(svc, context), svc.plan
+    if why := _no_canary(svc, kube):
+        return CanaryResult(changes=[], none=why, seconds=steps.took(started))
+    assert svc.settings.canary is not None
+    _not_frozen(svc, kube, context, "canary", "the canary")
+    if not kube.dry_run:  # a run that dies before removing its canary leaves it to mesh_reconcile
+        _expect(svc, kube, context, CANARY_TRIAL, Undo.REMOVE_CANARY,
+                _canary_seconds(svc.settings) + svc.settings.reconcile_grace_seconds)
+    try:
+        change = kube.ensure_canary(p.namespace, p.workload, svc.settings.canary.replicas, _run_of(context))
+    except InjectionBlocked as exc:  # refused before any write
+        raise steps.Blocked(str(exc)) from None
+    print(change.summary())
+    return CanaryResult(changes=[change.to_dict()], canary=canary_name(p.workload), seconds=steps.took(started))
+
+
+def _canary_task(prefix: str):
+    """The canary copy made, then its rollout followed in the triggerer, which decides: canary_soak | canary_failed.
+    A service with no canary to try goes on to its injection at once."""
+
+    @task(task_id="canary", **RETRIES)
+    def canary(**context: Any) -> None:
+        on_path(prefix, "canary")(context)
+        svc, ti = _service(context, prefix), context["ti"]
+        with recording(context, "canary"):
+            done = holding(_make_canary, _trial_seconds)(svc, context)
+        ti.xcom_push(key="canary", value=done.model_dump(mode="json"))
+        if done.none is not None:
+            chosen = decisions.Decision(to=decisions.INJECT, why=f"no canary: {done.none}")
+            ti.xcom_push(key="decision", value=chosen.model_dump())
+            print(f"after_canary_rollout: -> {chosen.to}: {chosen.why}")
+            return
+        decide = {"after": "wait_canary"}
+        if _dry(context):
+            push_ended(context, "wait_canary", dry_rollout(), decide)
+            return
+        s, p = svc.settings, svc.plan
+        watch = RolloutWatch(svc.cluster.kubernetes_conn_id, p.cluster, p.namespace, canary_name(p.workload),
+                             s.rollout_timeout_seconds, min(s.poke_interval_seconds, 3))
+        raise rollout_deferral(watch, True, "wait_canary", decide)
+
+    return canary()
+
+
+def _remove_canary_task(prefix: str):
+    """Whatever the canary did: the workload's canary deleted (read first: nothing there, nothing deleted). It runs
+    before the injection, which follows only a canary that passed; an undo's retries: a canary is never left
+    taking traffic because the API did not answer for a while."""
+
+    @task(task_id="remove_canary", trigger_rule=TriggerRule.ALL_DONE, **UNDO_RETRIES)
+    def remove_canary(**context: Any) -> None:
+        route = _chosen(context, prefix, "admit")
+        if route not in (FORWARD, TO_REMOVE_CANARY):
+            return  # not admitted, or on another path: no canary was made
+        svc = _service(context, prefix)
+        if route == FORWARD and svc.settings.canary is None:
+            return
+        started = time.time()
+        with recording(context, "remove_canary"):
+            kube = kube_for(svc, context)
+            change = kube.remove_canary(svc.plan.namespace, svc.plan.workload)
+            print(change.summary())
+            settled = None if kube.dry_run else _settle(svc, kube, "canary removed", only=Undo.REMOVE_CANARY)
+        done = RemoveCanaryResult(changes=[change.to_dict(), *([settled] if settled else [])],
+                                  seconds=steps.took(started))
+        context["ti"].xcom_push(key="remove_canary", value=done.model_dump(mode="json"))
+
+    return remove_canary()
+
+
+def _canary_decides(prefix: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    def decide(context: dict[str, Any]) -> dict[str, Any]:
+        return {"after": "canary_soak", "on_no_data": _service(context, prefix).settings.on_no_data}
+
+    return decide
 
 
 def _write_then_wait(name: str, prefix: str, write: Run, wait_step: str, wait: Wait,
@@ -837,8 +955,8 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
 
 
 def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | XComArg, label: str, *,
-                  guard: Guard | None = None, wave_error_task: str | None = None, approval_asked: bool = False
-                  ) -> DAGNode:
+                  guard: Guard | None = None, wave_error_task: str | None = None, approval_asked: bool = False,
+                  canary_asked: bool = False) -> DAGNode:
     """Build the mapped service group in the current DAG context, one map index per entry of `keys`.
 
     `resolve(context, key)` gives the service at run time (a ValueError refuses it before any change);
@@ -846,7 +964,9 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
     ValueError to refuse it before any change;
     `label` is the Jinja template that names a map index in the UI (rendered before each task runs);
     `approval_asked`: some service may need a person's approval before STRICT: the batch's approval task
-    (approval.py) sits between the group's STRICT gates and its flips.
+    (approval.py) sits between the group's STRICT gates and its flips;
+    `canary_asked`: some service may try its sidecar on a canary first (canary.py): the group starts its forward
+    path with canary -> canary_soak -> remove_canary before the injection.
     """
     approval_task = approval.approval_task_id(group_id) if approval_asked else None
 
@@ -857,7 +977,15 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         admit = _admit(prefix, resolve, guard, key)
         inject = _write_then_wait("inject", prefix, holding(_inject, _trial_seconds), "wait_rollout",
                                   _rollout_wait("wait_rollout", True, {"after": "wait_rollout"}),
-                                  on_path(prefix, "inject"), dry_rollout, {"after": "wait_rollout"}, **RETRIES)
+                                  on_path(prefix, "inject", AFTER_CANARY if canary_asked else None), dry_rollout,
+                                  {"after": "wait_rollout"}, **RETRIES)
+        canary: list[Any] = []
+        if canary_asked:
+            canary = [_canary_task(prefix),
+                      GateSensor(task_id="canary_soak", stage="canary_soak", watch=_gate_watch(prefix, "canary_soak"),
+                                 decide=_canary_decides(prefix), on_path=on_path(prefix, "canary_soak"), **RETRIES),
+                      _remove_canary_task(prefix)]
+            chain(admit, *canary, inject)
         soak = GateSensor(task_id="soak", stage="soak", watch=_gate_watch(prefix, "soak"),
                           decide=_soak_decides(prefix), on_path=on_path(prefix, "soak"), **RETRIES)
         strict_gate = GateSensor(task_id="strict_gate", stage="strict_gate", watch=_gate_watch(prefix, "strict_gate"),
@@ -879,7 +1007,8 @@ def service_group(group_id: str, resolve: Resolve, doc: str, keys: list[str] | X
         admit >> inject >> soak >> strict_gate >> flip >> back
         admit >> back
         [admit, inject, soak] >> rollback
-        [admit, inject, soak, strict_gate, flip, back, rollback] >> _outcome(prefix, resolve, wave_error_task, key)
+        [admit, *canary, inject, soak, strict_gate, flip, back, rollback] >> _outcome(prefix, resolve, wave_error_task,
+                                                                                      key)
 
     group = services.expand(key=keys)
     if approval_task is not None:

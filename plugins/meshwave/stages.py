@@ -1,5 +1,7 @@
 """What each gated stage of a service checks in Prometheus, on plain JSON params (trigger kwargs).
 
+- canary_soak:      the canary copy's own proxy's success rate and p99 against the primary's pods' live application
+                    metrics, and the canary's restarts and OOMKills over its soak so far (canary.py);
 - soak:             the application's own metrics against its baseline, the Istio destination-side success rate
                     (what the new proxy failed itself never reaches the app), sidecar memory, and restarts and
                     OOMKills counted over the whole soak so far (`events_window`);
@@ -24,6 +26,7 @@ from meshwave.checks import (
     Verdict,
     caller_success_rates,
     inbound_rate,
+    judge_canary,
     mtls_callers,
     strict_gate,
     verify_after_injection,
@@ -31,7 +34,7 @@ from meshwave.checks import (
 )
 from meshwave.prometheus import PrometheusError, Source, validate_window, window_seconds
 
-STAGES = ("soak", "strict_gate", "verify_strict", "verify_recovery")
+STAGES = ("canary_soak", "soak", "strict_gate", "verify_strict", "verify_recovery")
 # The events window is rounded up to this step so the gates of one wave whose soaks started within the same step
 # share one batched query; rounding up only looks further back, it never misses an event.
 EVENTS_STEP_SECONDS = 30
@@ -111,7 +114,7 @@ def poll_params(stage: str, params: dict[str, Any], elapsed: float) -> dict[str,
     STRICT gate plaintext since the sidecar."""
     if "window" not in params:  # params evaluate() will refuse anyway
         return params
-    if stage == "soak":
+    if stage in ("soak", "canary_soak"):
         return {**params, "events_window": events_window(params["window"], elapsed)}
     if stage == "strict_gate" and "sidecar_seconds" in params:
         return {**params, "lookback": strict_lookback(params["window"], float(params["sidecar_seconds"]), elapsed)}
@@ -120,6 +123,9 @@ def poll_params(stage: str, params: dict[str, Any], elapsed: float) -> dict[str,
 
 def evaluate(stage: str, source: Source, params: dict[str, Any]) -> Poll:
     thresholds = Thresholds.from_dict(params["thresholds"])
+    if stage == "canary_soak":
+        return Poll(judge_canary(source, canary=params["canary"], thresholds=thresholds,
+                                 events_window=params.get("events_window"), **_common(params)))
     if stage == "soak":
         return Poll(verify_after_injection(source, Baseline.from_dict(params["baseline"]), thresholds=thresholds,
                                            events_window=params.get("events_window"), **_common(params)))

@@ -46,6 +46,8 @@ ACTIONS = {
     "strict_only": "STRICT only: the sidecar is already there; gate, flip to STRICT, verify",
     "permissive": "Back to PERMISSIVE: undo STRICT for this service, keep the sidecar",
     "remove_sidecar": "Remove the sidecar: back to PERMISSIVE, no injection, restart",
+    "remove_canary": "Remove the canary copy of the workload a run left behind (mesh_reconcile's undo of a canary on "
+                     "trial); the workload itself is not touched",
     "clear_emergency": "Clear the emergency mark: the emergency rollback's annotations off the workload's policies, "
                        "modes unchanged (meshwave may make them STRICT again)",
 }

@@ -46,6 +46,10 @@ def ended(result_key: str, event: RolloutResult | GateEvent, decide: dict[str, A
         elif after == "soak" and isinstance(event, GateEvent):
             to, why = decisions.soak_decision(event, decisions.SoakFacts(
                 strict=decide["strict"], action=decide["action"], on_no_data=decide["on_no_data"]))
+        elif after == "wait_canary" and isinstance(event, RolloutResult):
+            to, why = decisions.canary_rollout_decision(event)
+        elif after == "canary_soak" and isinstance(event, GateEvent):
+            to, why = decisions.canary_decision(event, decide["on_no_data"])
         elif after == "strict_gate" and isinstance(event, GateEvent):
             to, why = decisions.gate_decision(event)
         else:

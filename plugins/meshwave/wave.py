@@ -186,7 +186,8 @@ def wave_dag(plan: Plan, wave: Wave, source: str) -> DAG:
             group = service_group(batch_group(batch), _planned(members), _batch_doc(batch, members), keys,
                                   label=label_template(keys), guard=_guard(plan),
                                   wave_error_task="wave_preflight",
-                                  approval_asked=any(svc.needs_approval for svc in members))
+                                  approval_asked=any(svc.needs_approval for svc in members),
+                                  canary_asked=any(svc.settings.canary is not None for svc in members))
             upstream >> group
             if batch != batches[-1]:
                 breaker = _circuit_breaker(plan, services, batch)
