@@ -4,12 +4,14 @@ Each tick: every cluster's controller reconciles deployments and pods, the mesh 
 flow from what is running and which policies apply, and the telemetry counters advance. Each cluster's store
 admits new pods as its API server would: Istio's injector (driven by the MutatingWebhookConfigurations the
 cluster's revisions install), metrics merging and image digest pinning where the topology turns them on.
+A topology service's traffic goes to the ready pods of every Deployment its Service selects (a canary copy too), and
+a Deployment that is no topology service runs the app of the topology service whose Service selects its pods.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +19,12 @@ from pydantic import ValidationError
 
 from meshlab import admission as resource_admission
 from meshlab import resources as r
-from meshlab.controller import MI, Behaviour, Controller, Timing, owner_name
+from meshlab.controller import MI, Behaviour, Controller, Timing, has_proxy, is_ready, owner_name
 from meshlab.errors import ApiError, gatekeeper_denied
 from meshlab.injection import DEFAULT_REVISION, Admission, excluded_ports, injector_config_map, webhook_configurations
-from meshlab.mesh import Flows, Workload, WorkloadKey, compute_flows, effective_mode
-from meshlab.store import Store
+from meshlab.mesh import Endpoint, Flows, Workload, WorkloadKey, compute_flows, effective_mode
+from meshlab.selectors import matches_labels
+from meshlab.store import Event, Store
 from meshlab.telemetry import Telemetry
 from meshlab.topology import Cluster, Service, Topology, TopologyError, format_errors
 
@@ -106,11 +109,80 @@ def qos_class(spec: Any) -> str:
     return "Guaranteed"
 
 
+class Selection:
+    """Which Deployments a Service selects (by their pod template labels), and which Service selects a Deployment,
+    kept from the store's events: a tick asks a dict per Service, never every Deployment of its namespace."""
+
+    def __init__(self, store: Store) -> None:
+        self._labels: dict[tuple[r.Resource, str], dict[str, dict[str, str]]] = {}  # (kind, ns) -> name -> labels
+        self._version: dict[str, int] = {}  # namespace -> changes to its templates' labels or Services' selectors
+        self._cache: dict[tuple[str, str, str], tuple[int, Any]] = {}
+        for res in (r.DEPLOYMENTS, r.SERVICES):
+            for obj in store.items(res):
+                self._note(res, obj["metadata"]["namespace"], obj["metadata"]["name"], self._labels_of(res, obj))
+        store.on_change.append(self._on_event)
+
+    @staticmethod
+    def _labels_of(res: r.Resource, obj: dict[str, Any]) -> dict[str, str]:
+        spec = obj.get("spec") or {}
+        if res is r.SERVICES:
+            return dict(spec.get("selector") or {})
+        return dict(((spec.get("template") or {}).get("metadata") or {}).get("labels") or {})
+
+    def _on_event(self, event: Event) -> None:
+        if event.resource is not r.DEPLOYMENTS and event.resource is not r.SERVICES:
+            return
+        meta = event.obj["metadata"]
+        labels = None if event.type == "DELETED" else self._labels_of(event.resource, event.obj)
+        self._note(event.resource, meta["namespace"], meta["name"], labels)
+
+    def _note(self, res: r.Resource, namespace: str, name: str, labels: dict[str, str] | None) -> None:
+        """Record labels (None: deleted); only a change makes the namespace's cached answers stale (status writes,
+        which are most Deployment events, change none)."""
+        table = self._labels.setdefault((res, namespace), {})
+        if table.get(name) == labels:
+            return
+        if labels is None:
+            table.pop(name, None)
+        else:
+            table[name] = labels
+        self._version[namespace] = self._version.get(namespace, 0) + 1
+
+    def deployments(self, namespace: str, service: str) -> list[str] | None:
+        """The Deployments whose pod template the Service's selector matches; None without that Service. A
+        Service without a selector selects nothing (its endpoints are not managed)."""
+        def find() -> list[str] | None:
+            selector = self._labels.get((r.SERVICES, namespace), {}).get(service)
+            if selector is None:
+                return None
+            templates = self._labels.get((r.DEPLOYMENTS, namespace), {})
+            return sorted(n for n, labels in templates.items() if selector and matches_labels(selector, labels))
+        return self._cached((namespace, "service", service), find)
+
+    def service_of(self, namespace: str, deployment: str, candidates: Iterable[str]) -> str | None:
+        """The first of `candidates` (Services, in order) that selects the Deployment's pods."""
+        def find() -> str | None:
+            labels = self._labels.get((r.DEPLOYMENTS, namespace), {}).get(deployment)
+            selectors = self._labels.get((r.SERVICES, namespace), {})
+            if labels is None:
+                return None
+            return next((s for s in candidates if selectors.get(s) and matches_labels(selectors[s], labels)), None)
+        return self._cached((namespace, "deployment", deployment), find)
+
+    def _cached(self, key: tuple[str, str, str], find: Callable[[], Any]) -> Any:
+        version = self._version.get(key[0], 0)
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != version:
+            cached = self._cache[key] = (version, find())
+        return cached[1]
+
+
 @dataclass
 class ClusterSim:
     name: str
     store: ClusterStore
     controller: Controller
+    selection: Selection
 
 
 def deployment_manifest(svc: Service) -> dict[str, Any]:
@@ -166,7 +238,12 @@ class Lab:
                                  keep_strict=cluster.keep_strict)
             controller = Controller(store, self._behaviour_lookup(cluster.name), self.timing,
                                     topology.mesh.root_namespace)
-            self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller)
+            self.clusters[cluster.name] = ClusterSim(cluster.name, store, controller, Selection(store))
+            store.on_change.append(self._forget_deleted_pods(cluster.name))
+        # A Deployment that is no topology service takes its app from these, in topology order.
+        self._services_in: dict[tuple[str, str], list[str]] = {}
+        for c, ns, name in self.knobs:
+            self._services_in.setdefault((c, ns), []).append(name)
         self.telemetry = Telemetry()
         self.flows = Flows({}, [])
         self._last_tick: float | None = None
@@ -226,12 +303,29 @@ class Lab:
 
     def _behaviour_lookup(self, cluster: str):
         def lookup(namespace: str, deployment: str) -> Behaviour:
-            svc = self.knobs.get((cluster, namespace, deployment))
+            svc = self.knobs.get((cluster, namespace, deployment)) or self._copied_from(cluster, namespace, deployment)
             if svc is None:
                 return Behaviour(sidecar_memory_mi=self.topology.mesh.sidecar_memory_mi)
             return Behaviour(app_memory_mi=svc.app_memory_mi, sidecar_memory_mi=self._sidecar_memory(svc),
                              legacy=svc.legacy, bypass_ports=frozenset(svc.bypass_ports), gateway=svc.gateway)
         return lookup
+
+    def _copied_from(self, cluster: str, namespace: str, deployment: str) -> Service | None:
+        """The topology service whose Service selects a Deployment that is none itself (a copy such as a canary):
+        the copy runs its app, so it behaves as it does."""
+        if not deployment:  # a bare pod
+            return None
+        selection = self.clusters[cluster].selection
+        name = selection.service_of(namespace, deployment, self._services_in.get((cluster, namespace), ()))
+        return None if name is None else self.knobs[(cluster, namespace, name)]
+
+    def _forget_deleted_pods(self, cluster: str) -> Callable[[Event], None]:
+        """A deleted pod is no longer scraped: its application series go (Prometheus marks them stale)."""
+        def on_event(event: Event) -> None:
+            if event.resource is r.PODS and event.type == "DELETED":
+                meta = event.obj["metadata"]
+                self.telemetry.forget_pod(cluster, meta["namespace"], meta["name"])
+        return on_event
 
     def _sidecar_memory(self, svc: Service) -> float:
         return self.topology.mesh.sidecar_memory_mi if svc.sidecar_memory_mi is None else svc.sidecar_memory_mi
@@ -263,11 +357,9 @@ class Lab:
             return Workload(key, svc, True, 1.0 if svc.gateway else 0.0, lambda port: "PERMISSIVE",
                             sidecar_latency_ms=latency)
         sim = self.clusters[cluster]
-        dep = sim.store.peek(r.DEPLOYMENTS, ns, name)
-        pods = sim.controller.pods_of(dep) if dep else []
-        ready = [p for p in pods if sim.controller._ready(p)]
-        proxied = [p for p in ready if svc.gateway or _has_proxy(p)]
-        sample = (proxied or ready or [None])[0]
+        endpoints, sample = self._endpoints(sim, ns, name, svc.gateway)
+        proxied = sum(1 for e in endpoints if e.proxied)
+        dep = sim.store.peek(r.DEPLOYMENTS, ns, name) if sample is None else None
         labels = (sample["metadata"].get("labels") or {}) if sample else \
             ((dep or {}).get("spec", {}).get("template", {}).get("metadata", {}).get("labels") or {})
         annotations = (sample["metadata"].get("annotations") or {}) if sample else {}
@@ -282,11 +374,32 @@ class Lab:
             return modes[port]
 
         return Workload(
-            key, svc, bool(ready), len(proxied) / len(ready) if ready else 0.0, mode_for_port,
+            key, svc, bool(endpoints), proxied / len(endpoints) if endpoints else 0.0, mode_for_port,
             inbound_bypass=set(svc.bypass_ports) | excluded_ports(annotations, "Inbound"),
             outbound_excluded=excluded_ports(annotations, "Outbound"),
-            sidecar_latency_ms=latency, proxy_drop=svc.proxy_drop,
+            sidecar_latency_ms=latency, proxy_drop=svc.proxy_drop, endpoints=endpoints,
         )
+
+    @staticmethod
+    def _endpoints(sim: ClusterSim, ns: str, name: str,
+                   gateway: bool) -> tuple[tuple[Endpoint, ...], dict[str, Any] | None]:
+        """The ready pods of every Deployment the Service `name` selects (Deployment `name` alone without that
+        Service), and the pod whose labels and annotations stand for them all: a proxied one if any, since only a
+        proxy enforces a mode or excludes ports (a canary whose template differs from its primary's is approximated
+        by whichever pod comes first)."""
+        deployments = sim.selection.deployments(ns, name)
+        endpoints: list[Endpoint] = []
+        sample = first = None
+        for deployment in [name] if deployments is None else deployments:
+            for pod in sim.store.pods_of(ns, deployment):
+                if not is_ready(pod):
+                    continue
+                proxied = gateway or has_proxy(pod)
+                endpoints.append(Endpoint(pod["metadata"]["name"], deployment, proxied))
+                if proxied and sample is None:
+                    sample = pod
+                first = first or pod
+        return tuple(endpoints), sample or first
 
     def memory_of(self, cluster: str):
         lookup = self._behaviour_lookup(cluster)
@@ -344,7 +457,3 @@ class Lab:
             "latency_ms": round(f.latency_ms, 2) if f else None,
             "knobs": {k: getattr(svc, k) if k != "calls" else [c.model_dump() for c in svc.calls] for k in KNOBS},
         }
-
-
-def _has_proxy(pod: dict[str, Any]) -> bool:
-    return any(c["name"] == "istio-proxy" for c in pod["spec"].get("containers", []))

@@ -11,6 +11,8 @@ Rules (istio-facts.md):
   response flag UF itself: those requests never reach the app. The lab models no Envoy retries.
 - A call in bursts sends its average rate in short bursts (`Call.burst_factor` over the tick's interval).
 - Each proxy on a hop adds latency; a request's latency includes its calls, one after another.
+- A Service's traffic is spread evenly over every ready pod its selector matches, whatever Deployment owns it
+  (kube-proxy, Envoy's endpoints): a workload is a topology service's Service, its endpoints the ready pods.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from functools import cached_property
+from typing import Any, NamedTuple, Protocol
 
 from meshlab import resources as r
 from meshlab.selectors import matches_labels
@@ -26,6 +29,7 @@ from meshlab.store import Store
 from meshlab.topology import Call, Service
 
 WorkloadKey = tuple[str, str, str]  # (cluster, namespace, name)
+Owners = tuple[tuple[str, float], ...]  # (Deployment, its share of the requests)
 UNSET = "UNSET"
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
@@ -107,9 +111,17 @@ def effective_mode(store: Store, root_namespace: str, namespace: str, pod_labels
     return mode
 
 
+class Endpoint(NamedTuple):
+    """A ready pod the Service sends traffic to."""
+
+    pod: str
+    owner: str  # the Deployment owning it: Istio's workload name for the pod
+    proxied: bool  # a proxy (or the gateway's own Envoy) receives its inbound traffic
+
+
 @dataclass
 class Workload:
-    """A workload as the mesh sees it this tick."""
+    """A workload as the mesh sees it this tick: a topology service, served by its Service's endpoints."""
 
     key: WorkloadKey
     service: Service
@@ -120,12 +132,40 @@ class Workload:
     outbound_excluded: set[int] = field(default_factory=set)
     sidecar_latency_ms: float = 0.5
     proxy_drop: float = 0.0  # of what its own proxy accepts, failed by that proxy (never reaches the app)
+    endpoints: tuple[Endpoint, ...] = ()  # none: outside Kubernetes, or no ready pod
 
     def proxied_inbound(self, port: int) -> float:
         return 0.0 if port in self.inbound_bypass else self.sidecar_fraction
 
     def proxied_outbound(self, port: int) -> float:
         return 0.0 if port in self.outbound_excluded else self.sidecar_fraction
+
+    @cached_property
+    def proxy_owners(self) -> Owners:
+        """Who served what went into the server's proxies: split by the proxied ready pods' owners."""
+        return self._owners([e for e in self.endpoints if e.proxied])
+
+    def direct_owners(self, port: int) -> Owners:
+        """Who served what reached pods past any proxy: the unproxied ready pods' owners, every ready pod's on a
+        port the proxies do not capture."""
+        return self._all_owners if port in self.inbound_bypass else self._direct_owners
+
+    @cached_property
+    def _direct_owners(self) -> Owners:
+        return self._owners([e for e in self.endpoints if not e.proxied])
+
+    @cached_property
+    def _all_owners(self) -> Owners:
+        return self._owners(list(self.endpoints))
+
+    def _owners(self, endpoints: list[Endpoint]) -> Owners:
+        """Each owner's share, in proportion to its pods (an even spread per endpoint); without pods, the service."""
+        if not endpoints:
+            return ((self.key[2], 1.0),)
+        counts: dict[str, int] = {}
+        for e in endpoints:
+            counts[e.owner] = counts.get(e.owner, 0) + 1
+        return tuple((owner, n / len(endpoints)) for owner, n in counts.items())
 
 
 @dataclass
@@ -166,6 +206,8 @@ class EdgeShares:
 @dataclass
 class WorkloadFlow:
     reached: float = 0.0      # requests per second that reach the application
+    proxied: float = 0.0      # of `reached`, through the server's proxies (to the proxied pods)
+    bypassed: float = 0.0     # of `reached`, on a port the proxies do not capture (to any ready pod)
     ok: float = 1.0           # fraction of those answered 2xx
     own_error: float = 0.0    # fraction answered 500 by the app itself (the rest of failures are 503)
     latency_ms: float = 0.0
@@ -177,6 +219,7 @@ class Flows:
     edges: list[EdgeFlow]
     gateways: set[WorkloadKey] = field(default_factory=set)  # Envoy only: no application metrics
     app_labels: dict[WorkloadKey, str] = field(default_factory=dict)  # the label the app's own metrics name it by
+    endpoints: dict[WorkloadKey, tuple[Endpoint, ...]] = field(default_factory=dict)  # the pods that serve them
 
 
 class Bursts(Protocol):
@@ -237,7 +280,7 @@ def compute_flows(workloads: dict[WorkloadKey, Workload], bursts: Bursts = stead
             edge = _edge(None, w, w.service.port, "http", flows[key])
             _split(edge, w.service.ingress_rps)
             edges.append(edge)
-            flows[key].reached += edge.mtls + edge.plaintext + edge.to_unproxied
+            _deliver(flows[key], edge)
         for call in w.service.calls:
             callee = workloads.get(_key(call))
             if callee is None:
@@ -248,9 +291,18 @@ def compute_flows(workloads: dict[WorkloadKey, Workload], bursts: Bursts = stead
                 call.response_bytes_per_second
             edges.append(edge)
             if call.protocol == "http":
-                flows[callee.key].reached += edge.mtls + edge.plaintext + edge.to_unproxied
+                _deliver(flows[callee.key], edge)
     return Flows(flows, edges, {k for k, w in workloads.items() if w.service.gateway},
-                 {k: w.service.app_metrics_label for k, w in workloads.items() if w.service.app_metrics_label != "app"})
+                 {k: w.service.app_metrics_label for k, w in workloads.items() if w.service.app_metrics_label != "app"},
+                 {k: w.endpoints for k, w in workloads.items() if w.endpoints})
+
+
+def _deliver(flow: WorkloadFlow, edge: EdgeFlow) -> None:
+    """Count what an edge delivers to the application, and by which way, so each pod gets its own share."""
+    flow.reached += edge.mtls + edge.plaintext + edge.to_unproxied
+    flow.proxied += edge.mtls + edge.plaintext
+    if edge.port in edge.dest.inbound_bypass:
+        flow.bypassed += edge.to_unproxied
 
 
 def _edge(source: Workload | None, dest: Workload, port: int, protocol: str, dest_flow: WorkloadFlow) -> EdgeFlow:

@@ -1,12 +1,17 @@
 """Telemetry in the names and labels Prometheus sees on a real cluster.
 
 - the application's own metrics (exist before and after injection): `http_requests_total`,
-  `http_request_duration_seconds`;
+  `http_request_duration_seconds`, per pod (the `pod` label Prometheus' pod scraping adds): each ready pod serves
+  its share, what passed the server's proxies evenly over the proxied pods, the rest over the unproxied ones; a
+  deleted pod's series go with it;
 - Istio standard metrics, only where a proxy handled the traffic: `istio_requests_total`,
   `istio_request_duration_milliseconds`, `istio_tcp_connections_opened_total` / `_closed_total`,
   `istio_tcp_received_bytes_total` / `istio_tcp_sent_bytes_total` (bytes from / to the downstream caller, both
   reporters, while a connection is open: a long-lived one keeps counting bytes and opens nothing new);
   a request the server's proxy failed itself (`proxy_drop`) is a 503 with response flag UF at the destination;
+  `destination_workload` is the Deployment owning the pod that served the request (split by the proxied pods'
+  owners for what went into server proxies, by the unproxied pods' owners for the rest); the Service is
+  `destination_service`;
 - the OpenTelemetry Collector's `servicegraph` connector (Grafana Tempo's service graph processor, ported), which
   sees every call between traced services, sidecar or not: `traces_service_graph_request_total`,
   `traces_service_graph_request_failed_total` and the histograms `traces_service_graph_request_server_seconds` /
@@ -30,7 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from meshlab import resources as r
 from meshlab.injection import parse_quantity
-from meshlab.mesh import EdgeFlow, Flows, Workload
+from meshlab.mesh import EdgeFlow, Endpoint, Flows, Owners, Workload, WorkloadFlow, WorkloadKey
 
 NONE = "<none>"  # kube-state-metrics' owner labels of an object without ownerReferences
 POD_OWNER_LABELS = ("cluster", "namespace", "pod", "uid", "owner_kind", "owner_name", "owner_is_controller")
@@ -85,50 +90,75 @@ class Telemetry:
         self.tcp_closed: dict[tuple[str, ...], float] = defaultdict(float)
         self.tcp_received: dict[tuple[str, ...], float] = defaultdict(float)
         self.tcp_sent: dict[tuple[str, ...], float] = defaultdict(float)
-        # keyed (cluster, namespace, the app's label name, app[, code]): an app may name itself by another label
+        # keyed (cluster, namespace, the app's label name, app, pod[, code]): an app may name itself by another label
         self.app_requests: dict[tuple[str, ...], float] = defaultdict(float)
         self.app_durations: dict[tuple[str, ...], Histogram] = {}
+        self._pod_series: dict[tuple[str, str, str], set[tuple[str, ...]]] = {}  # (cluster, ns, pod) -> app keys
         self.service_graph = ServiceGraph()
 
     # ---- accumulation, once per tick -----------------------------------------------------------
     def advance(self, flows: Flows, dt: float) -> None:
         for key, f in flows.workloads.items():
-            if f.reached <= 0 or key in flows.gateways:
-                continue
-            cluster, ns, app = key
-            named = (cluster, ns, flows.app_labels.get(key, APP_LABEL), app)
-            amount = f.reached * dt
-            fail = 1 - f.ok
-            for code, share in (("200", f.ok), ("500", min(f.own_error, fail)), ("503", max(0.0, fail - f.own_error))):
-                if share > 1e-12:
-                    self.app_requests[(*named, code)] += amount * share
-            hist = self.app_durations.setdefault(named, Histogram(len(APP_BUCKETS_S)))
-            hist.observe(APP_BUCKETS_S, _cdf(APP_BUCKETS_S, f.latency_ms / 1000), amount, f.latency_ms / 1000)
+            if f.reached > 0 and key not in flows.gateways:
+                self._app(key, f, flows.app_labels.get(key, APP_LABEL), flows.endpoints.get(key, ()), dt)
         for edge in flows.edges:
             self._edge(edge, flows, dt)
             self.service_graph.edge(edge, flows.workloads[edge.dest.key], dt)
 
+    def _app(self, key: WorkloadKey, f: WorkloadFlow, label: str, endpoints: tuple[Endpoint, ...],
+             dt: float) -> None:
+        """The application's own metrics, each ready pod's by its share of what reached the app."""
+        cluster, ns, app = key
+        fail = 1 - f.ok
+        codes = [(code, share) for code, share in (("200", f.ok), ("500", min(f.own_error, fail)),
+                                                   ("503", max(0.0, fail - f.own_error))) if share > 1e-12]
+        seconds = f.latency_ms / 1000
+        cdf = _cdf(APP_BUCKETS_S, seconds)
+        for pod, rate in _pod_rates(f, endpoints):
+            named = (cluster, ns, label, app, pod)
+            amount = rate * dt
+            for code, share in codes:
+                self.app_requests[(*named, code)] += amount * share
+            hist = self.app_durations.get(named)
+            if hist is None:
+                hist = self.app_durations[named] = Histogram(len(APP_BUCKETS_S))
+                self._pod_series.setdefault((cluster, ns, pod), set()).add(named)
+            hist.observe(APP_BUCKETS_S, cdf, amount, seconds)
+
+    def forget_pod(self, cluster: str, namespace: str, pod: str) -> None:
+        """A deleted pod's application series: no longer scraped, so no longer exposed."""
+        for named in self._pod_series.pop((cluster, namespace, pod), ()):
+            self.app_durations.pop(named, None)
+            for code in ("200", "500", "503"):
+                self.app_requests.pop((*named, code), None)
+
     def _edge(self, e: EdgeFlow, flows: Flows, dt: float) -> None:
         dest_flow = flows.workloads[e.dest.key]
         server_latency = dest_flow.latency_ms + e.dest.sidecar_latency_ms
+        # Istio names the pod's owner: what went into a server proxy was served by a proxied pod, the rest by the
+        # pods without one (or, on a port no proxy captures, by any); no ready pod at all leaves the service's name.
+        proxied, direct = e.dest.proxy_owners, e.dest.direct_owners(e.port)
         if e.mtls:
-            self._report("destination", e, e.source, e.mtls, "mutual_tls", dest_flow.ok, server_latency, dt)
-            self._report("source", e, e.source, e.mtls, "unknown", dest_flow.ok, e.latency_ms, dt)
+            self._report("destination", e, e.source, e.mtls, "mutual_tls", dest_flow.ok, server_latency, dt, proxied)
+            self._report("source", e, e.source, e.mtls, "unknown", dest_flow.ok, e.latency_ms, dt, proxied)
         if e.plaintext:
-            self._report("destination", e, None, e.plaintext, "none", dest_flow.ok, server_latency, dt)
+            self._report("destination", e, None, e.plaintext, "none", dest_flow.ok, server_latency, dt, proxied)
         if e.to_unproxied * e.client_proxied:
             self._report("source", e, e.source, e.to_unproxied * e.client_proxied, "unknown", dest_flow.ok,
-                         e.latency_ms, dt)
+                         e.latency_ms, dt, direct)
         if e.unavailable * e.client_proxied:
-            self._report("source", e, e.source, e.unavailable * e.client_proxied, "unknown", 0.0, 1.0, dt, flags="UH")
+            self._report("source", e, e.source, e.unavailable * e.client_proxied, "unknown", 0.0, 1.0, dt, direct,
+                         flags="UH")
         # Failed by the server's proxy: it answers 503 UF itself, the caller's proxy relays the 503 it received.
         failed_latency = 2 * e.dest.sidecar_latency_ms
         if e.dropped_mtls:
-            self._report("destination", e, e.source, e.dropped_mtls, "mutual_tls", 0.0, failed_latency, dt, DROPPED)
-            self._report("source", e, e.source, e.dropped_mtls, "unknown", 0.0, failed_latency, dt,
+            self._report("destination", e, e.source, e.dropped_mtls, "mutual_tls", 0.0, failed_latency, dt, proxied,
+                         DROPPED)
+            self._report("source", e, e.source, e.dropped_mtls, "unknown", 0.0, failed_latency, dt, proxied,
                          upstream_failed=True)
         if e.dropped_plaintext:
-            self._report("destination", e, None, e.dropped_plaintext, "none", 0.0, failed_latency, dt, DROPPED)
+            self._report("destination", e, None, e.dropped_plaintext, "none", 0.0, failed_latency, dt, proxied,
+                         DROPPED)
         if e.protocol == "tcp" and (e.bytes_per_second or e.response_bytes_per_second):
             self._bytes(e, dt)
 
@@ -136,19 +166,25 @@ class Telemetry:
         """Bytes of the edge's open connection(s), split like its connections; one that no request rate opens is a
         long-lived connection: opened once (its first byte), never closed."""
         shares = e.shares()
-        reports = (("destination", e.source, shares.mtls, "mutual_tls"), ("source", e.source, shares.mtls, "unknown"),
-                   ("destination", None, shares.plaintext, "none"), ("source", e.source, shares.source_only, "unknown"))
-        for reporter, source, share, security in reports:
+        proxied, direct = e.dest.proxy_owners, e.dest.direct_owners(e.port)
+        reports = (("destination", e.source, shares.mtls, "mutual_tls", proxied),
+                   ("source", e.source, shares.mtls, "unknown", proxied),
+                   ("destination", None, shares.plaintext, "none", proxied),
+                   ("source", e.source, shares.source_only, "unknown", direct))
+        for reporter, source, share, security, owners in reports:
             if share <= 1e-12 or (reporter == "source" and e.source is None):
                 continue
-            labels = (*self._base(reporter, e, source, security), "-", security)
-            self.tcp_received[labels] += e.bytes_per_second * share * dt
-            self.tcp_sent[labels] += e.response_bytes_per_second * share * dt
-            if e.offered <= 0 and labels not in self.tcp_opened:
-                self.tcp_opened[labels] = 1.0
+            for owner, part in owners:
+                labels = (*self._base(reporter, e, source, security, owner), "-", security)
+                self.tcp_received[labels] += e.bytes_per_second * share * part * dt
+                self.tcp_sent[labels] += e.response_bytes_per_second * share * part * dt
+                if e.offered <= 0 and labels not in self.tcp_opened:
+                    self.tcp_opened[labels] = 1.0
 
-    def _base(self, reporter: str, e: EdgeFlow, source: Workload | None, security: str) -> tuple[str, ...]:
-        """The Istio labels up to destination_cluster, as `reporter` writes them."""
+    def _base(self, reporter: str, e: EdgeFlow, source: Workload | None, security: str,
+              dest_workload: str) -> tuple[str, ...]:
+        """The Istio labels up to destination_cluster, as `reporter` writes them; `dest_workload` is the Deployment
+        that owns the serving pod (destination_app and the service stay the Service's)."""
         dest = e.dest
         cluster = dest.key[0] if reporter == "destination" else (source.key[0] if source else dest.key[0])
         src_name, src_ns, src_principal, src_cluster = ("unknown",) * 4
@@ -156,20 +192,27 @@ class Telemetry:
             src_name, src_ns, src_principal, src_cluster = (source.key[2], source.key[1], _principal(source),
                                                             source.key[0])
         dest_host = f"{dest.key[2]}.{dest.key[1]}.svc.cluster.local"
-        return (cluster, reporter, src_name, src_ns, src_principal, src_name, src_cluster, dest.key[2], dest.key[1],
+        return (cluster, reporter, src_name, src_ns, src_principal, src_name, src_cluster, dest_workload, dest.key[1],
                 _principal(dest), dest.key[2], dest_host, dest.key[2], dest.key[1], dest.key[0])
 
     def _report(self, reporter: str, e: EdgeFlow, source: Workload | None, rate: float, security: str,
-                ok: float, latency_ms: float, dt: float, flags: str = "-", upstream_failed: bool = False) -> None:
-        """`flags`: what this proxy itself did to the request ("-": nothing). `upstream_failed`: the 503 came from the
-        next proxy (a relayed answer carries no flag of this proxy's)."""
-        dest, amount = e.dest, rate * dt
-        base = self._base(reporter, e, source, security)
-        if e.protocol == "tcp":
-            self.tcp_opened[(*base, flags, security)] += amount
-            self.tcp_closed[(*base, flags, security)] += amount  # short connections: closed as they open
-            return
-        own = 0.0 if flags != "-" or upstream_failed else min(dest.service.error_rate, 1 - ok)
+                ok: float, latency_ms: float, dt: float, owners: Owners, flags: str = "-",
+                upstream_failed: bool = False) -> None:
+        """`owners`: the Deployments whose pods served it, with their shares. `flags`: what this proxy itself did to
+        the request ("-": nothing). `upstream_failed`: the 503 came from the next proxy (a relayed answer carries no
+        flag of this proxy's)."""
+        for owner, part in owners:
+            amount = rate * part * dt
+            base = self._base(reporter, e, source, security, owner)
+            if e.protocol == "tcp":
+                self.tcp_opened[(*base, flags, security)] += amount
+                self.tcp_closed[(*base, flags, security)] += amount  # short connections: closed as they open
+            else:
+                self._requests(base, e, ok, latency_ms, amount, flags, upstream_failed, security)
+
+    def _requests(self, base: tuple[str, ...], e: EdgeFlow, ok: float, latency_ms: float, amount: float, flags: str,
+                  upstream_failed: bool, security: str) -> None:
+        own = 0.0 if flags != "-" or upstream_failed else min(e.dest.service.error_rate, 1 - ok)
         for code, share in (("200", ok), ("500", own), ("503", max(0.0, 1 - ok - own))):
             if share <= 1e-12:
                 continue
@@ -215,15 +258,33 @@ class Telemetry:
         Prometheus stores as absent)."""
         names = sorted({key[2] for key in self.app_requests} | {APP_LABEL})
         requests = CounterMetricFamily("http_requests", "Requests served, by the application itself.",
-                                       labels=("cluster", "namespace", *names, "code"))
-        for (cluster, ns, label, app, code), value in self.app_requests.items():
-            requests.add_metric((cluster, ns, *_named(names, label, app), code), value)
+                                       labels=("cluster", "namespace", *names, "pod", "code"))
+        for (cluster, ns, label, app, pod, code), value in self.app_requests.items():
+            requests.add_metric((cluster, ns, *_named(names, label, app), pod, code), value)
         yield requests
         durations = HistogramMetricFamily("http_request_duration_seconds", "Request duration, by the application.",
-                                          labels=("cluster", "namespace", *names))
-        for (cluster, ns, label, app), h in self.app_durations.items():
-            durations.add_metric((cluster, ns, *_named(names, label, app)), _buckets(APP_BUCKETS_S, h), h.sum)
+                                          labels=("cluster", "namespace", *names, "pod"))
+        for (cluster, ns, label, app, pod), h in self.app_durations.items():
+            durations.add_metric((cluster, ns, *_named(names, label, app), pod), _buckets(APP_BUCKETS_S, h), h.sum)
         yield durations
+
+
+def _pod_rates(f: WorkloadFlow, endpoints: tuple[Endpoint, ...]) -> list[tuple[str, float]]:
+    """Each ready pod's requests per second, as kube-proxy and Envoy spread a Service's traffic (evenly per endpoint):
+    what passed the server's proxies over the proxied pods, what went past them over the unproxied ones, what a port
+    no proxy captures carried over all. A caller outside Kubernetes has no pod: one series without it."""
+    if not endpoints:
+        return [("", f.reached)]
+    every = [e.pod for e in endpoints]
+    proxied = [e.pod for e in endpoints if e.proxied]
+    direct = [e.pod for e in endpoints if not e.proxied]
+    rates = dict.fromkeys(every, 0.0)
+    for pods, rate in ((proxied or every, f.proxied), (direct or every, f.reached - f.proxied - f.bypassed),
+                       (every, f.bypassed)):
+        if rate > 1e-12:
+            for pod in pods:
+                rates[pod] += rate / len(pods)
+    return [(pod, rate) for pod, rate in rates.items() if rate > 0]
 
 
 def _named(names: list[str], label: str, app: str) -> list[str]:

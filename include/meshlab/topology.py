@@ -100,6 +100,7 @@ def _inside_bursts(start: float, end: float, every: float, length: float) -> flo
 
 # Prometheus label names (the data model's rule); the ones the app metrics already carry are refused.
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+APP_METRIC_LABELS = ("cluster", "namespace", "pod", "code", "le")
 
 
 class Service(Strict):
@@ -130,7 +131,7 @@ class Service(Strict):
     @field_validator("app_metrics_label")
     @classmethod
     def _check_label(cls, value: str) -> str:
-        if not LABEL_NAME.match(value) or value.startswith("__") or value in ("cluster", "namespace", "code", "le"):
+        if not LABEL_NAME.match(value) or value.startswith("__") or value in APP_METRIC_LABELS:
             raise ValueError(f"{value!r} is not a Prometheus label name the app metrics can use for the app")
         return value
 
