@@ -106,11 +106,13 @@ class CanaryResult(_Result):
     canary: str | None = Field(None, description="the canary Deployment's name")
     none: str | None = Field(None, description="why there is no canary to try (no canary in the plan, ...)")
     seconds: float
+    pending: dict[str, Any] | None = None
 
 
 class RemoveCanaryResult(_Result):
     changes: Changes
     seconds: float
+    pending: dict[str, Any] | None = None  # the canary's pending state settled (Change.to_dict())
 
     @property
     def removed(self) -> bool:

@@ -761,15 +761,17 @@ def _make_canary(svc: Service, context: dict[str, Any]) -> CanaryResult:
         return CanaryResult(changes=[], none=why, seconds=steps.took(started))
     assert svc.settings.canary is not None
     _not_frozen(svc, kube, context, "canary", "the canary")
+    pending = None
     if not kube.dry_run:  # a run that dies before removing its canary leaves it to mesh_reconcile
-        _expect(svc, kube, context, CANARY_TRIAL, Undo.REMOVE_CANARY,
-                _canary_seconds(svc.settings) + svc.settings.reconcile_grace_seconds)
+        pending = _expect(svc, kube, context, CANARY_TRIAL, Undo.REMOVE_CANARY,
+                          _canary_seconds(svc.settings) + svc.settings.reconcile_grace_seconds)
     try:
         change = kube.ensure_canary(p.namespace, p.workload, svc.settings.canary.replicas, _run_of(context))
     except InjectionBlocked as exc:  # refused before any write
         raise steps.Blocked(str(exc)) from None
     print(change.summary())
-    return CanaryResult(changes=[change.to_dict()], canary=canary_name(p.workload), seconds=steps.took(started))
+    return CanaryResult(changes=[change.to_dict()], canary=canary_name(p.workload), seconds=steps.took(started),
+                        pending=pending)
 
 
 def _canary_task(prefix: str):
@@ -819,8 +821,7 @@ def _remove_canary_task(prefix: str):
             change = kube.remove_canary(svc.plan.namespace, svc.plan.workload)
             print(change.summary())
             settled = None if kube.dry_run else _settle(svc, kube, "canary removed", only=Undo.REMOVE_CANARY)
-        done = RemoveCanaryResult(changes=[change.to_dict(), *([settled] if settled else [])],
-                                  seconds=steps.took(started))
+        done = RemoveCanaryResult(changes=[change.to_dict()], seconds=steps.took(started), pending=settled)
         context["ti"].xcom_push(key="remove_canary", value=done.model_dump(mode="json"))
 
     return remove_canary()
