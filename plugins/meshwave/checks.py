@@ -431,15 +431,22 @@ def _p99_verdict(p99: _Reading, p50: _Reading, count: _Reading, baseline: Baseli
         return verdict(Outcome.NO_DATA, "no baseline p99 to compare with")
     if not _usable(current):
         return verdict(Outcome.NO_DATA, f"p99 is {_fmt(current)}")
+    return verdict(*_p99_against(current, base, values, th, "p99", "baseline"))
+
+
+def _p99_against(current: float, base: float, values: dict[str, Any], th: Thresholds, what: str,
+                 reference: str) -> tuple[Outcome, str]:
+    """A p99 fails only when it is both more than `max_p99_increase_ms` and `max_p99_ratio` times above the
+    reference's; the increase and the ratio go into `values`."""
     increase = current - base
     increase = 0.0 if abs(increase) < 1e-6 else increase  # no "-0.0 ms" in a report
     ratio = current / base if base > 0 else math.inf
     values.update(increase_ms=increase, ratio=ratio)
     over_ms, over_ratio = increase > th.max_p99_increase_ms, ratio > th.max_p99_ratio
-    detail = (f"p99 {current:.1f} ms vs baseline {base:.1f} ms: {increase:+.1f} ms "
+    detail = (f"{what} {current:.1f} ms vs {reference} {base:.1f} ms: {increase:+.1f} ms "
               f"({'>' if over_ms else '<='} {th.max_p99_increase_ms:g}), x{_fmt(ratio)} "
               f"({'>' if over_ratio else '<='} {th.max_p99_ratio:g})")
-    return verdict(Outcome.FAIL if over_ms and over_ratio else Outcome.PASS, detail)
+    return Outcome.FAIL if over_ms and over_ratio else Outcome.PASS, detail
 
 
 def _container(sample: Sample) -> str:
@@ -559,13 +566,7 @@ def _canary_p99(own: _Reader, primary: _Reader, count: _Reading, th: Thresholds)
             return verdict(Outcome.NO_DATA, f"too little traffic to judge {who}: {low}")
     if not _usable(current) or not _usable(base):
         return verdict(Outcome.NO_DATA, f"p99 canary {_fmt(current)} ms, primary {_fmt(base)} ms")
-    increase, ratio = current - base, current / base if base > 0 else math.inf
-    values.update(increase_ms=increase, ratio=ratio)
-    over_ms, over_ratio = increase > th.max_p99_increase_ms, ratio > th.max_p99_ratio
-    detail = (f"canary p99 {current:.1f} ms vs primary {base:.1f} ms: {increase:+.1f} ms "
-              f"({'>' if over_ms else '<='} {th.max_p99_increase_ms:g}), x{_fmt(ratio)} "
-              f"({'>' if over_ratio else '<='} {th.max_p99_ratio:g})")
-    return verdict(Outcome.FAIL if over_ms and over_ratio else Outcome.PASS, detail)
+    return verdict(*_p99_against(current, base, values, th, "canary p99", "primary"))
 
 
 # ---- the STRICT gate ------------------------------------------------------------------------------------
