@@ -33,8 +33,15 @@ def _kubernetes_hook_class() -> type:
         (the kubernetes client's global default would be shared between clusters and threads)."""
 
         def __init__(self, connection: Any) -> None:
-            super().__init__(conn_id=connection.conn_id, client_configuration=k8s_client.Configuration())
+            configuration = k8s_client.Configuration()
+            super().__init__(conn_id=connection.conn_id, client_configuration=configuration)
             self._connection = connection
+            if self._get_field("in_cluster"):  # as the provider reads it
+                # The provider loads the pod's service account into the kubernetes client's global default and
+                # then builds its client on our own configuration, which would stay empty (no host, no token).
+                from kubernetes import config
+
+                config.load_incluster_config(client_configuration=configuration)
 
         @cached_property
         def conn_extras(self) -> dict[str, Any]:
