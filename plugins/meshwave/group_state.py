@@ -29,6 +29,7 @@ TASKS: dict[str, tuple[str, ...]] = {
     "back_to_permissive": ("back_to_permissive", "verify_recovery"),
     "rollback_injection": ("rollback_injection", "wait_rollback"),
 }
+CANARY_TASKS = ("canary", "canary_soak", "remove_canary")  # only in a group where some service tries a canary
 TASK_OF = {step: task for task, steps in TASKS.items() for step in steps}
 # The decisions after admit, and the task that makes each: a wait decides what follows it when it ends.
 DECIDED_BY = {"after_canary_rollout": "canary", "after_canary": "canary_soak",

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 DAG = "meshwave_e2e_canary_canaries"
 NS, BAD, GOOD = "canary", "cn-bad", "cn-good"
+FINISHED = ("success", "failed", "skipped", "upstream_failed")
 before: dict[str, Any] = {}
 
 
@@ -41,18 +42,41 @@ def record_before(stack: Stack) -> None:
                   since=time.time())
 
 
-EARLY[DAG] = Early(DAG, {}, before=record_before)
-
-
 def gate_event(stack: Stack, run_id: str, service: str, step: str) -> dict[str, Any]:
     ti = stack.airflow.task_instances(DAG, run_id)[f"batch_1.{step}[lab/{NS}/{service}]"]
     found = stack.airflow.ti_xcom(ti, key=step)
     return json.loads(found) if isinstance(found, str) else found
 
 
-def by_workload_and_code(stack: Stack, metric_filter: str, seconds: float, at: float) -> dict[tuple[str, str], float]:
+def measure_the_canary(stack: Stack, run_id: str) -> dict[str, Any]:
+    """Beside the run, once cn-bad's canary soak has ended: what Prometheus saw over it (asked then, while this
+    session's Prometheus runs: test_wave.py stops it later)."""
+    deadline = time.monotonic() + 600
+    key = f"batch_1.canary_soak[lab/{NS}/{BAD}]"
+    while (stack.airflow.task_instances(DAG, run_id).get(key) or {}).get("state") not in FINISHED:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{key} did not end")
+        time.sleep(2)
+    time.sleep(5)  # the last scrapes of the soak's window
+    soak = gate_event(stack, run_id, BAD, "canary_soak")
+    seconds, at = soak["ended"] - soak["started"], soak["ended"]
+    window = f"[{seconds:.0f}s] @ {at:.3f}"
+    flags = stack.prometheus.query(f'sum by (response_flags) (increase(istio_requests_total{{reporter="destination", '
+                                   f'destination_workload="{BAD}-canary"}}{window}))')
+    app_errors = stack.prometheus.query(f'sum(increase(http_requests_total{{namespace="{NS}", app="{BAD}", '
+                                        f'code=~"5.."}}{window}))')
+    return {"seen": by_workload_and_code(stack, f'reporter="source", source_workload="cn-gw", '
+                                                f'destination_service_name="{BAD}"', window),
+            "flags": {s["metric"]["response_flags"] for s in flags if float(s["value"][1]) > 0},
+            "app_errors": float(app_errors[0]["value"][1]) if app_errors else 0.0}
+
+
+EARLY[DAG] = Early(DAG, {}, before=record_before, during=measure_the_canary)
+
+
+def by_workload_and_code(stack: Stack, metric_filter: str, window: str) -> dict[tuple[str, str], float]:
     found = stack.prometheus.query(f"sum by (destination_workload, response_code) (increase(istio_requests_total"
-                                   f"{{{metric_filter}}}[{seconds:.0f}s] @ {at:.3f}))")
+                                   f"{{{metric_filter}}}{window}))")
     return {(s["metric"]["destination_workload"], s["metric"]["response_code"]): float(s["value"][1]) for s in found}
 
 
@@ -79,21 +103,15 @@ def test_a_failed_canary_costs_only_its_share_and_never_restarts_the_primary(sta
                 if d.metadata.name.endswith("-canary")], "a canary was left behind"
 
     # only the canary's share failed, as the caller's proxy saw it over the canary's soak
-    soak = gate_event(stack, run_id, BAD, "canary_soak")
-    seconds, at = soak["ended"] - soak["started"], soak["ended"]
-    seen = by_workload_and_code(stack, f'reporter="source", source_workload="cn-gw", destination_service_name="{BAD}"',
-                                seconds, at)
+    measured = stack.during[DAG].result(timeout=60)
+    seen = measured["seen"]
     canary = {code: n for (workload, code), n in seen.items() if workload == f"{BAD}-canary" and n > 0}
     primary = {code: n for (workload, code), n in seen.items() if workload == BAD and n > 0}
     assert set(canary) == {"503"} and set(primary) == {"200"}, seen
     share = canary["503"] / (canary["503"] + primary["200"])
     assert 0.15 < share < 0.35, f"the canary (1 of 4 ready pods) took {share:.2f} of cn-bad's requests: {seen}"
-    flags = stack.prometheus.query(f'sum by (response_flags) (increase(istio_requests_total{{reporter="destination", '
-                                   f'destination_workload="{BAD}-canary"}}[{seconds:.0f}s] @ {at:.3f}))')
-    assert {s["metric"]["response_flags"] for s in flags if float(s["value"][1]) > 0} == {"UF"}, flags
-    app_errors = stack.prometheus.query(f'sum(increase(http_requests_total{{namespace="{NS}", app="{BAD}", '
-                                        f'code=~"5.."}}[{seconds:.0f}s] @ {at:.3f}))')
-    assert not app_errors or float(app_errors[0]["value"][1]) == 0.0, app_errors
+    assert measured["flags"] == {"UF"}, measured  # every one failed by the canary's own proxy
+    assert measured["app_errors"] == 0.0, measured  # and no pod's application failed one
 
     # a canary that passed: removed, then the primary injected and STRICT
     assert (good["outcome"], good["mtls"], good["sidecar"]) == ("strict", "STRICT", True), summary
