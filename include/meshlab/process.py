@@ -232,13 +232,6 @@ def wave_dag_file(plan_file: str, title: str) -> str:
             f'globals().update(wave_dags("{plan_file}"))\n')
 
 
-# SQLite's lock wait for every Airflow process of the stack (`[database] sql_alchemy_connect_args` names this dict):
-# pysqlite gives up after 5 s, and a scheduler that met "database is locked" while the e2e stack's early runs all
-# started at once died there, leaving every later test to time out (CI, 2026-11-30). Waiting longer only slows a
-# loaded moment down.
-SQLITE_CONNECT_ARGS = {"timeout": 60}
-
-
 class AirflowProcess:
     """`airflow standalone` (scheduler, dag-processor, triggerer, api-server; SQLite, LocalExecutor) on a free
     loopback port, with this project's dags/ and plugins/, connections from the environment, and a small REST
@@ -284,7 +277,6 @@ class AirflowProcess:
             # SQLite holds 16 task processes at once, not 32 (Airflow's default): at 32 the scheduler dies on
             # "database is locked" (`make bench`, benchmark 7)
             "AIRFLOW__CORE__PARALLELISM": "16",
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "meshlab.process.SQLITE_CONNECT_ARGS",
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **{f"AIRFLOW_CONN_{cid.upper()}": json.dumps(c) for cid, c in self.connections.items()},
