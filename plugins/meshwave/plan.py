@@ -52,15 +52,21 @@ Seconds = Annotated[int, Field(ge=1, le=7 * 24 * 3600)]
 
 
 class Strict(BaseModel):
+    """Every plan model: unknown keys are refused (a misspelled key is an error, not a silent default)."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ClusterConfig(Strict):
     """Where a cluster's Kubernetes API and Prometheus are: Airflow connection ids, never URLs in the plan."""
 
-    kubernetes_conn_id: str
-    prometheus_conn_id: str
-    root_namespace: str = "istio-system"
+    kubernetes_conn_id: str = Field(description="The Airflow connection (type kubernetes) that reaches the cluster's "
+                                    "API server: letters, digits, '_', '.', '-'.")
+    prometheus_conn_id: str = Field(description="The Airflow connection (type http, the Prometheus URL as its host) "
+                                    "that reads the cluster's Istio and application metrics: letters, digits, '_', "
+                                    "'.', '-'.")
+    root_namespace: str = Field("istio-system", description="Istio's root namespace (an RFC 1123 label): its "
+                                "mesh-wide PeerAuthentication and the sidecar injector's ConfigMap are read there.")
     revision: str | None = Field(None, description="The Istio revision (or tag) new sidecars come from: 'default' "
                                  "or a revision such as '1-24-0'. Unset: meshwave finds it from the injection "
                                  "webhooks, and refuses to guess between several revisions without a default.")
@@ -76,24 +82,41 @@ class ClusterConfig(Strict):
 
 
 class Thresholds(Strict):
-    max_success_drop: float = Field(0.02, ge=0, le=1, description="Absolute drop of the success rate allowed.")
-    max_p99_increase_ms: float = Field(250, ge=0)
-    max_p99_ratio: float = Field(2.0, ge=1)
-    max_restarts: int = Field(0, ge=0)
-    min_inbound_ratio: float = Field(0.5, ge=0, le=1, description="After STRICT, inbound rate kept at least this.")
+    """What the gates compare against the service's baseline (its metrics before the change); a breach confirmed
+    `breaches_to_fail` polls in a row is a rollback."""
+
+    max_success_drop: float = Field(0.02, ge=0, le=1, description="Absolute drop of the success rate allowed below "
+                                    "the baseline, as a fraction (0.02: 99 % may fall to 97 %).")
+    max_p99_increase_ms: float = Field(250, ge=0, description="Milliseconds the p99 latency may rise over the "
+                                       "baseline; the p99 fails only when both this and `max_p99_ratio` are "
+                                       "exceeded.")
+    max_p99_ratio: float = Field(2.0, ge=1, description="How many times the baseline p99 latency the p99 may reach; "
+                                 "the p99 fails only when both this and `max_p99_increase_ms` are exceeded.")
+    max_restarts: int = Field(0, ge=0, description="Container restarts allowed per container over the soak so far; "
+                              "an OOMKilled restart always fails.")
+    min_inbound_ratio: float = Field(0.5, ge=0, le=1, description="After STRICT, the inbound request rate must stay "
+                                     "at least this fraction of the rate before STRICT.")
     max_traffic_drop: float = Field(0.2, ge=0, le=1, description="In the soak, fraction of the baseline request "
                                                                  "rate that may go missing before it is a rollback.")
-    sidecar_memory_limit_mi: float | None = Field(None, gt=0)
+    sidecar_memory_limit_mi: float | None = Field(None, gt=0, description="Ceiling of the istio-proxy container's "
+                                                  "working set, in MiB (Mi); unset: the working set is only "
+                                                  "recorded.")
 
 
 class Sidecar(Strict):
     """Sidecar sizing: `expected_memory_mi` drives the headroom preflight; the rest become pod annotations."""
 
-    expected_memory_mi: float = Field(128, gt=0)
-    cpu: str | None = None
-    memory: str | None = None
-    cpu_limit: str | None = None
-    memory_limit: str | None = None
+    expected_memory_mi: float = Field(128, gt=0, description="Memory one sidecar is expected to use, in MiB (Mi): "
+                                      "the headroom preflight checks the nodes and the namespace's quota and "
+                                      "limits can take it for every replica.")
+    cpu: str | None = Field(None, description="The sidecar's CPU request, a Kubernetes quantity such as '100m' "
+                            "(annotation sidecar.istio.io/proxyCPU); unset: Istio's default.")
+    memory: str | None = Field(None, description="The sidecar's memory request, a Kubernetes quantity such as "
+                               "'128Mi' (annotation sidecar.istio.io/proxyMemory); unset: Istio's default.")
+    cpu_limit: str | None = Field(None, description="The sidecar's CPU limit (annotation "
+                                  "sidecar.istio.io/proxyCPULimit); unset: Istio's default.")
+    memory_limit: str | None = Field(None, description="The sidecar's memory limit (annotation "
+                                     "sidecar.istio.io/proxyMemoryLimit); unset: Istio's default.")
 
     @property
     def annotations(self) -> dict[str, str]:
@@ -108,7 +131,9 @@ class Probe(Strict):
 
     image: str = Field("curlimages/curl:8.11.1", min_length=1,
                        description="An image with curl; mirror it where clusters cannot pull from Docker Hub.")
-    timeout_seconds: Annotated[int, Field(ge=5, le=600)] = 90
+    timeout_seconds: Annotated[int, Field(ge=5, le=600)] = Field(90, description="Seconds the probe pod may take "
+                                                                 "(scheduling, image pull, curl) before the probe "
+                                                                 "counts as failed.")
 
 
 class NotifyEvent(StrEnum):
@@ -131,9 +156,11 @@ class NotifyTarget(Strict):
     provider's SmtpNotifier) and `to`; `webhook`: a Slack-compatible incoming webhook (the Slack provider's
     SlackWebhookNotifier; the connection's password is the webhook URL or token)."""
 
-    channel: Literal["email", "webhook"]
-    conn_id: str
-    to: list[str] = Field(default_factory=list, description="email: the recipients")
+    channel: Literal["email", "webhook"] = Field(description="email (SMTP connection, needs `to`) or webhook (a "
+                                                "Slack-compatible incoming webhook; no `to`).")
+    conn_id: str = Field(description="The Airflow connection that sends: letters, digits, '_', '.', '-'.")
+    to: list[str] = Field(default_factory=list, description="email: the recipients (required for email, refused "
+                                                            "for webhook)")
     events: list[NotifyEvent] = Field(default_factory=lambda: list(NotifyEvent),
                                       description="which events (default: all)", min_length=1)
 
@@ -194,23 +221,41 @@ class Canary(Strict):
 class Settings(Strict):
     """Knobs every service inherits from `defaults` unless it sets its own (`approval`: per wave or default)."""
 
-    injection: Literal["workload", "namespace"] = "workload"
-    soak_seconds: Seconds = 300
+    injection: Literal["workload", "namespace"] = Field("workload", description="How the sidecar is injected: "
+                                                        "workload (the Deployment's pod template label) or namespace "
+                                                        "(the namespace's label, then a restart).")
+    soak_seconds: Seconds = Field(300, description="Seconds the injected service is watched against its baseline "
+                                  "before STRICT; at least `query_window_seconds`.")
     # 20 s, not 30: a breach must stay in the 60 s window for breaches_to_fail (3) polls to be confirmed
-    poke_interval_seconds: Seconds = 20
-    query_window_seconds: Annotated[int, Field(ge=10, le=3600)] = 60
-    rollout_timeout_seconds: Seconds = 600
-    verify_seconds: Seconds = 120
-    strict_gate_timeout_seconds: Seconds = 600
+    poke_interval_seconds: Seconds = Field(20, description="Seconds between two polls of the gates' Prometheus "
+                                           "queries.")
+    query_window_seconds: Annotated[int, Field(ge=10, le=3600)] = Field(60, description="The PromQL range window, "
+                                                                        "in seconds; at least `breaches_to_fail` x "
+                                                                        "`poke_interval_seconds`, or a breach leaves "
+                                                                        "the window before it is confirmed.")
+    rollout_timeout_seconds: Seconds = Field(600, description="Seconds a Deployment's rollout (injection, undo, "
+                                             "canary) may take before it counts as failed.")
+    verify_seconds: Seconds = Field(120, description="Seconds STRICT is verified after the flip (its gates and the "
+                                    "plaintext probe); at least `query_window_seconds`.")
+    strict_gate_timeout_seconds: Seconds = Field(600, description="Seconds the STRICT gates (no plaintext caller "
+                                                 "left) may wait to pass before the service stays PERMISSIVE.")
     # How long past its own deadlines a run may take to confirm or undo a change before mesh_reconcile undoes it
     # (a paused wave, a broken plan file, an undo out of retries): see pending.py.
-    reconcile_grace_seconds: Seconds = 600
-    breaches_to_fail: Annotated[int, Field(ge=1, le=100)] = 3
-    min_requests: Annotated[int, Field(ge=0)] = 10
-    on_no_data: Literal["hold", "rollback"] = "hold"
-    thresholds: Thresholds = Field(default_factory=Thresholds)
-    sidecar: Sidecar = Field(default_factory=Sidecar)
-    probe: Probe = Field(default_factory=Probe)
+    reconcile_grace_seconds: Seconds = Field(600, description="Seconds past a run's own deadlines before "
+                                             "mesh_reconcile undoes a change the run neither confirmed nor undid "
+                                             "(a paused wave, a broken plan file, an undo out of retries).")
+    breaches_to_fail: Annotated[int, Field(ge=1, le=100)] = Field(3, description="Polls in a row that must see a "
+                                                                  "breach before it is a rollback.")
+    min_requests: Annotated[int, Field(ge=0)] = Field(10, description="Requests per query window below which "
+                                                      "success rate and latency are no data, never a pass.")
+    on_no_data: Literal["hold", "rollback"] = Field("hold", description="What a stage whose gates saw only no "
+                                                    "data or errors until its deadline does: hold (the sidecar "
+                                                    "stays, PERMISSIVE, and counts against `max_failures`) or "
+                                                    "rollback (the sidecar is removed).")
+    thresholds: Thresholds = Field(default_factory=Thresholds, description="What the gates compare against the "
+                                   "baseline.")
+    sidecar: Sidecar = Field(default_factory=Sidecar, description="The sidecar's sizing.")
+    probe: Probe = Field(default_factory=Probe, description="The plaintext probe that proves STRICT.")
     notify: list[NotifyTarget] = Field(default_factory=list, description="who is told about this service's "
                                        "rollbacks, holds, failures and freezes (defaults: the wave's events too)")
     canary: Canary | None = Field(None, description="a sidecar tried on a canary copy of the Deployment first "
@@ -244,9 +289,14 @@ def timing_problems(settings: Settings) -> list[str]:
 
 
 class Defaults(Settings):
-    batch_size: Annotated[int, Field(ge=1, le=500)] = 5
-    max_failures: Annotated[int, Field(ge=1)] = 2
-    schedule: str | None = None
+    """The plan's settings every service inherits, plus the wave-wide ones only the defaults set."""
+
+    batch_size: Annotated[int, Field(ge=1, le=500)] = Field(5, description="Services migrated in parallel, one "
+                                                            "batch after another.")
+    max_failures: Annotated[int, Field(ge=1)] = Field(2, description="Rollbacks, holds and failures in a wave before "
+                                                      "the circuit breaker skips its remaining batches.")
+    schedule: str | None = Field(None, description="A cron expression for every wave's scheduled runs (a wave may "
+                                 "set its own); unset: waves start by hand, at a window or after another wave.")
 
     _schedule = field_validator("schedule")(_cron)
 
@@ -254,30 +304,49 @@ class Defaults(Settings):
 _OVERRIDABLE = tuple(f for f in Settings.model_fields if f != "approval")
 
 
+def _own(name: str) -> str:
+    """A service's override of a default: the default's own description, said once (in Settings)."""
+    own = f"The service's own `{name}` over `defaults.{name}` (unset: inherit)."
+    return f"{own} {Settings.model_fields[name].description}"
+
+
 class ServicePlan(Strict):
-    cluster: str
-    namespace: str
-    workload: str
-    criticality: Criticality = "medium"
-    strict: bool = True
-    exclude_inbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
-    exclude_outbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=list)
+    """One workload to move onto the mesh; any of the defaults' settings but `approval` may be set here too."""
+
+    cluster: str = Field(description="One of the plan's `clusters` (its name).")
+    namespace: str = Field(description="The workload's namespace (an RFC 1123 label).")
+    workload: str = Field(description="The Deployment's name (an RFC 1123 label).")
+    criticality: Criticality = Field("medium", description="How critical the service is: decides which approval "
+                                     "it needs (`approval.before_strict`) and is shown in reports.")
+    strict: bool = Field(True, description="Flip the workload to STRICT mTLS once its gates pass; false: it gets "
+                         "the sidecar and stays PERMISSIVE.")
+    exclude_inbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, description="Inbound ports the sidecar does not intercept (Istio's "
+                                          "excludeInboundPorts annotation), 1-65535.")
+    exclude_outbound_ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(
+        default_factory=list, description="Outbound ports the sidecar does not intercept (Istio's "
+                                          "excludeOutboundPorts annotation), e.g. a database outside the mesh.")
     # Per-service overrides of the defaults (None: inherit).
-    injection: Literal["workload", "namespace"] | None = None
-    soak_seconds: Seconds | None = None
-    poke_interval_seconds: Seconds | None = None
-    query_window_seconds: Annotated[int, Field(ge=10, le=3600)] | None = None
-    rollout_timeout_seconds: Seconds | None = None
-    verify_seconds: Seconds | None = None
-    strict_gate_timeout_seconds: Seconds | None = None
-    reconcile_grace_seconds: Seconds | None = None
-    breaches_to_fail: Annotated[int, Field(ge=1, le=100)] | None = None
-    min_requests: Annotated[int, Field(ge=0)] | None = None
-    on_no_data: Literal["hold", "rollback"] | None = None
-    thresholds: Thresholds | None = None
-    sidecar: Sidecar | None = None
-    probe: Probe | None = None
-    notify: list[NotifyTarget] | None = None
+    injection: Literal["workload", "namespace"] | None = Field(None, description=_own("injection"))
+    soak_seconds: Seconds | None = Field(None, description=_own("soak_seconds"))
+    poke_interval_seconds: Seconds | None = Field(None, description=_own("poke_interval_seconds"))
+    query_window_seconds: Annotated[int, Field(ge=10, le=3600)] | None = Field(
+        None, description=_own("query_window_seconds"))
+    rollout_timeout_seconds: Seconds | None = Field(None, description=_own("rollout_timeout_seconds"))
+    verify_seconds: Seconds | None = Field(None, description=_own("verify_seconds"))
+    strict_gate_timeout_seconds: Seconds | None = Field(None, description=_own("strict_gate_timeout_seconds"))
+    reconcile_grace_seconds: Seconds | None = Field(None, description=_own("reconcile_grace_seconds"))
+    breaches_to_fail: Annotated[int, Field(ge=1, le=100)] | None = Field(None, description=_own("breaches_to_fail"))
+    min_requests: Annotated[int, Field(ge=0)] | None = Field(None, description=_own("min_requests"))
+    on_no_data: Literal["hold", "rollback"] | None = Field(None, description=_own("on_no_data"))
+    thresholds: Thresholds | None = Field(None, description="The service's own thresholds, replacing the defaults' "
+                                          "as a whole (unset: inherit).")
+    sidecar: Sidecar | None = Field(None, description="The service's own sidecar sizing, replacing the defaults' "
+                                    "as a whole (unset: inherit).")
+    probe: Probe | None = Field(None, description="The service's own plaintext probe, replacing the defaults' "
+                                "(unset: inherit).")
+    notify: list[NotifyTarget] | None = Field(None, description="The service's own notification targets, "
+                                              "replacing the defaults' list (unset: inherit).")
     canary: Canary | Literal[False] | None = Field(None, description="its own canary, or false: none though the "
                                                                      "defaults set one")
 
@@ -308,8 +377,8 @@ class ServicePlan(Strict):
 class Occurrence(Strict):
     """One explicit maintenance window: [start, end). Naive times are in the window's time zone."""
 
-    start: datetime
-    end: datetime
+    start: datetime = Field(description="When the window opens (ISO 8601; naive: in the window's time zone).")
+    end: datetime = Field(description="When it closes (exclusive); after `start`.")
 
     @model_validator(mode="after")
     def _ordered(self) -> Occurrence:
@@ -321,10 +390,13 @@ class Occurrence(Strict):
 class Window(Strict):
     """When a wave may change things: a cron start + duration, or explicit dates; in a time zone."""
 
-    cron: str | None = None
-    duration_minutes: Annotated[int, Field(ge=1, le=7 * 24 * 60)] | None = None
-    dates: list[Occurrence] = Field(default_factory=list)
-    timezone: str = "UTC"
+    cron: str | None = Field(None, description="When each occurrence starts (a cron expression, in `timezone`); "
+                             "with `duration_minutes`, not with `dates`.")
+    duration_minutes: Annotated[int, Field(ge=1, le=7 * 24 * 60)] | None = Field(
+        None, description="How long each cron occurrence stays open, in minutes (at most a week).")
+    dates: list[Occurrence] = Field(default_factory=list, description="Explicit windows instead of a cron.")
+    timezone: str = Field("UTC", description="An IANA time zone (e.g. 'Europe/Berlin') for the cron and for naive "
+                          "dates.")
 
     _cron = field_validator("cron")(_cron)
     _tz = field_validator("timezone")(_timezone)
@@ -373,14 +445,21 @@ class Window(Strict):
 
 
 class Wave(Strict):
-    name: str
-    description: str = ""
-    schedule: str | None = None
-    window: Window | None = None
+    """Services migrated by one DAG, batch by batch; it starts at its window, after an earlier wave, on its own
+    schedule or by hand."""
+
+    name: str = Field(description="The wave's name (an RFC 1123 label, unique in the plan); the DAG id is "
+                      "meshwave_<migration>_<name> with '-' as '_'.")
+    description: str = Field("", description="Free text shown in the DAG's documentation.")
+    schedule: str | None = Field(None, description="A cron expression for the wave's runs (over "
+                                 "`defaults.schedule`); not with `window` or `after`.")
+    window: Window | None = Field(None, description="When the wave may change things; outside it, it waits or "
+                                  "stops.")
     after: str | None = Field(None, description="Start when this wave (of the same plan) ended within its budget.")
     approval: Approval | None = Field(None, description="a person's approval before STRICT for this wave's services "
                                                         "(unset: the defaults')")
-    services: list[ServicePlan] = Field(min_length=1)
+    services: list[ServicePlan] = Field(min_length=1, description="The wave's services, in order (at least one); "
+                                       "batches of `defaults.batch_size`.")
 
     _name = field_validator("name")(rfc1123_label)
     _schedule = field_validator("schedule")(_cron)
@@ -394,12 +473,18 @@ class Wave(Strict):
 
 
 class Plan(Strict):
-    migration: str
-    description: str = ""
-    clusters: dict[str, ClusterConfig] = Field(min_length=1)
-    defaults: Defaults = Field(default_factory=Defaults)
+    """A migration plan: the clusters, the settings every service inherits and the waves, one DAG each."""
+
+    migration: str = Field(description="The migration's name (an RFC 1123 label); DAG ids are "
+                           "meshwave_<migration>_<wave>.")
+    description: str = Field("", description="Free text about the migration.")
+    clusters: dict[str, ClusterConfig] = Field(min_length=1, description="The clusters by name (an RFC 1123 label, "
+                                               "the mesh's cluster ID); at least one.")
+    defaults: Defaults = Field(default_factory=Defaults, description="Settings every service inherits unless it "
+                               "sets its own.")
     freeze: bool | str = Field(False, description="true or a reason: no wave of this plan changes anything.")
-    waves: list[Wave] = Field(min_length=1)
+    waves: list[Wave] = Field(min_length=1, description="The waves in order (at least one); `after` names an "
+                              "earlier one.")
 
     _migration = field_validator("migration")(rfc1123_label)
 
