@@ -408,7 +408,7 @@ def _owner_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric
 #   database name (the lab: the TCP service called), both latencies the client span's;
 # - the configured `dimensions` [service.namespace, k8s.cluster.name] come out as client_/server_-prefixed labels
 #   (dots become underscores in Prometheus), from the span of that side only: absent for a virtual node.
-# One collector tier for the fleet (the README's load-balancing exporter in front, by trace id) pairs spans across
+# One collector tier for the fleet (the Collector's load-balancing exporter in front, by trace id) pairs spans across
 # clusters. Every lab series carries `cluster`: here the server span's cluster, else the client's.
 # Not modelled: Envoy's own spans once a sidecar runs (Istio's tracing samples 1% by default), sampling.
 SERVICE_GRAPH_BUCKETS_S = (0.002, 0.004, 0.006, 0.008, 0.01, 0.05, 0.1, 0.2, 0.4, 0.8, 1, 1.4, 2, 5, 10, 15)

@@ -10,7 +10,8 @@ parse. Under FAB the role must exist before the DAG is parsed, or FAB refuses th
 
 FAB grants, it never takes away: its built-in User, Op and Admin roles hold `can_edit` on every DAG and
 `can_create` on every DAG run, so their users can trigger any DAG. The limit holds for users whose roles lack
-those global permissions (Viewer plus the operator role): README "Who may press which button".
+those global permissions (Viewer plus the operator role): docs/operations.md, "Configuration: who may press which
+button".
 """
 
 from __future__ import annotations

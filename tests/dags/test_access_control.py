@@ -1,7 +1,7 @@
 """The operator DAGs carry DAG-level access control for the operator role when the auth manager is FAB's (the
 compose shape), and none under the SimpleAuthManager (the tests, `make demo`), which would ignore it. FAB itself
-is not installed here: what FAB does with the mapping is read from its source (README "Who may press which
-button"); this checks what the DAG processor would hand it."""
+is not installed here: what FAB does with the mapping is read from its source (docs/operations.md,
+"Configuration: who may press which button"); this checks what the DAG processor would hand it."""
 
 from __future__ import annotations
 

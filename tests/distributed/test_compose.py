@@ -33,7 +33,8 @@ SECRET = {
     "AIRFLOW__API__SECRET_KEY": "${AIRFLOW_API_SECRET_KEY:?",
     "AIRFLOW_ADMIN_PASSWORD": "${AIRFLOW_ADMIN_PASSWORD:?",
 }
-# Who needs which secret in Airflow 3.3 (README "Who may press which button"): the api-server signs and checks
+# Who needs which secret in Airflow 3.3 (docs/operations.md, "Configuration: who may press which button"): the
+# api-server signs and checks
 # every JWT, serves decrypted connections and signs UI sessions; the scheduler's executor signs task tokens; the
 # DAG processor and the triggerer decrypt (their Execution API is in-process); the workers run DAG code: none.
 NEEDS = {
