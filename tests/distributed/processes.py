@@ -31,7 +31,7 @@ import psutil
 from meshlab.process import AirflowProcess, ProcessError, _stop, _tail, free_port
 
 # The settings the compose file and this native stack share (tests/distributed/test_compose.py checks them).
-# Why each one is there: README, "Running distributed (CeleryExecutor)".
+# Why each one is there: docs/distributed.md, "A lost worker: the settings that matter".
 SHARED_SETTINGS: dict[str, str] = {
     "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
     "AIRFLOW__CORE__AUTH_MANAGER":
@@ -54,7 +54,7 @@ SHARED_SETTINGS: dict[str, str] = {
     "AIRFLOW__TRIGGERER__CAPACITY": "1000",
 }
 # Only the native test: a killed worker's taken-but-not-started task is re-queued within the test's time. In
-# production a task may wait longer than this for a free worker slot (README: sizing).
+# production a task may wait longer than this for a free worker slot (docs/distributed.md, "Sizing").
 TEST_ONLY_SETTINGS: dict[str, str] = {
     "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT": "90",
     "AIRFLOW__SCHEDULER__TASK_QUEUED_TIMEOUT_CHECK_INTERVAL": "10",
@@ -126,7 +126,7 @@ class PostgresProcess:
               "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"], self.os_user, cwd=self.datadir)
         self.port = free_port()
         log = self.datadir / "postgres.log"
-        # max_connections: every component and task process opens its own pool (README: Postgres connections).
+        # max_connections: every component and task process opens its own pool (docs/distributed.md, "Sizing").
         cmd = [postgres_bin("postgres"), "-D", str(self.datadir / "data"), "-p", str(self.port), "-h", "127.0.0.1",
                "-k", "", "-c", "max_connections=200", "-c", "fsync=off"]
         with log.open("wb") as out:
