@@ -6,14 +6,16 @@ Tasks fetch connections with `BaseHook.get_connection`, triggers with the async 
 Connections:
 - Kubernetes: conn type `kubernetes`, extras as the provider documents them (`kube_config_path`,
   `kube_config`, `in_cluster`, `cluster_context`).
-- Prometheus: conn type `http`, host `http://127.0.0.1:9090` (or host + port + schema); login/password
-  become basic auth; extra `{"headers": {...}}` is sent with every query; extra `{"cluster": "x"}`
-  restricts every selector to `cluster="x"` when one Prometheus serves several clusters.
+- Prometheus: conn type `meshwave_prometheus` (this package's, see provider_info; its form has a field for each
+  extra below) or, as before it existed, `http`: both are read the same way. Host `http://127.0.0.1:9090` (or
+  host + port + schema); login/password become basic auth; extra `{"headers": {...}}` is sent with every query;
+  extra `{"cluster": "x"}` restricts every selector to `cluster="x"` when one Prometheus serves several clusters.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
@@ -73,7 +75,12 @@ def prometheus_url(connection: Any) -> str:
 
 def prometheus_source(connection: Any, timeout: float = 10) -> PrometheusSource:
     extras = connection.extra_dejson or {}
-    headers = dict(extras.get("headers") or {})
+    headers = extras.get("headers") or {}
+    if isinstance(headers, str):  # a JSON object typed into a text field, or set from the CLI as a string
+        headers = json.loads(headers)
+    if not isinstance(headers, dict):
+        raise ValueError(f"connection {connection.conn_id}: extra headers: a JSON object, got {type(headers).__name__}")
+    headers = {str(k): str(v) for k, v in headers.items()}
     if connection.login:
         token = base64.b64encode(f"{connection.login}:{connection.password or ''}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"

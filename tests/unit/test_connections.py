@@ -1,15 +1,19 @@
 """meshwave.connections: a Kubernetes connection with `in_cluster` reaches the API server as the pod's service
-account (host from the environment, its token and CA), on a client configuration of its own."""
+account (host from the environment, its token and CA), on a client configuration of its own; a Prometheus
+connection reads the same whether its type is the old `http` or meshwave's own `meshwave_prometheus`."""
 
 from __future__ import annotations
 
+import base64
+import json
 from pathlib import Path
 
 import pytest
 from airflow.models.connection import Connection
 from kubernetes.config import incluster_config
 
-from meshwave.connections import mesh_kube
+from meshwave.connections import mesh_kube, prometheus_source
+from meshwave.hooks import PrometheusHook
 
 
 def test_an_in_cluster_connection_uses_the_pods_service_account(tmp_path: Path,
@@ -27,3 +31,41 @@ def test_an_in_cluster_connection_uses_the_pods_service_account(tmp_path: Path,
     assert configuration.host == "https://10.0.0.1:443"
     assert configuration.get_api_key_with_prefix("BearerToken") == "bearer sa-token-123"
     assert configuration.ssl_ca_cert == str(ca)
+
+
+# The Prometheus connection: the old way (the unregistered `http` type) and meshwave's own type are read alike.
+PROMETHEUS_EXTRA = '{"cluster": "prod-eu-1", "headers": {"X-Scope-OrgID": "mesh"}}'
+
+
+@pytest.mark.parametrize("conn_type", ["http", "meshwave_prometheus"])
+def test_a_prometheus_connection_of_either_type_gives_the_same_source(conn_type: str) -> None:
+    connection = Connection(conn_id="prom", conn_type=conn_type, host="prometheus.monitoring", port=9090,
+                            login="mesh", password="s3cret", extra=PROMETHEUS_EXTRA)
+    source = prometheus_source(connection)
+    assert source.url == "http://prometheus.monitoring:9090"
+    assert source.cluster == "prod-eu-1"
+    sent = dict(source._client.headers)
+    assert sent["X-Scope-OrgID"] == "mesh"
+    assert sent["Authorization"] == "Basic " + base64.b64encode(b"mesh:s3cret").decode()
+
+
+def test_headers_typed_as_a_json_string_are_read_as_the_object() -> None:
+    as_object = Connection(conn_id="p", conn_type="meshwave_prometheus", host="http://p:9090", extra=PROMETHEUS_EXTRA)
+    as_string = Connection(conn_id="p", conn_type="meshwave_prometheus", host="http://p:9090",
+                           extra=json.dumps({"headers": json.dumps({"X-Scope-OrgID": "mesh"}), "cluster": "prod-eu-1"}))
+    assert prometheus_source(as_object).identity == prometheus_source(as_string).identity
+
+
+def test_headers_that_are_not_an_object_are_refused_by_name() -> None:
+    connection = Connection(conn_id="p", conn_type="meshwave_prometheus", host="http://p:9090",
+                            extra='{"headers": ["X-Scope-OrgID: mesh"]}')
+    with pytest.raises(ValueError, match="connection p: extra headers"):
+        prometheus_source(connection)
+
+
+def test_the_hook_builds_the_source_from_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_PROM_HOOKED", json.dumps(
+        {"conn_type": "meshwave_prometheus", "host": "http://prometheus.monitoring:9090",
+         "extra": json.loads(PROMETHEUS_EXTRA)}))
+    source = PrometheusHook("prom_hooked", timeout=3).get_conn()
+    assert (source.url, source.cluster, source.timeout) == ("http://prometheus.monitoring:9090", "prod-eu-1", 3.0)
