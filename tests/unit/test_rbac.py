@@ -11,7 +11,8 @@ them to every authenticated user.
 
 What the triggerer runs is computed the same way: from the trigger classes, the MeshKube members they use and, through
 `self.<member>`, `self.kube.<member>`, `self.mtls.<member>` (typed by the classes' own annotations), everything those
-reach.
+reach. MeshKube is made of one class per resource (plugins/meshwave/kube/): a member is found in the class that
+defines it, and `self.<member>` in one of those classes is a member of MeshKube.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from kubernetes import client as k8s
 
 ROOT = Path(__file__).resolve().parents[2]
 PLUGINS = ROOT / "plugins" / "meshwave"
-KUBE = PLUGINS / "kube.py"
+KUBE = PLUGINS / "kube" / "client.py"  # where MeshKube.__init__ builds the API objects
 WORKER_YAML = ROOT / "deploy" / "rbac" / "meshwave-worker.yaml"
 TRIGGERER_YAML = ROOT / "deploy" / "rbac" / "meshwave-triggerer.yaml"
 # `meshwave plan propose` is a command a person runs (cli.py), never an Airflow task: not the worker's calls.
 CLI_ONLY = PLUGINS / "propose"
+KUBE_REL = str(KUBE.relative_to(ROOT))
 RBAC_API = "rbac.authorization.k8s.io"
 READ_VERBS = frozenset({"get", "list", "watch"})
 KNOWN_VERBS = READ_VERBS | {"create", "update", "patch", "delete", "deletecollection"}
@@ -61,8 +63,8 @@ class Grant:
 
 @dataclass(frozen=True)
 class Call:
-    where: str  # "plugins/meshwave/kube.py:670"
-    function: tuple[str, str]  # (file, "MeshKube._deployment"): the function the call is written in
+    where: str  # "plugins/meshwave/kube/deployments.py:70"
+    function: tuple[str, str]  # (file, "Deployments._deployment"): the function the call is written in
     method: str  # "AppsV1Api.read_namespaced_deployment"
     grant: Grant | None = None  # None: a non-resource URL (`url`)
     url: str | None = None
@@ -137,6 +139,7 @@ def constants_of(source: str) -> dict[str, str]:
                         found[name.id] = value.value
         elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("meshwave"):
             home = ROOT / "plugins" / Path(*node.module.split(".")).with_suffix(".py")
+            home = home if home.exists() else home.with_suffix("") / "__init__.py"  # a package: its re-exports
             if home.exists():
                 theirs = constants(home)
                 found.update({a.asname or a.name: theirs[a.name] for a in node.names if a.name in theirs})
@@ -197,7 +200,7 @@ def other_clients(source: str, rel: str) -> list[str]:
         if isinstance(node, ast.Call):
             name = ast.unparse(node.func).split(".")[-1]
             built = name.endswith("Api") and isinstance(getattr(k8s, name, None), type)
-            if built and (Path(rel).name, owner.get(node)) != ("kube.py", "MeshKube.__init__"):
+            if built and (Path(rel).as_posix().endswith(KUBE_REL), owner.get(node)) != (True, "MeshKube.__init__"):
                 problems.append(f"{rel}:{node.lineno} {owner.get(node, '<module>')}: builds kubernetes.client.{name} "
                                 "outside MeshKube.__init__: its calls would not be seen")
         elif isinstance(node, ast.Import | ast.ImportFrom):
@@ -298,6 +301,8 @@ class Code:
 
     defs: dict[tuple[str, str], ast.FunctionDef | ast.AsyncFunctionDef] = field(default_factory=dict)
     members: dict[str, set[str]] = field(default_factory=dict)  # class -> its methods and class attributes
+    bases: dict[str, list[str]] = field(default_factory=dict)  # class -> its bases among the scanned classes
+    imported: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)  # (file, name) -> its def
     home: dict[str, str] = field(default_factory=dict)  # class -> file
     typed: dict[str, str] = field(default_factory=dict)  # attribute -> class (self.kube: MeshKube, .mtls: ...)
     triggers: list[tuple[str, ast.ClassDef]] = field(default_factory=list)
@@ -321,11 +326,39 @@ def read_code(paths: Iterable[Path]) -> Code:
         for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
             code.home[cls.name] = rel
             code.members[cls.name] = {f.name for f in methods(cls)} | class_attributes(cls)
+            code.bases[cls.name] = [ast.unparse(b) for b in cls.bases]
             if any(ast.unparse(b).endswith("BaseTrigger") for b in cls.bases):
                 code.triggers.append((rel, cls))
+    code.bases = {c: [b for b in bases if b in code.home] for c, bases in code.bases.items()}
+    for path in paths:
+        code.imported.update(imported_functions(code, str(path.relative_to(ROOT)), ast.parse(path.read_text())))
     for (_, qualname), fn in code.defs.items():
         code.typed.update(typed_attributes(qualname, fn, set(code.home)))
     return code
+
+
+def imported_functions(code: Code, rel: str, tree: ast.Module) -> dict[tuple[str, str], tuple[str, str]]:
+    """`from meshwave.kube.state import assess_rollout` in `rel`: (rel, "assess_rollout") is that module's def."""
+    found = {}
+    for node in (n for n in tree.body if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("meshwave")):
+        home = str((ROOT / "plugins" / Path(*node.module.split("."))).with_suffix(".py").relative_to(ROOT))
+        found.update({(rel, a.asname or a.name): (home, a.name) for a in node.names if (home, a.name) in code.defs})
+    return found
+
+
+def mro(code: Code, cls: str) -> list[str]:
+    """The class and its scanned bases, depth first in declaration order (enough for classes without diamonds)."""
+    return [cls, *(c for b in code.bases.get(cls, []) for c in mro(code, b))]
+
+
+def member(code: Code, cls: str, name: str) -> tuple[str, str] | None:
+    """(file, "Class.name") of the class in cls's bases that defines `name`; None when none does."""
+    return next(((code.home[c], f"{c}.{name}") for c in mro(code, cls) if name in code.members[c]), None)
+
+
+def whole(code: Code, cls: str) -> str:
+    """The class a resource class is mixed into (MeshKube for Deployments): `self` in it is that class."""
+    return next((c for c, bases in code.bases.items() if cls in bases), cls)
 
 
 def typed_attributes(qualname: str, fn: ast.FunctionDef | ast.AsyncFunctionDef, classes: set[str]) -> dict[str, str]:
@@ -348,19 +381,21 @@ def typed_attributes(qualname: str, fn: ast.FunctionDef | ast.AsyncFunctionDef, 
 
 def edges(code: Code, rel: str, qualname: str) -> set[tuple[str, str]]:
     """What one function reaches: `self.m` of its class, `<...>.kube.m` / `.mtls.m` of the typed attribute's class,
-    and the functions of its own module it calls by name."""
+    and the functions it calls by name (its own module's, or imported from another scanned module)."""
     fn, owner = code.defs[(rel, qualname)], qualname.split(".")[0] if "." in qualname else None
     found = set()
     for node in ast.walk(fn):
         if isinstance(node, ast.Attribute):
             base = node.value
-            if isinstance(base, ast.Name) and base.id == "self" and owner and node.attr in code.members[owner]:
-                found.add((rel, f"{owner}.{node.attr}"))
-            elif isinstance(base, ast.Attribute) and (cls := code.typed.get(base.attr)) \
-                    and node.attr in code.members[cls]:
-                found.add((code.home[cls], f"{cls}.{node.attr}"))
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and (rel, node.func.id) in code.defs:
-            found.add((rel, node.func.id))
+            if isinstance(base, ast.Name) and base.id == "self":
+                cls = whole(code, owner) if owner else None
+            else:
+                cls = code.typed.get(base.attr) if isinstance(base, ast.Attribute) else None
+            if cls and (where := member(code, cls, node.attr)):
+                found.add(where)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+            name = (rel, node.func.id)
+            found |= {name} if name in code.defs else {code.imported[name]} if name in code.imported else set()
     return found
 
 
@@ -386,8 +421,8 @@ def trigger_roots(code: Code) -> tuple[set[tuple[str, str]], list[str]]:
         roots |= {(rel, f"{cls.name}.{f.name}") for f in methods(cls)}
         for node in ast.walk(cls):
             if isinstance(node, ast.Attribute) and ast.unparse(node.value) != "self" \
-                    and node.attr in code.members["MeshKube"]:
-                roots.add((code.home["MeshKube"], f"MeshKube.{node.attr}"))
+                    and (where := member(code, "MeshKube", node.attr)):
+                roots.add(where)
         holders = kube_holders(cls)
         for call in (n for n in ast.walk(cls) if isinstance(n, ast.Call)):
             for arg in [*call.args, *(k.value for k in call.keywords)]:
@@ -478,8 +513,9 @@ def test_every_use_of_the_kubernetes_client_is_understood() -> None:
     found = code_scan()
     assert not found.problems, "calls whose permission cannot be derived:\n" + "\n".join(found.problems)
     # the scan sees the calls it must: a regression of the scanner itself would pass everything below
-    assert {"kube.py", "peer_auth.py", "probe.py", "lease.py"} <= {Path(c.where.split(":")[0]).name
-                                                                    for c in found.calls}
+    assert {"kube/deployments.py", "kube/injection.py", "kube/canaries.py", "kube/pending_annotation.py",
+            "kube/capacity.py", "kube/client.py", "meshwave/peer_auth.py", "meshwave/probe.py",
+            "meshwave/lease.py"} <= {"/".join(Path(c.where.split(":")[0]).parts[-2:]) for c in found.calls}
     assert len(found.calls) >= 30
     others = [p for path in sources(include_cli=True) for p in other_clients(path.read_text(), str(path))]
     assert not others, "\n".join(others)
@@ -501,8 +537,9 @@ def test_the_worker_role_grants_nothing_the_code_does_not_use() -> None:
 def test_the_triggerer_role_reads_only_and_covers_what_the_triggers_reach() -> None:
     calls, reached, problems = triggerer_calls()
     assert not problems, "\n".join(problems)
-    kube = str(KUBE.relative_to(ROOT))
-    assert {(kube, "MeshKube.rollout"), (kube, "MeshKube.workload")} <= reached  # the scan follows the rollout wait
+    deployments = str((PLUGINS / "kube" / "deployments.py").relative_to(ROOT))
+    # the scan follows the rollout wait into the resource class that defines it
+    assert {(deployments, "Deployments.rollout"), (deployments, "Deployments.workload")} <= reached
     identity = granted(TRIGGERER_YAML)
     assert not identity.root
     writes = sorted(g for g in identity.everywhere if g.verb not in READ_VERBS)
