@@ -8,14 +8,9 @@ import functools
 
 from meshwave import canary
 from meshwave.changes import ApiRequest, Change
-from meshwave.kube.state import (
-    _meta,
-)
+from meshwave.kube.state import _meta
 from meshwave.kube.validation import validate_name
-from meshwave.kube_errors import (
-    InjectionBlocked,
-    NotFound,
-)
+from meshwave.kube_errors import InjectionBlocked, NotFound
 
 
 class Canaries:

@@ -7,14 +7,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from meshwave.kube.injection import (
-    DEFAULT_REVISION,
-)
+from meshwave.kube.injection import DEFAULT_REVISION
 from meshwave.kube.validation import validate_name
-from meshwave.kube_errors import (
-    NotFound,
-    ServerError,
-)
+from meshwave.kube_errors import NotFound, ServerError
 
 
 class Capacity:

@@ -16,23 +16,14 @@ from kubernetes.client.rest import ApiException  # noqa: TID253
 from meshwave.changes import Change, utc_now
 from meshwave.kube.canaries import Canaries
 from meshwave.kube.capacity import Capacity
-from meshwave.kube.deployments import (
-    Deployments,
-)
+from meshwave.kube.deployments import Deployments
 from meshwave.kube.errors import translate, unreachable_reason
-from meshwave.kube.injection import (
-    Injection,
-)
+from meshwave.kube.injection import Injection
 from meshwave.kube.namespaces import Namespaces
 from meshwave.kube.pending_annotation import PendingAnnotations
-from meshwave.kube.state import (
-    _meta,
-)
+from meshwave.kube.state import _meta
 from meshwave.kube.validation import validate_name
-from meshwave.kube_errors import (
-    ClusterUnreachable,
-    ServerError,
-)
+from meshwave.kube_errors import ClusterUnreachable, ServerError
 from meshwave.lease import Leases
 from meshwave.peer_auth import PeerAuthentications
 

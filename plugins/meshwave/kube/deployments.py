@@ -9,18 +9,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from meshwave.changes import ApiRequest, Change, utc_now
-from meshwave.kube.state import (
-    RolloutState,
-    WorkloadState,
-    _meta,
-    assess_rollout,
-    workload_state,
-)
+from meshwave.kube.state import RolloutState, WorkloadState, _meta, assess_rollout, workload_state
 from meshwave.kube.validation import _ports, _quantity, validate_name
-from meshwave.kube_errors import (
-    NotFound,
-    WorkloadNotFound,
-)
+from meshwave.kube_errors import NotFound, WorkloadNotFound
 
 RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"
 SIDECAR_RESOURCES = {

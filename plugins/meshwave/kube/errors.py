@@ -12,15 +12,7 @@ from typing import Any
 import urllib3
 from kubernetes.client.rest import ApiException  # noqa: TID253
 
-from meshwave.kube_errors import (
-    AccessDenied,
-    ClusterUnreachable,
-    Conflict,
-    KubeError,
-    NotFound,
-    Rejected,
-    ServerError,
-)
+from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError, NotFound, Rejected, ServerError
 
 _BY_CODE: dict[int, type[KubeError]] = {404: NotFound, 409: Conflict, 401: AccessDenied, 403: AccessDenied,
                                         400: Rejected, 415: Rejected, 422: Rejected}

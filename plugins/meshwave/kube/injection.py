@@ -13,14 +13,9 @@ from typing import Any, Literal
 
 from meshwave.changes import ApiRequest, Change
 from meshwave.gitops import revert_note
-from meshwave.kube.state import (
-    WorkloadState,
-    _meta,
-)
+from meshwave.kube.state import WorkloadState, _meta
 from meshwave.kube.validation import validate_name
-from meshwave.kube_errors import (
-    InjectionBlocked,
-)
+from meshwave.kube_errors import InjectionBlocked
 
 INJECT_LABEL = "sidecar.istio.io/inject"
 NS_INJECT_LABEL = "istio-injection"

@@ -1,13 +1,10 @@
-"""Namespaces: one read, and the list of their names (the emergency rollback's scope). Mixed into `MeshKube`.
-"""
+"""Namespaces: one read, and the list of their names (the emergency rollback's scope). Mixed into `MeshKube`."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from meshwave.kube.state import (
-    _meta,
-)
+from meshwave.kube.state import _meta
 from meshwave.kube.validation import validate_name
 
 

@@ -8,12 +8,8 @@ import functools
 from typing import Any
 
 from meshwave.changes import ApiRequest, Change
-from meshwave.kube.deployments import (
-    SMP,
-)
-from meshwave.kube.state import (
-    _meta,
-)
+from meshwave.kube.deployments import SMP
+from meshwave.kube.state import _meta
 from meshwave.pending import PENDING_ANNOTATION, Pending
 
 
