@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PIP_VERSION := 25.3
 
-.PHONY: setup bytecode prometheus services browser test test-distributed lint unit lab-up help demo stop bench rehearse
+.PHONY: setup bytecode prometheus services browser test test-distributed lint unit lab-up help demo stop bench rehearse docs
 
 help:
 	@echo "make setup   create .venv with the pinned dependencies, install Prometheus if missing"
@@ -16,6 +16,7 @@ help:
 	@echo "make lab-up  run the lab on the small topology in the foreground (Ctrl-C stops it)"
 	@echo "make bench   measure parse cost, soak efficiency, Prometheus load, detection to rollback, the lab, the no-op floor, propose and the seed rehearsal"
 	@echo "             (about 80 minutes, then the seed rehearsal: 20 minutes to hours; prints a table, writes bench/results.json; ONLY=parse,lab re-runs some)"
+	@echo "make docs    regenerate docs/plan-reference.md, docs/plan.schema.json and docs/benchmarks.md (from the plan models and bench/results.json)"
 
 setup: $(STAMP) prometheus services browser bytecode
 
@@ -87,6 +88,11 @@ rehearse: setup
 # Benchmarks start and stop their own lab, Prometheus and Airflow; `make test` never times anything.
 bench: setup
 	$(BIN)/python -m bench.run $(if $(ONLY),--only $(ONLY) --merge)
+
+# Generated documentation: the plan reference and JSON Schema from the pydantic models, the benchmarks page from
+# bench/results.json. tests/unit/test_docs_generated.py fails when the committed files differ from this output.
+docs: $(STAMP)
+	$(BIN)/python docs/generate.py
 
 demo: setup
 	$(BIN)/python include/demo/demo.py start

@@ -1,8 +1,9 @@
-"""The `meshwave` command: `meshwave plan validate FILE...`, `meshwave plan propose ...`."""
+"""The `meshwave` command: `meshwave plan validate FILE...`, `meshwave plan propose ...`, `meshwave plan schema`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +37,21 @@ def _starts(plan: Plan, wave: Wave) -> str:
     return ", ".join(filter(None, starts)) or "manual"
 
 
+SCHEMA_ID = "https://meshwave.invalid/schemas/plan.schema.json"  # an identifier, not a download address
+
+
+def schema_text() -> str:
+    """The plan's JSON Schema (Draft 2020-12, as pydantic writes it): docs/generate.py commits the same text."""
+    schema = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+              **Plan.model_json_schema(), "title": "meshwave migration plan"}
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
+def _schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(schema_text())
+    return 0
+
+
 def _propose_arguments(parser: argparse.ArgumentParser) -> None:
     from meshwave.propose.command import add_arguments  # the proposer loads only for this command
 
@@ -58,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     propose = plan.add_parser("propose", help="read clusters and their telemetry, write a plan (waves, STRICT or not)")
     _propose_arguments(propose)
     propose.set_defaults(func=_propose)
+    schema = plan.add_parser("schema", help="print the plan's JSON Schema (docs/plan.schema.json, for editors)")
+    schema.set_defaults(func=_schema)
     args = parser.parse_args(argv)
     return args.func(args)
 

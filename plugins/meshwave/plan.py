@@ -453,8 +453,8 @@ class Wave(Strict):
     description: str = Field("", description="Free text shown in the DAG's documentation.")
     schedule: str | None = Field(None, description="A cron expression for the wave's runs (over "
                                  "`defaults.schedule`); not with `window` or `after`.")
-    window: Window | None = Field(None, description="When the wave may change things; outside it, it waits or "
-                                  "stops.")
+    window: Window | None = Field(None, description="When the wave may change things: it starts when the window "
+                                  "opens, and no service starts once it has closed.")
     after: str | None = Field(None, description="Start when this wave (of the same plan) ended within its budget.")
     approval: Approval | None = Field(None, description="a person's approval before STRICT for this wave's services "
                                                         "(unset: the defaults')")
