@@ -3,6 +3,7 @@ says how the approval works; this module is the operator, imported only by DAGs 
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -11,6 +12,9 @@ from airflow.sdk import TriggerRule
 
 from meshwave.approval import NONE, Answer, Candidate, answer_of, candidates, responder
 from meshwave.decisions import FLIP
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 
 class StrictApproval(HITLOperator):
@@ -42,15 +46,15 @@ class StrictApproval(HITLOperator):
     def execute(self, context: Any) -> Any:
         ready = self._ready(context)
         if not ready:
-            print("no service of this batch is ready for STRICT and needs approval: nobody is asked")
+            log.info("no service of this batch is ready for STRICT and needs approval: nobody is asked")
             return Answer().model_dump(mode="json")
         if context["params"].get("dry_run"):
             asked = [c.service for c in ready]
-            print(f"dry run: approval would be asked for {', '.join(asked)}; nobody is asked")
+            log.info(f"dry run: approval would be asked for {', '.join(asked)}; nobody is asked")
             return Answer(asked=asked, approved=asked, dry_run=True,
                           note="dry run: approval not asked").model_dump(mode="json")
         self._offer(ready)
-        print(f"asking for approval of STRICT: {', '.join(self.options[:-1])} (timeout {self.response_timeout})")
+        log.info(f"asking for approval of STRICT: {', '.join(self.options[:-1])} (timeout {self.response_timeout})")
         self._tell(ready, context)
         return super().execute(context)
 
@@ -73,6 +77,6 @@ class StrictApproval(HITLOperator):
         chosen = super().execute_complete(context, event)
         found = answer_of(ready, list(chosen.get("chosen_options") or []), *responder(chosen),
                           bool(event.get("timedout")))
-        print(f"approved: {', '.join(found.approved) or 'none'}; by {found.by or 'nobody'}"
-              + (f" ({found.note})" if found.note else ""))
+        log.info(f"approved: {', '.join(found.approved) or 'none'}; by {found.by or 'nobody'}"
+                 + (f" ({found.note})" if found.note else ""))
         return found.model_dump(mode="json")

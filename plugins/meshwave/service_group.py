@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -81,6 +82,9 @@ from meshwave.sensors import (
     rollout_deferral,
 )
 from meshwave.steps import ACTIONS, Service
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 NEVER = 10**9
 FORWARD, TO_PERMISSIVE, TO_REMOVE = "inject", "to_permissive", "to_remove"
@@ -171,12 +175,12 @@ Logged = TypeVar("Logged", PreflightResult, InjectResult, FlipResult, BackToPerm
 
 
 def logged(result: Logged) -> Logged:
-    """Print every change of a step in its task log, with the exact request (what a dry run would send)."""
+    """Log every change of a step in its task log, with the exact request (what a dry run would send)."""
     for data in result.changes:
         change = Change.from_dict(data)
-        print(change.summary())
+        log.info(change.summary())
         if change.request is not None and (change.applied or change.dry_run):
-            print(f"    {change.request.describe()} {json.dumps(change.request.body, sort_keys=True)}")
+            log.info(f"    {change.request.describe()} {json.dumps(change.request.body, sort_keys=True)}")
     return result
 
 
@@ -254,7 +258,7 @@ def approved_if_needed(prefix: str, approval_task: str | None) -> Callable[[dict
             to, why = _gate_still_holds(svc, context, prefix, why)
         context["ti"].xcom_push(key="approval", value=answer.model_dump(mode="json"))
         context["ti"].xcom_push(key="decision", value=decisions.Decision(to=to, why=why).model_dump())
-        print(f"after_approval: -> {to}: {why}")
+        log.info(f"after_approval: -> {to}: {why}")
         if to != decisions.FLIP:
             raise AirflowSkipException(why)
 
@@ -300,7 +304,8 @@ def rollback_if_chosen(prefix: str) -> Callable[[dict[str, Any]], None]:
         group = GroupState(context, prefix)
         if group.decisions.get("after_rollout_to") == decisions.ROLLBACK_AFTER_ROLLOUT or \
                 group.decisions.get("after_soak_to") == decisions.ROLLBACK_AFTER_SOAK:
-            print(f"rollback_injection: {group.decisions.get('after_soak') or group.decisions.get('after_rollout')}")
+            log.warning("rollback_injection: "
+                        f"{group.decisions.get('after_soak') or group.decisions.get('after_rollout')}")
             return
         raise AirflowSkipException("rollback_injection: not on this service's path (no decision chose it)")
 
@@ -348,7 +353,7 @@ def _expect(svc: Service, kube: Any, context: dict[str, Any], state: str, undo: 
     """Write what is expected next onto the workload, before the change it covers."""
     change = kube.set_pending(svc.plan.namespace, svc.plan.workload,
                               expecting(state, undo, seconds, _run_of(context), svc.to_dict()))
-    print(change.summary())
+    log.info(change.summary())
     return change.to_dict()
 
 
@@ -360,7 +365,7 @@ def _settle(svc: Service, kube: Any, why: str, only: Undo | None = None) -> dict
     if current is None or (only is not None and current.undo != only):
         return None
     change = kube.clear_pending(p.namespace, p.workload, why)
-    print(change.summary())
+    log.info(change.summary())
     return change.to_dict()
 
 
@@ -439,7 +444,7 @@ def _after_removal(svc: Service, state: GroupState) -> outbound.AfterRemoval | N
     except Exception as exc:  # the outcome must still be recorded: an unchecked removal says so, never "fine"
         found = outbound.AfterRemoval(status="no_data", before=before, after=None,
                                       reason=f"not checked: {type(exc).__name__}: {exc}")
-    print(f"after the removal: {found.status}: {found.reason}")
+    log.info(f"after the removal: {found.status}: {found.reason}")
     return found
 
 
@@ -457,7 +462,7 @@ def _take_lease(svc: Service, context: dict[str, Any]) -> None:
     p = svc.plan
     change = kube_for(svc, context).leases.take(p.namespace, p.workload, _run_of(context), p.key,
                                                 _trial_seconds(svc.settings))
-    print(change.summary())
+    log.info(change.summary())
 
 
 def _dry(context: dict[str, Any]) -> bool:
@@ -473,12 +478,12 @@ def _renewing(run: Run, seconds: Seconds, *, undo: bool) -> Run:
         if not _dry(context):
             p = svc.plan
             try:
-                print(kube_for(svc, context).leases.renew(p.namespace, p.workload, _run_of(context),
-                                                          seconds(svc.settings)).summary())
+                log.info(kube_for(svc, context).leases.renew(p.namespace, p.workload, _run_of(context),
+                                                             seconds(svc.settings)).summary())
             except LeaseRefused as exc:
                 if not undo:
                     raise steps.Blocked(f"lease: {exc}") from None
-                print(f"the undo goes ahead: {exc}")
+                log.warning(f"the undo goes ahead: {exc}")
         return run(svc, context)
 
     return step
@@ -500,9 +505,9 @@ def _release_lease(svc: Service, record: ServiceRecord, context: dict[str, Any])
     p = svc.plan
     try:
         change = kube_for(svc, context).leases.release(p.namespace, p.workload, _run_of(context), record.outcome)
-        print(change.summary())
+        log.info(change.summary())
     except (KubeError, ValueError) as exc:
-        print(f"{p.key}: the lease could not be released ({exc}); it expires by itself")
+        log.warning(f"{p.key}: the lease could not be released ({exc}); it expires by itself")
 
 
 def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
@@ -521,7 +526,7 @@ def strict_undone_if_needed(prefix: str) -> Callable[[dict[str, Any]], None]:
         if to == decisions.STRICT_DONE:
             to, why = _confirm_strict(group.service, context, why)
         context["ti"].xcom_push(key="decision", value=decisions.Decision(to=to, why=why).model_dump())
-        print(f"after_strict: -> {to}: {why}")
+        log.info(f"after_strict: -> {to}: {why}")
         if to != decisions.BACK:
             raise AirflowSkipException(f"STRICT stays: {why}")
 
@@ -547,7 +552,7 @@ def _guard_and_lease(svc: Service, guard: Guard | None, context: dict[str, Any])
             guard(svc, context)
         except AirflowSkipException as exc:
             _error(context, "admit", str(exc))
-            print(f"{svc.plan.key}: not started: {exc}")
+            log.warning(f"{svc.plan.key}: not started: {exc}")
             raise
         except ValueError as exc:  # the guard refuses the service (mesh_service: a gateway)
             _error(context, "admit", f"refused: {exc}")
@@ -583,7 +588,7 @@ def _admit(prefix: str, resolve: Resolve, guard: Guard | None, key: Any):
         try:
             _guard_and_lease(svc, guard, context)
             ti.xcom_push(key="service", value=svc.to_dict())
-            print(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
+            log.info(f"{svc.plan.key}: {ACTIONS[svc.action]}; settings: {svc.settings.model_dump_json()}")
             if route == FORWARD:
                 _prepare(svc, context)
         except (AirflowSkipException, AirflowFailException):
@@ -769,7 +774,7 @@ def _make_canary(svc: Service, context: dict[str, Any]) -> CanaryResult:
         change = kube.ensure_canary(p.namespace, p.workload, svc.settings.canary.replicas, _run_of(context))
     except InjectionBlocked as exc:  # refused before any write
         raise steps.Blocked(str(exc)) from None
-    print(change.summary())
+    log.info(change.summary())
     return CanaryResult(changes=[change.to_dict()], canary=canary_name(p.workload), seconds=steps.took(started),
                         pending=pending)
 
@@ -788,7 +793,7 @@ def _canary_task(prefix: str):
         if done.none is not None:
             chosen = decisions.Decision(to=decisions.INJECT, why=f"no canary: {done.none}")
             ti.xcom_push(key="decision", value=chosen.model_dump())
-            print(f"after_canary_rollout: -> {chosen.to}: {chosen.why}")
+            log.info(f"after_canary_rollout: -> {chosen.to}: {chosen.why}")
             return
         decide = {"after": "wait_canary"}
         if _dry(context):
@@ -819,7 +824,7 @@ def _remove_canary_task(prefix: str):
         with recording(context, "remove_canary"):
             kube = kube_for(svc, context)
             change = kube.remove_canary(svc.plan.namespace, svc.plan.workload)
-            print(change.summary())
+            log.info(change.summary())
             settled = None if kube.dry_run else _settle(svc, kube, "canary removed", only=Undo.REMOVE_CANARY)
         done = RemoveCanaryResult(changes=[change.to_dict()], seconds=steps.took(started), pending=settled)
         context["ti"].xcom_push(key="remove_canary", value=done.model_dump(mode="json"))
@@ -886,16 +891,16 @@ def _settle_outcome(svc: Service, record: ServiceRecord, context: dict[str, Any]
         if current is None or current.run != _run_of(context):
             return record  # nothing of this run's (mesh_reconcile's runs undo another run's)
         if record.outcome.settled:
-            print(kube.clear_pending(p.namespace, p.workload, f"{record.outcome}: {record.reason}"[:300]).summary())
+            log.info(kube.clear_pending(p.namespace, p.workload, f"{record.outcome}: {record.reason}"[:300]).summary())
             return record
         due = current.model_copy(update={"until": datetime.now(UTC)})
-        print(kube.set_pending(p.namespace, p.workload, due).summary())
+        log.info(kube.set_pending(p.namespace, p.workload, due).summary())
         left = _what_is_left(kube, svc)
     except (KubeError, ValueError) as exc:
         return record.model_copy(update={
             "reason": f"{record.reason}; what is left could not be read ({exc}): see annotation "
                       f"{PENDING_ANNOTATION} on deployment {p.namespace}/{p.workload}"})
-    print(f"LEFT: {p.key}: {left['describe']}; {current.undo} is due now for mesh_reconcile")
+    log.warning(f"LEFT: {p.key}: {left['describe']}; {current.undo} is due now for mesh_reconcile")
     return record.model_copy(update={
         "mtls": left["mtls"], "sidecar": left["sidecar"],
         "reason": f"{record.reason}; LEFT: {left['describe']}; mesh_reconcile carries out {current.undo}"})
@@ -945,7 +950,8 @@ def _outcome(prefix: str, resolve: Resolve, wave_error_task: str | None, key: An
         # plain JSON, as every reader has always had it (the outcome a string); they validate it back
         pushed = record.model_dump(mode="json")
         context["ti"].xcom_push(key="record", value=pushed)
-        print(f"{record.service}: {record.outcome}: {record.reason}")
+        (log.warning if record.outcome.against_budget else log.info)(f"{record.service}: {record.outcome}: "
+                                                                     f"{record.reason}")
         if state.service is not None and state.service.settings.notify and not dry_run:
             _notify(state.service, record, state, context)
         if record.outcome.red:

@@ -13,6 +13,7 @@ Parsing reads the plan file and nothing else (no network, no database).
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import pendulum
@@ -41,6 +42,9 @@ from meshwave.plan import NotifyEvent, Plan, Wave, load_plan
 from meshwave.record import ServiceRecord, unrecorded
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import Service, peers_of
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 START = pendulum.datetime(2026, 1, 1, tz="UTC")
 
@@ -292,8 +296,8 @@ def _app_metrics_missing(cfg: Any, services: list[Any]) -> list[str]:
         if not found:
             missing.append(f"{svc.namespace}/{svc.workload}")
     if missing:
-        print(f"no application request metrics in Prometheus for {', '.join(missing)} (query: app_request_rate): "
-              "they are blocked at their baseline")
+        log.warning(f"no application request metrics in Prometheus for {', '.join(missing)} (query: app_request_rate): "
+                    "they are blocked at their baseline")
     return missing
 
 
@@ -323,8 +327,8 @@ def _namespace_wide_strict(kube: Any, wave: Wave, cluster: str) -> dict[str, str
         policy = kube.mtls.namespace_wide(ns)
         if policy is not None and policy.mode == "STRICT":
             found[ns] = str(policy)
-            print(f"cluster {cluster}: namespace {ns} is STRICT namespace-wide ({policy}): its services are blocked "
-                  "at preflight unless every caller already has a sidecar")
+            log.warning(f"cluster {cluster}: namespace {ns} is STRICT namespace-wide ({policy}): its services are "
+                        "blocked at preflight unless every caller already has a sidecar")
     return found
 
 
@@ -336,14 +340,14 @@ def _admit_wave(plan: Plan, wave: Wave, context: dict[str, Any]) -> None:
     if reason := guards.frozen(plan.freeze):
         if not dry_run:
             raise ValueError(f"frozen: {reason}: no change is made while the freeze is on")
-        print(f"frozen ({reason}): a dry run changes nothing, so it goes ahead")
+        log.warning(f"frozen ({reason}): a dry run changes nothing, so it goes ahead")
     override = bool(context["params"].get("outside_window"))
     window = guards.window_at_start(wave.window, override or dry_run, guards.now())
     if window.get("note"):
-        print(window["note"] + ("" if override else " (a dry run: nothing changes)"))
+        log.warning(window["note"] + ("" if override else " (a dry run: nothing changes)"))
     elif window.get("closes"):
-        print(f"maintenance window {window['window']}: open since {window['opened']}, closes {window['closes']}; "
-              "no service starts after that")
+        log.info(f"maintenance window {window['window']}: open since {window['opened']}, closes {window['closes']}; "
+                 "no service starts after that")
     context["ti"].xcom_push(key="window", value=window)
 
 
@@ -384,10 +388,11 @@ def _report(plan: Plan, services: list[Service]):
         records = _records(context, services)
         frame = reports.report_frame(records)
         path = reports.save(frame, records, context["dag"].dag_id, context["run_id"])
-        print(reports.render(frame))
-        print(f"report saved to {path}")
+        log.info(reports.render(frame))
+        log.info(f"report saved to {path}")
         chart = reports.chart_of(path)
-        print(f"chart saved to {chart}" if chart else "no chart drawn (no services, or it failed: see the log above)")
+        log.info(f"chart saved to {chart}" if chart
+                 else "no chart drawn (no services, or it failed: see the log above)")
         counts = reports.summary(frame)
         failed = [r for r in records if r.outcome.against_budget]
         preflight_error = context["ti"].xcom_pull(task_ids="wave_preflight", key="error") or _unfinished(context)
@@ -396,7 +401,7 @@ def _report(plan: Plan, services: list[Service]):
                   "change", preflight_error)
             raise AirflowFailException(preflight_error)
         if skipped := context["ti"].xcom_pull(task_ids="wave_preflight", key="skipped"):
-            print(f"nothing was started: {skipped}")
+            log.warning(f"nothing was started: {skipped}")
             return {"counts": counts, "report": str(path), "skipped": skipped}
         if len(failed) >= plan.defaults.max_failures or any(r.outcome.fails_wave for r in records):
             why = f"wave over its failure budget, with services in an unknown state or held without data: {counts}"
@@ -449,8 +454,8 @@ def _publish(plan: Plan, wave: Wave, services: list[Service]):
             raise AirflowSkipException(f"{len(held)} services held without data ({', '.join(held)}): the next wave "
                                        "waits")
         counts = reports.summary(reports.report_frame(records))
-        print(f"{plan.dag_id(wave)} ended within its failure budget ({counts}): updating "
-              f"{wave_asset(plan, wave).uri}, the next wave starts")
+        log.info(f"{plan.dag_id(wave)} ended within its failure budget ({counts}): updating "
+                 f"{wave_asset(plan, wave).uri}, the next wave starts")
         return {"counts": counts}
 
     return publish()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
@@ -54,7 +55,7 @@ def test_inside_the_window_the_run_records_when_it_closes(clock: list[datetime])
 
 
 def test_outside_the_window_only_the_override_or_a_dry_run_starts(clock: list[datetime],
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     plan = parse_plan(PLAN)
     clock[0] = AFTER
     with pytest.raises(ValueError, match="outside the maintenance window"):
@@ -62,8 +63,9 @@ def test_outside_the_window_only_the_override_or_a_dry_run_starts(clock: list[da
     ti = FakeTI()
     wave._admit_wave(plan, plan.waves[0], context(ti, outside_window=True))
     assert ti.pushed["window"]["override"] is True
-    wave._admit_wave(plan, plan.waves[0], context(FakeTI(), dry_run=True))
-    out = capsys.readouterr().out
+    with caplog.at_level(logging.WARNING, logger="meshwave.wave"):
+        wave._admit_wave(plan, plan.waves[0], context(FakeTI(), dry_run=True))
+    out = caplog.text
     assert "OVERRIDE: running outside the maintenance window" in out and "(a dry run: nothing changes)" in out
 
 
