@@ -24,6 +24,7 @@ from meshwave.outcomes import ServiceOutcome
 from meshwave.record import ServiceRecord
 
 if TYPE_CHECKING:
+    from airflow.sdk import ObjectStoragePath
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
@@ -128,12 +129,15 @@ def _header(fig: Figure, records: Sequence[ServiceRecord], title: str, steps: li
                    title_fontsize=7, alignment="left")
 
 
-def write(records: Sequence[ServiceRecord], path: Path, title: str) -> Path | None:
-    """Draw and write the PNG at `path`; None (and nothing written) when there are no services."""
+def write(records: Sequence[ServiceRecord], path: Path | ObjectStoragePath,
+          title: str) -> Path | ObjectStoragePath | None:
+    """Draw and write the PNG at `path` (a local Path or the report dir's ObjectStoragePath: written through its
+    open()); None (and nothing written) when there are no services."""
     if not records:
         return None
     fig = draw(records, title)
-    fig.savefig(path, format="png")
+    with path.open("wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

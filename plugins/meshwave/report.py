@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
+from airflow.sdk import ObjectStoragePath
 
 from meshwave.outcomes import ServiceOutcome
 from meshwave.record import ServiceRecord
@@ -74,38 +75,46 @@ def render(frame: pd.DataFrame) -> str:
     return f"{table}\n\nwhy:\n{reasons}\n\n{len(frame)} services: {counts}"
 
 
-def report_dir() -> Path:
+def report_dir() -> ObjectStoragePath:
+    """MESHWAVE_REPORT_DIR: a local folder (by default $AIRFLOW_HOME/meshwave-reports), or object storage as a URL,
+    `s3://bucket/prefix`, `gs://bucket/prefix`, the Airflow connection to reach it by as the URL's user
+    (`s3://aws_default@bucket/prefix`). Airflow knows a scheme from the provider that registers its filesystem
+    (apache-airflow-providers-amazon for s3, -google for gs): installed wherever reports are written or served (the
+    workers, the api-server); meshwave itself adds none. Object storage lets them share reports without a shared
+    disk."""
     default = Path(os.environ.get("AIRFLOW_HOME", ".")) / "meshwave-reports"
-    return Path(os.environ.get("MESHWAVE_REPORT_DIR", default))
+    return ObjectStoragePath(os.environ.get("MESHWAVE_REPORT_DIR", str(default)))
 
 
-def report_base(dag_id: str, run_id: str) -> Path:
+def report_base(dag_id: str, run_id: str) -> ObjectStoragePath:
     """`<report dir>/<dag_id>/<run_id>`, the run id's characters other than letters, digits and `-_.` as `_` (a
     manual run's id holds `:` and `+`); `save` adds the suffixes."""
     safe_run = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in run_id)
     return report_dir() / dag_id / safe_run
 
 
-def save(frame: pd.DataFrame, records: Sequence[ServiceRecord], dag_id: str, run_id: str) -> Path:
+def save(frame: pd.DataFrame, records: Sequence[ServiceRecord], dag_id: str, run_id: str) -> ObjectStoragePath:
     """Write `<dag_id>/<run_id>.csv` (the table), `.json` (everything seen, the ledger) and `.png` (the chart, see
     `chart_of`) under the report dir; returns the CSV's path."""
     base = report_base(dag_id, run_id)
-    base.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(base.with_suffix(".csv"), index=False)
+    base.parent.mkdir(parents=True, exist_ok=True)  # object storage has no folders: nothing to do there
+    with base.with_suffix(".csv").open("w", encoding="utf-8") as f:
+        frame.to_csv(f, index=False)
     # the records as the outcome tasks pushed them (plain JSON)
-    base.with_suffix(".json").write_text(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+    with base.with_suffix(".json").open("w", encoding="utf-8") as f:
+        f.write(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
     _save_chart(records, base.with_suffix(".png"), f"{dag_id}  {run_id}")  # last: the CSV and JSON are the record
     return base.with_suffix(".csv")
 
 
-def chart_of(report: Path) -> Path | None:
+def chart_of(report: ObjectStoragePath) -> ObjectStoragePath | None:
     """The chart `save` wrote beside the report at `report` (its CSV); None when it drew none: no services, or the
     drawing failed (the task log says why)."""
     chart = report.with_suffix(".png")
     return chart if chart.is_file() else None
 
 
-def _save_chart(records: Sequence[ServiceRecord], path: Path, title: str) -> Path | None:
+def _save_chart(records: Sequence[ServiceRecord], path: ObjectStoragePath, title: str) -> ObjectStoragePath | None:
     """The chart, or None. A chart is a picture of the record, not the record: whatever breaks in drawing it
     (matplotlib, a font, the disk) is logged and the report goes on."""
     path.unlink(missing_ok=True)  # an earlier try's chart of this run is not this report's

@@ -229,10 +229,10 @@ def test_the_report_writes_the_chart_beside_the_csv_and_json(tmp_path: Path, mon
     monkeypatch.setenv("MESHWAVE_REPORT_DIR", str(tmp_path))
     records = wave()
     path = report.save(report.report_frame(records), records, "meshwave_shop_mesh_wave_1", "manual__2026-01-01:00")
-    assert path == tmp_path / "meshwave_shop_mesh_wave_1" / "manual__2026-01-01_00.csv"
+    assert str(path) == str(tmp_path / "meshwave_shop_mesh_wave_1" / "manual__2026-01-01_00.csv")
     chart = report.chart_of(path)
     assert chart == path.with_suffix(".png")
-    with Image.open(chart) as image:
+    with Image.open(str(chart)) as image:
         assert image.format == "PNG" and image.size[0] == 1700
     assert path.with_suffix(".json").is_file()
 

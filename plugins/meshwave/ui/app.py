@@ -22,7 +22,7 @@ from airflow.api_fastapi.core_api.security import GetUserDep
 from airflow.configuration import conf
 from fastapi import FastAPI, HTTPException
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.responses import FileResponse, HTMLResponse, Response
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -79,7 +79,7 @@ _DAG_ID = PathParam(pattern=r"^[A-Za-z0-9_.-]+$")
 
 
 @app.get("/reports/{dag_id}/{run_file}")
-def report_file(dag_id: Annotated[str, _DAG_ID], run_file: str, user: GetUserDep) -> FileResponse:
+def report_file(dag_id: Annotated[str, _DAG_ID], run_file: str, user: GetUserDep) -> Response:
     run_id, dot, suffix = run_file.rpartition(".")
     if not dot or suffix not in ("csv", "png"):
         raise HTTPException(404, f"{run_file}: a report is <run_id>.csv or <run_id>.png")
@@ -89,4 +89,8 @@ def report_file(dag_id: Annotated[str, _DAG_ID], run_file: str, user: GetUserDep
     if not path.is_file():
         raise HTTPException(404, f"no {suffix} report for {dag_id} run {run_id} in {path.parent}")
     media = "image/png" if suffix == "png" else "text/csv"
-    return FileResponse(path, media_type=media)
+    if path.protocol in ("", "file", "local"):  # a local folder: served from disk as before
+        return FileResponse(path.path, media_type=media)
+    # object storage: a report is a CSV or a PNG of some hundred kB, read through the path's own filesystem
+    with path.open("rb") as f:
+        return Response(f.read(), media_type=media)
