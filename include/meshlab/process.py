@@ -6,8 +6,11 @@ Used by the tests, the demo and the benchmarks: nothing assumes a service that i
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
@@ -18,6 +21,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -225,6 +229,123 @@ class PrometheusProcess:
         self.stop()
 
 
+def _run(cmd: list[str], user: str | None, **kwargs: Any) -> None:
+    result = subprocess.run(cmd, user=user, capture_output=True, text=True, timeout=120, **kwargs)
+    if result.returncode != 0:
+        raise ProcessError(f"{' '.join(cmd)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+
+
+def _wait(ready: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path, what: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if proc.poll() is not None:
+            raise ProcessError(f"{what} exited with {proc.returncode}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise ProcessError(f"{what} not ready in {timeout}s:\n{_tail(log)}")
+        time.sleep(0.3)
+
+
+def postgres_bin(name: str) -> str:
+    """A server binary of the newest installed PostgreSQL (Debian keeps them off PATH)."""
+    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"), key=lambda p: int(Path(p).parts[4]))
+    path = found[-1] if found else shutil.which(name)
+    if not path:
+        raise ProcessError(f"{name} not found: run `make setup` (it installs the postgresql package)")
+    return path
+
+
+def _unprivileged_user() -> str:
+    """The Debian package's `postgres` user, else `nobody`."""
+    try:
+        pwd.getpwnam("postgres")
+        return "postgres"
+    except KeyError:
+        return "nobody"
+
+
+class PostgresProcess:
+    """A throwaway cluster (initdb in a temp dir) with one password-protected database for Airflow.
+
+    Postgres refuses to run as root: as root, the cluster belongs to (and runs as) the `postgres` user the
+    Debian package creates (`nobody` without it); otherwise to the current user.
+    """
+
+    def __init__(self, user: str = "airflow", database: str = "airflow") -> None:
+        self.user, self.database = user, database
+        self.password = secrets.token_urlsafe(16)
+        self.port = 0
+        self.datadir = Path(tempfile.mkdtemp(prefix="meshwave-pg-"))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.os_user = _unprivileged_user() if os.geteuid() == 0 else None
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg2://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    def start(self, timeout: float = 60) -> PostgresProcess:
+        if self.os_user:
+            shutil.chown(self.datadir, self.os_user)
+        pwfile = self.datadir / "pwfile"
+        pwfile.write_text(self.password)
+        if self.os_user:
+            shutil.chown(pwfile, self.os_user)
+        _run([postgres_bin("initdb"), "-D", str(self.datadir / "data"), "-U", self.user, f"--pwfile={pwfile}",
+              "--auth=scram-sha-256", "-E", "UTF8", "--no-sync"], self.os_user, cwd=self.datadir)
+        self.port = free_port()
+        log = self.datadir / "postgres.log"
+        # max_connections: every component and task process opens its own pool (docs: Postgres connections).
+        cmd = [postgres_bin("postgres"), "-D", str(self.datadir / "data"), "-p", str(self.port), "-h", "127.0.0.1",
+               "-k", "", "-c", "max_connections=200", "-c", "fsync=off"]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, user=self.os_user,
+                                         cwd=self.datadir, start_new_session=True)
+        try:
+            _wait(self._accepts, self.proc, log, "postgres", timeout)
+            self._create_database()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
+    def _connect(self, database: str) -> Any:
+        import psycopg2
+
+        return psycopg2.connect(host="127.0.0.1", port=self.port, user=self.user, password=self.password,
+                                dbname=database, connect_timeout=3)
+
+    def _accepts(self) -> bool:
+        import psycopg2  # an ImportError must surface, not read as "not ready yet"
+
+        try:
+            self._connect("postgres").close()
+            return True
+        except psycopg2.OperationalError:
+            return False
+
+    def _create_database(self) -> None:
+        conn = self._connect("postgres")
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'CREATE DATABASE "{self.database}"')
+        conn.close()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGINT)  # fast shutdown (SIGTERM waits for clients)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(15)
+        _stop(self.proc)
+        shutil.rmtree(self.datadir, ignore_errors=True)
+
+    def __enter__(self) -> PostgresProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+
 def wave_dag_file(plan_file: str, title: str) -> str:
     """The text of a thin DAG file that loads one plan's waves (what dags/seed_fleet.py is for the seed plan): the
     rehearsal and the e2e tests write one beside a plan they add to a stack's plans directory."""
@@ -233,14 +354,19 @@ def wave_dag_file(plan_file: str, title: str) -> str:
 
 
 class AirflowProcess:
-    """`airflow standalone` (scheduler, dag-processor, triggerer, api-server; SQLite, LocalExecutor) on a free
-    loopback port, with this project's dags/ and plugins/, connections from the environment, and a small REST
-    client for triggering runs and reading their outcome."""
+    """`airflow standalone` (scheduler, dag-processor, triggerer, api-server; LocalExecutor) on a free loopback
+    port, with this project's dags/ and plugins/, connections from the environment, and a small REST client for
+    triggering runs and reading their outcome.
+
+    Its metadata database is SQLite in `home` unless `database` (a SQLAlchemy URL, e.g. a PostgresProcess's) is
+    given: the e2e stack runs many DAG runs at once, and SQLite's single writer made its scheduler die on
+    "database is locked" as they started."""
 
     def __init__(self, home: Path, connections: dict[str, dict[str, Any]], env: dict[str, str] | None = None,
-                 port: int | None = None) -> None:
+                 port: int | None = None, database: str | None = None) -> None:
         self.home = Path(home)
         self.connections = connections
+        self.database = database
         self.extra_env = env or {}
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
@@ -275,8 +401,9 @@ class AirflowProcess:
             "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "30",
             "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
             # SQLite holds 16 task processes at once, not 32 (Airflow's default): at 32 the scheduler dies on
-            # "database is locked" (`make bench`, benchmark 7)
+            # "database is locked" (`make bench`, benchmark 7). Kept on Postgres too: 2 cores run no more.
             "AIRFLOW__CORE__PARALLELISM": "16",
+            **({"AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": self.database} if self.database else {}),
             "AIRFLOW__TRIGGERER__JOB_HEARTBEAT_SEC": "2",
             "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
             **{f"AIRFLOW_CONN_{cid.upper()}": json.dumps(c) for cid, c in self.connections.items()},

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess, wave_dag_file
+from meshlab.process import AirflowProcess, LabProcess, PostgresProcess, PrometheusProcess, wave_dag_file
 from tests.notify_sink import NotifySink
 
 HERE = Path(__file__).parent
@@ -121,7 +121,8 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("e2e")
     with LabProcess(HERE / "topology.yaml", work / "lab") as lab, \
-            PrometheusProcess([lab.metrics_target], work / "prometheus") as prom, NotifySink() as sink:
+            PrometheusProcess([lab.metrics_target], work / "prometheus") as prom, NotifySink() as sink, \
+            PostgresProcess() as postgres:
         connections = {
             # plans/breaker.yaml notifies both: the SMTP server and the chat webhook this session runs on loopback
             **sink.connections("e2e_smtp", "e2e_chat"),
@@ -139,7 +140,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         env = {"MESHWAVE_PLANS_DIR": str(plans), "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
                "MESHWAVE_REPORT_DIR": str(work / "reports"),
                "MESHWAVE_RECONCILE_SCHEDULE": "none"}  # tests trigger mesh_reconcile when they need it
-        airflow = AirflowProcess(work / "airflow", connections, env)
+        # On Postgres, as in production: the stack starts a dozen runs at once, and on SQLite its scheduler once died
+        # on "database is locked" as they started.
+        airflow = AirflowProcess(work / "airflow", connections, env, database=postgres.url)
         stack = None
         try:
             airflow.start(timeout=360)  # a busy 2-core machine can take minutes to start all components
