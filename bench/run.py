@@ -33,8 +33,7 @@ BENCHMARKS: dict[str, list[str]] = {  # name -> the module and its arguments
     "soak-postgres": ["bench.soak", "--stack", "postgres", "--services", "50", "--soak", "60"],
     "floor": ["bench.floor", "--pairs", "3", "--services", "20", "--probes", "3"],
     # A wave four times as wide: does the overhead per service stay flat, and the scheduler's loop? Not in the
-    # default set: on this 2-core machine it takes about two hours (docs/benchmarks-notes.md, 2c); ONLY=soak-200
-    # runs it.
+    # default set: on this 2-core machine it takes about two hours (docs/benchmarks.md, 2c); ONLY=soak-200 runs it.
     "soak-200": ["bench.soak", "--services", "200", "--soak", "60", "--scale"],
     # How many task processes at once the SQLite standalone stack holds before "database is locked".
     "sqlite_width": ["bench.sqlite_width", "--parallelism", "8,16,32,64", "--services", "40"],
