@@ -19,7 +19,7 @@ from meshwave.report import render, report_frame
 from meshwave.triggers import ended
 from meshwave.wave import services_of, wave_dag
 from tests.unit.test_decisions import BASELINE, GATE_PASS, INJECT, PREFLIGHT, SOAK_PASS, rollout, states, typed
-from tests.unit.test_routing import GROUP, FakeTI, context
+from tests.unit.test_service_group_routing import GROUP, FakeTI, context
 
 CLUSTERS = {"lab": {"kubernetes_conn_id": "k", "prometheus_conn_id": "p"}}
 
