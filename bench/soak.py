@@ -51,8 +51,8 @@ from bench.fleetgen import deployments, make_plan, synthetic_topology
 from bench.querylog import per_check
 from bench.statsd_sink import SCHEDULER_LOOP, StatsdSink
 from bench.task_times import by_task
-from meshlab.process import AirflowProcess
-from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, PostgresProcess, RedisProcess
+from meshlab.process import AirflowProcess, PostgresProcess
+from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, RedisProcess
 
 # The tasks that wait in the triggerer (inject waits for its rollout, flip_strict verifies, the undos watch theirs).
 SENSORS = ("inject", "soak", "strict_gate", "flip_strict", "back_to_permissive", "rollback_injection")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.process import LabProcess, PrometheusProcess
-from tests.distributed.processes import CeleryAirflow, PostgresProcess, RedisProcess
+from meshlab.process import LabProcess, PostgresProcess, PrometheusProcess
+from tests.distributed.processes import CeleryAirflow, RedisProcess
 from tests.e2e.conftest import Stack
 
 HERE = Path(__file__).parent
