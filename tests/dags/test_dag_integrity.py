@@ -187,7 +187,8 @@ def test_undo_outlasts_a_control_plane_upgrade_and_an_unverified_strict_is_not_r
         delays = [min(task.retry_delay.total_seconds() * multiplier ** (attempt - 1),
                       task.max_retry_delay.total_seconds()) for attempt in range(1, task.retries + 1)]
         assert sum(delays) >= 30 * 60, (undo, delays)  # the least it waits: the jitter only adds
-    # a retry of flip_strict after its flip does not verify again from zero (service_group._flip; test_service_group_routing)
+    # a retry of flip_strict after its flip does not verify again from zero (service_group._flip;
+    # test_service_group_routing)
     assert tasks["flip_strict"].retries == 2
 
 

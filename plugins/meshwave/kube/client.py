@@ -10,8 +10,8 @@ from collections.abc import Callable
 from typing import Any
 
 import urllib3
-from kubernetes import client  # noqa: TID253
-from kubernetes.client.rest import ApiException  # noqa: TID253
+from kubernetes import client
+from kubernetes.client.rest import ApiException
 
 from meshwave.changes import Change, utc_now
 from meshwave.kube.canaries import Canaries

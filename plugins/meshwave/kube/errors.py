@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 import urllib3
-from kubernetes.client.rest import ApiException  # noqa: TID253
+from kubernetes.client.rest import ApiException
 
 from meshwave.kube_errors import AccessDenied, ClusterUnreachable, Conflict, KubeError, NotFound, Rejected, ServerError
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from kubernetes.utils import parse_quantity  # noqa: TID253
+from kubernetes.utils import parse_quantity
 
 from meshwave.gitops import reverted_by
 

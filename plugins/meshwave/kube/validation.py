@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from decimal import Decimal
 from typing import Any
 
-from kubernetes.utils import parse_quantity  # noqa: TID253
+from kubernetes.utils import parse_quantity
 
 from meshwave.names import rfc1123_label
 
