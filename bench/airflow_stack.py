@@ -16,7 +16,7 @@ import yaml
 
 from bench.common import log
 from bench.fleetgen import write
-from meshlab.process import AirflowProcess, LabProcess, PrometheusProcess
+from meshstack.process import AirflowProcess, LabProcess, PrometheusProcess
 
 DAG_FILE = ('"""airflow dag: the waves of {plan}"""\nfrom meshwave.wave import wave_dags\n\n'
             'globals().update(wave_dags("{plan}"))\n')

@@ -38,7 +38,7 @@ import psutil
 from bench.airflow_stack import NOOP_DAG_ID, NOOP_STEPS, airflow_alone, run_noop, write_noop_dag
 from bench.common import PY, ROOT, Figure, emit, load_average, log
 from bench.soak import AIRFLOW_ENV
-from meshlab.process import AirflowProcess
+from meshstack.process import AirflowProcess
 
 ITEM = "6 floor"
 TARGET = 1.10  # plugins folder / empty folder

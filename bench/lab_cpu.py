@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import PY, Figure, emit, load_average, log  # noqa: E402
 from bench.fleetgen import synthetic_topology, write  # noqa: E402
-from meshlab.process import ROOT, LabProcess, PrometheusProcess  # noqa: E402
+from meshstack.process import ROOT, LabProcess, PrometheusProcess  # noqa: E402
 
 
 def measure(topology: Path, seconds: float, warmup: float = 15) -> dict[str, Any]:

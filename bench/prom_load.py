@@ -23,7 +23,7 @@ from typing import Any
 from bench.common import PY, Figure, emit, load_average, log
 from bench.fleetgen import deployments, synthetic_topology, write
 from bench.querylog import per_check
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from meshwave import stages
 from meshwave.checks import Baseline, Thresholds
 from meshwave.prometheus import BatchingSource, PrometheusSource, SharedBatches

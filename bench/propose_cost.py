@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.common import PY, Figure, emit, load_average, log
 from bench.fleetgen import synthetic_topology, write
-from meshlab.process import ROOT, LabProcess, PrometheusProcess
+from meshstack.process import ROOT, LabProcess, PrometheusProcess
 
 SEED = ROOT / "include" / "lab" / "seed.yaml"
 TARGETS = {"seed": 10.0, "generated": 60.0}  # seconds

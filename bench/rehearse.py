@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from bench.common import PY, Figure, emit, load_average, log
-from meshlab.process import ROOT
 from meshlab.rehearsal.plan_copy import RehearsalError
 from meshlab.rehearsal.run import rehearse_on_lab, summary_lines
+from meshstack.process import ROOT
 
 SEED_LAB = ROOT / "include" / "lab" / "seed.yaml"
 TARGET_MINUTES = 30

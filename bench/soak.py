@@ -51,7 +51,7 @@ from bench.fleetgen import deployments, make_plan, synthetic_topology
 from bench.querylog import per_check
 from bench.statsd_sink import SCHEDULER_LOOP, StatsdSink
 from bench.task_times import by_task
-from meshlab.process import AirflowProcess, PostgresProcess
+from meshstack.process import AirflowProcess, PostgresProcess
 from tests.distributed.processes import SHARED_SETTINGS, CeleryAirflow, RedisProcess
 
 # The tasks that wait in the triggerer (inject waits for its rollout, flip_strict verifies, the undos watch theirs).

@@ -34,7 +34,7 @@ from bench.airflow_stack import (
     write_noop_dag,
 )
 from bench.common import PY, Figure, emit, load_average, log
-from meshlab.process import AirflowProcess
+from meshstack.process import AirflowProcess
 
 LOCKED = "database is locked"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.process import ROOT, LabProcess
+from meshstack.process import ROOT, LabProcess
 
 SMALL = ROOT / "include" / "lab" / "small.yaml"
 SEED = ROOT / "include" / "lab" / "seed.yaml"

@@ -20,7 +20,7 @@ import sys
 import time
 import urllib.parse
 
-from meshlab.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, free_port
+from meshstack.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, free_port
 from meshwave import report
 from meshwave.plan import load_plan
 from meshwave.record import ServiceRecord

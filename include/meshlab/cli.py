@@ -87,9 +87,9 @@ def _import(args: argparse.Namespace) -> int:
 
 def _rehearse(args: argparse.Namespace) -> int:
     """Every wave of a plan on the lab, a Prometheus and Airflow (meshlab.rehearsal); exit 1 when it failed."""
-    from meshlab.process import ProcessError
     from meshlab.rehearsal.plan_copy import RehearsalError
     from meshlab.rehearsal.run import rehearse_on_lab, summary_lines
+    from meshstack.process import ProcessError
 
     try:
         result = rehearse_on_lab(args.plan, args.topology, args.soak_seconds, args.out, args.timeout * 60,

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave.kube import MeshKube
 from tests.component.kubes import api_client
 from tests.conftest import SMALL

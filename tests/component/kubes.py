@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kubernetes import client, config
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 
 
 def api_client(lab: LabProcess, cluster: str | None = None) -> client.ApiClient:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from tests.conftest import eventually
 
 INJECTED = ("identity", "payments", "commerce", "platform")  # "kubectl label namespace production istio-injection"

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from tests.conftest import SMALL
 
 pytestmark = pytest.mark.component

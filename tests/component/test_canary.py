@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave.canary import CANARY_LABEL
 from meshwave.kube import InjectionBlocked, MeshKube
 from tests.conftest import eventually

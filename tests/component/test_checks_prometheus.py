@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from meshwave import checks as c
 from meshwave import prometheus as p
 from meshwave.prometheus import PrometheusQueryError, PrometheusSource, PrometheusUnavailable

@@ -23,8 +23,8 @@ import urllib3
 import yaml
 from kubernetes import client, config
 
-from meshlab.process import LabProcess
 from meshlab.server import kubeconfig
+from meshstack.process import LabProcess
 from meshwave import steps
 from meshwave.kube import ClusterUnreachable, MeshKube
 from meshwave.plan import parse_plan

@@ -25,7 +25,7 @@ import requests
 import yaml
 from kubernetes import client
 
-from meshlab.process import ROOT, LabProcess, PrometheusProcess
+from meshstack.process import ROOT, LabProcess, PrometheusProcess
 from meshwave.kube import MeshKube, RolloutState
 from tests.component.kubes import api_client
 from tests.conftest import eventually

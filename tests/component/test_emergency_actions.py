@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave import emergency as em
 from meshwave.kube import MeshKube
 from meshwave.peer_auth import PA_GROUP, PA_PLURAL, PREVIOUS_MTLS_ANNOTATION

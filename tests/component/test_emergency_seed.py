@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from kubernetes import config
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from meshwave import emergency as em
 from meshwave.kube import MeshKube
 from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION

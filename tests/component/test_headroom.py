@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave import headroom
 from meshwave.kube import MeshKube
 from tests.component.kubes import api_client

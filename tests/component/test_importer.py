@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from meshlab.cli import main
-from meshlab.process import LabProcess, PrometheusProcess
 from meshlab.topology import load_topology
+from meshstack.process import LabProcess, PrometheusProcess
 
 pytestmark = pytest.mark.component
 
@@ -58,7 +58,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, o
 
 def import_through_airflow(lab: LabProcess, prom: PrometheusProcess, workdir: Path) -> Path:
     """`meshlab import --conn`: the clusters through the Airflow connections a plan's DAGs use (here in
-    AIRFLOW_CONN_<ID>, as meshlab.process.AirflowProcess gives them)."""
+    AIRFLOW_CONN_<ID>, as meshstack.process.AirflowProcess gives them)."""
     import json
 
     out = workdir / "twin-conn.yaml"

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave.kube import (
     ClusterUnreachable,
     InjectionBlocked,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kubernetes.client.rest import ApiException
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from tests.conftest import eventually
 
 pytestmark = pytest.mark.component

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from meshwave import outbound, steps
 from meshwave.kube import INJECT_LABEL, MeshKube
 from meshwave.outbound import RemovalRefused

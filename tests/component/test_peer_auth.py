@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from kubernetes import config
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave.kube import MeshKube
 from meshwave.kube_errors import MtlsRefused, NotFound, Rejected
 from meshwave.mtls import Mode

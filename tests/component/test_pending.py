@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave.kube import MeshKube
 from meshwave.pending import PENDING_ANNOTATION, Undo, expecting
 from meshwave.plan import parse_plan

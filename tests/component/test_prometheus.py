@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from tests.component.test_checks_prometheus import lookalike
 from tests.conftest import SMALL, below, eventually
 

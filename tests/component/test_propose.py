@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshlab.process import LabProcess, PrometheusProcess, free_port
+from meshstack.process import LabProcess, PrometheusProcess, free_port
 from meshwave.cli import main
 from meshwave.plan import load_plan
 
@@ -153,7 +153,7 @@ def test_the_picture_colours_every_wave_s_services_in_the_wave_s_colour(proposed
 
 
 def lab_connections(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, lab: LabProcess, prom_url: str) -> None:
-    """The lab's connections as the DAGs would find them, in AIRFLOW_CONN_<ID> (meshlab.process.AirflowProcess)."""
+    """The lab's connections as the DAGs would find them, in AIRFLOW_CONN_<ID> (meshstack.process.AirflowProcess)."""
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "airflow"))  # the metastore searched after them: not ~/airflow
     monkeypatch.setenv("AIRFLOW_CONN_LAB_PC", json.dumps({"conn_type": "kubernetes",
                                                           "extra": {"kube_config_path": lab.kubeconfig("pc")}}))

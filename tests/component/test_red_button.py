@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from meshwave import emergency as em
 from meshwave.kube import MeshKube
 from meshwave.kube_errors import MtlsRefused

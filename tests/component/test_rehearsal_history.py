@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess
 from meshlab.rehearsal.history import check_history
+from meshstack.process import LabProcess, PrometheusProcess
 from meshwave.plan import Plan
 from meshwave.prometheus import PrometheusSource
 

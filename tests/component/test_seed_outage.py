@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess
+from meshstack.process import LabProcess, PrometheusProcess
 from tests.component.seed_outage import inject_namespaces, mesh_wide_strict
 from tests.conftest import SEED, below, eventually
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from meshlab.process import LabProcess, PostgresProcess, PrometheusProcess
+from meshstack.process import LabProcess, PostgresProcess, PrometheusProcess
 from tests.distributed.processes import CeleryAirflow, RedisProcess
 from tests.e2e.conftest import Stack
 

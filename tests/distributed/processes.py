@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from meshlab.process import AirflowProcess, ProcessError, _stop, _tail, _wait, free_port
+from meshstack.process import AirflowProcess, ProcessError, _stop, _tail, _wait, free_port
 
 # The settings the compose file and this native stack share (tests/distributed/test_compose.py checks them).
 # Why each one is there: docs/distributed.md, "A lost worker: the settings that matter".

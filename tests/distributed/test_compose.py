@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import yaml
 
-from meshlab.process import ROOT, free_port
+from meshstack.process import ROOT, free_port
 from tests.conftest import eventually
 from tests.distributed.processes import SHARED_SETTINGS, TEST_ONLY_SETTINGS
 

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from kubernetes import client, config
 
-from meshlab.process import AirflowProcess, LabProcess, PostgresProcess, PrometheusProcess, wave_dag_file
+from meshstack.process import AirflowProcess, LabProcess, PostgresProcess, PrometheusProcess, wave_dag_file
 from tests.notify_sink import NotifySink
 
 HERE = Path(__file__).parent

@@ -20,7 +20,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from meshlab.process import LabProcess, PrometheusProcess, free_port
+from meshstack.process import LabProcess, PrometheusProcess, free_port
 from meshwave.guards import FREEZE_VARIABLE
 from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION
 from tests.component.test_emergency_seed import fleet_success, reproduce_outage

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from meshlab.process import LabProcess
 from meshlab.server import _write_atomic
+from meshstack.process import LabProcess
 
 TOPOLOGY = {"clusters": [{"name": "lab", "namespaces": [{"name": "shop"}]}],
             "services": [{"name": "ledger", "namespace": "shop"}]}

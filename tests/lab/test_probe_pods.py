@@ -10,8 +10,8 @@ import yaml
 
 from meshlab import resources as r
 from meshlab.lab import Lab
-from meshlab.process import LabProcess
 from meshlab.topology import parse_topology
+from meshstack.process import LabProcess
 from tests.conftest import eventually
 from tests.lab.sim import Clock, store
 

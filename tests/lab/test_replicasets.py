@@ -11,7 +11,7 @@ import pytest
 
 from meshlab import resources as r
 from meshlab.lab import Lab
-from meshlab.process import LabProcess
+from meshstack.process import LabProcess
 from tests.conftest import SMALL, VENV_BIN, eventually
 from tests.lab.sim import Clock, store
 

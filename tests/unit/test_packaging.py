@@ -18,8 +18,9 @@ from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "plugins" / "meshwave"
-LAB = ROOT / "include" / "meshlab"
-FIRST_PARTY = {"meshwave", "meshlab"}
+# the lab and the stack that runs it (meshstack: the lab, Prometheus, Postgres and Airflow as processes)
+LAB = (ROOT / "include" / "meshlab", ROOT / "include" / "meshstack")
+FIRST_PARTY = {"meshwave", "meshlab", "meshstack"}
 
 # Airflow's own interfaces, used as Airflow hands them over (its cron timetables, the plugin's FastAPI app and
 # Jinja templates, its SQLAlchemy session, pendulum dates): the deployment's Airflow brings the version it works
@@ -114,7 +115,7 @@ def test_what_is_taken_from_airflow_is_still_airflows_requirement() -> None:
 
 def test_the_lab_extra_adds_what_the_lab_imports() -> None:
     declared = set(_requirements()) | set(_requirements("lab"))
-    assert _undeclared(LAB, declared) == []
+    assert [missing for root in LAB for missing in _undeclared(root, declared)] == []
     # and only that: nothing of the lab's is forced on an Airflow deployment
     assert not set(_requirements("lab")) & {_distribution(m) for m, _ in _imports(PACKAGE)}
 

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from meshlab.process import AirflowProcess
+from meshstack.process import AirflowProcess
 
 
 def busy() -> urllib.error.HTTPError:

@@ -24,7 +24,7 @@ ASSET_GRACE_SECONDS = 120  # a published Asset becomes the next wave's run withi
 
 
 class Airflow(Protocol):
-    """What the rehearsal needs of Airflow's REST API (meshlab.process.AirflowProcess)."""
+    """What the rehearsal needs of Airflow's REST API (meshstack.process.AirflowProcess)."""
 
     def api(self, method: str, path: str, body: Any = None) -> Any: ...
     def trigger(self, dag_id: str, conf: dict[str, Any] | None = None) -> str: ...

@@ -90,8 +90,8 @@ def rehearse_on_lab(plan_path: Path, topology: Path, soak_seconds: int, out: Pat
     stop them all (their logs stay under `out`/stack)."""
     from kubernetes import config
 
-    from meshlab.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, wave_dag_file
     from meshlab.topology import load_topology
+    from meshstack.process import ROOT, AirflowProcess, LabProcess, PrometheusProcess, wave_dag_file
     from meshwave.kube import MeshKube
     from meshwave.prometheus import PrometheusSource
 

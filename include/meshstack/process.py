@@ -1,6 +1,7 @@
-"""Start and stop the lab and a real Prometheus as child processes, on loopback and free ports.
+"""Start and stop the lab, a real Prometheus, Postgres and `airflow standalone` as child processes, on loopback and
+free ports.
 
-Used by the tests, the demo and the benchmarks: nothing assumes a service that it did not start.
+Used by the tests, the demo, the rehearsal and the benchmarks: nothing assumes a service that it did not start.
 """
 
 from __future__ import annotations
