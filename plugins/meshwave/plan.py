@@ -62,9 +62,9 @@ class ClusterConfig(Strict):
 
     kubernetes_conn_id: str = Field(description="The Airflow connection (type kubernetes) that reaches the cluster's "
                                     "API server: letters, digits, '_', '.', '-'.")
-    prometheus_conn_id: str = Field(description="The Airflow connection (type http, the Prometheus URL as its host) "
-                                    "that reads the cluster's Istio and application metrics: letters, digits, '_', "
-                                    "'.', '-'.")
+    prometheus_conn_id: str = Field(description="The Airflow connection (type meshwave_prometheus or http, the "
+                                    "Prometheus URL as its host) that reads the cluster's Istio and application "
+                                    "metrics: letters, digits, '_', '.', '-'.")
     root_namespace: str = Field("istio-system", description="Istio's root namespace (an RFC 1123 label): its "
                                 "mesh-wide PeerAuthentication and the sidecar injector's ConfigMap are read there.")
     revision: str | None = Field(None, description="The Istio revision (or tag) new sidecars come from: 'default' "
