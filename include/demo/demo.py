@@ -38,7 +38,8 @@ def connections(lab: LabProcess, prom: PrometheusProcess) -> dict[str, dict]:
         suffix = cluster.replace("prod-", "").replace("-", "_")
         found[f"meshlab_prod_{suffix}"] = {"conn_type": "kubernetes",
                                            "extra": {"kube_config_path": lab.kubeconfig(cluster)}}
-        found[f"meshlab_prometheus_{suffix}"] = {"conn_type": "http", "host": prom.url, "extra": {"cluster": cluster}}
+        found[f"meshlab_prometheus_{suffix}"] = {"conn_type": "meshwave_prometheus", "host": prom.url,
+                                                 "extra": {"cluster": cluster}}
     return found
 
 

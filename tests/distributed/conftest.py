@@ -23,7 +23,7 @@ def celery_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             LabProcess(TOPOLOGY, work / "lab") as lab, PrometheusProcess([lab.metrics_target], work / "prom") as prom:
         connections = {
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
-            "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
+            "meshlab_prometheus": {"conn_type": "meshwave_prometheus", "host": prom.url, "extra": {"cluster": "lab"}},
         }
         env = {"MESHWAVE_PLANS_DIR": str(HERE / "plans"), "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "dags"),
                "MESHWAVE_REPORT_DIR": str(work / "reports")}

@@ -127,9 +127,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             # plans/breaker.yaml notifies both: the SMTP server and the chat webhook this session runs on loopback
             **sink.connections("e2e_smtp", "e2e_chat"),
             "meshlab_lab": {"conn_type": "kubernetes", "extra": {"kube_config_path": lab.kubeconfig("lab")}},
-            "meshlab_prometheus": {"conn_type": "http", "host": prom.url, "extra": {"cluster": "lab"}},
+            "meshlab_prometheus": {"conn_type": "meshwave_prometheus", "host": prom.url, "extra": {"cluster": "lab"}},
         }
-        # rev, beta, down: tests/e2e/plans/clusters.yaml; red, gk: tests/e2e/test_red_button.py
+        # rev, beta, down: tests/e2e/plans/clusters.yaml; red, gk: tests/e2e/test_red_button.py. Their Prometheus
+        # connections keep the `http` type that connections made before meshwave_prometheus existed have.
         for cluster in ("rev", "beta", "down", "red", "gk"):
             connections[f"meshlab_{cluster}"] = {"conn_type": "kubernetes",
                                                  "extra": {"kube_config_path": lab.kubeconfig(cluster)}}

@@ -140,5 +140,5 @@ def _connections(plan: Plan, lab: Any, prometheus_url: str) -> dict[str, dict[st
         sharing.setdefault(cfg.prometheus_conn_id, []).append(name)
     for conn_id, names in sharing.items():
         extra = {"cluster": names[0]} if len(names) == 1 else {}
-        found[conn_id] = {"conn_type": "http", "host": prometheus_url, "extra": extra}
+        found[conn_id] = {"conn_type": "meshwave_prometheus", "host": prometheus_url, "extra": extra}
     return found
