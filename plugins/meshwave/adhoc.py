@@ -8,6 +8,7 @@ thresholds), another one with the defaults of the plan that names its cluster.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pendulum
@@ -25,6 +26,9 @@ from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, service_group
 from meshwave.steps import ACTIONS, Service, peers_of
 from meshwave.wave import dry_run_param
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 DAG_ID = "mesh_service"
 GROUP = "service"
@@ -154,7 +158,7 @@ def _guard(svc: Service, context: dict[str, Any]) -> None:
     if not reason:
         return
     if svc.action in CHANGES_UNDER_FREEZE or context["params"].get("dry_run"):
-        print(f"the migration is frozen ({reason}); {svc.action} goes ahead: an undo or a dry run")
+        log.info(f"the migration is frozen ({reason}); {svc.action} goes ahead: an undo or a dry run")
         return
     raise AirflowSkipException(f"frozen: {reason}")
 
@@ -214,7 +218,7 @@ def _report():
         if not pushed:
             return {"record": None}
         record = ServiceRecord.model_validate(pushed)
-        print(reports.render(reports.report_frame([record])))
+        log.info(reports.render(reports.report_frame([record])))
         # the leaf decides the run's state: a refused or failed action fails the run
         if record.outcome.red:
             raise AirflowFailException(f"{record.service}: {record.outcome}: {record.reason}")

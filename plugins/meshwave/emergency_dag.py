@@ -10,6 +10,7 @@ DAGs. The tasks' operators and triggers are in emergency_tasks.py, what they do 
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -32,6 +33,9 @@ from meshwave.emergency_tasks import (
 from meshwave.fleet import Fleet, load_fleet, plans_dir
 from meshwave.names import RFC1123_LABEL
 from meshwave.plan import NotifyEvent
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 DAG_ID = "mesh_emergency_rollback"
 SERVICE = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -167,8 +171,8 @@ def _problems(summary: dict[str, Any], prometheus_errors: dict[str, str]) -> lis
 def _not_relaxed(cluster: str, left: list[dict[str, Any]]) -> str:
     """The task's failure: every policy still STRICT on the cluster, and why (each other one was relaxed)."""
     for item in left:
-        print(f"STILL STRICT: {cluster}: peerauthentication {item['policy']} ({item['scope']}): {item['why']}: "
-              f"{item['message']}")
+        log.warning(f"STILL STRICT: {cluster}: peerauthentication {item['policy']} ({item['scope']}): {item['why']}: "
+                    f"{item['message']}")
     return (f"stage 1 on {cluster}: {len(left)} polic(ies) still STRICT, every other one relaxed: "
             + "; ".join(f"{i['policy']} ({i['scope']}): {i['why']}" for i in left))
 
@@ -188,11 +192,11 @@ def _validate() -> Any:
         except em.ScopeError as exc:
             raise AirflowFailException(str(exc)) from None
         for note in request.notes:
-            print(note)
+            log.warning(note)
         mode = ("TO BE CONFIRMED: a dry run until a person applies it (task confirm)" if request.confirm else
                 "DRY RUN: nothing will be changed" if request.dry_run else "APPLYING")
-        print(f"{mode}: {request.scope.describe()}; stage 2 (remove sidecars): "
-              f"{'on, ' + str(request.max_parallel) + ' at a time' if request.remove_sidecars else 'off'}")
+        log.info(f"{mode}: {request.scope.describe()}; stage 2 (remove sidecars): "
+                 f"{'on, ' + str(request.max_parallel) + ' at a time' if request.remove_sidecars else 'off'}")
         if not request.dry_run:  # before stage 1: no wave may write inject or STRICT from here on
             begin(request, context)
         context["ti"].xcom_push(key="request", value=request.to_dict())
@@ -215,13 +219,13 @@ def _stage_1(validated: Any) -> TaskGroup:
             assert request is not None
             note = f"{DAG_ID} {context['run_id']}"
             result = em.relax_cluster(_kube(target, request.dry_run), request.scope, note)
-            print(em.table(result["policies"], ["policy", "scope", "strict"]))
+            log.info(em.table(result["policies"], ["policy", "scope", "strict"]))
             log_changes(result["changes"])
             for key in result["missing_services"]:
-                print(f"{key}: no such deployment in {target['cluster']}")
+                log.warning(f"{key}: no such deployment in {target['cluster']}")
             for key, sources in result["still_strict"].items():  # from every policy, after the writes
-                print(f"STILL STRICT: {target['cluster']}/{key}: {'; '.join(sources)}")
-            print(f"stage 1 on {target['cluster']}: {result['ended'] - result['started']:.2f}s")
+                log.warning(f"STILL STRICT: {target['cluster']}/{key}: {'; '.join(sources)}")
+            log.info(f"stage 1 on {target['cluster']}: {result['ended'] - result['started']:.2f}s")
             context["ti"].xcom_push(key="result", value=result)  # kept when the task fails below
             if result["not_relaxed"]:  # every policy was tried; a retry would be refused the same way
                 raise AirflowFailException(_not_relaxed(target["cluster"], result["not_relaxed"]))
@@ -238,10 +242,10 @@ def _stage_1(validated: Any) -> TaskGroup:
             failed = sorted(set(request.scope.clusters) - {r["cluster"] for r in done})
             changed = [c for r in done for c in r["changes"] if c["applied"] or c["dry_run"]]
             for cluster in failed:
-                print(f"cluster {cluster}: stage 1 did not complete: see stage_1.to_permissive [{cluster}]")
+                log.warning(f"cluster {cluster}: stage 1 did not complete: see stage_1.to_permissive [{cluster}]")
             if started is not None:
-                print(f"stage 1: {len(changed)} polic(ies) {'to change' if request.dry_run else 'changed'} in "
-                      f"{ended - started:.2f}s")
+                log.info(f"stage 1: {len(changed)} polic(ies) {'to change' if request.dry_run else 'changed'} in "
+                         f"{ended - started:.2f}s")
             return {"started": started, "ended": ended, "seconds": None if started is None else ended - started,
                     "failed_clusters": failed, "changes": changed}
 
@@ -286,13 +290,14 @@ def _report() -> Any:
                    "seconds_to_healthy": health.get("seconds_since_stage_1"),
                    "unhealthy": health.get("unhealthy", []), "counts": health.get("counts", {}),
                    "confirmation": ti.xcom_pull(task_ids="confirm") or {"asked": False}}
-        print(em.table([{"what": k, "value": v if not isinstance(v, list) else len(v)} for k, v in summary.items()
-                        if k not in ("scope", "confirmation")], ["what", "value"]))
+        log.info(em.table([{"what": k, "value": v if not isinstance(v, list) else len(v)} for k, v in summary.items()
+                           if k not in ("scope", "confirmation")], ["what", "value"]))
         if (confirmation := summary["confirmation"]).get("asked"):
-            print("confirmed: applied" if confirmation["applied"] else
-                  f"NOT APPLIED ({'nobody answered in time' if confirmation['timed_out'] else 'cancelled'}"
-                  f"{', by ' + confirmation['by'] if confirmation.get('by') else ''}): this run was a dry run")
-        print(em.table(summary["unhealthy"], ["cluster", "service", "success_rate", "status"]))
+            (log.info if confirmation["applied"] else log.warning)(
+                "confirmed: applied" if confirmation["applied"] else
+                f"NOT APPLIED ({'nobody answered in time' if confirmation['timed_out'] else 'cancelled'}"
+                f"{', by ' + confirmation['by'] if confirmation.get('by') else ''}): this run was a dry run")
+        log.info(em.table(summary["unhealthy"], ["cluster", "service", "success_rate", "status"]))
         problems = _problems(summary, health.get("errors") or {})
         ti.xcom_push(key="summary", value=summary)
         if request.dry_run:  # the outage is still there in a dry run; an incomplete plan of action is a failure

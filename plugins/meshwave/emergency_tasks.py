@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
@@ -36,6 +37,9 @@ from meshwave.prometheus import PrometheusError, Source
 
 if TYPE_CHECKING:
     from meshwave.kube import MeshKube
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 POLL_SECONDS = 2.0
 MARGIN = 120  # seconds the task timeout leaves a trigger to report its own deadline
@@ -64,8 +68,8 @@ def begin(request: em.Request, context: Any) -> None:
     """Before stage 1 of a real rollback: the freeze (no wave writes inject or STRICT from here on), then the news."""
     why = guards.freeze_for_emergency(f"{DAG_ID} {context['run_id']}: emergency rollback of "
                                       f"{request.scope.describe()}")
-    print(f"FREEZE: {why}; every wave's next inject or flip to STRICT stops there (outcome frozen). Lift it "
-          f"when the incident is over: airflow variables delete {guards.FREEZE_VARIABLE}")
+    log.info(f"FREEZE: {why}; every wave's next inject or flip to STRICT stops there (outcome frozen). Lift it "
+             f"when the incident is over: airflow variables delete {guards.FREEZE_VARIABLE}")
     tell(request, context, NotifyEvent.EMERGENCY_STARTED, "emergency rollback STARTED",
          f"stage 1 (every STRICT in scope to PERMISSIVE) starts now; stage 2 (remove sidecars) "
          f"{'on' if request.remove_sidecars else 'off'}", f"{request.scope.describe()}; freeze: {why}")
@@ -114,7 +118,7 @@ class ConfirmRollback(HITLOperator):
             return {"asked": False}
         body, counts = plan_of_action(request, lambda t: mesh_kube(BaseHook.get_connection(t.kubernetes_conn_id),
                                                                    t.cluster, t.root_namespace, dry_run=True))
-        print(f"plan of action, for confirmation:\n{body}")
+        log.info(f"plan of action, for confirmation:\n{body}")
         context["ti"].xcom_push(key="plan_of_action", value=counts)
         self.body = (f"{body}\n\nChoose **{APPLY}** to relax them now (the freeze is set first); **{CANCEL}**, or "
                      f"no answer in {request.confirm_timeout_seconds} s, changes nothing (the run goes on as a dry "
@@ -130,9 +134,9 @@ class ConfirmRollback(HITLOperator):
         request = request_of(context)
         if not answer["applied"] or request is None:
             why = "nobody answered in time" if answer["timed_out"] else f"cancelled by {by or 'unknown'}"
-            print(f"NOT APPLIED: {why}: the rest of this run is a dry run, nothing is changed")
+            log.warning(f"NOT APPLIED: {why}: the rest of this run is a dry run, nothing is changed")
             return answer
-        print(f"APPLYING: confirmed by {by} at {answer['at']}")
+        log.info(f"APPLYING: confirmed by {by} at {answer['at']}")
         applying = request.applying()
         begin(applying, context)
         context["ti"].xcom_push(key="request", value=applying.to_dict())
@@ -143,9 +147,9 @@ def log_changes(changes: list[dict[str, Any]]) -> None:
     """Every change in the task log with its exact request (a dry run shows what it would send)."""
     for data in changes:
         change = Change.from_dict(data)
-        print(change.summary())
+        log.info(change.summary())
         if change.request is not None and (change.applied or change.dry_run):
-            print(f"    {change.request.describe()} {json.dumps(change.request.body, sort_keys=True)}")
+            log.info(f"    {change.request.describe()} {json.dumps(change.request.body, sort_keys=True)}")
 
 
 # ---- stage 2 ----------------------------------------------------------------------------------------------
@@ -253,14 +257,14 @@ class RemoveSidecarsOperator(BaseOperator):
                           for w in em.sidecar_workloads(self._kube(request, target.cluster), request.scope)]
             except KubeError as exc:
                 errors[target.cluster] = str(exc)
-                print(f"cluster {target.cluster}: cannot list workloads: {exc}")
+                log.warning(f"cluster {target.cluster}: cannot list workloads: {exc}")
         ordered = em.order_targets(found, em.criticality_of(load_fleet()))
         plan = em.chunks(ordered, request.max_parallel)
-        print(f"stage 2: {len(ordered)} workload(s) with a sidecar in scope, {len(plan)} chunk(s) of at most "
-              f"{request.max_parallel}, critical first:")
-        print(em.table([{**w, "chunk": i + 1} for i, c in enumerate(plan) for w in c],
-                       ["chunk", "criticality", "cluster", "namespace", "workload", "pods", "with_proxy",
-                        "reverted_by"]))
+        log.info(f"stage 2: {len(ordered)} workload(s) with a sidecar in scope, {len(plan)} chunk(s) of at most "
+                 f"{request.max_parallel}, critical first:")
+        log.info(em.table([{**w, "chunk": i + 1} for i, c in enumerate(plan) for w in c],
+                          ["chunk", "criticality", "cluster", "namespace", "workload", "pods", "with_proxy",
+                           "reverted_by"]))
         results = {f"cluster {c}": {"status": "error", "message": m} for c, m in errors.items()}
         return self._next(context, request, plan, 0, results)
 
@@ -277,7 +281,7 @@ class RemoveSidecarsOperator(BaseOperator):
 
     def _start_chunk(self, request: em.Request, chunk: list[dict[str, Any]], i: int, total: int,
                      results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-        print(f"chunk {i + 1}/{total}: {', '.join(key(w) for w in chunk)}")
+        log.info(f"chunk {i + 1}/{total}: {', '.join(key(w) for w in chunk)}")
         wait = []
         for w in chunk:
             try:
@@ -292,11 +296,11 @@ class RemoveSidecarsOperator(BaseOperator):
                 changes += more + kube.remove_injection(w["namespace"], w["workload"])
             except outbound.RemovalRefused as exc:  # the sidecar stays; stage 1 left the workload PERMISSIVE
                 results[key(w)] = {"status": "refused", "message": str(exc), "criticality": w["criticality"]}
-                print(f"  {key(w)}: REFUSED: {exc}")
+                log.warning(f"  {key(w)}: REFUSED: {exc}")
                 continue
             except (KubeError, PrometheusError) as exc:
                 results[key(w)] = {"status": "error", "message": str(exc), "criticality": w["criticality"]}
-                print(f"  {key(w)}: {exc}")
+                log.warning(f"  {key(w)}: {exc}")
                 continue
             log_changes([c.to_dict() for c in changes])
             results[key(w)] = {"status": "planned" if request.dry_run else "rolling", "criticality": w["criticality"],
@@ -310,15 +314,17 @@ class RemoveSidecarsOperator(BaseOperator):
         assert request is not None and plan is not None and results is not None
         for name, outcome in (event or {}).get("results", {}).items():
             results[name] = {**results.get(name, {}), **outcome}
-            print(f"  {name}: {outcome['status']}: {outcome['message']}")
+            log.log(logging.WARNING if outcome["status"] in ("error", "failed", "timeout", "refused") else logging.INFO,
+                    f"  {name}: {outcome['status']}: {outcome['message']}")
         return self._next(context, request, plan, index + 1, results)
 
     @staticmethod
     def _summary(request: em.Request, plan: list[list[dict[str, Any]]], results: dict[str, dict[str, Any]]
                  ) -> dict[str, Any]:
         failed = {k: r for k, r in results.items() if r["status"] in ("error", "failed", "timeout", "refused")}
-        print(f"stage 2 {'planned (dry run)' if request.dry_run else 'done'}: {len(results)} workload(s), "
-              f"{len(failed)} not rolled out: {', '.join(failed) or 'none'}")
+        log.log(logging.WARNING if failed else logging.INFO,
+                f"stage 2 {'planned (dry run)' if request.dry_run else 'done'}: {len(results)} workload(s), "
+                f"{len(failed)} not rolled out: {', '.join(failed) or 'none'}")
         return {"order": [key(w) for c in plan for w in c], "chunks": len(plan), "results": results,
                 "failed": sorted(failed), "dry_run": request.dry_run}
 
@@ -399,16 +405,17 @@ class VerifyHealthOperator(BaseOperator):
         event["seconds_since_stage_1"] = round(recovered - started, 1) if started and event["healthy"] else None
         event["confirmed_after"] = round(event["at"] - started, 1) if started else None
         c = event["counts"]
-        print(f"stage 3: {event['status']} after {event['polls']} poll(s): {c['healthy']} healthy, {c['unhealthy']} "
-              f"below {request.min_success_rate}, {c['no traffic']} without traffic, {c['no data']} without data "
-              f"(application success rate over {request.health_window})")
+        log.log(logging.INFO if event["healthy"] else logging.WARNING,
+                f"stage 3: {event['status']} after {event['polls']} poll(s): {c['healthy']} healthy, "
+                f"{c['unhealthy']} below {request.min_success_rate}, {c['no traffic']} without traffic, "
+                f"{c['no data']} without data (application success rate over {request.health_window})")
         for cluster, error in event["errors"].items():
-            print(f"  cluster {cluster}: Prometheus: {error}")
+            log.warning(f"  cluster {cluster}: Prometheus: {error}")
         if event["seconds_since_stage_1"] is not None:
             how = "from Prometheus' history" if event.get("recovered_at") else "when stage 3 looked"
             when = (f"{event['seconds_since_stage_1']:.1f}s after stage 1 started" if event["seconds_since_stage_1"]
                     else "already when stage 1 started")
-            print(f"every service in scope healthy {when} ({how}; confirmed by stage 3 "
-                  f"{event['confirmed_after']:.1f}s after stage 1 started)")
-        print(em.table(event["rows"], ["cluster", "service", "success_rate", "status"]))
+            log.info(f"every service in scope healthy {when} ({how}; confirmed by stage 3 "
+                     f"{event['confirmed_after']:.1f}s after stage 1 started)")
+        log.info(em.table(event["rows"], ["cluster", "service", "success_rate", "status"]))
         return event

@@ -13,6 +13,7 @@ run goes on: a notification never fails, retries or delays a migration.
 from __future__ import annotations
 
 import html
+import logging
 import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -25,6 +26,9 @@ from meshwave.plan import NotifyEvent, NotifyTarget
 from meshwave.record import ServiceRecord
 
 # The service outcomes somebody is told about, as the events a target subscribes to.
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
+
 OUTCOME_EVENTS = {ServiceOutcome.ROLLED_BACK: NotifyEvent.ROLLED_BACK, ServiceOutcome.HELD: NotifyEvent.HELD,
                   ServiceOutcome.FAILED: NotifyEvent.FAILED, ServiceOutcome.FROZEN: NotifyEvent.FROZEN}
 # The steps that undo a change: one that failed for good is an undo that gave up.
@@ -106,7 +110,7 @@ def send(targets: Iterable[NotifyTarget], messages: Sequence[Message], context: 
                 done.append(f"notified {where}: {msg.subject}")
             except Exception as exc:  # a notifier that cannot deliver never fails the migration
                 done.append(f"NOT notified {where} ({msg.event.value}): {type(exc).__name__}: {exc}")
-            print(done[-1])
+            (log.warning if done[-1].startswith("NOT ") else log.info)(done[-1])
     return done
 
 
@@ -122,7 +126,7 @@ def tell(targets: Iterable[NotifyTarget], event: NotifyEvent, subject: str, what
         msg = message(event, subject, f"{dag_id}: {what}", why, run_link(dag_id, context["run_id"]))
     except Exception as exc:  # no link or message (a broken [api] base_url): the run goes on, untold
         done = [f"NOT notified anyone ({event.value}): {type(exc).__name__}: {exc}"]
-        print(done[-1])
+        log.warning(done[-1])
         return done
     return send(targets, [msg], context)
 

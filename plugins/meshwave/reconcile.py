@@ -11,6 +11,7 @@ undo that fails again stays due: the next run tries again, and the run fails, na
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -24,6 +25,9 @@ from meshwave.pending import Pending
 from meshwave.record import ServiceRecord
 from meshwave.service_group import DEFAULT_ARGS, kube_for, service_group
 from meshwave.steps import Service
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 DAG_ID = "mesh_reconcile"
 GROUP = "undo"
@@ -59,11 +63,11 @@ def _find_due():
             problems += unreadable
             for ns, workload, pending in found:
                 key = f"{name}/{ns}/{workload}"
-                print(f"{'DUE' if pending.due() else 'not due'}: {key}: {pending.describe()}")
+                log.info(f"{'DUE' if pending.due() else 'not due'}: {key}: {pending.describe()}")
                 if pending.due():
                     due[key] = pending.model_dump(mode="json")
         for problem in problems:
-            print(f"PROBLEM: {problem}")
+            log.warning(f"PROBLEM: {problem}")
         context["ti"].xcom_push(key="pending", value=due)
         context["ti"].xcom_push(key="problems", value=problems)
         return sorted(due)
@@ -87,7 +91,7 @@ def _still_due(svc: Service, context: dict[str, Any]) -> None:
     if current is None or not current.due() or str(current.undo) != svc.action:
         now = current.describe() if current else "nothing pending"
         raise AirflowSkipException(f"{p.key}: settled meanwhile ({now})")
-    print(f"{p.key}: {current.describe()}: carrying out {current.undo}")
+    log.info(f"{p.key}: {current.describe()}: carrying out {current.undo}")
 
 
 def not_reconciled(problems: list[str], records: list[ServiceRecord]) -> list[str]:
@@ -106,7 +110,7 @@ def _summary():
                               map_indexes=list(range(len(keys)))) if keys else []
         records = [ServiceRecord.model_validate(decoded(r)) for r in pulled if r]
         for r in records:
-            print(f"{r.service}: {r.outcome}: {r.reason}")
+            log.log(logging.INFO if r.outcome.undone else logging.WARNING, f"{r.service}: {r.outcome}: {r.reason}")
         left = not_reconciled(ti.xcom_pull(task_ids="find_due", key="problems") or [], records)
         if left:
             raise AirflowFailException("NOT RECONCILED (the next run tries again): " + "; ".join(left))

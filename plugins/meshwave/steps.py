@@ -6,6 +6,7 @@ and tests, without Airflow. Every cluster change goes through `MeshKube`, which 
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -32,6 +33,9 @@ if TYPE_CHECKING:  # the client is imported by whoever builds a MeshKube (at run
     from meshwave.kube import MeshKube
 from meshwave.plan import ClusterConfig, ServicePlan, Settings
 from meshwave.prometheus import PrometheusError, PrometheusSource, Source, render
+
+# Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
+log = logging.getLogger(__name__)
 
 MI = 2**20
 
@@ -136,7 +140,7 @@ def preflight(svc: Service, kube: MeshKube, source: PrometheusSource) -> Preflig
         changes.append(kube.ensure_exclusions(p.namespace, p.workload, p.exclude_inbound_ports or None,
                                               p.exclude_outbound_ports or None).to_dict())
     for note in notes:
-        print(f"NOTE: {note}")
+        log.warning(f"NOTE: {note}")
     # plaintext_before_injection only when it was asked: a key the step did not write stays out of its JSON
     return PreflightResult(replicas=w.replicas, app_container=w.app_container, changes=changes, notes=notes,
                            mtls_in_force=MtlsInForce.model_validate(mtls.summary()), **found, headroom=room,
@@ -245,7 +249,7 @@ def flip_strict(svc: Service, kube: MeshKube) -> FlipResult:
     try:
         change, state = kube.mtls.ensure_strict(p.namespace, p.workload)
     except MtlsRefused as exc:
-        print(f"not flipped: {exc}")
+        log.warning(f"not flipped: {exc}")
         in_force = kube.mtls.effective(p.namespace, p.workload).summary()
         return FlipResult(changes=[], refused=str(exc), mtls_in_force=MtlsInForce.model_validate(in_force),
                           seconds=took(started))
@@ -253,7 +257,8 @@ def flip_strict(svc: Service, kube: MeshKube) -> FlipResult:
         return FlipResult(changes=[change.to_dict()], mode=Mode.STRICT, seconds=took(started))
     probe = PlaintextProbe(kube, svc.settings.probe.image, svc.settings.probe.timeout_seconds).run(p.namespace,
                                                                                                   p.workload)
-    print(f"plaintext probe {probe.url}: {probe.verdict}: {probe.message}")
+    log.log(logging.INFO if probe.verdict == ProbeVerdict.REFUSED else logging.WARNING,
+            f"plaintext probe {probe.url}: {probe.verdict}: {probe.message}")
     if probe.verdict != ProbeVerdict.REFUSED:
         raise NotInForce(f"cluster {p.cluster}: {p.namespace}/{p.workload}: the policies say {state.describe()}, but "
                          f"a plaintext request from a pod without a sidecar was not refused ({probe.verdict}: "
@@ -290,7 +295,7 @@ def rollback_injection(svc: Service, kube: MeshKube, source: Source, note: str =
     except outbound.RemovalRefused as exc:
         kept, state = kube.mtls.ensure_permissive(p.namespace, p.workload, note)
         for change in kept:
-            print(change.summary())
+            log.info(change.summary())
         mode = state.describe() if state is not None else "PERMISSIVE once applied (dry run)"
         raise outbound.RemovalRefused(f"{exc}. LEFT: the sidecar stays, mTLS {mode}") from None
     changes, _ = kube.mtls.ensure_permissive(p.namespace, p.workload, note, exempt=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from meshwave import emergency as em
+from meshwave.emergency_tasks import log_changes  # here: Airflow's first import resets caplog's handler
 from meshwave.fleet import Fleet, load_fleet
 from meshwave.kube import WorkloadState
 from meshwave.peer_auth import PREVIOUS_MTLS_ANNOTATION, plan_relax, strict_parts
@@ -254,9 +256,7 @@ def test_stage_1_reports_what_istio_still_makes_strict_after_its_writes() -> Non
                                                     "STRICT; not meshwave's)"]}
 
 
-def test_stage_1_names_the_gitops_tool_that_will_put_strict_back(capsys: pytest.CaptureFixture[str]) -> None:
-    from meshwave.emergency_tasks import log_changes
-
+def test_stage_1_names_the_gitops_tool_that_will_put_strict_back(caplog: pytest.LogCaptureFixture) -> None:
     tracking = "mesh:security.istio.io/PeerAuthentication:istio-system/default"
     owned = policy("istio-system", "default")
     owned["metadata"]["annotations"] = {"argocd.argoproj.io/tracking-id": tracking}
@@ -269,8 +269,10 @@ def test_stage_1_names_the_gitops_tool_that_will_put_strict_back(capsys: pytest.
     assert "reverted" not in reasons["peerauthentication shop/default"]
     assert [p["reverted_by"] for p in result["policies"]] == [f"Argo CD (argocd.argoproj.io/tracking-id: {tracking})",
                                                               None]
-    log_changes(result["changes"])
-    [line] = [x for x in capsys.readouterr().out.splitlines() if "istio-system/default" in x and "dry run" in x]
+    with caplog.at_level(logging.INFO, logger="meshwave.emergency_tasks"):
+        log_changes(result["changes"])
+    [line] = [r.getMessage() for r in caplog.records if "istio-system/default" in r.getMessage() and
+              "dry run" in r.getMessage()]
     assert warning in line
 
 
