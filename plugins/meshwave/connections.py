@@ -9,7 +9,10 @@ Connections:
 - Prometheus: conn type `meshwave_prometheus` (this package's, see provider_info; its form has a field for each
   extra below) or, as before it existed, `http`: both are read the same way. Host `http://127.0.0.1:9090` (or
   host + port + schema); login/password become basic auth; extra `{"headers": {...}}` is sent with every query;
-  extra `{"cluster": "x"}` restricts every selector to `cluster="x"` when one Prometheus serves several clusters.
+  extra `{"cluster": "x"}` restricts every selector to `cluster="x"` when one Prometheus serves several clusters;
+  TLS of an https host: extra `{"verify": false}` turns certificate verification off (default true), extra
+  `{"ca_bundle": "/path/ca.pem"}` verifies against that CA bundle instead of the system's (the file must exist
+  where the queries run: worker and triggerer).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import base64
 import json
 import re
 from functools import cached_property
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from meshwave.prometheus import PrometheusSource
@@ -85,4 +89,33 @@ def prometheus_source(connection: Any, timeout: float = 10) -> PrometheusSource:
         token = base64.b64encode(f"{connection.login}:{connection.password or ''}".encode()).decode()
         headers["Authorization"] = f"Basic {token}"
     return PrometheusSource(prometheus_url(connection), headers=headers or None, timeout=timeout,
-                            cluster=extras.get("cluster"))
+                            cluster=extras.get("cluster"), verify=tls_verify(connection))
+
+
+def tls_verify(connection: Any) -> bool | str:
+    """requests' `verify` from the extras: False, True (the system's CAs) or the path of the CA bundle to trust."""
+    extras = connection.extra_dejson or {}
+    verify = _boolean(connection.conn_id, "verify", extras.get("verify"), default=True)
+    bundle = extras.get("ca_bundle")
+    if bundle is None or bundle == "":  # an empty form field
+        return verify
+    where = f"connection {connection.conn_id}: extra ca_bundle"
+    if not isinstance(bundle, str):
+        raise ValueError(f"{where}: a file path, got {type(bundle).__name__}")
+    if not verify:
+        raise ValueError(f"{where}: {bundle} is set but verify is false: a CA bundle is for verifying "
+                         "(set verify true, or remove ca_bundle)")
+    if not Path(bundle).exists():
+        raise ValueError(f"{where}: {bundle} does not exist on this host (it must, wherever the queries run)")
+    return bundle
+
+
+def _boolean(conn_id: str, name: str, value: Any, default: bool) -> bool:
+    """A boolean extra: JSON true/false, or the text "true"/"false" (a connection URI's query carries only text)."""
+    if value is None:
+        return default
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"connection {conn_id}: extra {name}: true or false, got {value!r}")

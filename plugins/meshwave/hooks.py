@@ -21,8 +21,9 @@ if TYPE_CHECKING:
 
 
 class PrometheusHook(BaseHook):
-    """A Prometheus the mesh's metrics are read from: host = its URL; optional basic auth, extra headers, and the
-    `cluster` label value when one Prometheus serves several clusters."""
+    """A Prometheus the mesh's metrics are read from: host = its URL; optional basic auth, extra headers, the
+    `cluster` label value when one Prometheus serves several clusters, and for https the certificate check (`verify`,
+    `ca_bundle`)."""
 
     conn_name_attr = "prometheus_conn_id"
     default_conn_name = "prometheus_default"

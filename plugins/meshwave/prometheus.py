@@ -146,22 +146,27 @@ class PrometheusSource:
     """Instant queries against one Prometheus, on prometheus-api-client's PrometheusConnect.
 
     `cluster`: the `cluster` label value the checks add to every selector (None: no cluster matcher).
+    `verify`: requests' TLS verification of an https URL: True (the system's CAs), False (none), or a CA bundle path.
     One instance per trigger: its requests.Session may hop threads between calls but is not meant for
     concurrent calls.
     """
 
     def __init__(self, url: str, headers: dict[str, str] | None = None, timeout: float = 10,
-                 cluster: str | None = None) -> None:
+                 cluster: str | None = None, verify: bool | str = True) -> None:
         if timeout <= 0:
             raise ValueError(f"timeout: must be positive, got {timeout!r}")
         self.url = url.rstrip("/")
         self.cluster = validate_label("cluster", cluster) if cluster is not None else None
-        # Who may share answers with whom (BatchingSource): same URL and same headers; a digest, never the token.
-        self.identity = (self.url, hashlib.sha256(repr(sorted((headers or {}).items())).encode()).hexdigest())
+        # Who may share answers with whom (BatchingSource): same URL, headers and TLS verification (an unverified
+        # answer is not one a verifying source may use); a digest, never the token.
+        self.identity = (self.url, hashlib.sha256(repr((sorted((headers or {}).items()), verify)).encode()).hexdigest())
         self.timeout = float(timeout)
         self.connect_timeout = min(CONNECT_TIMEOUT, self.timeout)
         session = requests.Session()
         session.hooks["response"].append(_check_status)
+        # PrometheusConnect ignores its disable_ssl when given a session, and sends every request with
+        # verify=session.verify: so it is set here (a bool or a CA bundle path, as requests takes it).
+        session.verify = verify
         # The library's default retries 3 times with back-off, on connection errors and 5xx: none here.
         # read=False re-raises a read timeout as itself (else urllib3 wraps it and requests calls it a
         # connection error).

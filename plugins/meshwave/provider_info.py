@@ -7,8 +7,8 @@ dict. The hook class is named as a string and Airflow imports it only when that 
 The connection form is declared here (`conn-fields`, `ui-field-behaviour`) and not on the hook: Airflow 3.2+ reads
 the form from provider info without importing the hook, and deprecates `get_connection_form_widgets` /
 `get_ui_field_behaviour` on hooks. Each conn-field is stored in the connection's extra under its own name, which
-is the extra meshwave.connections.prometheus_source reads (`cluster`, `headers`), so an old `http` connection and
-a `meshwave_prometheus` one hold the same things in the same places.
+is the extra meshwave.connections.prometheus_source reads (`cluster`, `headers`, `verify`, `ca_bundle`), so an
+old `http` connection and a `meshwave_prometheus` one hold the same things in the same places.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def get_provider_info() -> dict[str, Any]:
                         "password": "(optional: basic auth)",
                         "cluster": "prod-eu-1",
                         "headers": '{"X-Scope-OrgID": "mesh"}',
+                        "ca_bundle": "/etc/ssl/certs/prometheus-ca.pem",
                     },
                 },
                 "conn-fields": {
@@ -59,6 +60,18 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Optional. JSON object of HTTP headers sent with every query "
                                        "(a tenant header, a bearer token).",
                         "schema": {"type": ["object", "null"]},
+                    },
+                    "verify": {
+                        "label": "Verify TLS certificate",
+                        "description": "For an https URL: check the server's certificate (against the CA bundle "
+                                       "below, else the system's CAs). Turn off only for a self-signed test server.",
+                        "schema": {"type": "boolean", "default": True},
+                    },
+                    "ca_bundle": {
+                        "label": "CA bundle",
+                        "description": "Optional. Path of a PEM file of the CAs to trust for an https URL (a private "
+                                       "CA); it must exist on the workers and the triggerer. Implies verify.",
+                        "schema": {"type": ["string", "null"]},
                     },
                 },
             },

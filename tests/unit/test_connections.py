@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from airflow.models.connection import Connection
@@ -69,3 +70,70 @@ def test_the_hook_builds_the_source_from_its_connection(monkeypatch: pytest.Monk
          "extra": json.loads(PROMETHEUS_EXTRA)}))
     source = PrometheusHook("prom_hooked", timeout=3).get_conn()
     assert (source.url, source.cluster, source.timeout) == ("http://prometheus.monitoring:9090", "prod-eu-1", 3.0)
+
+
+# TLS: requests' `verify` from the extras `verify` (default true) and `ca_bundle` (implies verify), for either type.
+def prometheus(extra: dict[str, Any], conn_type: str = "meshwave_prometheus") -> Connection:
+    return Connection(conn_id="prom_tls", conn_type=conn_type, host="https://prometheus.monitoring:9090",
+                      extra=json.dumps(extra))
+
+
+def sent_verify(extra: dict[str, Any], conn_type: str = "meshwave_prometheus") -> bool | str:
+    """What PrometheusConnect passes as `verify` with each request: its session's."""
+    return prometheus_source(prometheus(extra, conn_type))._client._session.verify
+
+
+@pytest.mark.parametrize("conn_type", ["http", "meshwave_prometheus"])
+def test_by_default_the_servers_certificate_is_verified(conn_type: str) -> None:
+    assert sent_verify({}, conn_type) is True
+    assert sent_verify({"verify": None, "ca_bundle": None}, conn_type) is True  # fields left empty in the form
+    assert sent_verify({"verify": True, "ca_bundle": ""}, conn_type) is True
+
+
+@pytest.mark.parametrize("conn_type", ["http", "meshwave_prometheus"])
+def test_verify_false_turns_verification_off(conn_type: str) -> None:
+    assert sent_verify({"verify": False}, conn_type) is False
+    assert sent_verify({"verify": "false"}, conn_type) is False  # as a connection URI's query gives it
+
+
+@pytest.mark.parametrize("conn_type", ["http", "meshwave_prometheus"])
+def test_a_ca_bundle_is_what_requests_verifies_with(conn_type: str, tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    assert sent_verify({"ca_bundle": str(bundle)}, conn_type) == str(bundle)
+    assert sent_verify({"ca_bundle": str(bundle), "verify": True}, conn_type) == str(bundle)
+
+
+def test_a_missing_ca_bundle_is_refused_naming_the_connection_and_the_field(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "ca.pem"
+    with pytest.raises(ValueError, match=f"connection prom_tls: extra ca_bundle: {missing} does not exist"):
+        prometheus_source(prometheus({"ca_bundle": str(missing)}))
+
+
+def test_a_ca_bundle_with_verify_false_is_refused(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    with pytest.raises(ValueError, match="connection prom_tls: extra ca_bundle: .* verify is false"):
+        prometheus_source(prometheus({"ca_bundle": str(bundle), "verify": False}))
+
+
+@pytest.mark.parametrize("value", ["no", "0", 0, 1, "", {"on": True}])
+def test_a_verify_that_is_not_a_boolean_is_refused_naming_the_connection_and_the_field(value: Any) -> None:
+    with pytest.raises(ValueError, match="connection prom_tls: extra verify: true or false, got"):
+        prometheus_source(prometheus({"verify": value}))
+
+
+def test_sources_that_verify_differently_do_not_share_answers(tmp_path: Path) -> None:
+    bundle = tmp_path / "ca.pem"
+    bundle.write_text("")
+    identities = {prometheus_source(prometheus(extra)).identity
+                  for extra in ({}, {"verify": False}, {"ca_bundle": str(bundle)})}
+    assert len(identities) == 3
+
+
+def test_the_hook_refuses_a_missing_ca_bundle_in_its_test(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_PROM_NO_CA", json.dumps(
+        {"conn_type": "meshwave_prometheus", "host": "https://prometheus.monitoring:9090",
+         "extra": {"ca_bundle": str(tmp_path / "ca.pem")}}))
+    ok, message = PrometheusHook("prom_no_ca").test_connection()
+    assert not ok and "connection prom_no_ca: extra ca_bundle: " in message, message

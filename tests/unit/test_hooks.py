@@ -65,8 +65,12 @@ def test_the_connection_type_resolves_to_the_hook(probed: dict[str, Any]) -> Non
 
 def test_the_form_has_a_field_for_each_extra_the_connection_is_read_with(probed: dict[str, Any]) -> None:
     form = probed["form"]
-    assert set(form["extra_fields"]) == {"cluster", "headers"}  # what connections.prometheus_source reads
+    # what connections.prometheus_source reads
+    assert set(form["extra_fields"]) == {"cluster", "headers", "verify", "ca_bundle"}
     assert form["extra_fields"]["headers"]["schema"]["type"] == ["object", "null"]
+    assert form["extra_fields"]["verify"]["schema"]["type"] == "boolean"
+    assert form["extra_fields"]["verify"]["value"] is True  # verifies unless turned off
+    assert form["extra_fields"]["ca_bundle"]["schema"]["type"] == ["string", "null"]
     assert form["standard_fields"]["host"]["title"] == "Prometheus URL"
     assert form["standard_fields"]["url_schema"]["hidden"] is True
     assert form["standard_fields"]["login"]["hidden"] is False  # basic auth
