@@ -31,11 +31,12 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import Metric
 
 from meshlab import resources as r
 from meshlab.injection import parse_quantity
 from meshlab.mesh import EdgeFlow, Endpoint, Flows, Owners, Workload, WorkloadFlow, WorkloadKey
+from meshlab.textformat import COUNTER, GAUGE, HISTOGRAM, Family
 
 NONE = "<none>"  # kube-state-metrics' owner labels of an object without ownerReferences
 POD_OWNER_LABELS = ("cluster", "namespace", "pod", "uid", "owner_kind", "owner_name", "owner_is_controller")
@@ -224,7 +225,8 @@ class Telemetry:
             hist.observe(ISTIO_BUCKETS_MS, _cdf(ISTIO_BUCKETS_MS, latency_ms), amount * share, latency_ms)
 
     # ---- exposition ----------------------------------------------------------------------------
-    def families(self, clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
+    def exposed(self, clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Family]:
+        """Every family the lab exposes, its series read off the counters as they are now (the `/metrics` body)."""
         yield from self._istio_families()
         yield from self._app_families()
         yield from self.service_graph.families()
@@ -232,41 +234,36 @@ class Telemetry:
         yield from _cluster_families(sources)
         yield from _owner_families(sources)
 
-    def _istio_families(self) -> Iterator[Metric]:
-        requests = CounterMetricFamily("istio_requests", "Requests handled by Istio proxies.", labels=ISTIO_LABELS)
-        for labels, value in self.requests.items():
-            requests.add_metric(labels, value)
-        yield requests
-        durations = HistogramMetricFamily("istio_request_duration_milliseconds", "Request duration seen by proxies.",
-                                          labels=ISTIO_LABELS)
-        for labels, h in self.durations.items():
-            durations.add_metric(labels, _buckets(ISTIO_BUCKETS_MS, h), h.sum)
-        yield durations
+    def families(self, clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
+        """The same families as prometheus_client's (generate_latest's input; the tests read samples off them)."""
+        for family in self.exposed(clusters):
+            yield family.metric()
+
+    def _istio_families(self) -> Iterator[Family]:
+        yield Family("istio_requests", COUNTER, "Requests handled by Istio proxies.", ISTIO_LABELS,
+                     self.requests.items())
+        yield Family("istio_request_duration_milliseconds", HISTOGRAM, "Request duration seen by proxies.",
+                     ISTIO_LABELS, self.durations.items(), ISTIO_LE)
         for name, doc, values in (("istio_tcp_connections_opened", "TCP connections opened.", self.tcp_opened),
                                   ("istio_tcp_connections_closed", "TCP connections closed.", self.tcp_closed),
                                   ("istio_tcp_received_bytes", "Bytes received from the downstream (the caller).",
                                    self.tcp_received),
                                   ("istio_tcp_sent_bytes", "Bytes sent to the downstream (the caller).",
                                    self.tcp_sent)):
-            family = CounterMetricFamily(name, doc, labels=TCP_LABELS)
-            for labels, value in values.items():
-                family.add_metric(labels, value)
-            yield family
+            yield Family(name, COUNTER, doc, TCP_LABELS, values.items())
 
-    def _app_families(self) -> Iterator[Metric]:
+    def _app_families(self) -> Iterator[Family]:
         """One family per metric for every app: each names itself by its own label (others' are empty, which
         Prometheus stores as absent)."""
         names = sorted({key[2] for key in self.app_requests} | {APP_LABEL})
-        requests = CounterMetricFamily("http_requests", "Requests served, by the application itself.",
-                                       labels=("cluster", "namespace", *names, "pod", "code"))
-        for (cluster, ns, label, app, pod, code), value in self.app_requests.items():
-            requests.add_metric((cluster, ns, *_named(names, label, app), pod, code), value)
-        yield requests
-        durations = HistogramMetricFamily("http_request_duration_seconds", "Request duration, by the application.",
-                                          labels=("cluster", "namespace", *names, "pod"))
-        for (cluster, ns, label, app, pod), h in self.app_durations.items():
-            durations.add_metric((cluster, ns, *_named(names, label, app), pod), _buckets(APP_BUCKETS_S, h), h.sum)
-        yield durations
+        yield Family("http_requests", COUNTER, "Requests served, by the application itself.",
+                     ("cluster", "namespace", *names, "pod", "code"),
+                     (((cluster, ns, *_named(names, label, app), pod, code), value)
+                      for (cluster, ns, label, app, pod, code), value in self.app_requests.items()))
+        yield Family("http_request_duration_seconds", HISTOGRAM, "Request duration, by the application.",
+                     ("cluster", "namespace", *names, "pod"),
+                     (((cluster, ns, *_named(names, label, app), pod), h)
+                      for (cluster, ns, label, app, pod), h in self.app_durations.items()), APP_LE)
 
 
 def _pod_rates(f: WorkloadFlow, endpoints: tuple[Endpoint, ...]) -> list[tuple[str, float]]:
@@ -291,35 +288,29 @@ def _named(names: list[str], label: str, app: str) -> list[str]:
     return [app if name == label else "" for name in names]
 
 
-def _buckets(bounds: tuple[float, ...], h: Histogram) -> list[tuple[str, float]]:
-    result = [(_le(b), v) for b, v in zip(bounds, h.buckets, strict=True)]
-    result.append(("+Inf", h.count))
-    return result
-
-
 def _le(bound: float) -> str:
     return str(int(bound)) if float(bound).is_integer() else str(bound)
 
 
-def _cluster_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
+ISTIO_LE = tuple(_le(b) for b in ISTIO_BUCKETS_MS)  # the buckets' `le` values, as exposed
+APP_LE = tuple(_le(b) for b in APP_BUCKETS_S)
+
+
+CONTAINER_LABELS = ("cluster", "namespace", "pod", "container")
+DEPLOYMENT_METRICS = ("spec_replicas", "status_replicas", "status_replicas_available", "status_replicas_updated",
+                      "status_replicas_unavailable")
+Series = list[tuple[tuple[str, ...], float]]  # (label values, value) of a family's series
+
+
+def _cluster_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Family]:
     """cAdvisor and kube-state-metrics series, read off each cluster's pods and deployments."""
-    memory = GaugeMetricFamily("container_memory_working_set_bytes", "Working set (cAdvisor).",
-                               labels=("cluster", "namespace", "pod", "container"))
-    restarts = CounterMetricFamily("kube_pod_container_status_restarts", "Container restarts (kube-state-metrics).",
-                                   labels=("cluster", "namespace", "pod", "container"))
-    terminated = GaugeMetricFamily("kube_pod_container_status_last_terminated_reason",
-                                   "Last termination reason (kube-state-metrics).",
-                                   labels=("cluster", "namespace", "pod", "container", "reason"))
-    waiting = GaugeMetricFamily("kube_pod_container_status_waiting_reason", "Waiting reason (kube-state-metrics).",
-                                labels=("cluster", "namespace", "pod", "container", "reason"))
-    ready = GaugeMetricFamily("kube_pod_container_status_ready", "Container readiness (kube-state-metrics).",
-                              labels=("cluster", "namespace", "pod", "container"))
-    limits = GaugeMetricFamily("kube_pod_container_resource_limits", "Container limits (kube-state-metrics).",
-                               labels=("cluster", "namespace", "pod", "container", "resource", "unit"))
-    dep_metrics = {name: GaugeMetricFamily(f"kube_deployment_{name}", f"Deployment {name} (kube-state-metrics).",
-                                           labels=("cluster", "namespace", "deployment"))
-                   for name in ("spec_replicas", "status_replicas", "status_replicas_available",
-                                "status_replicas_updated", "status_replicas_unavailable")}
+    memory: Series = []
+    restarts: Series = []
+    terminated: Series = []
+    waiting: Series = []
+    ready: Series = []
+    limits: Series = []
+    deployments: dict[str, Series] = {name: [] for name in DEPLOYMENT_METRICS}
     for cluster, store, memory_of in clusters:
         for pod in store.items(r.PODS):
             meta = pod["metadata"]
@@ -329,26 +320,39 @@ def _cluster_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metr
             for st in pod.get("status", {}).get("containerStatuses", []):
                 c = st["name"]
                 labels = (cluster, ns, name, c)
-                restarts.add_metric(labels, st.get("restartCount", 0))
-                ready.add_metric(labels, 1.0 if st.get("ready") else 0.0)
+                restarts.append((labels, st.get("restartCount", 0)))
+                ready.append((labels, 1.0 if st.get("ready") else 0.0))
                 if "running" in st.get("state", {}):
-                    memory.add_metric(labels, usage.get(c, 0.0))
+                    memory.append((labels, usage.get(c, 0.0)))
                 if reason := st.get("lastState", {}).get("terminated", {}).get("reason"):
-                    terminated.add_metric((*labels, reason), 1.0)
+                    terminated.append(((*labels, reason), 1.0))
                 if reason := st.get("state", {}).get("waiting", {}).get("reason"):
-                    waiting.add_metric((*labels, reason), 1.0)
+                    waiting.append(((*labels, reason), 1.0))
                 limit = parse_quantity(((specs.get(c, {}).get("resources") or {}).get("limits") or {}).get("memory"))
                 if limit is not None:
-                    limits.add_metric((*labels, "memory", "byte"), limit)
+                    limits.append(((*labels, "memory", "byte"), limit))
         for dep in store.items(r.DEPLOYMENTS):
             labels = (cluster, dep["metadata"]["namespace"], dep["metadata"]["name"])
             st = dep.get("status", {})
-            dep_metrics["spec_replicas"].add_metric(labels, dep["spec"].get("replicas", 1))
-            dep_metrics["status_replicas"].add_metric(labels, st.get("replicas", 0))
-            dep_metrics["status_replicas_available"].add_metric(labels, st.get("availableReplicas", 0))
-            dep_metrics["status_replicas_updated"].add_metric(labels, st.get("updatedReplicas", 0))
-            dep_metrics["status_replicas_unavailable"].add_metric(labels, st.get("unavailableReplicas", 0))
-    yield from (memory, restarts, terminated, waiting, ready, limits, *dep_metrics.values())
+            deployments["spec_replicas"].append((labels, dep["spec"].get("replicas", 1)))
+            deployments["status_replicas"].append((labels, st.get("replicas", 0)))
+            deployments["status_replicas_available"].append((labels, st.get("availableReplicas", 0)))
+            deployments["status_replicas_updated"].append((labels, st.get("updatedReplicas", 0)))
+            deployments["status_replicas_unavailable"].append((labels, st.get("unavailableReplicas", 0)))
+    yield Family("container_memory_working_set_bytes", GAUGE, "Working set (cAdvisor).", CONTAINER_LABELS, memory)
+    yield Family("kube_pod_container_status_restarts", COUNTER, "Container restarts (kube-state-metrics).",
+                 CONTAINER_LABELS, restarts)
+    yield Family("kube_pod_container_status_last_terminated_reason", GAUGE,
+                 "Last termination reason (kube-state-metrics).", (*CONTAINER_LABELS, "reason"), terminated)
+    yield Family("kube_pod_container_status_waiting_reason", GAUGE, "Waiting reason (kube-state-metrics).",
+                 (*CONTAINER_LABELS, "reason"), waiting)
+    yield Family("kube_pod_container_status_ready", GAUGE, "Container readiness (kube-state-metrics).",
+                 CONTAINER_LABELS, ready)
+    yield Family("kube_pod_container_resource_limits", GAUGE, "Container limits (kube-state-metrics).",
+                 (*CONTAINER_LABELS, "resource", "unit"), limits)
+    for name, series in deployments.items():
+        yield Family(f"kube_deployment_{name}", GAUGE, f"Deployment {name} (kube-state-metrics).",
+                     ("cluster", "namespace", "deployment"), series)
 
 
 def _owner_values(obj: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -378,19 +382,19 @@ def _replicasets(store: Any) -> Iterator[tuple[str, str, list[tuple[str, str, st
                 yield ns, name, [("Deployment", name.rsplit("-", 1)[0], "true")]
 
 
-def _owner_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Metric]:
-    pod_owner = GaugeMetricFamily("kube_pod_owner", "Information about the Pod's owner.", labels=POD_OWNER_LABELS)
-    rs_owner = GaugeMetricFamily("kube_replicaset_owner", "Information about the ReplicaSet's owner.",
-                                 labels=RS_OWNER_LABELS)
+def _owner_families(clusters: Iterable[tuple[str, Any, Any]]) -> Iterator[Family]:
+    pod_owner: Series = []
+    rs_owner: Series = []
     for cluster, store, _ in clusters:
         for pod in store.items(r.PODS):
             meta = pod["metadata"]
             for owner in _owner_values(pod):
-                pod_owner.add_metric((cluster, meta["namespace"], meta["name"], meta.get("uid", ""), *owner), 1.0)
+                pod_owner.append(((cluster, meta["namespace"], meta["name"], meta.get("uid", ""), *owner), 1.0))
         for ns, name, owners in _replicasets(store):
             for owner in owners:
-                rs_owner.add_metric((cluster, ns, name, *owner), 1.0)
-    yield from (pod_owner, rs_owner)
+                rs_owner.append(((cluster, ns, name, *owner), 1.0))
+    yield Family("kube_pod_owner", GAUGE, "Information about the Pod's owner.", POD_OWNER_LABELS, pod_owner)
+    yield Family("kube_replicaset_owner", GAUGE, "Information about the ReplicaSet's owner.", RS_OWNER_LABELS, rs_owner)
 
 
 # ---- the OpenTelemetry Collector's servicegraph connector ----------------------------------------------------
@@ -416,6 +420,7 @@ SERVICE_GRAPH_LABELS = ("cluster", "client", "server", "connection_type", "faile
                         "client_k8s_cluster_name", "server_service_namespace", "server_k8s_cluster_name")
 VIRTUAL_NODE, DATABASE, UNSET_TYPE = "virtual_node", "database", ""
 UNTRACED_CLIENT = "user"  # the connector's name for the caller of a root server span
+SERVICE_GRAPH_LE = tuple(_le(b) for b in SERVICE_GRAPH_BUCKETS_S)
 
 
 class ServiceGraph:
@@ -464,24 +469,18 @@ class ServiceGraph:
                 seconds = ms / 1000
                 hist.observe(SERVICE_GRAPH_BUCKETS_S, _cdf(SERVICE_GRAPH_BUCKETS_S, seconds), amount * share, seconds)
 
-    def families(self) -> Iterator[Metric]:
+    def families(self) -> Iterator[Family]:
         for name, doc, values in (
                 ("traces_service_graph_request", "Total count of requests between two nodes", self.requests),
                 ("traces_service_graph_request_failed", "Total count of failed requests between two nodes",
                  self.failed)):
-            family = CounterMetricFamily(name, doc, labels=SERVICE_GRAPH_LABELS)
-            for labels, value in values.items():
-                family.add_metric(labels, value)
-            yield family
+            yield Family(name, COUNTER, doc, SERVICE_GRAPH_LABELS, values.items())
         for name, doc, hists in (
                 ("traces_service_graph_request_server_seconds",
                  "Time for a request between two nodes as seen from the server", self.server_seconds),
                 ("traces_service_graph_request_client_seconds",
                  "Time for a request between two nodes as seen from the client", self.client_seconds)):
-            family = HistogramMetricFamily(name, doc, labels=SERVICE_GRAPH_LABELS)
-            for labels, h in hists.items():
-                family.add_metric(labels, _buckets(SERVICE_GRAPH_BUCKETS_S, h), h.sum)
-            yield family
+            yield Family(name, HISTOGRAM, doc, SERVICE_GRAPH_LABELS, hists.items(), SERVICE_GRAPH_LE)
 
 
 def _graph_labels(client: Workload | None, server: Workload | None, other: str, kind: str,
