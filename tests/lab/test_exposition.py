@@ -138,24 +138,3 @@ def test_a_family_whose_label_names_change_is_not_written_with_the_old_ones() ->
     for names in (("cluster", "service"), ("cluster", "workload"), ("cluster", "service")):
         family = Family("http_requests", COUNTER, "Requests.", names, [(("lab", "ledger"), 1.0)])
         assert renderer.render([family]) == reference([family.metric()])
-
-
-def test_the_seed_renders_on_the_scrape_itself(seed_lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Fast enough to stay on the request path (issue 16): the scrape brings the counters to its own moment. The
-    best of a few renderings (0.05-0.1 s on 2 cores; generate_latest took 0.5 s at best), as a loaded machine (a CI
-    run) slows some of them."""
-    lab = seed_lab
-    exposition = Exposition(lab)
-    exposition.render()  # the first builds every series' line prefix
-    best = min(_timed_render(exposition) for _ in range(5))
-    assert best < Exposition.INLINE_SECONDS, f"the seed took {best:.3f}s to render at best"
-    exposition.render_seconds = best
-    ticks: list[float | None] = []
-    monkeypatch.setattr(lab, "tick", lambda now=None: ticks.append(now))
-    exposition.for_scrape()
-    assert ticks == [None], "the scrape ticked the lab to its own moment, then rendered"
-
-
-def _timed_render(exposition: Exposition) -> float:
-    exposition.render()
-    return exposition.render_seconds
