@@ -81,7 +81,10 @@ def prometheus_source(connection: Any, timeout: float = 10) -> PrometheusSource:
     extras = connection.extra_dejson or {}
     headers = extras.get("headers") or {}
     if isinstance(headers, str):  # a JSON object typed into a text field, or set from the CLI as a string
-        headers = json.loads(headers)
+        try:
+            headers = json.loads(headers)
+        except ValueError as exc:
+            raise ValueError(f"connection {connection.conn_id}: extra headers: not JSON ({exc})") from None
     if not isinstance(headers, dict):
         raise ValueError(f"connection {connection.conn_id}: extra headers: a JSON object, got {type(headers).__name__}")
     headers = {str(k): str(v) for k, v in headers.items()}

@@ -57,9 +57,10 @@ def test_headers_typed_as_a_json_string_are_read_as_the_object() -> None:
     assert prometheus_source(as_object).identity == prometheus_source(as_string).identity
 
 
-def test_headers_that_are_not_an_object_are_refused_by_name() -> None:
+@pytest.mark.parametrize("headers", [["X-Scope-OrgID: mesh"], "X-Scope-OrgID: mesh"])
+def test_headers_that_are_not_an_object_are_refused_by_name(headers: object) -> None:
     connection = Connection(conn_id="p", conn_type="meshwave_prometheus", host="http://p:9090",
-                            extra='{"headers": ["X-Scope-OrgID: mesh"]}')
+                            extra=json.dumps({"headers": headers}))
     with pytest.raises(ValueError, match="connection p: extra headers"):
         prometheus_source(connection)
 
