@@ -18,15 +18,12 @@ with the answer as its reason.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from meshwave.record import ApprovalRecord
-
-log = logging.getLogger(__name__)
 
 # The option that approves nothing; also what a timeout chooses. The API wants at least one option chosen.
 NONE = "none of them: all stay PERMISSIVE"
@@ -97,33 +94,6 @@ def answer_of(ready: list[Candidate], chosen: list[str], by: str | None, at: str
     elif NONE in chosen and approved:
         approved, note = [], f"the answer chose '{NONE}' and services at once: nothing is approved"
     return Answer(asked=asked, approved=approved, by=by, at=at, timed_out=timed_out, note=note)
-
-
-def answered_already(context: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The answer this task instance already has, as the event `execute_complete` takes; None when it has none.
-
-    Why: Airflow 3.3 resumes a task waiting in `awaiting_input` as soon as the answer comes. An answer given before
-    the executor has reported the asking process's exit (within about a second of the question) makes the scheduler
-    read that exit as a failure ("finished with state success, but the task instance's state attribute is queued"):
-    the task is retried under the same id, and the operator's `execute` would ask again, which wipes the answer
-    (the execution API's HITL upsert removes a response on a retry). Seen in an e2e run: the confirmation was lost
-    and the run waited for a second answer. A cleared task has a new id and no answer: it is asked again."""
-    ti = context["ti"]
-    if ti.try_number <= 1:
-        return None
-    from airflow.sdk.execution_time.hitl import get_hitl_detail_content_detail
-
-    try:
-        found = get_hitl_detail_content_detail(ti.id)
-    except Exception as exc:  # asking again is always safe; a broken read must not decide for the person
-        log.warning(f"could not read an earlier answer of this task ({type(exc).__name__}: {exc}): asking again")
-        return None
-    if not found.response_received:
-        return None
-    user = found.responded_by_user
-    return {"chosen_options": list(found.chosen_options or []), "params_input": found.params_input or {},
-            "responded_at": found.responded_at, "responded_by_user": user.model_dump() if user else None,
-            "timedout": False}
 
 
 def responder(chosen: Mapping[str, Any]) -> tuple[str | None, str | None]:

@@ -27,7 +27,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from meshwave import emergency as em
 from meshwave import guards, outbound
-from meshwave.approval import answered_already, responder
+from meshwave.approval import responder
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.fleet import load_fleet
@@ -124,9 +124,6 @@ class ConfirmRollback(HITLOperator):
                      f"no answer in {request.confirm_timeout_seconds} s, changes nothing (the run goes on as a dry "
                      "run).")
         self.response_timeout = timedelta(seconds=request.confirm_timeout_seconds)
-        if (earlier := answered_already(context)) is not None:
-            log.warning("the confirmation was answered before this try began: resuming with that answer")
-            return self.execute_complete(context, earlier)
         return super().execute(context)
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:

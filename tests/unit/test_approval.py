@@ -256,8 +256,8 @@ def test_the_gate_hands_its_decision_and_evidence_to_the_approval() -> None:
 
 # ---- the operator ------------------------------------------------------------------------------------------------
 class OperatorTI:
-    def __init__(self, pulled: Any, try_number: int = 1) -> None:
-        self.pulled, self.id, self.try_number = pulled, "0193c6f8-0000-7000-8000-000000000000", try_number
+    def __init__(self, pulled: Any) -> None:
+        self.pulled, self.id = pulled, "0193c6f8-0000-7000-8000-000000000000"
 
     def xcom_pull(self, task_ids: str, key: str) -> Any:
         assert (task_ids, key) == ("batch_1.strict_gate", "candidate")
@@ -315,59 +315,3 @@ def test_the_operator_asks_nobody_when_nothing_is_ready_or_in_a_dry_run(monkeypa
     assert op.execute(nothing) == ap.Answer().model_dump(mode="json")
     dry = {"ti": OperatorTI([candidate("lab/shop/pay").model_dump(mode="json")]), "params": {"dry_run": True}}
     assert op.execute(dry)["approved"] == ["lab/shop/pay"]
-
-
-def earlier_answer(chosen: list[str] | None, name: str = "alice") -> Any:
-    """What the execution API holds for this task instance: an answer (chosen) or none (None)."""
-    from airflow.sdk.api.datamodels._generated import HITLDetailResponse, HITLUser
-
-    if chosen is None:
-        return HITLDetailResponse(response_received=False, responded_at=None, chosen_options=None)
-    return HITLDetailResponse(response_received=True, chosen_options=chosen, params_input={},
-                              responded_at=datetime(2026, 11, 30, 7, 6, 9, tzinfo=UTC),
-                              responded_by_user=HITLUser(id="7", name=name))
-
-
-def test_an_answer_given_before_a_retry_is_used_not_asked_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Airflow 3.3 retries a task answered within a second of its question (the executor's late report of the
-    asking process reads as a failure), under the same id; asking again would wipe the answer (approval.py)."""
-    from meshwave.approval_task import StrictApproval
-
-    monkeypatch.setattr("airflow.sdk.execution_time.hitl.get_hitl_detail_content_detail",
-                        lambda ti_id: earlier_answer(["lab/shop/db"]))
-    monkeypatch.setattr("airflow.providers.standard.operators.hitl.upsert_hitl_detail",
-                        lambda **kwargs: pytest.fail("asked again: the upsert wipes the answer"))
-    monkeypatch.setattr("meshwave.notify.tell", lambda *args: pytest.fail("nobody is to be told again"))
-    pulled = [candidate("lab/shop/pay").model_dump(mode="json"), candidate("lab/shop/db").model_dump(mode="json")]
-    ctx = {"ti": OperatorTI(pulled, try_number=2), "params": {"dry_run": False},
-           "dag": type("Dag", (), {"dag_id": "meshwave_m_w"}), "run_id": "r"}
-    found = StrictApproval(task_id="approve_batch_1", group_id="batch_1").execute(ctx)
-    assert found == ap.Answer(asked=["lab/shop/pay", "lab/shop/db"], approved=["lab/shop/db"], by="alice",
-                              at="2026-11-30T07:06:09+00:00").model_dump(mode="json")
-
-
-@pytest.mark.parametrize("try_number, held", [(1, "never read"), (2, None), (2, "broken")])
-def test_a_first_try_a_retry_without_an_answer_or_an_unreadable_one_asks(
-        monkeypatch: pytest.MonkeyPatch, try_number: int, held: str | None) -> None:
-    from airflow.sdk.exceptions import TaskAwaitingInput
-
-    from meshwave.approval_task import StrictApproval
-
-    def read(ti_id: str) -> Any:
-        if held == "never read":
-            pytest.fail("a first try has no earlier answer to read")
-        if held == "broken":
-            raise ConnectionError("the supervisor did not answer")
-        return earlier_answer(None)
-
-    written: dict[str, Any] = {}
-    monkeypatch.setattr("airflow.sdk.execution_time.hitl.get_hitl_detail_content_detail", read)
-    monkeypatch.setattr("airflow.providers.standard.operators.hitl.upsert_hitl_detail",
-                        lambda **kwargs: written.update(kwargs))
-    monkeypatch.setattr("meshwave.notify.tell", lambda *args: None)
-    ti = OperatorTI([candidate("lab/shop/pay").model_dump(mode="json")], try_number)
-    ctx = {"ti": ti, "task_instance": ti, "params": {"dry_run": False},
-           "dag": type("Dag", (), {"dag_id": "meshwave_m_w"}), "run_id": "r"}
-    with pytest.raises(TaskAwaitingInput):
-        StrictApproval(task_id="approve_batch_1", group_id="batch_1").execute(ctx)
-    assert written["options"] == ["lab/shop/pay", ap.NONE], "asked"

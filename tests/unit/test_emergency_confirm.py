@@ -18,8 +18,8 @@ from tests.unit.test_emergency import fleet  # noqa: F401 - the fixture
 class TI:
     id = "0193c6f8-0000-7000-8000-000000000000"
 
-    def __init__(self, request: em.Request, try_number: int = 1) -> None:
-        self.request, self.pushed, self.try_number = request, {}, try_number
+    def __init__(self, request: em.Request) -> None:
+        self.request, self.pushed = request, {}
 
     def xcom_pull(self, task_ids: str, key: str) -> Any:
         if task_ids == et.CONFIRM:
@@ -44,8 +44,8 @@ def asked(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
-def context(request: em.Request, try_number: int = 1) -> dict[str, Any]:
-    ti = TI(request, try_number)
+def context(request: em.Request) -> dict[str, Any]:
+    ti = TI(request)
     return {"ti": ti, "task_instance": ti, "run_id": "r", "params": {}}
 
 
@@ -89,21 +89,3 @@ def test_nobody_answering_in_time_changes_nothing(fleet: Fleet, asked: dict[str,
               "responded_by_user": None, "timedout": True})
     assert found["timed_out"] is True and found["applied"] is False and found["by"] is None
     assert asked["began"] == [] and et.request_of(ctx).dry_run
-
-
-def test_a_confirmation_given_before_a_retry_applies_without_asking_again(
-        fleet: Fleet, asked: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    """The confirmation an e2e run lost: answered within a second of the question, the task retried under the same
-    id and asked again, wiping the answer (meshwave.approval.answered_already)."""
-    from tests.unit.test_approval import earlier_answer
-
-    monkeypatch.setattr("airflow.sdk.execution_time.hitl.get_hitl_detail_content_detail",
-                        lambda ti_id: earlier_answer([et.APPLY], name="admin"))
-    monkeypatch.setattr("airflow.providers.standard.operators.hitl.upsert_hitl_detail",
-                        lambda **kwargs: pytest.fail("asked again: the upsert wipes the answer"))
-    request = em.parse_request({"confirm": True}, fleet)
-    ctx = context(request, try_number=2)
-    found = et.ConfirmRollback(task_id="confirm").execute(ctx)
-    assert found == {"asked": True, "applied": True, "by": "admin", "at": "2026-11-30T07:06:09+00:00",
-                     "timed_out": False}
-    assert [r.dry_run for r in asked["began"]] == [False] and et.request_of(ctx) == request.applying()
