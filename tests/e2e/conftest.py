@@ -74,6 +74,14 @@ class Stack:
             if early.during is not None:
                 self.during[name] = self.threads.submit(early.during, self, self.early[name][1])
 
+    def settle_early(self, timeout: float = 900) -> None:
+        """Wait for every EARLY run to end. A test about to set the freeze (a real emergency rollback, or the
+        Variable itself) calls this first: the freeze is global by design, and a wave still running beside it would
+        end `frozen` where its own test expects STRICT (seen: the canary wave, frozen by test_clusters' rollback)."""
+        deadline = time.monotonic() + timeout
+        for dag_id, run_id in self.early.values():
+            self.airflow.wait_for_run(dag_id, run_id, timeout=max(1.0, deadline - time.monotonic()))
+
     def wait_for_details(self, dag_id: str, timeout: float = 120) -> None:
         """A DAG file just written: its DAG is listed before its serialized form is stored, and a trigger in between
         fails with a 500; the details endpoint answers only once that form is there."""

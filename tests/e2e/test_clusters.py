@@ -80,6 +80,7 @@ def test_a_v1beta1_cluster_runs_a_wave_and_the_emergency_rollback(stack: Stack) 
     assert stack.airflow.xcom(BETA, run_id, "wave_preflight")["beta"]["peer_authentication_version"] == "v1beta1"
     assert_records_match_the_data_plane(stack, records)
 
+    stack.settle_early()  # the rollback sets the freeze: no other early wave may still be running
     run_id, state = trigger(stack, {"clusters": ["beta"], "dry_run": False, **FAST})
     stage1 = xcom(stack, run_id, "stage_1.stage_1_done")
     assert state == "success" and not stage1["failed_clusters"], stage1

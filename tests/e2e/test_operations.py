@@ -197,6 +197,7 @@ def test_mesh_service_from_the_rest_api(stack: Stack, started: dict[str, Any]) -
 
 def test_mesh_service_honours_the_freeze_and_undoes_from_the_cli(stack: Stack, started: dict[str, Any]) -> None:
     assert finished(stack, ADHOC, started[ADHOC]) == "success"
+    stack.settle_early()  # the freeze is global: no other early wave may still be running
     stack.airflow.api("POST", "/variables", {"key": "meshwave_freeze", "value": "INC-4711 payments incident"})
     try:
         run_id, state = stack.run(ADHOC, conf(service="solo-db"), timeout=120)

@@ -65,6 +65,7 @@ def soaking(stack: Stack, run_id: str) -> bool:
 def test_the_button_pressed_while_a_wave_soaks_relaxes_everything_and_the_wave_ends_frozen(
         stack: Stack) -> None:
     assert strict_workloads(stack, "red") == ["red-locked/rl-api", "red-team/rt-api"], "the teams' STRICT policies"
+    stack.settle_early()  # the button sets the freeze: no other early wave may still be running
     stack.airflow.wait_for_dag(WAVE)
     wave_run = stack.airflow.trigger(WAVE)
     eventually(lambda: soaking(stack, wave_run), timeout=300, interval=2, what="the red wave's soak deferred")
@@ -104,6 +105,7 @@ def test_a_webhook_denying_one_policy_every_other_relaxed_the_mesh_wide_first(st
     before = workloads(stack, "gk")
     assert {k: s["mtls_mode"] for k, s in before.items()} == {
         "guarded/gd-api": "STRICT", "gk-apps/ga-api": "STRICT", "gk-apps/ga-web": "STRICT"}, before
+    stack.settle_early()  # the rollback sets the freeze: no other early wave may still be running
     run_id, state = trigger(stack, {"clusters": ["gk"], "dry_run": False, "cluster_connections": GK, **FAST})
     # kept by the mapped task (map index 0: the only cluster) although it failed
     result = patiently(lambda: stack.airflow.xcom(DAG, run_id, "stage_1.to_permissive", key="result", map_index=0))
