@@ -96,6 +96,16 @@ def answer_of(ready: list[Candidate], chosen: list[str], by: str | None, at: str
     return Answer(asked=asked, approved=approved, by=by, at=at, timed_out=timed_out, note=note)
 
 
+def asked_again(try_number: int) -> str:
+    """The paragraph a question opens with when its task asks a second time. On Airflow 3.3 an answer given within
+    moments of the question can be lost: the scheduler reads the asking process's exit as a failure, the task is
+    retried and asks again (docs/known-airflow-issues.md). The person must know their earlier answer did not count."""
+    if try_number <= 1:
+        return ""
+    return (f"**Asked again (try {try_number})**: any earlier answer to this question was not applied (Airflow may "
+            "have lost an answer given within moments of the question, or the task was cleared). Answer again.\n\n")
+
+
 def responder(chosen: Mapping[str, Any]) -> tuple[str | None, str | None]:
     """Who answered a human-in-the-loop request and when (ISO 8601), from the operator's resumed payload: the user
     comes as {"id", "name"}, or None when the timeout answered."""

@@ -10,7 +10,7 @@ from typing import Any
 from airflow.providers.standard.operators.hitl import HITLOperator
 from airflow.sdk import TriggerRule
 
-from meshwave.approval import NONE, Answer, Candidate, answer_of, candidates, responder
+from meshwave.approval import NONE, Answer, Candidate, answer_of, asked_again, candidates, responder
 from meshwave.decisions import FLIP
 
 # Airflow sends a task's stdlib logging to its task log, each line with its level and this module's name
@@ -54,6 +54,10 @@ class StrictApproval(HITLOperator):
             return Answer(asked=asked, approved=asked, dry_run=True,
                           note="dry run: approval not asked").model_dump(mode="json")
         self._offer(ready)
+        again = asked_again(context["ti"].try_number)
+        self.body = again + self.body
+        if again:
+            log.warning(f"asking again (try {context['ti'].try_number}): an earlier answer was not applied")
         log.info(f"asking for approval of STRICT: {', '.join(self.options[:-1])} (timeout {self.response_timeout})")
         self._tell(ready, context)
         return super().execute(context)

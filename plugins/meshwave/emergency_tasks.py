@@ -27,7 +27,7 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from meshwave import emergency as em
 from meshwave import guards, outbound
-from meshwave.approval import responder
+from meshwave.approval import asked_again, responder
 from meshwave.changes import Change
 from meshwave.connections import mesh_kube, prometheus_source
 from meshwave.fleet import load_fleet
@@ -120,9 +120,12 @@ class ConfirmRollback(HITLOperator):
                                                                    t.cluster, t.root_namespace, dry_run=True))
         log.info(f"plan of action, for confirmation:\n{body}")
         context["ti"].xcom_push(key="plan_of_action", value=counts)
-        self.body = (f"{body}\n\nChoose **{APPLY}** to relax them now (the freeze is set first); **{CANCEL}**, or "
-                     f"no answer in {request.confirm_timeout_seconds} s, changes nothing (the run goes on as a dry "
-                     "run).")
+        again = asked_again(context["ti"].try_number)
+        if again:
+            log.warning(f"asking again (try {context['ti'].try_number}): an earlier answer was not applied")
+        self.body = (f"{again}{body}\n\nChoose **{APPLY}** to relax them now (the freeze is set first); "
+                     f"**{CANCEL}**, or no answer in {request.confirm_timeout_seconds} s, changes nothing (the run "
+                     "goes on as a dry run).")
         self.response_timeout = timedelta(seconds=request.confirm_timeout_seconds)
         return super().execute(context)
 

@@ -17,6 +17,7 @@ from tests.unit.test_emergency import fleet  # noqa: F401 - the fixture
 
 class TI:
     id = "0193c6f8-0000-7000-8000-000000000000"
+    try_number = 1
 
     def __init__(self, request: em.Request) -> None:
         self.request, self.pushed = request, {}
@@ -65,6 +66,7 @@ def test_the_plan_of_action_is_shown_and_applied_only_when_confirmed(fleet: Flee
     assert "- **prod-eu-1**: 2 STRICT polic(ies) to PERMISSIVE (istio-system/default, payments/payment); 3 " \
            "workload(s) restarted without a sidecar" in asked["body"]
     assert "no answer in 120 s, changes nothing" in asked["body"]
+    assert "Asked again" not in asked["body"], "asked the first time"
     assert ctx["ti"].pushed["plan_of_action"]["prod-eu-1"] == {"policies": 2, "restarts": 3}
     assert asked["began"] == [] and et.request_of(ctx).dry_run, "nothing applied while it waits"
 
@@ -89,3 +91,16 @@ def test_nobody_answering_in_time_changes_nothing(fleet: Fleet, asked: dict[str,
               "responded_by_user": None, "timedout": True})
     assert found["timed_out"] is True and found["applied"] is False and found["by"] is None
     assert asked["began"] == [] and et.request_of(ctx).dry_run
+
+
+def test_asked_again_after_a_lost_answer_the_person_is_told(fleet: Fleet, asked: dict[str, Any],  # noqa: F811
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """Airflow 3.3 can lose an answer given within moments of the question and retry the task, which asks again:
+    the question says so, or the person would think their APPLY was taken (docs/known-airflow-issues.md)."""
+    ctx = context(em.parse_request({"confirm": True, "dry_run": False}, fleet))
+    ctx["ti"].try_number = 2
+    with pytest.raises(TaskAwaitingInput):
+        et.ConfirmRollback(task_id="confirm").execute(ctx)
+    assert asked["body"].startswith("**Asked again (try 2)**: any earlier answer to this question was not applied")
+    assert "- **prod-eu-1**: 2 STRICT polic(ies)" in asked["body"], "the plan of action follows"
+    assert "asking again (try 2): an earlier answer was not applied" in caplog.text
