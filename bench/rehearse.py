@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / ".rehearsal" / "bench",
                         help="the rehearsal's report, charts and stack logs (kept to be looked at)")
     args = parser.parse_args()
-    command = f"{PY} -m bench.rehearse --soak {args.soak}"
+    command = f"{PY} -m bench.rehearse --soak {args.soak} --timeout {args.timeout:g}"
     load = load_average()
     started = time.monotonic()
     shutil.rmtree(args.out, ignore_errors=True)

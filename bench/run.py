@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(name for name in BENCHMARKS if name not in ON_REQUEST))
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results.json")
     parser.add_argument("--soak-services", type=int, default=50, help="services in the soak wave (item 2)")
+    parser.add_argument("--rehearse-timeout", type=int, default=150,
+                        help="minutes the seed rehearsal may take (item 16); a shorter one measures its first waves")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other benchmarks' figures from the existing results file (a partial re-run)")
     args = parser.parse_args()
@@ -119,6 +121,8 @@ def main() -> None:
     for soak in ("soak", "soak-postgres"):  # both stacks run the wave --soak-services wide
         argv = BENCHMARKS[soak]
         argv[argv.index("--services") + 1] = str(args.soak_services)
+    BENCHMARKS["rehearse"][BENCHMARKS["rehearse"].index("--timeout") + 1] = str(args.rehearse_timeout)
+    TIMEOUTS["rehearse"] = (args.rehearse_timeout + 30) * 60
     for name in names:
         found, detail = run(name, BENCHMARKS[name])
         figures += found
