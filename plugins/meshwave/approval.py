@@ -99,11 +99,12 @@ def answer_of(ready: list[Candidate], chosen: list[str], by: str | None, at: str
 def asked_again(try_number: int) -> str:
     """The paragraph a question opens with when its task asks a second time. On Airflow 3.3 an answer given within
     moments of the question can be lost: the scheduler reads the asking process's exit as a failure, the task is
-    retried and asks again (docs/known-airflow-issues.md). The person must know their earlier answer did not count."""
+    retried and asks again (docs/known-airflow-issues.md). The person must know an earlier answer does not count."""
     if try_number <= 1:
         return ""
-    return (f"**Asked again (try {try_number})**: any earlier answer to this question was not applied (Airflow may "
-            "have lost an answer given within moments of the question, or the task was cleared). Answer again.\n\n")
+    return (f"**Asked again (try {try_number})**: this question was asked before in this run, and an answer given "
+            "then does not carry over to this try (Airflow may have lost an answer given within moments of the "
+            "question, or the task was cleared). Answer again.\n\n")
 
 
 def responder(chosen: Mapping[str, Any]) -> tuple[str | None, str | None]:

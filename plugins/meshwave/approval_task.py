@@ -57,7 +57,7 @@ class StrictApproval(HITLOperator):
         again = asked_again(context["ti"].try_number)
         self.body = again + self.body
         if again:
-            log.warning(f"asking again (try {context['ti'].try_number}): an earlier answer was not applied")
+            log.warning(f"asking again (try {context['ti'].try_number}): an earlier answer does not carry over")
         log.info(f"asking for approval of STRICT: {', '.join(self.options[:-1])} (timeout {self.response_timeout})")
         self._tell(ready, context)
         return super().execute(context)

@@ -122,7 +122,7 @@ class ConfirmRollback(HITLOperator):
         context["ti"].xcom_push(key="plan_of_action", value=counts)
         again = asked_again(context["ti"].try_number)
         if again:
-            log.warning(f"asking again (try {context['ti'].try_number}): an earlier answer was not applied")
+            log.warning(f"asking again (try {context['ti'].try_number}): an earlier answer does not carry over")
         self.body = (f"{again}{body}\n\nChoose **{APPLY}** to relax them now (the freeze is set first); "
                      f"**{CANCEL}**, or no answer in {request.confirm_timeout_seconds} s, changes nothing (the run "
                      "goes on as a dry run).")

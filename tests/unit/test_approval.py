@@ -307,7 +307,7 @@ def test_the_operator_asks_only_about_the_ready_services_and_returns_the_answer(
 
 def test_asked_again_after_a_lost_answer_the_approver_is_told(monkeypatch: pytest.MonkeyPatch) -> None:
     """A retried approval task (Airflow 3.3 lost an answer given within moments: docs/known-airflow-issues.md) says
-    the earlier answer was not applied, above the same evidence."""
+    an earlier answer does not carry over, above the same evidence."""
     from airflow.sdk.exceptions import TaskAwaitingInput
 
     from meshwave.approval_task import StrictApproval
@@ -321,7 +321,8 @@ def test_asked_again_after_a_lost_answer_the_approver_is_told(monkeypatch: pytes
            "dag": type("Dag", (), {"dag_id": "meshwave_m_w"}), "run_id": "r"}
     with pytest.raises(TaskAwaitingInput):
         StrictApproval(task_id="approve_batch_1", group_id="batch_1").execute(ctx)
-    assert written["body"].startswith("**Asked again (try 3)**: any earlier answer to this question was not applied")
+    assert written["body"].startswith("**Asked again (try 3)**: this question was asked before in this run, and an "
+                                      "answer given then does not carry over to this try")
     assert "**lab/shop/pay**" in written["body"], "the evidence follows"
 
 

@@ -101,6 +101,7 @@ def test_asked_again_after_a_lost_answer_the_person_is_told(fleet: Fleet, asked:
     ctx["ti"].try_number = 2
     with pytest.raises(TaskAwaitingInput):
         et.ConfirmRollback(task_id="confirm").execute(ctx)
-    assert asked["body"].startswith("**Asked again (try 2)**: any earlier answer to this question was not applied")
+    assert asked["body"].startswith("**Asked again (try 2)**: this question was asked before in this run, and an "
+                                     "answer given then does not carry over to this try")
     assert "- **prod-eu-1**: 2 STRICT polic(ies)" in asked["body"], "the plan of action follows"
-    assert "asking again (try 2): an earlier answer was not applied" in caplog.text
+    assert "asking again (try 2): an earlier answer does not carry over" in caplog.text
