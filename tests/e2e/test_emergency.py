@@ -85,8 +85,7 @@ def lift_freeze(stack: Stack) -> None:
 def freeze_lifted(stack: Stack) -> Iterator[None]:
     """The button is pressed only once the stack's early runs (other modules' waves running beside this module) have
     ended, as the freeze would stop their flips too; afterwards the freeze is lifted whatever happened."""
-    for name in stack.early:
-        stack.early_run(name)
+    stack.settle_early()
     try:
         yield
     finally:
@@ -196,7 +195,6 @@ def test_rollback_recovers_the_seed_outage_with_a_wave_paused_and_a_broken_plan(
         eventually(lambda: "zz-broken.yaml" in (doc_md(stack) or ""), timeout=90, interval=2,
                    what="the DAG re-parsed with the broken plan file present")
         # issue 18 item 2: the dry run, the confirmation and the rollback in one run
-        stack.settle_early()  # the rollback sets the freeze: no other early wave may still be running
         run_id = start(stack, {"clusters": CLUSTERS, "confirm": True, **FAST})
         asked, answered = confirm_when_asked(stack, seed, run_id)
         state, asked_again = wait_answering_again(stack, run_id, answered)
@@ -278,7 +276,6 @@ def test_stage_2_removes_sidecars_critical_first_a_bounded_number_at_a_time(stac
     services = ["platform/email-service", "platform/pdf-renderer", "identity/mfa-service", "identity/auth-service"]
     conf = {"clusters": ["prod-eu-1"], "services": services, "dry_run": False, "remove_sidecars": True,
             "max_parallel": 2, **FAST}
-    stack.settle_early()  # the rollback sets the freeze: no other early wave may still be running
     run_id, state = trigger(stack, conf)
     stage2 = xcom(stack, run_id, "stage_2.remove_sidecars")
     assert state == "success", stage2
